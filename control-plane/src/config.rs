@@ -1,0 +1,218 @@
+//! Configuration: defaults, then a TOML file, then environment variables,
+//! then command-line flags (each later source wins).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command-line flags; each also reads a `WEIR_*` environment variable.
+#[derive(Debug, Default, Parser)]
+#[command(name = "weir-control-plane", version, about = "Weir control plane: service registry over etcd")]
+pub struct Args {
+    /// TOML config file (keys as the long flags, with '_' for '-').
+    #[arg(long, env = "WEIR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long, env = "WEIR_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// HTTP listen address for /healthz and /readyz.
+    #[arg(long, env = "WEIR_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// etcd client URLs, comma separated.
+    #[arg(long, env = "WEIR_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Root prefix of every key Weir writes in etcd.
+    #[arg(long, env = "WEIR_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// Dev mode: single node on the embedded in-process store (no etcd; data
+    /// is lost on exit).
+    #[arg(long, env = "WEIR_DEV")]
+    pub dev: bool,
+    /// Log format: text or json.
+    #[arg(long, env = "WEIR_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The TOML file: every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub grpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    pub etcd_endpoints: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
+    pub dev: Option<bool>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// Where the registry is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    Etcd { endpoints: Vec<String> },
+    Embedded,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub store: StoreConfig,
+    pub etcd_prefix: String,
+    pub log_format: LogFormat,
+}
+
+/// Why the configuration could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            store: StoreConfig::Etcd {
+                endpoints: vec!["http://127.0.0.1:2379".to_owned()],
+            },
+            etcd_prefix: "/weir".to_owned(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Dev-mode config on loopback with free ports, for tests and embedding.
+    pub fn dev() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            store: StoreConfig::Embedded,
+            ..Self::default()
+        }
+    }
+
+    /// Resolves flags (which already folded in the environment) over the
+    /// config file over the defaults.
+    pub fn resolve(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    fn merge(args: Args, file: FileConfig) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let dev = args.dev || file.dev.unwrap_or(false);
+        let endpoints = args.etcd_endpoints.or(file.etcd_endpoints);
+        let store = match (dev, endpoints) {
+            (true, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "--dev runs on the embedded store; do not also give --etcd-endpoints".into(),
+                ))
+            }
+            (true, None) => StoreConfig::Embedded,
+            (false, Some(endpoints)) => {
+                let endpoints: Vec<String> = endpoints
+                    .into_iter()
+                    .map(|e| e.trim().to_owned())
+                    .filter(|e| !e.is_empty())
+                    .collect();
+                if endpoints.is_empty() {
+                    return Err(ConfigError::Invalid("etcd_endpoints is empty".into()));
+                }
+                StoreConfig::Etcd { endpoints }
+            }
+            (false, None) => defaults.store,
+        };
+        let etcd_prefix = args.etcd_prefix.or(file.etcd_prefix).unwrap_or(defaults.etcd_prefix);
+        if !etcd_prefix.starts_with('/') || etcd_prefix.contains("//") || etcd_prefix.len() > 128 {
+            return Err(ConfigError::Invalid(format!(
+                "etcd_prefix must start with '/', contain no empty segment and be at most 128 characters (got {etcd_prefix:?})"
+            )));
+        }
+        Ok(Self {
+            grpc_addr: args.grpc_addr.or(file.grpc_addr).unwrap_or(defaults.grpc_addr),
+            http_addr: args.http_addr.or(file.http_addr).unwrap_or(defaults.http_addr),
+            store,
+            etcd_prefix,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_over_defaults() {
+        let file: FileConfig = toml::from_str(
+            "grpc_addr = \"127.0.0.1:9000\"\nhttp_addr = \"127.0.0.1:9001\"\netcd_endpoints = [\"http://e1:2379\"]\n",
+        )
+        .expect("toml");
+        let args = Args {
+            grpc_addr: Some("127.0.0.1:9100".parse().expect("addr")),
+            ..Args::default()
+        };
+        let c = Config::merge(args, file).expect("valid");
+        assert_eq!(c.grpc_addr.port(), 9100);
+        assert_eq!(c.http_addr.port(), 9001);
+        assert_eq!(
+            c.store,
+            StoreConfig::Etcd {
+                endpoints: vec!["http://e1:2379".into()]
+            }
+        );
+        assert_eq!(c.etcd_prefix, "/weir");
+    }
+
+    #[test]
+    fn rejects_contradictions_and_bad_prefix() {
+        let args = Args {
+            dev: true,
+            etcd_endpoints: Some(vec!["http://x:1".into()]),
+            ..Args::default()
+        };
+        assert!(Config::merge(args, FileConfig::default()).is_err());
+        let args = Args {
+            etcd_prefix: Some("weir".into()),
+            ..Args::default()
+        };
+        assert!(Config::merge(args, FileConfig::default()).is_err());
+        assert!(toml::from_str::<FileConfig>("unknown = 1").is_err());
+    }
+}

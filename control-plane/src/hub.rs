@@ -1,0 +1,609 @@
+//! The watch hub: one store watch per replica, fanned out to every
+//! subscriber through an in-memory cache.
+//!
+//! The hub keeps the current instances (what GetService and ListServices
+//! read), the store revision it has applied, and a bounded history of recent
+//! change batches. Every batch is applied to the cache and broadcast while
+//! the cache's write lock is held, so a subscriber that reads a snapshot at
+//! revision S under the read lock sees, on its broadcast receiver, exactly the
+//! batches after S.
+//!
+//! Slow subscribers: the broadcast channel is a bounded ring. A subscriber
+//! that falls more than its capacity behind gets `Lagged` and is sent a fresh
+//! snapshot (a resync) instead of the changes it missed; the hub never waits
+//! for it and never buffers more for it. See `docs/architecture.md`.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    ops::Bound,
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, watch};
+use weir_proto::registry::v1::{
+    watch_response::Kind, Event, EventType, Instance, WatchResponse,
+};
+
+use crate::{
+    keys::{InstanceKey, Keys},
+    store::{EventKind, Snapshot, Store, WatchMessage},
+};
+
+/// Largest encoded watch message the hub builds (snapshots and large change
+/// batches are split across messages below this).
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Settings of the hub.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Change batches held for watchers resuming from a recent revision.
+    pub history_batches: usize,
+    /// Batches a subscriber may fall behind before it is resynced.
+    pub subscriber_lag: usize,
+    /// Messages queued towards one gRPC watcher.
+    pub subscriber_queue: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            history_batches: 50_000,
+            subscriber_lag: 4096,
+            subscriber_queue: 16,
+        }
+    }
+}
+
+/// What the hub broadcasts.
+#[derive(Debug)]
+enum Batch {
+    /// Changes of one store watch message, revision = the last one in it.
+    Changes { revision: u64, events: Vec<Event> },
+    /// The store is at `revision` with no change for us.
+    Progress { revision: u64 },
+    /// The cache was reloaded from a fresh snapshot: resync.
+    Reset { revision: u64 },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    revision: u64,
+    instances: BTreeMap<InstanceKey, Arc<Instance>>,
+    /// Recent change batches, oldest first.
+    history: VecDeque<Arc<Batch>>,
+    /// `history` holds every change with a revision greater than this.
+    history_floor: u64,
+    loaded: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    keys: Keys,
+    config: HubConfig,
+    state: RwLock<State>,
+    tx: broadcast::Sender<Arc<Batch>>,
+    revision: watch::Sender<u64>,
+    /// Set when the hub stops; ends every subscriber.
+    closed: watch::Sender<bool>,
+}
+
+/// Which instances a watcher or a read wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Empty = every namespace.
+    pub namespace: String,
+    /// Empty = every service (of the namespace).
+    pub service: String,
+}
+
+impl Filter {
+    fn matches(&self, k: &InstanceKey) -> bool {
+        (self.namespace.is_empty() || self.namespace == k.namespace)
+            && (self.service.is_empty() || self.service == k.service)
+    }
+
+    fn matches_instance(&self, i: &Instance) -> bool {
+        (self.namespace.is_empty() || self.namespace == i.namespace)
+            && (self.service.is_empty() || self.service == i.service)
+    }
+}
+
+/// (namespace, service, instances) of one service.
+pub type ServiceInstances = (String, String, Vec<Arc<Instance>>);
+
+/// Handle to a replica's hub. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+/// Decodes a stored instance record; the key is the truth for its names.
+pub fn decode_instance(key: &InstanceKey, value: &[u8], mod_revision: u64) -> Result<Instance, prost::DecodeError> {
+    let mut i = Instance::decode(value)?;
+    i.namespace.clone_from(&key.namespace);
+    i.service.clone_from(&key.service);
+    i.instance_id.clone_from(&key.instance_id);
+    i.revision = mod_revision;
+    Ok(i)
+}
+
+impl Hub {
+    /// Creates the hub and starts its store watch. The watch stops when the
+    /// returned [`HubTask`] is dropped.
+    pub fn start(store: Arc<dyn Store>, keys: Keys, config: HubConfig) -> (Self, HubTask) {
+        let (tx, _) = broadcast::channel(config.subscriber_lag.max(16));
+        let hub = Self {
+            inner: Arc::new(Inner {
+                keys,
+                config,
+                state: RwLock::default(),
+                tx,
+                revision: watch::channel(0).0,
+                closed: watch::channel(false).0,
+            }),
+        };
+        let task = tokio::spawn(hub.clone().run(store));
+        (hub.clone(), HubTask { task, hub })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.inner.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn run(self, store: Arc<dyn Store>) {
+        let prefix = self.inner.keys.root().to_owned();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.sync(store.as_ref(), &prefix).await {
+                Ok(reason) => {
+                    tracing::warn!(store = store.kind(), reason = %reason, "store watch ended; reloading");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(store = store.kind(), error = %e, retry_in = ?backoff, "store watch failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One snapshot + watch cycle; returns why the watch ended.
+    async fn sync(&self, store: &dyn Store, prefix: &str) -> Result<String, crate::store::StoreError> {
+        let snapshot = store.range(prefix).await?;
+        let mut stream = store.watch(prefix, snapshot.revision).await?;
+        self.reset(snapshot);
+        while let Some(message) = stream.next().await {
+            match message? {
+                WatchMessage::Events(events) => self.apply(events),
+                WatchMessage::Progress { revision } => self.progress(revision),
+                WatchMessage::Compacted { compact_revision } => {
+                    return Ok(format!("watch start revision compacted (at {compact_revision})"));
+                }
+            }
+        }
+        Ok("store closed the watch stream".to_owned())
+    }
+
+    fn reset(&self, snapshot: Snapshot) {
+        let keys = &self.inner.keys;
+        let mut instances = BTreeMap::new();
+        for kv in snapshot.kvs {
+            let Some(key) = keys.parse_instance(&kv.key) else { continue };
+            match decode_instance(&key, &kv.value, kv.mod_revision) {
+                Ok(i) => {
+                    instances.insert(key, Arc::new(i));
+                }
+                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping undecodable instance record"),
+            }
+        }
+        let mut state = self.write();
+        let was_loaded = state.loaded;
+        let count = instances.len();
+        state.instances = instances;
+        state.revision = snapshot.revision;
+        state.history.clear();
+        state.history_floor = snapshot.revision;
+        state.loaded = true;
+        if was_loaded {
+            let _ = self.inner.tx.send(Arc::new(Batch::Reset {
+                revision: snapshot.revision,
+            }));
+        }
+        self.inner.revision.send_replace(snapshot.revision);
+        drop(state);
+        tracing::info!(revision = snapshot.revision, instances = count, "registry cache loaded");
+    }
+
+    fn apply(&self, changes: Vec<crate::store::WatchEvent>) {
+        let keys = &self.inner.keys;
+        let mut state = self.write();
+        let mut events = Vec::new();
+        let mut revision = state.revision;
+        for change in changes {
+            revision = revision.max(change.kv.mod_revision);
+            let Some(key) = keys.parse_instance(&change.kv.key) else { continue };
+            match change.kind {
+                EventKind::Put => match decode_instance(&key, &change.kv.value, change.kv.mod_revision) {
+                    Ok(i) => {
+                        let i = Arc::new(i);
+                        state.instances.insert(key, i.clone());
+                        events.push(Event {
+                            r#type: EventType::Put as i32,
+                            instance: Some((*i).clone()),
+                            revision: change.kv.mod_revision,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %change.kv.key, error = %e, "skipping undecodable instance record");
+                    }
+                },
+                EventKind::Delete => {
+                    if let Some(old) = state.instances.remove(&key) {
+                        events.push(Event {
+                            r#type: EventType::Delete as i32,
+                            instance: Some((*old).clone()),
+                            revision: change.kv.mod_revision,
+                        });
+                    }
+                }
+            }
+        }
+        state.revision = revision;
+        let batch = Arc::new(if events.is_empty() {
+            Batch::Progress { revision }
+        } else {
+            Batch::Changes { revision, events }
+        });
+        if matches!(*batch, Batch::Changes { .. }) {
+            state.history.push_back(batch.clone());
+            while state.history.len() > self.inner.config.history_batches {
+                if let Some(old) = state.history.pop_front() {
+                    state.history_floor = old.revision();
+                }
+            }
+        } else if state.history.is_empty() {
+            // Nothing between the floor and now changed for us.
+            state.history_floor = revision;
+        }
+        let _ = self.inner.tx.send(batch);
+        self.inner.revision.send_replace(revision);
+    }
+
+    fn progress(&self, revision: u64) {
+        let mut state = self.write();
+        if revision <= state.revision {
+            return;
+        }
+        state.revision = revision;
+        if state.history.is_empty() {
+            state.history_floor = revision;
+        }
+        let _ = self.inner.tx.send(Arc::new(Batch::Progress { revision }));
+        self.inner.revision.send_replace(revision);
+    }
+
+    /// Whether the first snapshot has loaded.
+    pub fn is_ready(&self) -> bool {
+        self.read().loaded
+    }
+
+    /// The revision the cache has applied.
+    pub fn revision(&self) -> u64 {
+        *self.inner.revision.borrow()
+    }
+
+    /// Waits until the cache has applied `revision` (true) or `timeout`
+    /// passed (false).
+    pub async fn wait_for(&self, revision: u64, timeout: Duration) -> bool {
+        let mut rx = self.inner.revision.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// One instance from the cache.
+    pub fn instance(&self, key: &InstanceKey) -> Option<Arc<Instance>> {
+        self.read().instances.get(key).cloned()
+    }
+
+    /// The instances of one service and the revision they were read at.
+    pub fn service(&self, namespace: &str, service: &str) -> (Vec<Arc<Instance>>, u64) {
+        let state = self.read();
+        let start = InstanceKey {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            instance_id: String::new(),
+        };
+        let instances = state
+            .instances
+            .range((Bound::Included(&start), Bound::Unbounded))
+            .take_while(|(k, _)| k.namespace == namespace && k.service == service)
+            .map(|(_, i)| i.clone())
+            .collect();
+        (instances, state.revision)
+    }
+
+    /// Services in (namespace, name) order, starting after `after` (exclusive),
+    /// each with its instances, until `select` has accepted `limit` services.
+    /// `select` sees a service's instances and returns the ones to keep, or
+    /// None to skip the service. Returns the services, whether more may
+    /// follow, and the revision.
+    pub fn services(
+        &self,
+        namespace: &str,
+        after: Option<(&str, &str)>,
+        limit: usize,
+        mut select: impl FnMut(&str, &str, Vec<Arc<Instance>>) -> Option<Vec<Arc<Instance>>>,
+    ) -> (Vec<ServiceInstances>, bool, u64) {
+        let state = self.read();
+        let start = match after {
+            Some((ns, svc)) => InstanceKey {
+                namespace: ns.to_owned(),
+                service: svc.to_owned(),
+                instance_id: String::new(),
+            },
+            None => InstanceKey {
+                namespace: namespace.to_owned(),
+                service: String::new(),
+                instance_id: String::new(),
+            },
+        };
+        let skip = after.map(|(ns, svc)| (ns.to_owned(), svc.to_owned()));
+        let mut out: Vec<ServiceInstances> = Vec::new();
+        let mut current: Option<ServiceInstances> = None;
+        let mut more = false;
+        let entries = state
+            .instances
+            .range((Bound::Included(start), Bound::Unbounded))
+            .skip_while(|(k, _)| skip.as_ref().is_some_and(|(ns, svc)| k.namespace == *ns && k.service == *svc));
+        for (k, i) in entries {
+            if !namespace.is_empty() && k.namespace != namespace {
+                break;
+            }
+            let same = current
+                .as_ref()
+                .is_some_and(|(ns, svc, _)| *ns == k.namespace && *svc == k.service);
+            if !same {
+                if let Some((ns, svc, instances)) = current.take() {
+                    if let Some(kept) = select(&ns, &svc, instances) {
+                        out.push((ns, svc, kept));
+                    }
+                }
+                if out.len() >= limit {
+                    more = true;
+                    break;
+                }
+                current = Some((k.namespace.clone(), k.service.clone(), Vec::new()));
+            }
+            if let Some((_, _, instances)) = current.as_mut() {
+                instances.push(i.clone());
+            }
+        }
+        if let Some((ns, svc, instances)) = current.take() {
+            if out.len() < limit {
+                if let Some(kept) = select(&ns, &svc, instances) {
+                    out.push((ns, svc, kept));
+                }
+            } else {
+                more = true;
+            }
+        }
+        (out, more, state.revision)
+    }
+
+    /// Subscribes a watcher: a snapshot (or the changes after
+    /// `start_revision`), then live changes. The stream ends when the hub
+    /// stops; dropping it unsubscribes.
+    pub fn subscribe(&self, filter: Filter, start_revision: u64) -> mpsc::Receiver<WatchResponse> {
+        let (out, rx) = mpsc::channel(self.inner.config.subscriber_queue.max(1));
+        let hub = self.clone();
+        tokio::spawn(async move {
+            // Subscribe before reading the cache: nothing falls in between.
+            let receiver = hub.inner.tx.subscribe();
+            let mut closed = hub.inner.closed.subscribe();
+            tokio::select! {
+                Err(reason) = hub.feed(filter, start_revision, receiver, &out) => {
+                    tracing::debug!(reason, "watcher left");
+                }
+                _ = closed.wait_for(|c| *c) => {}
+            }
+        });
+        rx
+    }
+
+    async fn feed(
+        &self,
+        filter: Filter,
+        start_revision: u64,
+        mut receiver: broadcast::Receiver<Arc<Batch>>,
+        out: &mpsc::Sender<WatchResponse>,
+    ) -> Result<(), &'static str> {
+        let (initial, mut last) = self.initial(&filter, start_revision);
+        send_all(out, initial).await?;
+        loop {
+            let batch = match receiver.recv().await {
+                Ok(batch) => batch,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let (messages, revision) = self.snapshot(
+                        &filter,
+                        &format!("watcher fell behind by {missed} updates; resynced from a snapshot"),
+                    );
+                    send_all(out, messages).await?;
+                    last = revision;
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err("hub stopped"),
+            };
+            match &*batch {
+                Batch::Changes { revision, events } if *revision > last => {
+                    let matching: Vec<Event> = events
+                        .iter()
+                        .filter(|e| e.revision > last && e.instance.as_ref().is_some_and(|i| filter.matches_instance(i)))
+                        .cloned()
+                        .collect();
+                    last = *revision;
+                    if !matching.is_empty() {
+                        send_all(out, chunk(Kind::Changes, matching, last, "")).await?;
+                    }
+                }
+                Batch::Progress { revision } if *revision > last => {
+                    last = *revision;
+                }
+                Batch::Reset { .. } => {
+                    let (messages, revision) = self.snapshot(&filter, "the replica reloaded its cache from the store");
+                    send_all(out, messages).await?;
+                    last = revision;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// First messages for a new watcher and the revision they bring it to.
+    fn initial(&self, filter: &Filter, start_revision: u64) -> (Vec<WatchResponse>, u64) {
+        if start_revision == 0 {
+            return self.snapshot(filter, "");
+        }
+        let state = self.read();
+        if start_revision >= state.revision {
+            // Current (or ahead of this replica, which will catch up): only
+            // changes after it are sent.
+            return (Vec::new(), start_revision);
+        }
+        if start_revision < state.history_floor || !state.loaded {
+            let reason = format!(
+                "revision {start_revision} is older than the history this replica holds (from {}); resynced from a snapshot",
+                state.history_floor
+            );
+            drop(state);
+            return self.snapshot(filter, &reason);
+        }
+        let events: Vec<Event> = state
+            .history
+            .iter()
+            .filter(|b| b.revision() > start_revision)
+            .flat_map(|b| match &**b {
+                Batch::Changes { events, .. } => events.as_slice(),
+                _ => &[],
+            })
+            .filter(|e| e.revision > start_revision && e.instance.as_ref().is_some_and(|i| filter.matches_instance(i)))
+            .cloned()
+            .collect();
+        let revision = state.revision;
+        let messages = if events.is_empty() {
+            vec![WatchResponse {
+                kind: Kind::Progress as i32,
+                revision,
+                ..WatchResponse::default()
+            }]
+        } else {
+            chunk(Kind::Changes, events, revision, "")
+        };
+        (messages, revision)
+    }
+
+    /// A snapshot of the matching instances as watch messages.
+    fn snapshot(&self, filter: &Filter, resync_reason: &str) -> (Vec<WatchResponse>, u64) {
+        let state = self.read();
+        let revision = state.revision;
+        let events: Vec<Event> = state
+            .instances
+            .iter()
+            .filter(|(k, _)| filter.matches(k))
+            .map(|(_, i)| Event {
+                r#type: EventType::Put as i32,
+                instance: Some((**i).clone()),
+                revision: i.revision,
+            })
+            .collect();
+        drop(state);
+        (chunk(Kind::Snapshot, events, revision, resync_reason), revision)
+    }
+}
+
+impl Batch {
+    fn revision(&self) -> u64 {
+        match self {
+            Batch::Changes { revision, .. } | Batch::Progress { revision } | Batch::Reset { revision } => *revision,
+        }
+    }
+}
+
+/// Splits events (in revision order) into messages below
+/// [`MAX_MESSAGE_BYTES`]. A snapshot always yields at least one message, the
+/// last marked complete. Each message's `revision` is a safe resume point:
+/// the batch revision on the last message; on an intermediate CHANGES message
+/// the revision just before the next message's first event; 0 on an
+/// intermediate SNAPSHOT message (half a snapshot is no view to resume from).
+fn chunk(kind: Kind, events: Vec<Event>, revision: u64, resync_reason: &str) -> Vec<WatchResponse> {
+    let mut groups: Vec<Vec<Event>> = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for event in events {
+        let len = event.encoded_len() + 8;
+        if !current.is_empty() && size + len > MAX_MESSAGE_BYTES {
+            groups.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += len;
+        current.push(event);
+    }
+    if !current.is_empty() || groups.is_empty() {
+        groups.push(current);
+    }
+    let next_firsts: Vec<Option<u64>> = groups
+        .iter()
+        .skip(1)
+        .map(|g| g.first().map(|e| e.revision))
+        .chain([None])
+        .collect();
+    groups
+        .into_iter()
+        .zip(next_firsts)
+        .map(|(events, next_first)| {
+            let last = next_first.is_none();
+            let revision = match (last, kind) {
+                (true, _) => revision,
+                (false, Kind::Snapshot) => 0,
+                (false, _) => next_first.map_or(revision, |r| r.saturating_sub(1)),
+            };
+            WatchResponse {
+                kind: kind as i32,
+                revision,
+                events,
+                snapshot_complete: kind == Kind::Snapshot && last,
+                resync_reason: resync_reason.to_owned(),
+            }
+        })
+        .collect()
+}
+
+async fn send_all(out: &mpsc::Sender<WatchResponse>, messages: Vec<WatchResponse>) -> Result<(), &'static str> {
+    for m in messages {
+        out.send(m).await.map_err(|_| "watcher closed the stream")?;
+    }
+    Ok(())
+}
+
+/// Owns the hub's background watch; dropping it stops the watch (and so
+/// ends every subscriber's stream).
+#[derive(Debug)]
+pub struct HubTask {
+    task: tokio::task::JoinHandle<()>,
+    hub: Hub,
+}
+
+impl Drop for HubTask {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.hub.inner.closed.send_replace(true);
+    }
+}

@@ -1,0 +1,88 @@
+//! Key layout in the store. Everything lives under one root (default
+//! `/weir`), versioned so a later layout can live beside this one:
+//!
+//! ```text
+//! {root}/v1/instances/{namespace}/{service}/{instance_id}   Instance (protobuf), leased when ephemeral
+//! ```
+//!
+//! Names are validated before they become keys (DNS labels for namespace and
+//! service; no '/' in instance ids), and every prefix ends with '/', so the
+//! range of service `a` never includes service `ab`.
+
+/// Builds and parses keys under one root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    root: String,
+}
+
+/// The three names that identify an instance.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceKey {
+    pub namespace: String,
+    pub service: String,
+    pub instance_id: String,
+}
+
+impl Keys {
+    /// `root` like `/weir`; a trailing '/' is ignored.
+    pub fn new(root: &str) -> Self {
+        Self {
+            root: format!("{}/v1/", root.trim_end_matches('/')),
+        }
+    }
+
+    /// Prefix of every key Weir owns (what a replica watches).
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    pub fn instances_prefix(&self) -> String {
+        format!("{}instances/", self.root)
+    }
+
+    pub fn instance(&self, k: &InstanceKey) -> String {
+        format!(
+            "{}instances/{}/{}/{}",
+            self.root, k.namespace, k.service, k.instance_id
+        )
+    }
+
+    /// Parses an instance key; None for keys of other kinds or malformed ones.
+    pub fn parse_instance(&self, key: &str) -> Option<InstanceKey> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("instances/")?;
+        let mut parts = rest.splitn(3, '/');
+        let namespace = parts.next()?;
+        let service = parts.next()?;
+        let instance_id = parts.next()?;
+        if namespace.is_empty() || service.is_empty() || instance_id.is_empty() || instance_id.contains('/') {
+            return None;
+        }
+        Some(InstanceKey {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            instance_id: instance_id.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_prefix_safety() {
+        let keys = Keys::new("/weir/");
+        let k = InstanceKey {
+            namespace: "default".into(),
+            service: "a".into(),
+            instance_id: "i-1".into(),
+        };
+        let key = keys.instance(&k);
+        assert_eq!(key, "/weir/v1/instances/default/a/i-1");
+        assert_eq!(keys.parse_instance(&key), Some(k));
+        assert!(!"/weir/v1/instances/default/ab/i-1".starts_with("/weir/v1/instances/default/a/"));
+        assert_eq!(keys.parse_instance("/weir/v1/policies/default/a"), None);
+        assert_eq!(keys.parse_instance("/other/v1/instances/default/a/i"), None);
+        assert_eq!(keys.parse_instance("/weir/v1/instances/default/a/"), None);
+    }
+}

@@ -1,0 +1,58 @@
+//! `weir-control-plane`: parses configuration, sets up logging and signals,
+//! and runs a replica from the library.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use weir_control_plane::{
+    config::{Args, LogFormat, StoreConfig},
+    Config, ControlPlane,
+};
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::resolve(Args::parse())?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    match &config.store {
+        StoreConfig::Embedded => tracing::warn!("dev mode: embedded in-process store, single node, nothing persists"),
+        StoreConfig::Etcd { endpoints } => tracing::info!(endpoints = ?endpoints, prefix = %config.etcd_prefix, "using etcd"),
+    }
+    let plane = ControlPlane::start(config).await?;
+    // One machine-readable line on stdout, for scripts and the test harness.
+    println!(
+        "weir-control-plane ready grpc={} http={} store={}",
+        plane.grpc_addr(),
+        plane.http_addr(),
+        plane.store_kind()
+    );
+    plane.serve_until(shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,495 @@
+//! The `weir.registry.v1.Registry` gRPC service.
+//!
+//! Writes go to the store (linearizable); reads are served from the replica's
+//! hub cache, with `min_revision` for read-your-writes.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use weir_proto::registry::v1::{
+    keep_alive_response, registry_server::Registry, DeregisterRequest, DeregisterResponse,
+    GetServiceRequest, GetServiceResponse, HealthStatus, HeartbeatRequest, HeartbeatResponse,
+    Instance, InstanceRef, KeepAliveRequest, KeepAliveResponse, ListServicesRequest,
+    ListServicesResponse, RegisterRequest, RegisterResponse, Service, ServiceSummary,
+    WatchRequest, WatchResponse,
+};
+
+use crate::{
+    error::RegistryError,
+    hub::{decode_instance, Filter, Hub},
+    keys::{InstanceKey, Keys},
+    store::{LeaseId, Store},
+    validate,
+};
+
+/// How long a read waits for `min_revision`.
+const MIN_REVISION_WAIT: Duration = Duration::from_secs(5);
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+/// The registry service of one replica.
+#[derive(Clone, Debug)]
+pub struct RegistryService {
+    store: Arc<dyn Store>,
+    hub: Hub,
+    keys: Keys,
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn new_instance_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn describe(k: &InstanceKey) -> String {
+    format!("{}/{}/{}", k.namespace, k.service, k.instance_id)
+}
+
+/// The caller-settable part of a record, for idempotency checks.
+fn spec_of(i: &Instance) -> Instance {
+    Instance {
+        status: 0,
+        revision: 0,
+        registered_at_unix_ms: 0,
+        lease_id: 0,
+        ..i.clone()
+    }
+}
+
+fn ttl_secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+impl RegistryService {
+    pub fn new(store: Arc<dyn Store>, hub: Hub, keys: Keys) -> Self {
+        Self { store, hub, keys }
+    }
+
+    /// Reads the stored record (not the cache): writes decide on the truth.
+    async fn stored(&self, key: &InstanceKey) -> Result<Option<Instance>, RegistryError> {
+        let Some(kv) = self.store.get(&self.keys.instance(key)).await? else {
+            return Ok(None);
+        };
+        match decode_instance(key, &kv.value, kv.mod_revision) {
+            Ok(i) => Ok(Some(i)),
+            Err(e) => {
+                // A record we cannot read is replaced by the next write.
+                tracing::warn!(instance = %describe(key), error = %e, "undecodable instance record");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Registers one instance; returns the stored record and the lease TTL.
+    pub async fn register(&self, instance: Option<&Instance>) -> Result<(Instance, u32), RegistryError> {
+        let mut instance = validate::registration(instance)?;
+        if instance.instance_id.is_empty() {
+            instance.instance_id = new_instance_id();
+        }
+        let key = InstanceKey {
+            namespace: instance.namespace.clone(),
+            service: instance.service.clone(),
+            instance_id: instance.instance_id.clone(),
+        };
+        let existing = self.stored(&key).await?;
+        if let Some(old) = &existing {
+            if spec_of(old) == instance {
+                // Idempotent re-registration: same spec and still alive.
+                if !instance.ephemeral && old.lease_id == 0 {
+                    return Ok((old.clone(), 0));
+                }
+                if instance.ephemeral && old.lease_id != 0 {
+                    if let Some(ttl) = self.store.keep_alive(old.lease_id).await? {
+                        return Ok((old.clone(), ttl_secs(ttl)));
+                    }
+                }
+            }
+            instance.registered_at_unix_ms = old.registered_at_unix_ms;
+        } else {
+            instance.registered_at_unix_ms = now_unix_ms();
+        }
+        let (lease, ttl) = if instance.ephemeral {
+            let lease = self
+                .store
+                .grant_lease(Duration::from_secs(u64::from(instance.ttl_seconds)))
+                .await?;
+            (Some(lease.id), ttl_secs(lease.ttl))
+        } else {
+            (None, 0)
+        };
+        instance.lease_id = lease.unwrap_or(0);
+        instance.status = if instance.ephemeral {
+            HealthStatus::Passing as i32
+        } else {
+            HealthStatus::Unknown as i32
+        };
+        let put = self
+            .store
+            .put(&self.keys.instance(&key), instance.encode_to_vec(), lease)
+            .await;
+        let revision = match put {
+            Ok(revision) => revision,
+            Err(e) => {
+                if let Some(lease) = lease {
+                    self.revoke_quietly(lease).await;
+                }
+                return Err(e.into());
+            }
+        };
+        if let Some(old) = existing {
+            if old.lease_id != 0 && old.lease_id != instance.lease_id {
+                self.revoke_quietly(old.lease_id).await;
+            }
+        }
+        instance.revision = revision;
+        tracing::info!(
+            instance = %describe(&key),
+            host = %instance.host,
+            port = instance.port,
+            ephemeral = instance.ephemeral,
+            revision,
+            "registered"
+        );
+        Ok((instance, ttl))
+    }
+
+    async fn revoke_quietly(&self, lease: LeaseId) {
+        if let Err(e) = self.store.revoke_lease(lease).await {
+            // Not fatal: an orphaned lease holds no key and expires by itself.
+            tracing::warn!(lease, error = %e, "could not revoke lease; it will expire");
+        }
+    }
+
+    pub async fn deregister(&self, r: Option<&InstanceRef>) -> Result<(bool, u64), RegistryError> {
+        let key = validate::instance_ref("instance", r)?;
+        let existing = self.stored(&key).await?;
+        let deleted = self.store.delete(&self.keys.instance(&key)).await?;
+        if let Some(lease) = existing.map(|i| i.lease_id).filter(|l| *l != 0) {
+            self.revoke_quietly(lease).await;
+        }
+        if deleted.existed {
+            tracing::info!(instance = %describe(&key), revision = deleted.revision, "deregistered");
+        }
+        Ok((deleted.existed, deleted.revision))
+    }
+
+    /// Renews one registration's lease; returns the TTL.
+    pub async fn heartbeat(&self, key: &InstanceKey) -> Result<u32, RegistryError> {
+        let gone = || {
+            RegistryError::NotFound(format!(
+                "registration {} is gone (lease expired or deregistered); register it again",
+                describe(key)
+            ))
+        };
+        let cached = self.hub.instance(key).map(|i| i.lease_id);
+        if let Some(lease) = cached.filter(|l| *l != 0) {
+            if let Some(ttl) = self.store.keep_alive(lease).await? {
+                return Ok(ttl_secs(ttl));
+            }
+        }
+        // Not in this replica's cache yet, or the cache holds an older lease
+        // (re-registered through another replica a moment ago): ask the store.
+        let stored = self.stored(key).await?.ok_or_else(gone)?;
+        if stored.lease_id == 0 {
+            return Err(RegistryError::Invalid(validate::ValidationError {
+                field: "instance".into(),
+                rule: format!("{} is persistent; only ephemeral instances take heartbeats", describe(key)),
+            }));
+        }
+        if cached == Some(stored.lease_id) {
+            return Err(gone());
+        }
+        match self.store.keep_alive(stored.lease_id).await? {
+            Some(ttl) => Ok(ttl_secs(ttl)),
+            None => Err(gone()),
+        }
+    }
+
+    async fn keep_alive_batch(&self, request: KeepAliveRequest) -> Result<KeepAliveResponse, RegistryError> {
+        if request.instances.len() > validate::MAX_KEEPALIVE_BATCH {
+            return Err(validate::ValidationError {
+                field: "instances".into(),
+                rule: format!(
+                    "at most {} instances per message (got {})",
+                    validate::MAX_KEEPALIVE_BATCH,
+                    request.instances.len()
+                ),
+            }
+            .into());
+        }
+        let renewals = request.instances.into_iter().enumerate().map(|(n, r)| async move {
+            let outcome = match validate::instance_ref(&format!("instances[{n}]"), Some(&r)) {
+                Ok(key) => self.heartbeat(&key).await,
+                Err(e) => Err(e.into()),
+            };
+            match outcome {
+                Ok(ttl) => keep_alive_response::Result {
+                    instance: Some(r),
+                    alive: true,
+                    ttl_seconds: ttl,
+                    error: String::new(),
+                },
+                Err(e) => keep_alive_response::Result {
+                    instance: Some(r),
+                    alive: false,
+                    ttl_seconds: 0,
+                    error: e.to_string(),
+                },
+            }
+        });
+        Ok(KeepAliveResponse {
+            results: futures::future::join_all(renewals).await,
+        })
+    }
+
+    async fn await_revision(&self, min_revision: u64) -> Result<(), Status> {
+        if !self.hub.is_ready() {
+            return Err(RegistryError::NotReady.into());
+        }
+        if min_revision > 0 && !self.hub.wait_for(min_revision, MIN_REVISION_WAIT).await {
+            return Err(Status::deadline_exceeded(format!(
+                "this replica is at revision {} and did not reach min_revision {min_revision} within {}s",
+                self.hub.revision(),
+                MIN_REVISION_WAIT.as_secs()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn is_healthy(i: &Instance) -> bool {
+    matches!(
+        HealthStatus::try_from(i.status),
+        Ok(HealthStatus::Passing | HealthStatus::Unknown)
+    )
+}
+
+fn summary(namespace: &str, name: &str, instances: &[Arc<Instance>]) -> ServiceSummary {
+    ServiceSummary {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        instance_count: u32::try_from(instances.len()).unwrap_or(u32::MAX),
+        passing_count: u32::try_from(
+            instances
+                .iter()
+                .filter(|i| i.status == HealthStatus::Passing as i32)
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
+    }
+}
+
+fn page_token(namespace: &str, service: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{namespace}/{service}"))
+}
+
+fn parse_page_token(token: &str) -> Result<(String, String), validate::ValidationError> {
+    let bad = || validate::ValidationError {
+        field: "page_token".into(),
+        rule: "must be a next_page_token from a previous ListServices response".into(),
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (ns, svc) = text.split_once('/').ok_or_else(bad)?;
+    validate::dns_label("page_token", ns).map_err(|_| bad())?;
+    validate::dns_label("page_token", svc).map_err(|_| bad())?;
+    Ok((ns.to_owned(), svc.to_owned()))
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let (instance, ttl_seconds) = RegistryService::register(self, request.get_ref().instance.as_ref()).await?;
+        Ok(Response::new(RegisterResponse {
+            instance: Some(instance),
+            ttl_seconds,
+        }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let (existed, revision) = RegistryService::deregister(self, request.get_ref().instance.as_ref()).await?;
+        Ok(Response::new(DeregisterResponse { existed, revision }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let key = validate::instance_ref("instance", request.get_ref().instance.as_ref()).map_err(RegistryError::from)?;
+        let ttl_seconds = RegistryService::heartbeat(self, &key).await?;
+        Ok(Response::new(HeartbeatResponse { ttl_seconds }))
+    }
+
+    type KeepAliveStream = BoxStream<KeepAliveResponse>;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                let reply = match message {
+                    Ok(request) => service.keep_alive_batch(request).await.map_err(Status::from),
+                    Err(status) => {
+                        tracing::debug!(error = %status, "keep-alive stream ended by the caller");
+                        return;
+                    }
+                };
+                let fatal = reply.is_err();
+                if tx.send(reply).await.is_err() || fatal {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_service(
+        &self,
+        request: Request<GetServiceRequest>,
+    ) -> Result<Response<GetServiceResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) = validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+        self.await_revision(req.min_revision).await?;
+        let (instances, revision) = self.hub.service(&namespace, &service);
+        let instances = instances
+            .into_iter()
+            .filter(|i| !req.healthy_only || is_healthy(i))
+            .map(|i| (*i).clone())
+            .collect();
+        Ok(Response::new(GetServiceResponse {
+            service: Some(Service {
+                namespace,
+                name: service,
+                instances,
+            }),
+            revision,
+        }))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        let req = request.into_inner();
+        validate::namespace_filter(&req.namespace).map_err(RegistryError::from)?;
+        if req.name_prefix.len() > 63 {
+            return Err(RegistryError::from(validate::ValidationError {
+                field: "name_prefix".into(),
+                rule: "must be at most 63 characters".into(),
+            })
+            .into());
+        }
+        validate::metadata("metadata", &req.metadata).map_err(RegistryError::from)?;
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n <= MAX_PAGE_SIZE => n,
+            n => {
+                return Err(RegistryError::from(validate::ValidationError {
+                    field: "page_size".into(),
+                    rule: format!("must be 0-{MAX_PAGE_SIZE} (got {n})"),
+                })
+                .into())
+            }
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(parse_page_token(&req.page_token).map_err(RegistryError::from)?)
+        };
+        self.await_revision(0).await?;
+        let (services, more, revision) = self.hub.services(
+            &req.namespace,
+            after.as_ref().map(|(ns, svc)| (ns.as_str(), svc.as_str())),
+            page_size as usize,
+            |_, name, instances| {
+                if !name.starts_with(&req.name_prefix) {
+                    return None;
+                }
+                if req.metadata.is_empty() {
+                    return Some(instances);
+                }
+                let kept: Vec<_> = instances
+                    .into_iter()
+                    .filter(|i| req.metadata.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
+                    .collect();
+                (!kept.is_empty()).then_some(kept)
+            },
+        );
+        let next_page_token = match services.last() {
+            Some((ns, svc, _)) if more => page_token(ns, svc),
+            _ => String::new(),
+        };
+        let summaries = services
+            .iter()
+            .map(|(ns, svc, instances)| summary(ns, svc, instances))
+            .collect();
+        let services = services
+            .into_iter()
+            .map(|(namespace, name, instances)| Service {
+                namespace,
+                name,
+                instances: if req.summary_only {
+                    Vec::new()
+                } else {
+                    instances.iter().map(|i| (**i).clone()).collect()
+                },
+            })
+            .collect();
+        Ok(Response::new(ListServicesResponse {
+            services,
+            summaries,
+            next_page_token,
+            revision,
+        }))
+    }
+
+    type WatchStream = BoxStream<WatchResponse>;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        validate::namespace_filter(&req.namespace).map_err(RegistryError::from)?;
+        let mut filter = Filter {
+            namespace: req.namespace,
+            service: String::new(),
+        };
+        if !req.service.is_empty() {
+            validate::dns_label("service", &req.service).map_err(RegistryError::from)?;
+            if filter.namespace.is_empty() {
+                filter.namespace = validate::DEFAULT_NAMESPACE.to_owned();
+            }
+            filter.service = req.service;
+        }
+        let rx = self.hub.subscribe(filter, req.start_revision);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let t = page_token("default", "orders");
+        assert_eq!(parse_page_token(&t).expect("valid"), ("default".into(), "orders".into()));
+        for bad in ["", "!!!", &URL_SAFE_NO_PAD.encode("noslash"), &URL_SAFE_NO_PAD.encode("A/b")] {
+            let e = parse_page_token(bad).expect_err(bad);
+            assert_eq!(e.field, "page_token");
+        }
+    }
+}

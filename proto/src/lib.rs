@@ -1,0 +1,14 @@
+//! Weir's gRPC API, generated from the `.proto` files under `proto/weir/`.
+//!
+//! Each package is a module named after it (`weir.registry.v1` is
+//! [`registry::v1`]). [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+#![allow(missing_debug_implementations, clippy::all)]
+
+/// Encoded `FileDescriptorSet` of every Weir proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("weir_descriptor");
+
+pub mod registry {
+    pub mod v1 {
+        tonic::include_proto!("weir.registry.v1");
+    }
+}

@@ -1,0 +1,272 @@
+//! End-to-end harness for Weir: real etcd processes, real
+//! `weir-control-plane` binaries and in-process replicas on loopback.
+//!
+//! etcd: when `WEIR_TEST_ETCD_ENDPOINTS` is set (CI and `scripts/test.sh`
+//! start one etcd for the whole run) tests share it, each under its own key
+//! prefix; otherwise each [`Etcd::start`] spawns a private `etcd` from PATH
+//! on free loopback ports with a fresh data dir, killed on drop.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Environment variable naming a shared etcd for tests.
+pub const ETCD_ENV: &str = "WEIR_TEST_ETCD_ENDPOINTS";
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix(tag: &str) -> String {
+    format!("/weir-test-{tag}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// Waits until `check` returns true, polling every 20 ms, failing after
+/// `deadline`.
+pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An etcd for a test: shared (from the environment) or private.
+#[derive(Debug)]
+pub struct Etcd {
+    endpoints: Vec<String>,
+    child: Option<Child>,
+    _data: Option<tempfile::TempDir>,
+}
+
+/// Options for a private etcd.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdOptions {
+    /// Extra flags, e.g. auto-compaction for benchmarks.
+    pub extra_args: Vec<String>,
+    /// Always spawn a private etcd, even when a shared one is configured.
+    pub private: bool,
+}
+
+impl Etcd {
+    /// The shared etcd if configured, else a private one.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(EtcdOptions::default()).await
+    }
+
+    pub async fn start_with(options: EtcdOptions) -> Result<Self> {
+        if !options.private {
+            if let Ok(endpoints) = std::env::var(ETCD_ENV) {
+                let endpoints: Vec<String> = endpoints.split(',').map(str::to_owned).collect();
+                return Ok(Self {
+                    endpoints,
+                    child: None,
+                    _data: None,
+                });
+            }
+        }
+        let data = tempfile::tempdir()?;
+        let client = free_port()?;
+        let peer = free_port()?;
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .arg("--name=weir-test")
+            .arg(format!("--data-dir={}", data.path().display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=weir-test={peer_url}"))
+            .arg("--log-level=error")
+            .args(&options.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start `etcd` (install etcd-server, or set WEIR_TEST_ETCD_ENDPOINTS)")?;
+        let etcd = Self {
+            endpoints: vec![client_url],
+            child: Some(child),
+            _data: Some(data),
+        };
+        let endpoints = etcd.endpoints.clone();
+        wait_until(Duration::from_secs(20), "etcd to answer", || {
+            let endpoints = endpoints.clone();
+            async move {
+                match etcd_client::Client::connect(&endpoints, None).await {
+                    Ok(mut c) => c.status().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await?;
+        Ok(etcd)
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A client of this etcd.
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        Ok(etcd_client::Client::connect(&self.endpoints, None).await?)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Path of a workspace binary built next to the running test.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build the binaries first (`cargo build --bins`, which scripts/test.sh does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A `weir-control-plane` process.
+#[derive(Debug)]
+pub struct ControlPlaneProcess {
+    child: Child,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+impl ControlPlaneProcess {
+    /// Starts a replica on `etcd` under `prefix` with free ports and waits
+    /// for its ready line.
+    pub fn start(etcd: &Etcd, prefix: &str) -> Result<Self> {
+        Self::start_args(&[
+            format!("--etcd-endpoints={}", etcd.endpoints().join(",")),
+            format!("--etcd-prefix={prefix}"),
+        ])
+    }
+
+    /// Starts a replica with these flags (listen addresses are added).
+    pub fn start_args(args: &[String]) -> Result<Self> {
+        let mut child = Command::new(workspace_binary("weir-control-plane")?)
+            .args(args)
+            .arg("--grpc-addr=127.0.0.1:0")
+            .arg("--http-addr=127.0.0.1:0")
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start weir-control-plane")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        // The ready line comes once listeners are bound; a replica that
+        // cannot start exits, which ends stdout.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first);
+            // Keep draining so the process never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(Ok(line))) => line,
+            other => {
+                let _ = child.kill();
+                bail!("weir-control-plane did not become ready: {other:?}");
+            }
+        };
+        let field = |name: &str| -> Result<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .ok_or_else(|| anyhow!("no {name} in ready line {line:?}"))?
+                .parse()
+                .with_context(|| format!("bad {name} in {line:?}"))
+        };
+        let grpc_addr = field("grpc=")?;
+        let http_addr = field("http=")?;
+        Ok(Self {
+            child,
+            grpc_addr,
+            http_addr,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// `http://ip:port` of the gRPC listener.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for ControlPlaneProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Installs a test log subscriber once (RUST_LOG decides; default warn).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
