@@ -607,3 +607,197 @@ impl Drop for HubTask {
         self.hub.inner.closed.send_replace(true);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::store::{EmbeddedStore, EmbeddedStoreConfig};
+
+    fn record(id: &str, port: u32) -> Vec<u8> {
+        Instance {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            instance_id: id.into(),
+            host: "127.0.0.1".into(),
+            port,
+            ..Instance::default()
+        }
+        .encode_to_vec()
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<WatchResponse>) -> WatchResponse {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("watch message in time")
+            .expect("stream open")
+    }
+
+    /// Applies messages to a view keyed by instance id until it holds
+    /// `want`; returns the view, whether a resync happened, and every
+    /// CHANGES revision seen.
+    async fn follow(
+        rx: &mut mpsc::Receiver<WatchResponse>,
+        mut done: impl FnMut(&BTreeMap<String, u32>) -> bool,
+    ) -> (BTreeMap<String, u32>, Option<String>, Vec<u64>) {
+        let mut view = BTreeMap::new();
+        let mut resync = None;
+        let mut revisions = Vec::new();
+        loop {
+            let m = next(rx).await;
+            if m.kind == Kind::Snapshot as i32 {
+                view.clear();
+                if !m.resync_reason.is_empty() {
+                    resync = Some(m.resync_reason.clone());
+                }
+            }
+            for e in m.events {
+                let i = e.instance.unwrap();
+                if m.kind == Kind::Changes as i32 {
+                    revisions.push(e.revision);
+                }
+                if e.r#type == EventType::Delete as i32 {
+                    view.remove(&i.instance_id);
+                } else {
+                    view.insert(i.instance_id, i.port);
+                }
+            }
+            if done(&view) && (m.kind != Kind::Snapshot as i32 || m.snapshot_complete) {
+                return (view, resync, revisions);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_is_resynced_while_a_fast_one_sees_every_change() {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
+        let keys = Keys::new("/t");
+        let config = HubConfig {
+            history_batches: 1000,
+            subscriber_lag: 16,
+            subscriber_queue: 1,
+        };
+        let (hub, _task) = Hub::start(store.clone(), keys.clone(), config);
+        let mut slow = hub.subscribe(Filter::default(), 0);
+        let mut fast = hub.subscribe(Filter::default(), 0);
+        let _ = follow(&mut slow, |_| true).await;
+        let _ = follow(&mut fast, |_| true).await;
+
+        let key = move |n: u32| {
+            keys.instance(&InstanceKey {
+                namespace: "ns".into(),
+                service: "svc".into(),
+                instance_id: format!("i-{n:03}"),
+            })
+        };
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut revisions = Vec::new();
+                for n in 0..300u32 {
+                    revisions.push(store.put(&key(n % 50), record(&format!("i-{:03}", n % 50), n), None).await.unwrap());
+                    // Let the hub and the fast subscriber run between writes.
+                    tokio::task::yield_now().await;
+                }
+                revisions
+            })
+        };
+        // The fast one reads as it goes and sees all 300 changes in order.
+        let (fast_view, fast_resync, fast_revisions) =
+            follow(&mut fast, |v| v.values().filter(|p| **p >= 250).count() == 50).await;
+        let written = writer.await.unwrap();
+        assert_eq!(fast_resync, None);
+        assert_eq!(fast_revisions, written);
+        // The slow one did not read at all: it gets a resync to the same end
+        // state instead of an unbounded backlog.
+        let (slow_view, slow_resync, _) =
+            follow(&mut slow, |v| v.values().filter(|p| **p >= 250).count() == 50).await;
+        assert!(
+            slow_resync.as_deref().is_some_and(|r| r.contains("fell behind")),
+            "{slow_resync:?}"
+        );
+        assert_eq!(slow_view, fast_view);
+    }
+
+    #[tokio::test]
+    async fn resume_inside_history_replays_and_outside_resyncs() {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
+        let keys = Keys::new("/t");
+        let config = HubConfig {
+            history_batches: 5,
+            ..HubConfig::default()
+        };
+        let (hub, _task) = Hub::start(store.clone(), keys.clone(), config);
+        while !hub.is_ready() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut revisions = Vec::new();
+        for n in 0..20u32 {
+            let k = keys.instance(&InstanceKey {
+                namespace: "ns".into(),
+                service: "svc".into(),
+                instance_id: format!("i-{n}"),
+            });
+            let rev = store.put(&k, record(&format!("i-{n}"), n), None).await.unwrap();
+            // One batch per write, so the history bound (in batches) bites.
+            assert!(hub.wait_for(rev, Duration::from_secs(5)).await);
+            revisions.push(rev);
+        }
+        let last = *revisions.last().unwrap();
+        assert!(hub.wait_for(last, Duration::from_secs(5)).await);
+
+        // From the 17th write: exactly the three after it.
+        let mut rx = hub.subscribe(Filter::default(), revisions[16]);
+        let m = next(&mut rx).await;
+        assert_eq!(m.kind, Kind::Changes as i32);
+        let got: Vec<u64> = m.events.iter().map(|e| e.revision).collect();
+        assert_eq!(got, revisions[17..]);
+        assert_eq!(m.revision, last);
+
+        // From before the kept history: a snapshot saying why.
+        let mut rx = hub.subscribe(Filter::default(), revisions[2]);
+        let m = next(&mut rx).await;
+        assert_eq!(m.kind, Kind::Snapshot as i32);
+        assert!(m.resync_reason.contains("older than the history"), "{}", m.resync_reason);
+        assert_eq!(m.events.len(), 20);
+
+        // Filters apply to replays and snapshots alike.
+        let other = Filter {
+            namespace: "ns".into(),
+            service: "other".into(),
+        };
+        let mut rx = hub.subscribe(other, 0);
+        let m = next(&mut rx).await;
+        assert!(m.events.is_empty() && m.snapshot_complete);
+    }
+
+    #[test]
+    fn chunks_stay_under_the_size_limit_with_safe_resume_points() {
+        let big = |rev: u64| Event {
+            r#type: EventType::Put as i32,
+            instance: Some(Instance {
+                metadata: [("k".to_string(), "v".repeat(300_000))].into(),
+                ..Instance::default()
+            }),
+            revision: rev,
+        };
+        let events: Vec<Event> = (1..=10).map(big).collect();
+        let changes = chunk(Kind::Changes, events.clone(), 10, "");
+        assert!(changes.len() > 1);
+        for m in &changes {
+            assert!(m.encoded_len() <= MAX_MESSAGE_BYTES + 1024);
+        }
+        // Each message's revision is the last revision it completes.
+        for pair in changes.windows(2) {
+            assert_eq!(pair[0].revision + 1, pair[1].events[0].revision);
+        }
+        assert_eq!(changes.last().unwrap().revision, 10);
+        let snapshot = chunk(Kind::Snapshot, events, 42, "why");
+        assert!(snapshot[..snapshot.len() - 1].iter().all(|m| m.revision == 0 && !m.snapshot_complete));
+        let last = snapshot.last().unwrap();
+        assert!(last.snapshot_complete && last.revision == 42 && last.resync_reason == "why");
+        assert_eq!(chunk(Kind::Snapshot, Vec::new(), 7, "").len(), 1);
+    }
+}

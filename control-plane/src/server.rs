@@ -157,10 +157,14 @@ impl ControlPlane {
                 health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             });
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Both reflection versions: grpcurl and most tools still ask v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(weir_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let mut stop = shutdown.subscribe();
         let grpc = tokio::spawn(
@@ -169,7 +173,8 @@ impl ControlPlane {
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
                 .add_service(registry)
                 .add_service(health_service)
-                .add_service(reflection)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),
