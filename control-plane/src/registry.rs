@@ -3,7 +3,14 @@
 //! Writes go to the store (linearizable); reads are served from the replica's
 //! hub cache, with `min_revision` for read-your-writes.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use futures::Stream;
@@ -38,6 +45,9 @@ pub struct RegistryService {
     store: Arc<dyn Store>,
     hub: Hub,
     keys: Keys,
+    /// Highest revision this replica has written: registrations wait for the
+    /// cache to reach it, so a caller's own earlier writes are seen.
+    last_write: Arc<AtomicU64>,
 }
 
 fn now_unix_ms() -> i64 {
@@ -71,7 +81,12 @@ fn ttl_secs(d: Duration) -> u32 {
 
 impl RegistryService {
     pub fn new(store: Arc<dyn Store>, hub: Hub, keys: Keys) -> Self {
-        Self { store, hub, keys }
+        Self {
+            store,
+            hub,
+            keys,
+            last_write: Arc::default(),
+        }
     }
 
     /// Reads the stored record (not the cache): writes decide on the truth.
@@ -100,23 +115,29 @@ impl RegistryService {
             service: instance.service.clone(),
             instance_id: instance.instance_id.clone(),
         };
-        let existing = self.stored(&key).await?;
-        if let Some(old) = &existing {
+        // The cache decides idempotency and keeps `registered_at`; the write
+        // itself returns the record it replaced, which decides which old
+        // lease to revoke. So a registration is one lease grant and one put.
+        let seen = self.last_write.load(Ordering::Acquire);
+        let cached = if self.hub.wait_for(seen, MIN_REVISION_WAIT).await {
+            self.hub.instance(&key)
+        } else {
+            self.stored(&key).await?.map(Arc::new)
+        };
+        if let Some(old) = &cached {
             if spec_of(old) == instance {
                 // Idempotent re-registration: same spec and still alive.
                 if !instance.ephemeral && old.lease_id == 0 {
-                    return Ok((old.clone(), 0));
+                    return Ok(((**old).clone(), 0));
                 }
                 if instance.ephemeral && old.lease_id != 0 {
                     if let Some(ttl) = self.store.keep_alive(old.lease_id).await? {
-                        return Ok((old.clone(), ttl_secs(ttl)));
+                        return Ok(((**old).clone(), ttl_secs(ttl)));
                     }
                 }
             }
-            instance.registered_at_unix_ms = old.registered_at_unix_ms;
-        } else {
-            instance.registered_at_unix_ms = now_unix_ms();
         }
+        instance.registered_at_unix_ms = cached.as_ref().map_or_else(now_unix_ms, |old| old.registered_at_unix_ms);
         let (lease, ttl) = if instance.ephemeral {
             let lease = self
                 .store
@@ -132,12 +153,12 @@ impl RegistryService {
         } else {
             HealthStatus::Unknown as i32
         };
-        let put = self
+        let written = self
             .store
-            .put(&self.keys.instance(&key), instance.encode_to_vec(), lease)
+            .replace(&self.keys.instance(&key), instance.encode_to_vec(), lease)
             .await;
-        let revision = match put {
-            Ok(revision) => revision,
+        let written = match written {
+            Ok(written) => written,
             Err(e) => {
                 if let Some(lease) = lease {
                     self.revoke_quietly(lease).await;
@@ -145,9 +166,11 @@ impl RegistryService {
                 return Err(e.into());
             }
         };
-        if let Some(old) = existing {
-            if old.lease_id != 0 && old.lease_id != instance.lease_id {
-                self.revoke_quietly(old.lease_id).await;
+        let revision = written.revision;
+        self.last_write.fetch_max(revision, Ordering::AcqRel);
+        if let Some(prev) = written.prev {
+            if prev.lease != 0 && prev.lease != instance.lease_id {
+                self.revoke_quietly(prev.lease).await;
             }
         }
         instance.revision = revision;
@@ -173,6 +196,7 @@ impl RegistryService {
         let key = validate::instance_ref("instance", r)?;
         let existing = self.stored(&key).await?;
         let deleted = self.store.delete(&self.keys.instance(&key)).await?;
+        self.last_write.fetch_max(deleted.revision, Ordering::AcqRel);
         if let Some(lease) = existing.map(|i| i.lease_id).filter(|l| *l != 0) {
             self.revoke_quietly(lease).await;
         }

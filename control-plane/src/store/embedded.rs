@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::{
-    CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Snapshot, Store, StoreError,
+    CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store, StoreError,
     WatchEvent, WatchMessage, WatchStream,
 };
 
@@ -258,6 +258,19 @@ impl Store for EmbeddedStore {
             return Err(StoreError::LeaseNotFound(lease));
         }
         Ok(self.shared.commit(&mut state, vec![(key.to_owned(), Some((value, lease)))]))
+    }
+
+    async fn replace(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Replaced, StoreError> {
+        let mut state = self.lock();
+        let lease = lease.unwrap_or(0);
+        if lease != 0 && !state.leases.contains_key(&lease) {
+            return Err(StoreError::LeaseNotFound(lease));
+        }
+        let prev = state.kvs.get(key).cloned();
+        let revision = self
+            .shared
+            .commit(&mut state, vec![(key.to_owned(), Some((value, lease)))]);
+        Ok(Replaced { revision, prev })
     }
 
     async fn put_if(

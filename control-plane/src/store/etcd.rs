@@ -21,7 +21,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::{
-    prefix_end, CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Snapshot, Store,
+    prefix_end, CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store,
     StoreError, WatchEvent, WatchMessage, WatchStream,
 };
 
@@ -236,6 +236,21 @@ impl Store for EtcdStore {
         let options = lease.map(|l| PutOptions::new().with_lease(l));
         match self.client.kv_client().put(key, value, options).await {
             Ok(resp) => Ok(resp.header().map_or(0, |h| to_u64(h.revision()))),
+            Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(lease.unwrap_or(0))),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn replace(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Replaced, StoreError> {
+        let mut options = PutOptions::new().with_prev_key();
+        if let Some(l) = lease {
+            options = options.with_lease(l);
+        }
+        match self.client.kv_client().put(key, value, Some(options)).await {
+            Ok(resp) => Ok(Replaced {
+                revision: resp.header().map_or(0, |h| to_u64(h.revision())),
+                prev: resp.prev_key().map(convert).transpose()?,
+            }),
             Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(lease.unwrap_or(0))),
             Err(e) => Err(unavailable(e)),
         }

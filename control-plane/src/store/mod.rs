@@ -94,6 +94,15 @@ pub enum CasOutcome {
     Conflict { current: Option<KeyValue> },
 }
 
+/// Outcome of [`Store::replace`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replaced {
+    /// Revision of the write.
+    pub revision: u64,
+    /// The key as it was before, if it existed.
+    pub prev: Option<KeyValue>,
+}
+
 /// Outcome of [`Store::delete`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deleted {
@@ -128,6 +137,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Writes a key, attached to `lease` when given (detached otherwise).
     /// Returns the revision of the write.
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64, StoreError>;
+
+    /// Writes a key like [`Store::put`] and returns what it replaced, in one
+    /// round trip.
+    async fn replace(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Replaced, StoreError>;
 
     /// Writes a key only if its `mod_revision` is `expected` (0 = only if the
     /// key does not exist).
