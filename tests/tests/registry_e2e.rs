@@ -202,7 +202,9 @@ async fn heartbeats_keep_an_ephemeral_instance_for_as_long_as_they_come() -> Res
     };
     // Three TTLs of heartbeats every TTL/3: present at every check.
     let start = Instant::now();
+    let mut period = tokio::time::interval(Duration::from_secs(1));
     while start.elapsed() < Duration::from_secs(9) {
+        period.tick().await;
         let ttl = c
             .heartbeat(HeartbeatRequest { instance: Some(r.clone()) })
             .await?
@@ -210,7 +212,6 @@ async fn heartbeats_keep_an_ephemeral_instance_for_as_long_as_they_come() -> Res
             .ttl_seconds;
         assert!(ttl >= 2, "ttl {ttl}");
         assert_eq!(instance_ids(&mut c, "default", "hb-svc").await?, vec!["i-1".to_string()]);
-        tokio::time::sleep(Duration::from_secs(1)).await; // the heartbeat period, not a wait for a condition
     }
     // Heartbeats stop: gone within TTL + 1 s.
     let stopped = Instant::now();
@@ -589,4 +590,65 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
     Ok(out)
+}
+
+#[tokio::test]
+async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> Result<()> {
+    use weir_proto::registry::v1::KeepAliveRequest;
+    init_tracing();
+    let etcd = Etcd::start().await?;
+    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("ka"))?;
+    let mut c = client(&plane).await?;
+    let refs: Vec<InstanceRef> = (0..3)
+        .map(|n| InstanceRef {
+            namespace: "default".into(),
+            service: "ka-svc".into(),
+            instance_id: format!("k-{n}"),
+        })
+        .collect();
+    for r in &refs[..2] {
+        c.register(RegisterRequest {
+            instance: Some(ephemeral("default", "ka-svc", &r.instance_id, 3)),
+        })
+        .await?;
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses = c
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Six rounds at TTL/3 keep both alive past two TTLs; k-2 never existed.
+    let mut period = tokio::time::interval(Duration::from_secs(1));
+    for _ in 0..6 {
+        period.tick().await;
+        tx.send(KeepAliveRequest { instances: refs.clone() }).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(5), responses.next())
+            .await?
+            .context("stream ended")??;
+        let alive: Vec<bool> = reply.results.iter().map(|r| r.alive).collect();
+        assert_eq!(alive, vec![true, true, false]);
+        assert!(reply.results[2].error.contains("gone"), "{}", reply.results[2].error);
+    }
+    assert_eq!(instance_ids(&mut c, "default", "ka-svc").await?.len(), 2);
+
+    // A malformed ref in the batch is reported on its own, naming it.
+    tx.send(KeepAliveRequest {
+        instances: vec![InstanceRef {
+            namespace: "default".into(),
+            service: "BAD".into(),
+            instance_id: "x".into(),
+        }],
+    })
+    .await?;
+    let reply = responses.next().await.context("stream ended")??;
+    assert!(!reply.results[0].alive);
+    assert!(reply.results[0].error.contains("instances[0].service"), "{}", reply.results[0].error);
+    drop(tx);
+    // Stream closed by us: the renewals stop and both expire.
+    wait_until(Duration::from_secs(5), "expiry after the stream closed", || {
+        let mut c = c.clone();
+        async move { instance_ids(&mut c, "default", "ka-svc").await.is_ok_and(|ids| ids.is_empty()) }
+    })
+    .await?;
+    Ok(())
 }
