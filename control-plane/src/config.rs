@@ -8,7 +8,11 @@ use serde::Deserialize;
 
 /// Command-line flags; each also reads a `WEIR_*` environment variable.
 #[derive(Debug, Default, Parser)]
-#[command(name = "weir-control-plane", version, about = "Weir control plane: service registry over etcd")]
+#[command(
+    name = "weir-control-plane",
+    version,
+    about = "Weir control plane: service registry over etcd"
+)]
 pub struct Args {
     /// TOML config file (keys as the long flags, with '_' for '-').
     #[arg(long, env = "WEIR_CONFIG")]
@@ -158,15 +162,24 @@ impl Config {
             }
             (false, None) => defaults.store,
         };
-        let etcd_prefix = args.etcd_prefix.or(file.etcd_prefix).unwrap_or(defaults.etcd_prefix);
+        let etcd_prefix = args
+            .etcd_prefix
+            .or(file.etcd_prefix)
+            .unwrap_or(defaults.etcd_prefix);
         if !etcd_prefix.starts_with('/') || etcd_prefix.contains("//") || etcd_prefix.len() > 128 {
             return Err(ConfigError::Invalid(format!(
                 "etcd_prefix must start with '/', contain no empty segment and be at most 128 characters (got {etcd_prefix:?})"
             )));
         }
         Ok(Self {
-            grpc_addr: args.grpc_addr.or(file.grpc_addr).unwrap_or(defaults.grpc_addr),
-            http_addr: args.http_addr.or(file.http_addr).unwrap_or(defaults.http_addr),
+            grpc_addr: args
+                .grpc_addr
+                .or(file.grpc_addr)
+                .unwrap_or(defaults.grpc_addr),
+            http_addr: args
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or(defaults.http_addr),
             store,
             etcd_prefix,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),

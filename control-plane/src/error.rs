@@ -21,7 +21,9 @@ impl From<RegistryError> for tonic::Status {
         match &e {
             RegistryError::Invalid(v) => tonic::Status::invalid_argument(v.to_string()),
             RegistryError::NotFound(m) => tonic::Status::not_found(m.clone()),
-            RegistryError::Store(StoreError::LeaseNotFound(_)) => tonic::Status::not_found(e.to_string()),
+            RegistryError::Store(StoreError::LeaseNotFound(_)) => {
+                tonic::Status::not_found(e.to_string())
+            }
             RegistryError::Store(s) => {
                 tracing::warn!(error = %s, "store error");
                 tonic::Status::unavailable(format!("registry store unavailable: {s}"))

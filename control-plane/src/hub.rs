@@ -23,9 +23,7 @@ use std::{
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, watch};
-use weir_proto::registry::v1::{
-    watch_response::Kind, Event, EventType, Instance, WatchResponse,
-};
+use weir_proto::registry::v1::{watch_response::Kind, Event, EventType, Instance, WatchResponse};
 
 use crate::{
     keys::{InstanceKey, Keys},
@@ -121,7 +119,11 @@ pub struct Hub {
 }
 
 /// Decodes a stored instance record; the key is the truth for its names.
-pub fn decode_instance(key: &InstanceKey, value: &[u8], mod_revision: u64) -> Result<Instance, prost::DecodeError> {
+pub fn decode_instance(
+    key: &InstanceKey,
+    value: &[u8],
+    mod_revision: u64,
+) -> Result<Instance, prost::DecodeError> {
     let mut i = Instance::decode(value)?;
     i.namespace.clone_from(&key.namespace);
     i.service.clone_from(&key.service);
@@ -176,7 +178,11 @@ impl Hub {
     }
 
     /// One snapshot + watch cycle; returns why the watch ended.
-    async fn sync(&self, store: &dyn Store, prefix: &str) -> Result<String, crate::store::StoreError> {
+    async fn sync(
+        &self,
+        store: &dyn Store,
+        prefix: &str,
+    ) -> Result<String, crate::store::StoreError> {
         let snapshot = store.range(prefix).await?;
         let mut stream = store.watch(prefix, snapshot.revision).await?;
         self.reset(snapshot);
@@ -185,7 +191,9 @@ impl Hub {
                 WatchMessage::Events(events) => self.apply(events),
                 WatchMessage::Progress { revision } => self.progress(revision),
                 WatchMessage::Compacted { compact_revision } => {
-                    return Ok(format!("watch start revision compacted (at {compact_revision})"));
+                    return Ok(format!(
+                        "watch start revision compacted (at {compact_revision})"
+                    ));
                 }
             }
         }
@@ -196,12 +204,16 @@ impl Hub {
         let keys = &self.inner.keys;
         let mut instances = BTreeMap::new();
         for kv in snapshot.kvs {
-            let Some(key) = keys.parse_instance(&kv.key) else { continue };
+            let Some(key) = keys.parse_instance(&kv.key) else {
+                continue;
+            };
             match decode_instance(&key, &kv.value, kv.mod_revision) {
                 Ok(i) => {
                     instances.insert(key, Arc::new(i));
                 }
-                Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping undecodable instance record"),
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping undecodable instance record")
+                }
             }
         }
         let mut state = self.write();
@@ -219,7 +231,11 @@ impl Hub {
         }
         self.inner.revision.send_replace(snapshot.revision);
         drop(state);
-        tracing::info!(revision = snapshot.revision, instances = count, "registry cache loaded");
+        tracing::info!(
+            revision = snapshot.revision,
+            instances = count,
+            "registry cache loaded"
+        );
     }
 
     fn apply(&self, changes: Vec<crate::store::WatchEvent>) {
@@ -229,22 +245,26 @@ impl Hub {
         let mut revision = state.revision;
         for change in changes {
             revision = revision.max(change.kv.mod_revision);
-            let Some(key) = keys.parse_instance(&change.kv.key) else { continue };
+            let Some(key) = keys.parse_instance(&change.kv.key) else {
+                continue;
+            };
             match change.kind {
-                EventKind::Put => match decode_instance(&key, &change.kv.value, change.kv.mod_revision) {
-                    Ok(i) => {
-                        let i = Arc::new(i);
-                        state.instances.insert(key, i.clone());
-                        events.push(Event {
-                            r#type: EventType::Put as i32,
-                            instance: Some((*i).clone()),
-                            revision: change.kv.mod_revision,
-                        });
+                EventKind::Put => {
+                    match decode_instance(&key, &change.kv.value, change.kv.mod_revision) {
+                        Ok(i) => {
+                            let i = Arc::new(i);
+                            state.instances.insert(key, i.clone());
+                            events.push(Event {
+                                r#type: EventType::Put as i32,
+                                instance: Some((*i).clone()),
+                                revision: change.kv.mod_revision,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %change.kv.key, error = %e, "skipping undecodable instance record");
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(key = %change.kv.key, error = %e, "skipping undecodable instance record");
-                    }
-                },
+                }
                 EventKind::Delete => {
                     if let Some(old) = state.instances.remove(&key) {
                         events.push(Event {
@@ -363,7 +383,10 @@ impl Hub {
         let entries = state
             .instances
             .range((Bound::Included(start), Bound::Unbounded))
-            .skip_while(|(k, _)| skip.as_ref().is_some_and(|(ns, svc)| k.namespace == *ns && k.service == *svc));
+            .skip_while(|(k, _)| {
+                skip.as_ref()
+                    .is_some_and(|(ns, svc)| k.namespace == *ns && k.service == *svc)
+            });
         for (k, i) in entries {
             if !namespace.is_empty() && k.namespace != namespace {
                 break;
@@ -434,7 +457,9 @@ impl Hub {
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     let (messages, revision) = self.snapshot(
                         &filter,
-                        &format!("watcher fell behind by {missed} updates; resynced from a snapshot"),
+                        &format!(
+                            "watcher fell behind by {missed} updates; resynced from a snapshot"
+                        ),
                     );
                     send_all(out, messages).await?;
                     last = revision;
@@ -446,7 +471,12 @@ impl Hub {
                 Batch::Changes { revision, events } if *revision > last => {
                     let matching: Vec<Event> = events
                         .iter()
-                        .filter(|e| e.revision > last && e.instance.as_ref().is_some_and(|i| filter.matches_instance(i)))
+                        .filter(|e| {
+                            e.revision > last
+                                && e.instance
+                                    .as_ref()
+                                    .is_some_and(|i| filter.matches_instance(i))
+                        })
                         .cloned()
                         .collect();
                     last = *revision;
@@ -458,7 +488,8 @@ impl Hub {
                     last = *revision;
                 }
                 Batch::Reset { .. } => {
-                    let (messages, revision) = self.snapshot(&filter, "the replica reloaded its cache from the store");
+                    let (messages, revision) =
+                        self.snapshot(&filter, "the replica reloaded its cache from the store");
                     send_all(out, messages).await?;
                     last = revision;
                 }
@@ -494,7 +525,12 @@ impl Hub {
                 Batch::Changes { events, .. } => events.as_slice(),
                 _ => &[],
             })
-            .filter(|e| e.revision > start_revision && e.instance.as_ref().is_some_and(|i| filter.matches_instance(i)))
+            .filter(|e| {
+                e.revision > start_revision
+                    && e.instance
+                        .as_ref()
+                        .is_some_and(|i| filter.matches_instance(i))
+            })
             .cloned()
             .collect();
         let revision = state.revision;
@@ -525,14 +561,19 @@ impl Hub {
             })
             .collect();
         drop(state);
-        (chunk(Kind::Snapshot, events, revision, resync_reason), revision)
+        (
+            chunk(Kind::Snapshot, events, revision, resync_reason),
+            revision,
+        )
     }
 }
 
 impl Batch {
     fn revision(&self) -> u64 {
         match self {
-            Batch::Changes { revision, .. } | Batch::Progress { revision } | Batch::Reset { revision } => *revision,
+            Batch::Changes { revision, .. }
+            | Batch::Progress { revision }
+            | Batch::Reset { revision } => *revision,
         }
     }
 }
@@ -586,7 +627,10 @@ fn chunk(kind: Kind, events: Vec<Event>, revision: u64, resync_reason: &str) -> 
         .collect()
 }
 
-async fn send_all(out: &mpsc::Sender<WatchResponse>, messages: Vec<WatchResponse>) -> Result<(), &'static str> {
+async fn send_all(
+    out: &mpsc::Sender<WatchResponse>,
+    messages: Vec<WatchResponse>,
+) -> Result<(), &'static str> {
     for m in messages {
         out.send(m).await.map_err(|_| "watcher closed the stream")?;
     }
@@ -697,7 +741,12 @@ mod tests {
             tokio::spawn(async move {
                 let mut revisions = Vec::new();
                 for n in 0..300u32 {
-                    revisions.push(store.put(&key(n % 50), record(&format!("i-{:03}", n % 50), n), None).await.unwrap());
+                    revisions.push(
+                        store
+                            .put(&key(n % 50), record(&format!("i-{:03}", n % 50), n), None)
+                            .await
+                            .unwrap(),
+                    );
                     // Let the hub and the fast subscriber run between writes.
                     tokio::task::yield_now().await;
                 }
@@ -705,17 +754,23 @@ mod tests {
             })
         };
         // The fast one reads as it goes and sees all 300 changes in order.
-        let (fast_view, fast_resync, fast_revisions) =
-            follow(&mut fast, |v| v.values().filter(|p| **p >= 250).count() == 50).await;
+        let (fast_view, fast_resync, fast_revisions) = follow(&mut fast, |v| {
+            v.values().filter(|p| **p >= 250).count() == 50
+        })
+        .await;
         let written = writer.await.unwrap();
         assert_eq!(fast_resync, None);
         assert_eq!(fast_revisions, written);
         // The slow one did not read at all: it gets a resync to the same end
         // state instead of an unbounded backlog.
-        let (slow_view, slow_resync, _) =
-            follow(&mut slow, |v| v.values().filter(|p| **p >= 250).count() == 50).await;
+        let (slow_view, slow_resync, _) = follow(&mut slow, |v| {
+            v.values().filter(|p| **p >= 250).count() == 50
+        })
+        .await;
         assert!(
-            slow_resync.as_deref().is_some_and(|r| r.contains("fell behind")),
+            slow_resync
+                .as_deref()
+                .is_some_and(|r| r.contains("fell behind")),
             "{slow_resync:?}"
         );
         assert_eq!(slow_view, fast_view);
@@ -740,7 +795,10 @@ mod tests {
                 service: "svc".into(),
                 instance_id: format!("i-{n}"),
             });
-            let rev = store.put(&k, record(&format!("i-{n}"), n), None).await.unwrap();
+            let rev = store
+                .put(&k, record(&format!("i-{n}"), n), None)
+                .await
+                .unwrap();
             // One batch per write, so the history bound (in batches) bites.
             assert!(hub.wait_for(rev, Duration::from_secs(5)).await);
             revisions.push(rev);
@@ -760,7 +818,11 @@ mod tests {
         let mut rx = hub.subscribe(Filter::default(), revisions[2]);
         let m = next(&mut rx).await;
         assert_eq!(m.kind, Kind::Snapshot as i32);
-        assert!(m.resync_reason.contains("older than the history"), "{}", m.resync_reason);
+        assert!(
+            m.resync_reason.contains("older than the history"),
+            "{}",
+            m.resync_reason
+        );
         assert_eq!(m.events.len(), 20);
 
         // Filters apply to replays and snapshots alike.
@@ -795,7 +857,9 @@ mod tests {
         }
         assert_eq!(changes.last().unwrap().revision, 10);
         let snapshot = chunk(Kind::Snapshot, events, 42, "why");
-        assert!(snapshot[..snapshot.len() - 1].iter().all(|m| m.revision == 0 && !m.snapshot_complete));
+        assert!(snapshot[..snapshot.len() - 1]
+            .iter()
+            .all(|m| m.revision == 0 && !m.snapshot_complete));
         let last = snapshot.last().unwrap();
         assert!(last.snapshot_complete && last.revision == 42 && last.resync_reason == "why");
         assert_eq!(chunk(Kind::Snapshot, Vec::new(), 7, "").len(), 1);

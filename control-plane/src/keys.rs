@@ -54,7 +54,11 @@ impl Keys {
         let namespace = parts.next()?;
         let service = parts.next()?;
         let instance_id = parts.next()?;
-        if namespace.is_empty() || service.is_empty() || instance_id.is_empty() || instance_id.contains('/') {
+        if namespace.is_empty()
+            || service.is_empty()
+            || instance_id.is_empty()
+            || instance_id.contains('/')
+        {
             return None;
         }
         Some(InstanceKey {

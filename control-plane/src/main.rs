@@ -34,7 +34,10 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::resolve(Args::parse())?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
@@ -42,8 +45,12 @@ async fn main() -> anyhow::Result<()> {
             .init(),
     }
     match &config.store {
-        StoreConfig::Embedded => tracing::warn!("dev mode: embedded in-process store, single node, nothing persists"),
-        StoreConfig::Etcd { endpoints } => tracing::info!(endpoints = ?endpoints, prefix = %config.etcd_prefix, "using etcd"),
+        StoreConfig::Embedded => {
+            tracing::warn!("dev mode: embedded in-process store, single node, nothing persists")
+        }
+        StoreConfig::Etcd { endpoints } => {
+            tracing::info!(endpoints = ?endpoints, prefix = %config.etcd_prefix, "using etcd")
+        }
     }
     let plane = ControlPlane::start(config).await?;
     // One machine-readable line on stdout, for scripts and the test harness.

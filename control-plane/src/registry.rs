@@ -22,8 +22,8 @@ use weir_proto::registry::v1::{
     keep_alive_response, registry_server::Registry, DeregisterRequest, DeregisterResponse,
     GetServiceRequest, GetServiceResponse, HealthStatus, HeartbeatRequest, HeartbeatResponse,
     Instance, InstanceRef, KeepAliveRequest, KeepAliveResponse, ListServicesRequest,
-    ListServicesResponse, RegisterRequest, RegisterResponse, Service, ServiceSummary,
-    WatchRequest, WatchResponse,
+    ListServicesResponse, RegisterRequest, RegisterResponse, Service, ServiceSummary, WatchRequest,
+    WatchResponse,
 };
 
 use crate::{
@@ -105,7 +105,10 @@ impl RegistryService {
     }
 
     /// Registers one instance; returns the stored record and the lease TTL.
-    pub async fn register(&self, instance: Option<&Instance>) -> Result<(Instance, u32), RegistryError> {
+    pub async fn register(
+        &self,
+        instance: Option<&Instance>,
+    ) -> Result<(Instance, u32), RegistryError> {
         let mut instance = validate::registration(instance)?;
         if instance.instance_id.is_empty() {
             instance.instance_id = new_instance_id();
@@ -137,7 +140,9 @@ impl RegistryService {
                 }
             }
         }
-        instance.registered_at_unix_ms = cached.as_ref().map_or_else(now_unix_ms, |old| old.registered_at_unix_ms);
+        instance.registered_at_unix_ms = cached
+            .as_ref()
+            .map_or_else(now_unix_ms, |old| old.registered_at_unix_ms);
         let (lease, ttl) = if instance.ephemeral {
             let lease = self
                 .store
@@ -196,7 +201,8 @@ impl RegistryService {
         let key = validate::instance_ref("instance", r)?;
         let existing = self.stored(&key).await?;
         let deleted = self.store.delete(&self.keys.instance(&key)).await?;
-        self.last_write.fetch_max(deleted.revision, Ordering::AcqRel);
+        self.last_write
+            .fetch_max(deleted.revision, Ordering::AcqRel);
         if let Some(lease) = existing.map(|i| i.lease_id).filter(|l| *l != 0) {
             self.revoke_quietly(lease).await;
         }
@@ -226,7 +232,10 @@ impl RegistryService {
         if stored.lease_id == 0 {
             return Err(RegistryError::Invalid(validate::ValidationError {
                 field: "instance".into(),
-                rule: format!("{} is persistent; only ephemeral instances take heartbeats", describe(key)),
+                rule: format!(
+                    "{} is persistent; only ephemeral instances take heartbeats",
+                    describe(key)
+                ),
             }));
         }
         if cached == Some(stored.lease_id) {
@@ -238,7 +247,10 @@ impl RegistryService {
         }
     }
 
-    async fn keep_alive_batch(&self, request: KeepAliveRequest) -> Result<KeepAliveResponse, RegistryError> {
+    async fn keep_alive_batch(
+        &self,
+        request: KeepAliveRequest,
+    ) -> Result<KeepAliveResponse, RegistryError> {
         if request.instances.len() > validate::MAX_KEEPALIVE_BATCH {
             return Err(validate::ValidationError {
                 field: "instances".into(),
@@ -250,26 +262,30 @@ impl RegistryService {
             }
             .into());
         }
-        let renewals = request.instances.into_iter().enumerate().map(|(n, r)| async move {
-            let outcome = match validate::instance_ref(&format!("instances[{n}]"), Some(&r)) {
-                Ok(key) => self.heartbeat(&key).await,
-                Err(e) => Err(e.into()),
-            };
-            match outcome {
-                Ok(ttl) => keep_alive_response::Result {
-                    instance: Some(r),
-                    alive: true,
-                    ttl_seconds: ttl,
-                    error: String::new(),
-                },
-                Err(e) => keep_alive_response::Result {
-                    instance: Some(r),
-                    alive: false,
-                    ttl_seconds: 0,
-                    error: e.to_string(),
-                },
-            }
-        });
+        let renewals = request
+            .instances
+            .into_iter()
+            .enumerate()
+            .map(|(n, r)| async move {
+                let outcome = match validate::instance_ref(&format!("instances[{n}]"), Some(&r)) {
+                    Ok(key) => self.heartbeat(&key).await,
+                    Err(e) => Err(e.into()),
+                };
+                match outcome {
+                    Ok(ttl) => keep_alive_response::Result {
+                        instance: Some(r),
+                        alive: true,
+                        ttl_seconds: ttl,
+                        error: String::new(),
+                    },
+                    Err(e) => keep_alive_response::Result {
+                        instance: Some(r),
+                        alive: false,
+                        ttl_seconds: 0,
+                        error: e.to_string(),
+                    },
+                }
+            });
         Ok(KeepAliveResponse {
             results: futures::future::join_all(renewals).await,
         })
@@ -333,8 +349,12 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Registry for RegistryService {
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let (instance, ttl_seconds) = RegistryService::register(self, request.get_ref().instance.as_ref()).await?;
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let (instance, ttl_seconds) =
+            RegistryService::register(self, request.get_ref().instance.as_ref()).await?;
         Ok(Response::new(RegisterResponse {
             instance: Some(instance),
             ttl_seconds,
@@ -345,12 +365,17 @@ impl Registry for RegistryService {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
-        let (existed, revision) = RegistryService::deregister(self, request.get_ref().instance.as_ref()).await?;
+        let (existed, revision) =
+            RegistryService::deregister(self, request.get_ref().instance.as_ref()).await?;
         Ok(Response::new(DeregisterResponse { existed, revision }))
     }
 
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let key = validate::instance_ref("instance", request.get_ref().instance.as_ref()).map_err(RegistryError::from)?;
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let key = validate::instance_ref("instance", request.get_ref().instance.as_ref())
+            .map_err(RegistryError::from)?;
         let ttl_seconds = RegistryService::heartbeat(self, &key).await?;
         Ok(Response::new(HeartbeatResponse { ttl_seconds }))
     }
@@ -367,7 +392,10 @@ impl Registry for RegistryService {
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 let reply = match message {
-                    Ok(request) => service.keep_alive_batch(request).await.map_err(Status::from),
+                    Ok(request) => service
+                        .keep_alive_batch(request)
+                        .await
+                        .map_err(Status::from),
                     Err(status) => {
                         tracing::debug!(error = %status, "keep-alive stream ended by the caller");
                         return;
@@ -387,7 +415,8 @@ impl Registry for RegistryService {
         request: Request<GetServiceRequest>,
     ) -> Result<Response<GetServiceResponse>, Status> {
         let req = request.into_inner();
-        let (namespace, service) = validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+        let (namespace, service) =
+            validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
         self.await_revision(req.min_revision).await?;
         let (instances, revision) = self.hub.service(&namespace, &service);
         let instances = instances
@@ -449,7 +478,11 @@ impl Registry for RegistryService {
                 }
                 let kept: Vec<_> = instances
                     .into_iter()
-                    .filter(|i| req.metadata.iter().all(|(k, v)| i.metadata.get(k) == Some(v)))
+                    .filter(|i| {
+                        req.metadata
+                            .iter()
+                            .all(|(k, v)| i.metadata.get(k) == Some(v))
+                    })
                     .collect();
                 (!kept.is_empty()).then_some(kept)
             },
@@ -484,7 +517,10 @@ impl Registry for RegistryService {
 
     type WatchStream = BoxStream<WatchResponse>;
 
-    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let req = request.into_inner();
         validate::namespace_filter(&req.namespace).map_err(RegistryError::from)?;
         let mut filter = Filter {
@@ -510,8 +546,16 @@ mod tests {
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {
         let t = page_token("default", "orders");
-        assert_eq!(parse_page_token(&t).expect("valid"), ("default".into(), "orders".into()));
-        for bad in ["", "!!!", &URL_SAFE_NO_PAD.encode("noslash"), &URL_SAFE_NO_PAD.encode("A/b")] {
+        assert_eq!(
+            parse_page_token(&t).expect("valid"),
+            ("default".into(), "orders".into())
+        );
+        for bad in [
+            "",
+            "!!!",
+            &URL_SAFE_NO_PAD.encode("noslash"),
+            &URL_SAFE_NO_PAD.encode("A/b"),
+        ] {
             let e = parse_page_token(bad).expect_err(bad);
             assert_eq!(e.field, "page_token");
         }

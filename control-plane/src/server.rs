@@ -107,7 +107,10 @@ impl ControlPlane {
 
     /// Starts on an already opened store (tests share one embedded store
     /// between replicas this way).
-    pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<Self, ServeError> {
+    pub async fn start_with_store(
+        config: Config,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, ServeError> {
         let keys = Keys::new(&config.etcd_prefix);
         let store_kind = store.kind();
         let (hub, hub_task) = Hub::start(store.clone(), keys.clone(), HubConfig::default());
@@ -124,14 +127,18 @@ impl ControlPlane {
                 addr: config.http_addr,
                 source,
             })?;
-        let grpc_addr = grpc_listener.local_addr().map_err(|source| ServeError::Bind {
-            addr: config.grpc_addr,
-            source,
-        })?;
-        let http_addr = http_listener.local_addr().map_err(|source| ServeError::Bind {
-            addr: config.http_addr,
-            source,
-        })?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|source| ServeError::Bind {
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| ServeError::Bind {
+                addr: config.http_addr,
+                source,
+            })?;
 
         let (shutdown, _) = watch::channel(false);
         let registry = RegistryServer::new(RegistryService::new(store, hub.clone(), keys))
@@ -149,12 +156,16 @@ impl ControlPlane {
                 health
                     .set_serving::<RegistryServer<RegistryService>>()
                     .await;
-                health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
                 let _ = stop.wait_for(|s| *s).await;
                 health
                     .set_not_serving::<RegistryServer<RegistryService>>()
                     .await;
-                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
             });
         }
         // Both reflection versions: grpcurl and most tools still ask v1alpha.

@@ -102,7 +102,9 @@ fn host(field: &str, value: &str) -> Result<(), ValidationError> {
         && value.trim_end_matches('.').split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -111,7 +113,10 @@ fn host(field: &str, value: &str) -> Result<(), ValidationError> {
     } else {
         Err(err(
             field,
-            format!("must be an IP address or a DNS name of at most {MAX_HOST_LEN} characters (got {})", shown(value)),
+            format!(
+                "must be an IP address or a DNS name of at most {MAX_HOST_LEN} characters (got {})",
+                shown(value)
+            ),
         ))
     }
 }
@@ -168,7 +173,9 @@ pub fn namespace_filter(namespace: &str) -> Result<(), ValidationError> {
 /// filled, output-only fields cleared. The instance id may still be empty
 /// (the caller assigns one).
 pub fn registration(instance: Option<&Instance>) -> Result<Instance, ValidationError> {
-    let mut i = instance.cloned().ok_or_else(|| err("instance", "is required"))?;
+    let mut i = instance
+        .cloned()
+        .ok_or_else(|| err("instance", "is required"))?;
     i.namespace = namespace_or_default("instance.namespace", &i.namespace)?;
     dns_label("instance.service", &i.service)?;
     if !i.instance_id.is_empty() {
@@ -176,12 +183,18 @@ pub fn registration(instance: Option<&Instance>) -> Result<Instance, ValidationE
     }
     host("instance.host", &i.host)?;
     if i.port == 0 || i.port > 65_535 {
-        return Err(err("instance.port", format!("must be 1-65535 (got {})", i.port)));
+        return Err(err(
+            "instance.port",
+            format!("must be 1-65535 (got {})", i.port),
+        ));
     }
     if Protocol::try_from(i.protocol).is_err() {
         return Err(err(
             "instance.protocol",
-            format!("must be PROTOCOL_HTTP or PROTOCOL_GRPC (got {})", i.protocol),
+            format!(
+                "must be PROTOCOL_HTTP or PROTOCOL_GRPC (got {})",
+                i.protocol
+            ),
         ));
     }
     if i.protocol == Protocol::Unspecified as i32 {
@@ -190,7 +203,10 @@ pub fn registration(instance: Option<&Instance>) -> Result<Instance, ValidationE
     if i.weight > MAX_WEIGHT {
         return Err(err(
             "instance.weight",
-            format!("must be 0-{MAX_WEIGHT} (0 = default {DEFAULT_WEIGHT}) (got {})", i.weight),
+            format!(
+                "must be 0-{MAX_WEIGHT} (0 = default {DEFAULT_WEIGHT}) (got {})",
+                i.weight
+            ),
         ));
     }
     if i.weight == 0 {
@@ -214,7 +230,10 @@ pub fn registration(instance: Option<&Instance>) -> Result<Instance, ValidationE
     } else if i.ttl_seconds != 0 {
         return Err(err(
             "instance.ttl_seconds",
-            format!("must be 0 for a persistent instance (got {}); set ephemeral for a leased one", i.ttl_seconds),
+            format!(
+                "must be 0 for a persistent instance (got {}); set ephemeral for a leased one",
+                i.ttl_seconds
+            ),
         ));
     }
     metadata("instance.metadata", &i.metadata)?;
@@ -234,7 +253,10 @@ pub fn metadata(
     if metadata.len() > MAX_METADATA_ENTRIES {
         return Err(err(
             field,
-            format!("at most {MAX_METADATA_ENTRIES} entries (got {})", metadata.len()),
+            format!(
+                "at most {MAX_METADATA_ENTRIES} entries (got {})",
+                metadata.len()
+            ),
         ));
     }
     let mut total = 0;
@@ -257,7 +279,10 @@ pub fn metadata(
         if value.len() > MAX_METADATA_VALUE_LEN {
             return Err(err(
                 format!("{field}[{}]", shown(key)),
-                format!("value must be at most {MAX_METADATA_VALUE_LEN} bytes (got {})", value.len()),
+                format!(
+                    "value must be at most {MAX_METADATA_VALUE_LEN} bytes (got {})",
+                    value.len()
+                ),
             ));
         }
         total += key.len() + value.len();
@@ -273,19 +298,30 @@ pub fn metadata(
 
 fn topics(field: &str, topics: &[String]) -> Result<(), ValidationError> {
     if topics.len() > MAX_TOPICS {
-        return Err(err(field, format!("at most {MAX_TOPICS} topics (got {})", topics.len())));
+        return Err(err(
+            field,
+            format!("at most {MAX_TOPICS} topics (got {})", topics.len()),
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for (n, topic) in topics.iter().enumerate() {
-        let ok = !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN && topic.bytes().all(|b| b.is_ascii_graphic());
+        let ok = !topic.is_empty()
+            && topic.len() <= MAX_TOPIC_LEN
+            && topic.bytes().all(|b| b.is_ascii_graphic());
         if !ok {
             return Err(err(
                 format!("{field}[{n}]"),
-                format!("must be 1-{MAX_TOPIC_LEN} printable ASCII characters without spaces (got {})", shown(topic)),
+                format!(
+                    "must be 1-{MAX_TOPIC_LEN} printable ASCII characters without spaces (got {})",
+                    shown(topic)
+                ),
             ));
         }
         if !seen.insert(topic) {
-            return Err(err(format!("{field}[{n}]"), format!("duplicate topic {}", shown(topic))));
+            return Err(err(
+                format!("{field}[{n}]"),
+                format!("duplicate topic {}", shown(topic)),
+            ));
         }
     }
     Ok(())
@@ -320,44 +356,183 @@ mod tests {
     #[test]
     fn every_rule_names_its_field() {
         let cases: Vec<(&str, Instance)> = vec![
-            ("instance.service", Instance { service: "".into(), ..valid() }),
-            ("instance.service", Instance { service: "Orders".into(), ..valid() }),
-            ("instance.service", Instance { service: "-a".into(), ..valid() }),
-            ("instance.service", Instance { service: "a".repeat(64), ..valid() }),
-            ("instance.namespace", Instance { namespace: "a_b".into(), ..valid() }),
-            ("instance.instance_id", Instance { instance_id: "a/b".into(), ..valid() }),
-            ("instance.instance_id", Instance { instance_id: ".hidden".into(), ..valid() }),
-            ("instance.instance_id", Instance { instance_id: "x".repeat(129), ..valid() }),
-            ("instance.host", Instance { host: "".into(), ..valid() }),
-            ("instance.host", Instance { host: "bad host".into(), ..valid() }),
+            (
+                "instance.service",
+                Instance {
+                    service: "".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.service",
+                Instance {
+                    service: "Orders".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.service",
+                Instance {
+                    service: "-a".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.service",
+                Instance {
+                    service: "a".repeat(64),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.namespace",
+                Instance {
+                    namespace: "a_b".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.instance_id",
+                Instance {
+                    instance_id: "a/b".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.instance_id",
+                Instance {
+                    instance_id: ".hidden".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.instance_id",
+                Instance {
+                    instance_id: "x".repeat(129),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.host",
+                Instance {
+                    host: "".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.host",
+                Instance {
+                    host: "bad host".into(),
+                    ..valid()
+                },
+            ),
             ("instance.port", Instance { port: 0, ..valid() }),
-            ("instance.port", Instance { port: 65_536, ..valid() }),
-            ("instance.protocol", Instance { protocol: 9, ..valid() }),
-            ("instance.weight", Instance { weight: 10_001, ..valid() }),
-            ("instance.version", Instance { version: "v 1".into(), ..valid() }),
-            ("instance.zone", Instance { zone: "z".repeat(65), ..valid() }),
-            ("instance.ttl_seconds", Instance { ephemeral: true, ttl_seconds: 1, ..valid() }),
-            ("instance.ttl_seconds", Instance { ephemeral: true, ttl_seconds: 3601, ..valid() }),
-            ("instance.ttl_seconds", Instance { ttl_seconds: 5, ..valid() }),
-            ("instance.topics[1]", Instance { topics: vec!["a".into(), "a".into()], ..valid() }),
-            ("instance.topics[0]", Instance { topics: vec!["".into()], ..valid() }),
-            ("instance.topics", Instance { topics: (0..65).map(|n| n.to_string()).collect(), ..valid() }),
             (
-                "instance.metadata",
-                Instance { metadata: (0..65).map(|n| (n.to_string(), String::new())).collect(), ..valid() },
+                "instance.port",
+                Instance {
+                    port: 65_536,
+                    ..valid()
+                },
             ),
             (
-                "instance.metadata[\"bad key\"]",
-                Instance { metadata: [("bad key".to_string(), "v".to_string())].into(), ..valid() },
+                "instance.protocol",
+                Instance {
+                    protocol: 9,
+                    ..valid()
+                },
             ),
             (
-                "instance.metadata[\"k\"]",
-                Instance { metadata: [("k".to_string(), "v".repeat(513))].into(), ..valid() },
+                "instance.weight",
+                Instance {
+                    weight: 10_001,
+                    ..valid()
+                },
+            ),
+            (
+                "instance.version",
+                Instance {
+                    version: "v 1".into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.zone",
+                Instance {
+                    zone: "z".repeat(65),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.ttl_seconds",
+                Instance {
+                    ephemeral: true,
+                    ttl_seconds: 1,
+                    ..valid()
+                },
+            ),
+            (
+                "instance.ttl_seconds",
+                Instance {
+                    ephemeral: true,
+                    ttl_seconds: 3601,
+                    ..valid()
+                },
+            ),
+            (
+                "instance.ttl_seconds",
+                Instance {
+                    ttl_seconds: 5,
+                    ..valid()
+                },
+            ),
+            (
+                "instance.topics[1]",
+                Instance {
+                    topics: vec!["a".into(), "a".into()],
+                    ..valid()
+                },
+            ),
+            (
+                "instance.topics[0]",
+                Instance {
+                    topics: vec!["".into()],
+                    ..valid()
+                },
+            ),
+            (
+                "instance.topics",
+                Instance {
+                    topics: (0..65).map(|n| n.to_string()).collect(),
+                    ..valid()
+                },
             ),
             (
                 "instance.metadata",
                 Instance {
-                    metadata: (0..20).map(|n| (format!("k{n}"), "v".repeat(500))).collect(),
+                    metadata: (0..65).map(|n| (n.to_string(), String::new())).collect(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.metadata[\"bad key\"]",
+                Instance {
+                    metadata: [("bad key".to_string(), "v".to_string())].into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.metadata[\"k\"]",
+                Instance {
+                    metadata: [("k".to_string(), "v".repeat(513))].into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.metadata",
+                Instance {
+                    metadata: (0..20)
+                        .map(|n| (format!("k{n}"), "v".repeat(500)))
+                        .collect(),
                     ..valid()
                 },
             ),
@@ -373,15 +548,33 @@ mod tests {
     #[test]
     fn accepts_edges() {
         for host in ["::1", "127.0.0.1", "svc.ns.svc.cluster.local", "a"] {
-            registration(Some(&Instance { host: host.into(), ..valid() })).expect(host);
+            registration(Some(&Instance {
+                host: host.into(),
+                ..valid()
+            }))
+            .expect(host);
         }
-        registration(Some(&Instance { port: 65_535, weight: MAX_WEIGHT, ..valid() })).expect("edges");
-        registration(Some(&Instance { ephemeral: true, ttl_seconds: MIN_TTL_SECONDS, ..valid() })).expect("ttl");
+        registration(Some(&Instance {
+            port: 65_535,
+            weight: MAX_WEIGHT,
+            ..valid()
+        }))
+        .expect("edges");
+        registration(Some(&Instance {
+            ephemeral: true,
+            ttl_seconds: MIN_TTL_SECONDS,
+            ..valid()
+        }))
+        .expect("ttl");
     }
 
     #[test]
     fn long_values_are_shortened_in_messages() {
-        let e = registration(Some(&Instance { service: "x".repeat(5000), ..valid() })).expect_err("long");
+        let e = registration(Some(&Instance {
+            service: "x".repeat(5000),
+            ..valid()
+        }))
+        .expect_err("long");
         assert!(e.rule.len() < 300, "{}", e.rule);
     }
 }

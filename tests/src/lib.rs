@@ -26,7 +26,10 @@ pub fn free_port() -> Result<u16> {
 
 /// A key prefix no other test uses.
 pub fn unique_prefix(tag: &str) -> String {
-    format!("/weir-test-{tag}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+    format!(
+        "/weir-test-{tag}-{:012x}",
+        rand::random::<u64>() & 0xffff_ffff_ffff
+    )
 }
 
 /// Waits until `check` returns true, polling every 20 ms, failing after
@@ -100,7 +103,9 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("cannot start `etcd` (install etcd-server, or set WEIR_TEST_ETCD_ENDPOINTS)")?;
+            .context(
+                "cannot start `etcd` (install etcd-server, or set WEIR_TEST_ETCD_ENDPOINTS)",
+            )?;
         let etcd = Self {
             endpoints: vec![client_url],
             child: Some(child),
@@ -181,7 +186,10 @@ impl ControlPlaneProcess {
             .args(args)
             .arg("--grpc-addr=127.0.0.1:0")
             .arg("--http-addr=127.0.0.1:0")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

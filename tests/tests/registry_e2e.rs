@@ -39,7 +39,11 @@ fn ephemeral(namespace: &str, service: &str, id: &str, ttl: u32) -> Instance {
     }
 }
 
-async fn instance_ids(c: &mut RegistryClient<Channel>, namespace: &str, service: &str) -> Result<Vec<String>> {
+async fn instance_ids(
+    c: &mut RegistryClient<Channel>,
+    namespace: &str,
+    service: &str,
+) -> Result<Vec<String>> {
     let resp = c
         .get_service(GetServiceRequest {
             namespace: namespace.into(),
@@ -62,7 +66,10 @@ async fn listed(c: &mut RegistryClient<Channel>, namespace: &str, service: &str)
         })
         .await?
         .into_inner();
-    Ok(resp.services.iter().any(|s| s.name == service && !s.instances.is_empty()))
+    Ok(resp
+        .services
+        .iter()
+        .any(|s| s.name == service && !s.instances.is_empty()))
 }
 
 /// A watch stream with a local view of (service/instance -> revision).
@@ -76,7 +83,12 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn open(c: &mut RegistryClient<Channel>, namespace: &str, service: &str, start_revision: u64) -> Result<Self> {
+    async fn open(
+        c: &mut RegistryClient<Channel>,
+        namespace: &str,
+        service: &str,
+        start_revision: u64,
+    ) -> Result<Self> {
         let stream = c
             .watch(WatchRequest {
                 namespace: namespace.into(),
@@ -108,7 +120,11 @@ impl Watcher {
             self.view.clear();
         }
         for e in &message.events {
-            let id = e.instance.as_ref().map(|i| i.instance_id.clone()).unwrap_or_default();
+            let id = e
+                .instance
+                .as_ref()
+                .map(|i| i.instance_id.clone())
+                .unwrap_or_default();
             if kind == Kind::Changes {
                 self.events.push((e.r#type, id.clone(), e.revision));
             }
@@ -124,11 +140,20 @@ impl Watcher {
         Ok(())
     }
 
-    async fn until(&mut self, deadline: Duration, what: &str, mut done: impl FnMut(&Self) -> bool) -> Result<()> {
+    async fn until(
+        &mut self,
+        deadline: Duration,
+        what: &str,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> Result<()> {
         let start = Instant::now();
         while !done(self) {
-            let left = deadline.checked_sub(start.elapsed()).with_context(|| format!("timed out waiting for {what}"))?;
-            self.step(left).await.with_context(|| format!("waiting for {what}"))?;
+            let left = deadline
+                .checked_sub(start.elapsed())
+                .with_context(|| format!("timed out waiting for {what}"))?;
+            self.step(left)
+                .await
+                .with_context(|| format!("waiting for {what}"))?;
         }
         Ok(())
     }
@@ -141,7 +166,11 @@ async fn ephemeral_instance_without_heartbeats_is_gone_within_ttl_plus_one_secon
     let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("ttl"))?;
     let mut c = client(&plane).await?;
     let mut watcher = Watcher::open(&mut c, "default", "ttl-svc", 0).await?;
-    watcher.until(Duration::from_secs(5), "initial snapshot", |w| w.snapshots == 1).await?;
+    watcher
+        .until(Duration::from_secs(5), "initial snapshot", |w| {
+            w.snapshots == 1
+        })
+        .await?;
 
     let registered = c
         .register(RegisterRequest {
@@ -153,23 +182,43 @@ async fn ephemeral_instance_without_heartbeats_is_gone_within_ttl_plus_one_secon
     assert_eq!(registered.ttl_seconds, 3);
     let deadline = Duration::from_secs(4);
 
-    watcher.until(deadline, "the PUT", |w| w.view.contains_key("i-1")).await?;
-    assert_eq!(instance_ids(&mut c, "default", "ttl-svc").await?, vec!["i-1".to_string()]);
+    watcher
+        .until(deadline, "the PUT", |w| w.view.contains_key("i-1"))
+        .await?;
+    assert_eq!(
+        instance_ids(&mut c, "default", "ttl-svc").await?,
+        vec!["i-1".to_string()]
+    );
 
-    watcher.until(deadline.saturating_sub(start.elapsed()), "the DELETE", |w| !w.view.contains_key("i-1")).await?;
+    watcher
+        .until(
+            deadline.saturating_sub(start.elapsed()),
+            "the DELETE",
+            |w| !w.view.contains_key("i-1"),
+        )
+        .await?;
     let gone_on_watch = start.elapsed();
-    wait_until(deadline.saturating_sub(start.elapsed()), "Get and List to drop it", || {
-        let mut c = c.clone();
-        async move {
-            instance_ids(&mut c, "default", "ttl-svc").await.is_ok_and(|ids| ids.is_empty())
-                && listed(&mut c, "default", "ttl-svc").await.is_ok_and(|l| !l)
-        }
-    })
+    wait_until(
+        deadline.saturating_sub(start.elapsed()),
+        "Get and List to drop it",
+        || {
+            let mut c = c.clone();
+            async move {
+                instance_ids(&mut c, "default", "ttl-svc")
+                    .await
+                    .is_ok_and(|ids| ids.is_empty())
+                    && listed(&mut c, "default", "ttl-svc").await.is_ok_and(|l| !l)
+            }
+        },
+    )
     .await?;
     let gone = start.elapsed();
     assert!(gone <= deadline, "gone after {gone:?}");
     // It did not vanish early either: leases expire at their TTL, not before.
-    assert!(gone_on_watch >= Duration::from_secs(2), "expired too early: {gone_on_watch:?}");
+    assert!(
+        gone_on_watch >= Duration::from_secs(2),
+        "expired too early: {gone_on_watch:?}"
+    );
 
     let heartbeat = c
         .heartbeat(HeartbeatRequest {
@@ -206,26 +255,40 @@ async fn heartbeats_keep_an_ephemeral_instance_for_as_long_as_they_come() -> Res
     while start.elapsed() < Duration::from_secs(9) {
         period.tick().await;
         let ttl = c
-            .heartbeat(HeartbeatRequest { instance: Some(r.clone()) })
+            .heartbeat(HeartbeatRequest {
+                instance: Some(r.clone()),
+            })
             .await?
             .into_inner()
             .ttl_seconds;
         assert!(ttl >= 2, "ttl {ttl}");
-        assert_eq!(instance_ids(&mut c, "default", "hb-svc").await?, vec!["i-1".to_string()]);
+        assert_eq!(
+            instance_ids(&mut c, "default", "hb-svc").await?,
+            vec!["i-1".to_string()]
+        );
     }
     // Heartbeats stop: gone within TTL + 1 s.
     let stopped = Instant::now();
-    wait_until(Duration::from_secs(4), "expiry after heartbeats stop", || {
-        let mut c = c.clone();
-        async move { instance_ids(&mut c, "default", "hb-svc").await.is_ok_and(|ids| ids.is_empty()) }
-    })
+    wait_until(
+        Duration::from_secs(4),
+        "expiry after heartbeats stop",
+        || {
+            let mut c = c.clone();
+            async move {
+                instance_ids(&mut c, "default", "hb-svc")
+                    .await
+                    .is_ok_and(|ids| ids.is_empty())
+            }
+        },
+    )
     .await?;
     assert!(stopped.elapsed() >= Duration::from_secs(2));
     Ok(())
 }
 
 #[tokio::test]
-async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_resume_is_exact() -> Result<()> {
+async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_resume_is_exact(
+) -> Result<()> {
     init_tracing();
     let etcd = Etcd::start().await?;
     let prefix = unique_prefix("order");
@@ -241,7 +304,10 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
         Watcher::open(&mut cb, "order", "", 0).await?,
     ];
     for w in &mut watchers {
-        w.until(Duration::from_secs(5), "initial snapshot", |w| w.snapshots == 1).await?;
+        w.until(Duration::from_secs(5), "initial snapshot", |w| {
+            w.snapshots == 1
+        })
+        .await?;
     }
 
     // 1,000 registrations from 16 concurrent writers across both replicas.
@@ -256,7 +322,12 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
                 }
                 let resp = c
                     .register(RegisterRequest {
-                        instance: Some(instance("order", &format!("svc-{}", n % 10), &format!("i-{n:04}"), 1000 + n)),
+                        instance: Some(instance(
+                            "order",
+                            &format!("svc-{}", n % 10),
+                            &format!("i-{n:04}"),
+                            1000 + n,
+                        )),
                     })
                     .await?
                     .into_inner();
@@ -273,7 +344,9 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
     assert_eq!(written.len(), 1000);
 
     let watchers_seen = futures::future::join_all(watchers.iter_mut().map(|w| {
-        w.until(Duration::from_secs(20), "1,000 PUTs", |w| w.events.len() >= 1000)
+        w.until(Duration::from_secs(20), "1,000 PUTs", |w| {
+            w.events.len() >= 1000
+        })
     }))
     .await;
     for r in watchers_seen {
@@ -281,8 +354,14 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
     }
     let reference: Vec<(i32, String, u64)> = watchers[0].events.clone();
     let revisions: Vec<u64> = reference.iter().map(|e| e.2).collect();
-    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "revisions not strictly increasing");
-    assert_eq!(revisions, written, "watch revisions differ from the writes' revisions (gap or extra)");
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "revisions not strictly increasing"
+    );
+    assert_eq!(
+        revisions, written,
+        "watch revisions differ from the writes' revisions (gap or extra)"
+    );
     for w in &watchers[1..] {
         assert_eq!(w.events, reference, "watchers disagree on order");
     }
@@ -310,7 +389,12 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
     for n in 0..50u32 {
         let resp = ca
             .register(RegisterRequest {
-                instance: Some(instance("order", &format!("svc-{}", n % 10), &format!("i-{n:04}"), 2000 + n)),
+                instance: Some(instance(
+                    "order",
+                    &format!("svc-{}", n % 10),
+                    &format!("i-{n:04}"),
+                    2000 + n,
+                )),
             })
             .await?
             .into_inner();
@@ -318,15 +402,26 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
         expected.push((EventType::Put as i32, format!("i-{n:04}"), revision));
     }
     let mut resumed = Watcher::open(&mut cb, "order", "", r).await?;
-    resumed.until(Duration::from_secs(10), "the 150 changes", |w| w.events.len() >= 150).await?;
-    assert_eq!(resumed.snapshots, 0, "resume within history must not resync");
+    resumed
+        .until(Duration::from_secs(10), "the 150 changes", |w| {
+            w.events.len() >= 150
+        })
+        .await?;
+    assert_eq!(
+        resumed.snapshots, 0,
+        "resume within history must not resync"
+    );
     assert_eq!(resumed.events, expected);
     // And nothing more arrives: the resumed stream is exact.
     ca.register(RegisterRequest {
         instance: Some(instance("order", "marker", "m", 9)),
     })
     .await?;
-    resumed.until(Duration::from_secs(5), "the marker", |w| w.events.len() > 150).await?;
+    resumed
+        .until(Duration::from_secs(5), "the marker", |w| {
+            w.events.len() > 150
+        })
+        .await?;
     assert_eq!(resumed.events.len(), 151);
     assert_eq!(resumed.events[150].1, "m");
     Ok(())
@@ -339,30 +434,83 @@ async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
     let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("bad"))?;
     let mut c = client(&plane).await?;
     let cases = [
-        (Instance { port: 0, ..instance("default", "svc", "i", 1) }, "instance.port"),
-        (Instance { service: "Bad_Name".into(), ..instance("default", "svc", "i", 1) }, "instance.service"),
-        (Instance { host: "".into(), ..instance("default", "svc", "i", 1) }, "instance.host"),
-        (Instance { ephemeral: true, ttl_seconds: 1, ..instance("default", "svc", "i", 1) }, "instance.ttl_seconds"),
-        (Instance { weight: 20_000, ..instance("default", "svc", "i", 1) }, "instance.weight"),
-        (Instance { instance_id: "a/b".into(), ..instance("default", "svc", "i", 1) }, "instance.instance_id"),
+        (
+            Instance {
+                port: 0,
+                ..instance("default", "svc", "i", 1)
+            },
+            "instance.port",
+        ),
+        (
+            Instance {
+                service: "Bad_Name".into(),
+                ..instance("default", "svc", "i", 1)
+            },
+            "instance.service",
+        ),
+        (
+            Instance {
+                host: "".into(),
+                ..instance("default", "svc", "i", 1)
+            },
+            "instance.host",
+        ),
+        (
+            Instance {
+                ephemeral: true,
+                ttl_seconds: 1,
+                ..instance("default", "svc", "i", 1)
+            },
+            "instance.ttl_seconds",
+        ),
+        (
+            Instance {
+                weight: 20_000,
+                ..instance("default", "svc", "i", 1)
+            },
+            "instance.weight",
+        ),
+        (
+            Instance {
+                instance_id: "a/b".into(),
+                ..instance("default", "svc", "i", 1)
+            },
+            "instance.instance_id",
+        ),
     ];
     for (bad, field) in cases {
         let status = c
-            .register(RegisterRequest { instance: Some(bad) })
+            .register(RegisterRequest {
+                instance: Some(bad),
+            })
             .await
             .expect_err(field);
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status}");
-        assert!(status.message().starts_with(field), "{field}: {}", status.message());
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
     }
-    let status = c.register(RegisterRequest { instance: None }).await.expect_err("none");
+    let status = c
+        .register(RegisterRequest { instance: None })
+        .await
+        .expect_err("none");
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // A request over the 64 KiB limit is refused, not buffered.
     let huge = Instance {
-        metadata: (0..200).map(|n| (format!("k{n}"), "v".repeat(500))).collect(),
+        metadata: (0..200)
+            .map(|n| (format!("k{n}"), "v".repeat(500)))
+            .collect(),
         ..instance("default", "svc", "i", 1)
     };
-    let status = c.register(RegisterRequest { instance: Some(huge) }).await.expect_err("huge");
+    let status = c
+        .register(RegisterRequest {
+            instance: Some(huge),
+        })
+        .await
+        .expect_err("huge");
     assert_ne!(status.code(), Code::Ok);
 
     let status = c
@@ -413,7 +561,10 @@ async fn reregistering_is_idempotent_and_list_paginates_and_filters() -> Result<
         .into_inner()
         .instance
         .context("instance")?;
-    assert_eq!(first.revision, again.revision, "identical re-registration must not write");
+    assert_eq!(
+        first.revision, again.revision,
+        "identical re-registration must not write"
+    );
     assert_eq!(first.lease_id, again.lease_id);
     let changed = c
         .register(RegisterRequest {
@@ -444,7 +595,10 @@ async fn reregistering_is_idempotent_and_list_paginates_and_filters() -> Result<
     let mut last_revision = 0;
     for n in 0..25 {
         let mut i = instance("shop", &format!("s{n:02}"), "x", 80);
-        i.metadata.insert("tier".into(), if n % 5 == 0 { "gold" } else { "std" }.into());
+        i.metadata.insert(
+            "tier".into(),
+            if n % 5 == 0 { "gold" } else { "std" }.into(),
+        );
         last_revision = c
             .register(RegisterRequest { instance: Some(i) })
             .await?
@@ -491,7 +645,10 @@ async fn reregistering_is_idempotent_and_list_paginates_and_filters() -> Result<
         }
     }
     assert_eq!(pages, 3);
-    assert_eq!(names, (0..25).map(|n| format!("s{n:02}")).collect::<Vec<_>>());
+    assert_eq!(
+        names,
+        (0..25).map(|n| format!("s{n:02}")).collect::<Vec<_>>()
+    );
     let gold = c
         .list_services(ListServicesRequest {
             namespace: "shop".into(),
@@ -501,16 +658,22 @@ async fn reregistering_is_idempotent_and_list_paginates_and_filters() -> Result<
         .await?
         .into_inner();
     let gold: HashSet<String> = gold.services.into_iter().map(|s| s.name).collect();
-    assert_eq!(gold, ["s00", "s05", "s10", "s15", "s20"].map(String::from).into());
+    assert_eq!(
+        gold,
+        ["s00", "s05", "s10", "s15", "s20"].map(String::from).into()
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn health_and_reflection_are_served_and_sigterm_drains() -> Result<()> {
-    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-        server_reflection_response::MessageResponse, ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
     };
     init_tracing();
     let etcd = Etcd::start().await?;
@@ -530,7 +693,12 @@ async fn health_and_reflection_are_served_and_sigterm_drains() -> Result<()> {
         }
     })
     .await?;
-    let overall = health.check(HealthCheckRequest { service: String::new() }).await?.into_inner();
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(overall.status, ServingStatus::Serving as i32);
 
     let mut reflection = ServerReflectionClient::new(channel);
@@ -554,7 +722,9 @@ async fn health_and_reflection_are_served_and_sigterm_drains() -> Result<()> {
     let ready = http_get(plane.http_addr(), "/readyz").await?;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert!(ready.contains("\"store\":\"etcd\""), "{ready}");
-    assert!(http_get(plane.http_addr(), "/healthz").await?.starts_with("HTTP/1.1 200"));
+    assert!(http_get(plane.http_addr(), "/healthz")
+        .await?
+        .starts_with("HTTP/1.1 200"));
 
     // SIGTERM ends the process cleanly (once our open reflection stream is
     // gone, without waiting for the drain timeout).
@@ -570,13 +740,23 @@ async fn dev_mode_serves_the_registry_on_the_embedded_store() -> Result<()> {
     let plane = ControlPlaneProcess::start_args(&["--dev".to_string()])?;
     let mut c = client(&plane).await?;
     let mut watcher = Watcher::open(&mut c, "", "", 0).await?;
-    watcher.until(Duration::from_secs(5), "snapshot", |w| w.snapshots == 1).await?;
+    watcher
+        .until(Duration::from_secs(5), "snapshot", |w| w.snapshots == 1)
+        .await?;
     c.register(RegisterRequest {
         instance: Some(ephemeral("default", "dev-svc", "d-1", 2)),
     })
     .await?;
-    watcher.until(Duration::from_secs(5), "PUT", |w| w.view.contains_key("d-1")).await?;
-    watcher.until(Duration::from_secs(4), "lease expiry", |w| !w.view.contains_key("d-1")).await?;
+    watcher
+        .until(Duration::from_secs(5), "PUT", |w| {
+            w.view.contains_key("d-1")
+        })
+        .await?;
+    watcher
+        .until(Duration::from_secs(4), "lease expiry", |w| {
+            !w.view.contains_key("d-1")
+        })
+        .await?;
     let ready = http_get(plane.http_addr(), "/readyz").await?;
     assert!(ready.contains("\"store\":\"embedded\""), "{ready}");
     Ok(())
@@ -621,13 +801,20 @@ async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> 
     let mut period = tokio::time::interval(Duration::from_secs(1));
     for _ in 0..6 {
         period.tick().await;
-        tx.send(KeepAliveRequest { instances: refs.clone() }).await?;
+        tx.send(KeepAliveRequest {
+            instances: refs.clone(),
+        })
+        .await?;
         let reply = tokio::time::timeout(Duration::from_secs(5), responses.next())
             .await?
             .context("stream ended")??;
         let alive: Vec<bool> = reply.results.iter().map(|r| r.alive).collect();
         assert_eq!(alive, vec![true, true, false]);
-        assert!(reply.results[2].error.contains("gone"), "{}", reply.results[2].error);
+        assert!(
+            reply.results[2].error.contains("gone"),
+            "{}",
+            reply.results[2].error
+        );
     }
     assert_eq!(instance_ids(&mut c, "default", "ka-svc").await?.len(), 2);
 
@@ -642,13 +829,25 @@ async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> 
     .await?;
     let reply = responses.next().await.context("stream ended")??;
     assert!(!reply.results[0].alive);
-    assert!(reply.results[0].error.contains("instances[0].service"), "{}", reply.results[0].error);
+    assert!(
+        reply.results[0].error.contains("instances[0].service"),
+        "{}",
+        reply.results[0].error
+    );
     drop(tx);
     // Stream closed by us: the renewals stop and both expire.
-    wait_until(Duration::from_secs(5), "expiry after the stream closed", || {
-        let mut c = c.clone();
-        async move { instance_ids(&mut c, "default", "ka-svc").await.is_ok_and(|ids| ids.is_empty()) }
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "expiry after the stream closed",
+        || {
+            let mut c = c.clone();
+            async move {
+                instance_ids(&mut c, "default", "ka-svc")
+                    .await
+                    .is_ok_and(|ids| ids.is_empty())
+            }
+        },
+    )
     .await?;
     Ok(())
 }

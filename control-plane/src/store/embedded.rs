@@ -17,8 +17,8 @@ use tokio::{
 };
 
 use super::{
-    CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store, StoreError,
-    WatchEvent, WatchMessage, WatchStream,
+    CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store,
+    StoreError, WatchEvent, WatchMessage, WatchStream,
 };
 
 /// Settings of the embedded store.
@@ -39,6 +39,9 @@ impl Default for EmbeddedStoreConfig {
         }
     }
 }
+
+/// One key's change in a commit: the new value and lease, or None to delete.
+type Change = (String, Option<(Vec<u8>, LeaseId)>);
 
 #[derive(Debug)]
 struct LeaseState {
@@ -104,7 +107,7 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 
 impl Shared {
     /// Applies a batch of changes as one revision. Returns that revision.
-    fn commit(&self, state: &mut State, changes: Vec<(String, Option<(Vec<u8>, LeaseId)>)>) -> u64 {
+    fn commit(&self, state: &mut State, changes: Vec<Change>) -> u64 {
         state.revision += 1;
         let rev = state.revision;
         for (key, change) in changes {
@@ -241,7 +244,10 @@ impl Store for EmbeddedStore {
         let state = self.lock();
         let kvs = state
             .kvs
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(_, v)| v.clone())
             .collect();
@@ -251,16 +257,28 @@ impl Store for EmbeddedStore {
         })
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64, StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<u64, StoreError> {
         let mut state = self.lock();
         let lease = lease.unwrap_or(0);
         if lease != 0 && !state.leases.contains_key(&lease) {
             return Err(StoreError::LeaseNotFound(lease));
         }
-        Ok(self.shared.commit(&mut state, vec![(key.to_owned(), Some((value, lease)))]))
+        Ok(self
+            .shared
+            .commit(&mut state, vec![(key.to_owned(), Some((value, lease)))]))
     }
 
-    async fn replace(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Replaced, StoreError> {
+    async fn replace(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Replaced, StoreError> {
         let mut state = self.lock();
         let lease = lease.unwrap_or(0);
         if lease != 0 && !state.leases.contains_key(&lease) {
@@ -353,35 +371,32 @@ impl Store for EmbeddedStore {
         let shared = self.shared.clone();
         let prefix = prefix.to_owned();
         let revisions = shared.revision.subscribe();
-        let stream = futures::stream::unfold(
-            Some((after_revision, revisions)),
-            move |cursor| {
-                let shared = shared.clone();
-                let prefix = prefix.clone();
-                async move {
-                    let (mut last, mut revisions) = cursor?;
-                    loop {
-                        // Mark the current revision seen before reading the
-                        // state, so a commit after the read wakes `changed`.
-                        revisions.borrow_and_update();
-                        let message = next_watch_message(&shared, &prefix, last);
-                        match message {
-                            Some((msg @ WatchMessage::Compacted { .. }, _)) => {
-                                return Some((Ok(msg), None));
-                            }
-                            // Like etcd, say nothing when only other
-                            // prefixes changed.
-                            Some((WatchMessage::Progress { revision }, _)) => last = revision,
-                            Some((msg, now)) => return Some((Ok(msg), Some((now, revisions)))),
-                            None => {}
+        let stream = futures::stream::unfold(Some((after_revision, revisions)), move |cursor| {
+            let shared = shared.clone();
+            let prefix = prefix.clone();
+            async move {
+                let (mut last, mut revisions) = cursor?;
+                loop {
+                    // Mark the current revision seen before reading the
+                    // state, so a commit after the read wakes `changed`.
+                    revisions.borrow_and_update();
+                    let message = next_watch_message(&shared, &prefix, last);
+                    match message {
+                        Some((msg @ WatchMessage::Compacted { .. }, _)) => {
+                            return Some((Ok(msg), None));
                         }
-                        if revisions.changed().await.is_err() {
-                            return None;
-                        }
+                        // Like etcd, say nothing when only other
+                        // prefixes changed.
+                        Some((WatchMessage::Progress { revision }, _)) => last = revision,
+                        Some((msg, now)) => return Some((Ok(msg), Some((now, revisions)))),
+                        None => {}
+                    }
+                    if revisions.changed().await.is_err() {
+                        return None;
                     }
                 }
-            },
-        );
+            }
+        });
         Ok(Box::pin(stream))
     }
 
@@ -412,7 +427,10 @@ fn next_watch_message(shared: &Shared, prefix: &str, last: u64) -> Option<(Watch
     let state = lock(shared);
     if last < state.compacted {
         let compact_revision = state.compacted;
-        return Some((WatchMessage::Compacted { compact_revision }, compact_revision));
+        return Some((
+            WatchMessage::Compacted { compact_revision },
+            compact_revision,
+        ));
     }
     if state.revision <= last {
         return None;

@@ -21,8 +21,8 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::{
-    prefix_end, CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store,
-    StoreError, WatchEvent, WatchMessage, WatchStream,
+    prefix_end, CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Replaced, Snapshot,
+    Store, StoreError, WatchEvent, WatchMessage, WatchStream,
 };
 
 /// Settings of the etcd store.
@@ -224,7 +224,10 @@ impl Store for EtcdStore {
         let resp = self
             .client
             .kv_client()
-            .get(prefix, Some(GetOptions::new().with_range(prefix_end(prefix))))
+            .get(
+                prefix,
+                Some(GetOptions::new().with_range(prefix_end(prefix))),
+            )
             .await
             .map_err(unavailable)?;
         let revision = resp.header().map_or(0, |h| to_u64(h.revision()));
@@ -232,7 +235,12 @@ impl Store for EtcdStore {
         Ok(Snapshot { kvs, revision })
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64, StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<u64, StoreError> {
         let options = lease.map(|l| PutOptions::new().with_lease(l));
         match self.client.kv_client().put(key, value, options).await {
             Ok(resp) => Ok(resp.header().map_or(0, |h| to_u64(h.revision()))),
@@ -241,7 +249,12 @@ impl Store for EtcdStore {
         }
     }
 
-    async fn replace(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Replaced, StoreError> {
+    async fn replace(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Replaced, StoreError> {
         let mut options = PutOptions::new().with_prev_key();
         if let Some(l) = lease {
             options = options.with_lease(l);
@@ -311,7 +324,10 @@ impl Store for EtcdStore {
             .await
             .map_err(unavailable)?;
         if !resp.error().is_empty() {
-            return Err(StoreError::Protocol(format!("lease grant: {}", resp.error())));
+            return Err(StoreError::Protocol(format!(
+                "lease grant: {}",
+                resp.error()
+            )));
         }
         Ok(Lease {
             id: resp.id(),

@@ -136,11 +136,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Writes a key, attached to `lease` when given (detached otherwise).
     /// Returns the revision of the write.
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64, StoreError>;
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<u64, StoreError>;
 
     /// Writes a key like [`Store::put`] and returns what it replaced, in one
     /// round trip.
-    async fn replace(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Replaced, StoreError>;
+    async fn replace(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Replaced, StoreError>;
 
     /// Writes a key only if its `mod_revision` is `expected` (0 = only if the
     /// key does not exist).
