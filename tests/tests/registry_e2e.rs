@@ -79,7 +79,9 @@ struct Watcher {
     events: Vec<(i32, String, u64)>,
     view: BTreeMap<String, u64>,
     revision: u64,
+    /// Complete snapshots received.
     snapshots: usize,
+    in_snapshot: bool,
 }
 
 impl Watcher {
@@ -103,6 +105,7 @@ impl Watcher {
             view: BTreeMap::new(),
             revision: start_revision,
             snapshots: 0,
+            in_snapshot: false,
         })
     }
 
@@ -114,10 +117,14 @@ impl Watcher {
             .context("watch stream ended")??;
         let kind = Kind::try_from(message.kind)?;
         if kind == Kind::Snapshot {
-            if message.events.first().is_some() || message.snapshot_complete {
+            // A snapshot may span messages: the first replaces the view.
+            if !self.in_snapshot {
+                self.view.clear();
+            }
+            self.in_snapshot = !message.snapshot_complete;
+            if message.snapshot_complete {
                 self.snapshots += 1;
             }
-            self.view.clear();
         }
         for e in &message.events {
             let id = e
