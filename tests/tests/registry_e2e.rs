@@ -31,6 +31,17 @@ fn instance(namespace: &str, service: &str, id: &str, port: u32) -> Instance {
     }
 }
 
+/// Registers and returns the stored record.
+async fn registered(c: &mut RegistryClient<Channel>, instance: Instance) -> Result<Instance> {
+    c.register(RegisterRequest {
+        instance: Some(instance),
+    })
+    .await?
+    .into_inner()
+    .instance
+    .context("no instance in RegisterResponse")
+}
+
 fn ephemeral(namespace: &str, service: &str, id: &str, ttl: u32) -> Instance {
     Instance {
         ephemeral: true,
@@ -440,48 +451,28 @@ async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
     let etcd = Etcd::start().await?;
     let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("bad"))?;
     let mut c = client(&plane).await?;
+    let edited = |edit: fn(&mut Instance)| {
+        let mut i = instance("default", "svc", "i", 1);
+        edit(&mut i);
+        i
+    };
     let cases = [
+        (edited(|i| i.port = 0), "instance.port"),
         (
-            Instance {
-                port: 0,
-                ..instance("default", "svc", "i", 1)
-            },
-            "instance.port",
-        ),
-        (
-            Instance {
-                service: "Bad_Name".into(),
-                ..instance("default", "svc", "i", 1)
-            },
+            edited(|i| i.service = "Bad_Name".into()),
             "instance.service",
         ),
+        (edited(|i| i.host = String::new()), "instance.host"),
         (
-            Instance {
-                host: "".into(),
-                ..instance("default", "svc", "i", 1)
-            },
-            "instance.host",
-        ),
-        (
-            Instance {
-                ephemeral: true,
-                ttl_seconds: 1,
-                ..instance("default", "svc", "i", 1)
-            },
+            edited(|i| {
+                i.ephemeral = true;
+                i.ttl_seconds = 1;
+            }),
             "instance.ttl_seconds",
         ),
+        (edited(|i| i.weight = 20_000), "instance.weight"),
         (
-            Instance {
-                weight: 20_000,
-                ..instance("default", "svc", "i", 1)
-            },
-            "instance.weight",
-        ),
-        (
-            Instance {
-                instance_id: "a/b".into(),
-                ..instance("default", "svc", "i", 1)
-            },
+            edited(|i| i.instance_id = "a/b".into()),
             "instance.instance_id",
         ),
     ];
@@ -552,50 +543,26 @@ async fn reregistering_is_idempotent_and_list_paginates_and_filters() -> Result<
     let etcd = Etcd::start().await?;
     let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("idem"))?;
     let mut c = client(&plane).await?;
-    let first = c
-        .register(RegisterRequest {
-            instance: Some(ephemeral("shop", "cart", "c-1", 10)),
-        })
-        .await?
-        .into_inner()
-        .instance
-        .context("instance")?;
-    let again = c
-        .register(RegisterRequest {
-            instance: Some(ephemeral("shop", "cart", "c-1", 10)),
-        })
-        .await?
-        .into_inner()
-        .instance
-        .context("instance")?;
+    let first = registered(&mut c, ephemeral("shop", "cart", "c-1", 10)).await?;
+    let again = registered(&mut c, ephemeral("shop", "cart", "c-1", 10)).await?;
     assert_eq!(
         first.revision, again.revision,
         "identical re-registration must not write"
     );
     assert_eq!(first.lease_id, again.lease_id);
-    let changed = c
-        .register(RegisterRequest {
-            instance: Some(Instance {
-                version: "2".into(),
-                ..ephemeral("shop", "cart", "c-1", 10)
-            }),
-        })
-        .await?
-        .into_inner()
-        .instance
-        .context("instance")?;
+    let changed = registered(
+        &mut c,
+        Instance {
+            version: "2".into(),
+            ..ephemeral("shop", "cart", "c-1", 10)
+        },
+    )
+    .await?;
     assert!(changed.revision > first.revision);
     assert_eq!(changed.registered_at_unix_ms, first.registered_at_unix_ms);
 
     // Server-assigned ids.
-    let assigned = c
-        .register(RegisterRequest {
-            instance: Some(instance("shop", "cart", "", 81)),
-        })
-        .await?
-        .into_inner()
-        .instance
-        .context("instance")?;
+    let assigned = registered(&mut c, instance("shop", "cart", "", 81)).await?;
     assert_eq!(assigned.instance_id.len(), 16);
 
     // 25 services, pages of 10, metadata filter.
@@ -606,13 +573,7 @@ async fn reregistering_is_idempotent_and_list_paginates_and_filters() -> Result<
             "tier".into(),
             if n % 5 == 0 { "gold" } else { "std" }.into(),
         );
-        last_revision = c
-            .register(RegisterRequest { instance: Some(i) })
-            .await?
-            .into_inner()
-            .instance
-            .context("instance")?
-            .revision;
+        last_revision = registered(&mut c, i).await?.revision;
     }
     // Read-your-writes.
     let got = c

@@ -257,22 +257,6 @@ impl Store for EmbeddedStore {
         })
     }
 
-    async fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<u64, StoreError> {
-        let mut state = self.lock();
-        let lease = lease.unwrap_or(0);
-        if lease != 0 && !state.leases.contains_key(&lease) {
-            return Err(StoreError::LeaseNotFound(lease));
-        }
-        Ok(self
-            .shared
-            .commit(&mut state, vec![(key.to_owned(), Some((value, lease)))]))
-    }
-
     async fn replace(
         &self,
         key: &str,

@@ -235,20 +235,6 @@ impl Store for EtcdStore {
         Ok(Snapshot { kvs, revision })
     }
 
-    async fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<u64, StoreError> {
-        let options = lease.map(|l| PutOptions::new().with_lease(l));
-        match self.client.kv_client().put(key, value, options).await {
-            Ok(resp) => Ok(resp.header().map_or(0, |h| to_u64(h.revision()))),
-            Err(e) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(lease.unwrap_or(0))),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
     async fn replace(
         &self,
         key: &str,

@@ -141,7 +141,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         key: &str,
         value: Vec<u8>,
         lease: Option<LeaseId>,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<u64, StoreError> {
+        Ok(self.replace(key, value, lease).await?.revision)
+    }
 
     /// Writes a key like [`Store::put`] and returns what it replaced, in one
     /// round trip.
