@@ -27,7 +27,7 @@ use weir_proto::registry::v1::{watch_response::Kind, Event, EventType, Instance,
 
 use crate::{
     keys::{InstanceKey, Keys},
-    store::{EventKind, Snapshot, Store, WatchMessage},
+    store::{EventKind, History, Snapshot, Store, WatchMessage},
 };
 
 /// Largest encoded watch message the hub builds (snapshots and large change
@@ -79,6 +79,7 @@ struct State {
 
 #[derive(Debug)]
 struct Inner {
+    store: Arc<dyn Store>,
     keys: Keys,
     config: HubConfig,
     state: RwLock<State>,
@@ -139,6 +140,7 @@ impl Hub {
         let (tx, _) = broadcast::channel(config.subscriber_lag.max(16));
         let hub = Self {
             inner: Arc::new(Inner {
+                store: store.clone(),
                 keys,
                 config,
                 state: RwLock::default(),
@@ -147,7 +149,7 @@ impl Hub {
                 closed: watch::channel(false).0,
             }),
         };
-        let task = tokio::spawn(hub.clone().run(store));
+        let task = tokio::spawn(hub.clone().run());
         (hub.clone(), HubTask { task, hub })
     }
 
@@ -159,7 +161,8 @@ impl Hub {
         self.inner.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn run(self, store: Arc<dyn Store>) {
+    async fn run(self) {
+        let store = self.inner.store.clone();
         let prefix = self.inner.keys.root().to_owned();
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -449,7 +452,7 @@ impl Hub {
         mut receiver: broadcast::Receiver<Arc<Batch>>,
         out: &mpsc::Sender<WatchResponse>,
     ) -> Result<(), &'static str> {
-        let (initial, mut last) = self.initial(&filter, start_revision);
+        let (initial, mut last) = self.initial(&filter, start_revision).await;
         send_all(out, initial).await?;
         loop {
             let batch = match receiver.recv().await {
@@ -499,17 +502,63 @@ impl Hub {
     }
 
     /// First messages for a new watcher and the revision they bring it to.
-    fn initial(&self, filter: &Filter, start_revision: u64) -> (Vec<WatchResponse>, u64) {
+    async fn initial(&self, filter: &Filter, start_revision: u64) -> (Vec<WatchResponse>, u64) {
         if start_revision == 0 {
             return self.snapshot(filter, "");
         }
-        let state = self.read();
-        if start_revision >= state.revision {
+        let (floor, revision, loaded) = {
+            let state = self.read();
+            (state.history_floor, state.revision, state.loaded)
+        };
+        if start_revision >= revision {
             // Current (or ahead of this replica, which will catch up): only
             // changes after it are sent.
             return (Vec::new(), start_revision);
         }
-        if start_revision < state.history_floor || !state.loaded {
+        if !loaded {
+            return self.snapshot(
+                filter,
+                "this replica has not loaded the registry yet; resynced from a snapshot",
+            );
+        }
+        // Older than this replica's own history (it started after R, or R
+        // fell out of it): read the gap from the store, then go on from the
+        // replica's history.
+        let mut events = Vec::new();
+        let mut from = start_revision;
+        if start_revision < floor {
+            match self
+                .inner
+                .store
+                .history(self.inner.keys.root(), start_revision, floor)
+                .await
+            {
+                Ok(History::Events(changes)) => {
+                    events = changes
+                        .into_iter()
+                        .filter_map(|c| self.history_event(c))
+                        .filter(|e| {
+                            e.instance
+                                .as_ref()
+                                .is_some_and(|i| filter.matches_instance(i))
+                        })
+                        .collect();
+                    from = floor;
+                }
+                Ok(History::Compacted { compact_revision }) => {
+                    let reason = format!(
+                        "revision {start_revision} was compacted in the store (compacted up to {compact_revision}); resynced from a snapshot"
+                    );
+                    return self.snapshot(filter, &reason);
+                }
+                Err(e) => {
+                    let reason = format!("could not read the changes after revision {start_revision} ({e}); resynced from a snapshot");
+                    return self.snapshot(filter, &reason);
+                }
+            }
+        }
+        let state = self.read();
+        if from < state.history_floor {
             let reason = format!(
                 "revision {start_revision} is older than the history this replica holds (from {}); resynced from a snapshot",
                 state.history_floor
@@ -517,23 +566,25 @@ impl Hub {
             drop(state);
             return self.snapshot(filter, &reason);
         }
-        let events: Vec<Event> = state
-            .history
-            .iter()
-            .filter(|b| b.revision() > start_revision)
-            .flat_map(|b| match &**b {
-                Batch::Changes { events, .. } => events.as_slice(),
-                _ => &[],
-            })
-            .filter(|e| {
-                e.revision > start_revision
-                    && e.instance
-                        .as_ref()
-                        .is_some_and(|i| filter.matches_instance(i))
-            })
-            .cloned()
-            .collect();
+        events.extend(
+            state
+                .history
+                .iter()
+                .filter(|b| b.revision() > from)
+                .flat_map(|b| match &**b {
+                    Batch::Changes { events, .. } => events.as_slice(),
+                    _ => &[],
+                })
+                .filter(|e| {
+                    e.revision > from
+                        && e.instance
+                            .as_ref()
+                            .is_some_and(|i| filter.matches_instance(i))
+                })
+                .cloned(),
+        );
         let revision = state.revision;
+        drop(state);
         let messages = if events.is_empty() {
             vec![WatchResponse {
                 kind: Kind::Progress as i32,
@@ -544,6 +595,38 @@ impl Hub {
             chunk(Kind::Changes, events, revision, "")
         };
         (messages, revision)
+    }
+
+    /// A change read back from the store's history as a watch event.
+    fn history_event(&self, change: crate::store::WatchEvent) -> Option<Event> {
+        let key = self.inner.keys.parse_instance(&change.kv.key)?;
+        let revision = change.kv.mod_revision;
+        let decoded = decode_instance(&key, &change.kv.value, revision);
+        let (r#type, instance) = match (change.kind, decoded) {
+            (EventKind::Put, Ok(i)) => (EventType::Put, i),
+            (EventKind::Put, Err(e)) => {
+                tracing::warn!(key = %change.kv.key, error = %e, "skipping undecodable instance record in history");
+                return None;
+            }
+            (EventKind::Delete, Ok(i)) => (EventType::Delete, i),
+            // The removed record did not decode: the key still says which
+            // instance left.
+            (EventKind::Delete, Err(_)) => (
+                EventType::Delete,
+                Instance {
+                    namespace: key.namespace,
+                    service: key.service,
+                    instance_id: key.instance_id,
+                    revision,
+                    ..Instance::default()
+                },
+            ),
+        };
+        Some(Event {
+            r#type: r#type as i32,
+            instance: Some(instance),
+            revision,
+        })
     }
 
     /// A snapshot of the matching instances as watch messages.
@@ -777,7 +860,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn resume_inside_history_replays_and_outside_resyncs() {
+    async fn resume_replays_from_the_hub_then_the_store_and_resyncs_past_compaction() {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
         let keys = Keys::new("/t");
         let config = HubConfig {
@@ -814,15 +897,20 @@ mod tests {
         assert_eq!(got, revisions[17..]);
         assert_eq!(m.revision, last);
 
-        // From before the kept history: a snapshot saying why.
+        // From before the hub's own history: the gap is read from the store,
+        // so the watcher still gets exactly the changes after it.
+        let mut rx = hub.subscribe(Filter::default(), revisions[2]);
+        let m = next(&mut rx).await;
+        assert_eq!(m.kind, Kind::Changes as i32);
+        let got: Vec<u64> = m.events.iter().map(|e| e.revision).collect();
+        assert_eq!(got, revisions[3..]);
+
+        // From before what the store still holds: a snapshot saying why.
+        store.compact(revisions[5]).await.unwrap();
         let mut rx = hub.subscribe(Filter::default(), revisions[2]);
         let m = next(&mut rx).await;
         assert_eq!(m.kind, Kind::Snapshot as i32);
-        assert!(
-            m.resync_reason.contains("older than the history"),
-            "{}",
-            m.resync_reason
-        );
+        assert!(m.resync_reason.contains("compacted"), "{}", m.resync_reason);
         assert_eq!(m.events.len(), 20);
 
         // Filters apply to replays and snapshots alike.

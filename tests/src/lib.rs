@@ -85,6 +85,19 @@ impl Etcd {
                 });
             }
         }
+        // Free ports are found by binding and releasing, so a parallel test
+        // can take the same one first: then etcd exits, and we try again.
+        let mut last_error = None;
+        for _ in 0..3 {
+            match Self::spawn_private(&options).await {
+                Ok(etcd) => return Ok(etcd),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("etcd did not start")))
+    }
+
+    async fn spawn_private(options: &EtcdOptions) -> Result<Self> {
         let data = tempfile::tempdir()?;
         let client = free_port()?;
         let peer = free_port()?;
@@ -106,23 +119,27 @@ impl Etcd {
             .context(
                 "cannot start `etcd` (install etcd-server, or set WEIR_TEST_ETCD_ENDPOINTS)",
             )?;
-        let etcd = Self {
+        let mut etcd = Self {
             endpoints: vec![client_url],
             child: Some(child),
             _data: Some(data),
         };
-        let endpoints = etcd.endpoints.clone();
-        wait_until(Duration::from_secs(20), "etcd to answer", || {
-            let endpoints = endpoints.clone();
-            async move {
-                match etcd_client::Client::connect(&endpoints, None).await {
-                    Ok(mut c) => c.status().await.is_ok(),
-                    Err(_) => false,
-                }
+        let start = Instant::now();
+        // Generous: on a busy 2-core machine several tests start etcd at once.
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Some(status) = etcd
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("etcd exited at start ({status}); port taken?");
             }
-        })
-        .await?;
-        Ok(etcd)
+            if etcd_answers(&etcd.endpoints).await {
+                return Ok(etcd);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("etcd did not answer within 60 s")
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -142,6 +159,23 @@ impl Drop for Etcd {
             let _ = child.wait();
         }
     }
+}
+
+async fn etcd_answers(endpoints: &[String]) -> bool {
+    let attempt = async {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(1));
+        let mut c = etcd_client::Client::connect(endpoints, Some(options))
+            .await
+            .ok()?;
+        c.status().await.ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
 }
 
 /// Path of a workspace binary built next to the running test.

@@ -819,3 +819,59 @@ async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> 
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn resume_on_a_replica_started_after_the_revision_reads_the_gap_from_etcd() -> Result<()> {
+    init_tracing();
+    let etcd = Etcd::start().await?;
+    let prefix = unique_prefix("gap");
+    let a = ControlPlaneProcess::start(&etcd, &prefix)?;
+    let mut ca = client(&a).await?;
+    let mut watcher = Watcher::open(&mut ca, "gap", "", 0).await?;
+    watcher
+        .until(Duration::from_secs(5), "snapshot", |w| w.snapshots == 1)
+        .await?;
+    registered(&mut ca, instance("gap", "svc", "before", 1)).await?;
+    watcher
+        .until(Duration::from_secs(5), "first PUT", |w| {
+            w.view.contains_key("before")
+        })
+        .await?;
+    let r = watcher.revision;
+    drop(watcher);
+
+    // Changes while the watcher is away, some before replica B exists.
+    let mut expected = Vec::new();
+    for n in 0..5u32 {
+        let i = registered(&mut ca, instance("gap", "svc", &format!("g-{n}"), 10 + n)).await?;
+        expected.push((EventType::Put as i32, i.instance_id, i.revision));
+    }
+    let gone = ca
+        .deregister(DeregisterRequest {
+            instance: Some(InstanceRef {
+                namespace: "gap".into(),
+                service: "svc".into(),
+                instance_id: "before".into(),
+            }),
+        })
+        .await?
+        .into_inner();
+    expected.push((EventType::Delete as i32, "before".into(), gone.revision));
+    let b = ControlPlaneProcess::start(&etcd, &prefix)?;
+    let mut cb = client(&b).await?;
+    let i = registered(&mut ca, instance("gap", "svc", "after-b", 99)).await?;
+    expected.push((EventType::Put as i32, i.instance_id, i.revision));
+
+    let mut resumed = Watcher::open(&mut cb, "gap", "", r).await?;
+    resumed
+        .until(Duration::from_secs(10), "the 7 changes", |w| {
+            w.events.len() >= expected.len()
+        })
+        .await?;
+    assert_eq!(
+        resumed.snapshots, 0,
+        "the gap must come from etcd, not a resync"
+    );
+    assert_eq!(resumed.events, expected);
+    Ok(())
+}

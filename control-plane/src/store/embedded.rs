@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::{
-    CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store,
+    CasOutcome, Deleted, EventKind, History, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store,
     StoreError, WatchEvent, WatchMessage, WatchStream,
 };
 
@@ -50,6 +50,19 @@ struct LeaseState {
     keys: BTreeSet<String>,
 }
 
+/// A change in the history, with the value a delete removed.
+#[derive(Debug)]
+struct Logged {
+    event: WatchEvent,
+    removed: Vec<u8>,
+}
+
+impl Logged {
+    fn revision(&self) -> u64 {
+        self.event.kv.mod_revision
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     revision: u64,
@@ -58,7 +71,7 @@ struct State {
     kvs: BTreeMap<String, KeyValue>,
     leases: HashMap<LeaseId, LeaseState>,
     next_lease: LeaseId,
-    history: VecDeque<WatchEvent>,
+    history: VecDeque<Logged>,
 }
 
 #[derive(Debug)]
@@ -137,9 +150,12 @@ impl Shared {
                         lease,
                     };
                     state.kvs.insert(key, kv.clone());
-                    state.history.push_back(WatchEvent {
-                        kind: EventKind::Put,
-                        kv,
+                    state.history.push_back(Logged {
+                        event: WatchEvent {
+                            kind: EventKind::Put,
+                            kv,
+                        },
+                        removed: Vec::new(),
                     });
                 }
                 None => {
@@ -149,15 +165,18 @@ impl Shared {
                                 l.keys.remove(&key);
                             }
                         }
-                        state.history.push_back(WatchEvent {
-                            kind: EventKind::Delete,
-                            kv: KeyValue {
-                                key,
-                                value: Vec::new(),
-                                create_revision: 0,
-                                mod_revision: rev,
-                                lease: 0,
+                        state.history.push_back(Logged {
+                            event: WatchEvent {
+                                kind: EventKind::Delete,
+                                kv: KeyValue {
+                                    key,
+                                    value: Vec::new(),
+                                    create_revision: 0,
+                                    mod_revision: rev,
+                                    lease: 0,
+                                },
                             },
+                            removed: old.value,
                         });
                     }
                 }
@@ -165,7 +184,7 @@ impl Shared {
         }
         while state.history.len() > self.config.history_limit {
             if let Some(ev) = state.history.pop_front() {
-                state.compacted = state.compacted.max(ev.kv.mod_revision);
+                state.compacted = state.compacted.max(ev.revision());
             }
         }
         // Keep `compacted` on a revision boundary: drop the rest of a
@@ -173,7 +192,7 @@ impl Shared {
         while state
             .history
             .front()
-            .is_some_and(|ev| ev.kv.mod_revision <= state.compacted)
+            .is_some_and(|ev| ev.revision() <= state.compacted)
         {
             state.history.pop_front();
         }
@@ -384,6 +403,30 @@ impl Store for EmbeddedStore {
         Ok(Box::pin(stream))
     }
 
+    async fn history(&self, prefix: &str, after: u64, until: u64) -> Result<History, StoreError> {
+        let state = self.lock();
+        if after < state.compacted {
+            return Ok(History::Compacted {
+                compact_revision: state.compacted,
+            });
+        }
+        let events = state
+            .history
+            .iter()
+            .skip_while(|ev| ev.revision() <= after)
+            .take_while(|ev| ev.revision() <= until)
+            .filter(|ev| ev.event.kv.key.starts_with(prefix))
+            .map(|ev| {
+                let mut event = ev.event.clone();
+                if event.kind == EventKind::Delete {
+                    event.kv.value.clone_from(&ev.removed);
+                }
+                event
+            })
+            .collect();
+        Ok(History::Events(events))
+    }
+
     async fn compact(&self, revision: u64) -> Result<(), StoreError> {
         let mut state = self.lock();
         if revision > state.revision {
@@ -397,7 +440,7 @@ impl Store for EmbeddedStore {
         while state
             .history
             .front()
-            .is_some_and(|ev| ev.kv.mod_revision <= compacted)
+            .is_some_and(|ev| ev.revision() <= compacted)
         {
             state.history.pop_front();
         }
@@ -423,9 +466,9 @@ fn next_watch_message(shared: &Shared, prefix: &str, last: u64) -> Option<(Watch
     let events: Vec<WatchEvent> = state
         .history
         .iter()
-        .skip_while(|ev| ev.kv.mod_revision <= last)
-        .filter(|ev| ev.kv.key.starts_with(prefix))
-        .cloned()
+        .skip_while(|ev| ev.revision() <= last)
+        .filter(|ev| ev.event.kv.key.starts_with(prefix))
+        .map(|ev| ev.event.clone())
         .collect();
     if events.is_empty() {
         Some((WatchMessage::Progress { revision: now }, now))

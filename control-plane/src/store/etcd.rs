@@ -21,8 +21,8 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::{
-    prefix_end, CasOutcome, Deleted, EventKind, KeyValue, Lease, LeaseId, Replaced, Snapshot,
-    Store, StoreError, WatchEvent, WatchMessage, WatchStream,
+    prefix_end, CasOutcome, Deleted, EventKind, History, KeyValue, Lease, LeaseId, Replaced,
+    Snapshot, Store, StoreError, WatchEvent, WatchMessage, WatchStream,
 };
 
 /// Settings of the etcd store.
@@ -47,6 +47,9 @@ impl EtcdStoreConfig {
         }
     }
 }
+
+/// Key (under the prefix being read) that a history read writes as a fence.
+pub const FENCE_KEY: &str = "fence";
 
 struct Keeper {
     keeper: LeaseKeeper,
@@ -95,6 +98,27 @@ fn convert(kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
         mod_revision: to_u64(kv.mod_revision()),
         lease: kv.lease(),
     })
+}
+
+/// A watch event as a [`WatchEvent`]; with `keep_removed`, a delete carries
+/// the previous value (the watch must ask for prev_kv).
+fn convert_event(
+    ev: &etcd_client::Event,
+    keep_removed: bool,
+) -> Result<Option<WatchEvent>, StoreError> {
+    let Some(kv) = ev.kv() else { return Ok(None) };
+    let mut kv = convert(kv)?;
+    let kind = match ev.event_type() {
+        EventType::Put => EventKind::Put,
+        EventType::Delete => {
+            kv.value = match (keep_removed, ev.prev_kv()) {
+                (true, Some(prev)) => prev.value().to_vec(),
+                _ => Vec::new(),
+            };
+            EventKind::Delete
+        }
+    };
+    Ok(Some(WatchEvent { kind, kv }))
 }
 
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
@@ -383,23 +407,69 @@ impl Store for EtcdStore {
                     let revision = resp.header().map_or(0, |h| to_u64(h.revision()));
                     return Ok(Some(WatchMessage::Progress { revision }));
                 }
-                let mut events = Vec::with_capacity(resp.events().len());
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let mut kv = convert(kv)?;
-                    let kind = match ev.event_type() {
-                        EventType::Put => EventKind::Put,
-                        EventType::Delete => {
-                            kv.value.clear();
-                            EventKind::Delete
-                        }
-                    };
-                    events.push(WatchEvent { kind, kv });
-                }
+                let events = resp
+                    .events()
+                    .iter()
+                    .filter_map(|ev| convert_event(ev, false).transpose())
+                    .collect::<Result<Vec<_>, _>>()?;
                 Ok(Some(WatchMessage::Events(events)))
             })
             .filter_map(|r| async move { r.transpose() });
         Ok(Box::pin(messages))
+    }
+
+    async fn history(&self, prefix: &str, after: u64, until: u64) -> Result<History, StoreError> {
+        let options = WatchOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_start_revision(to_i64(after + 1))
+            .with_prev_key();
+        let mut stream = self
+            .client
+            .watch_client()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(unavailable)?;
+        // The watch replays the history from `after`, but nothing tells when
+        // it has delivered everything up to `until` on a quiet key space
+        // (etcd 3.4 answers a progress request at once, caught up or not).
+        // A write under the prefix is a fence: its event comes after every
+        // change up to `until`.
+        let fence = format!("{prefix}{FENCE_KEY}");
+        self.client
+            .kv_client()
+            .put(fence, Vec::new(), None)
+            .await
+            .map_err(unavailable)?;
+        let mut events = Vec::new();
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let message = tokio::time::timeout_at(deadline, stream.message())
+                .await
+                .map_err(|_| StoreError::Protocol("history read timed out".into()))?
+                .map_err(unavailable)?;
+            let Some(resp) = message else {
+                return Err(StoreError::Protocol("history watch closed".into()));
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return Ok(History::Compacted {
+                        compact_revision: to_u64(resp.compact_revision()),
+                    });
+                }
+                return Err(StoreError::Protocol(format!(
+                    "history watch canceled: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            for ev in resp.events() {
+                if let Some(event) = convert_event(ev, true)? {
+                    if event.kv.mod_revision > until {
+                        return Ok(History::Events(events));
+                    }
+                    events.push(event);
+                }
+            }
+        }
     }
 
     async fn compact(&self, revision: u64) -> Result<(), StoreError> {

@@ -103,6 +103,16 @@ pub struct Replaced {
     pub prev: Option<KeyValue>,
 }
 
+/// Outcome of [`Store::history`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum History {
+    Events(Vec<WatchEvent>),
+    /// `after` is older than what the store still holds.
+    Compacted {
+        compact_revision: u64,
+    },
+}
+
 /// Outcome of [`Store::delete`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deleted {
@@ -180,6 +190,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Watches every key starting with `prefix` for changes with a revision
     /// greater than `after_revision`.
     async fn watch(&self, prefix: &str, after_revision: u64) -> Result<WatchStream, StoreError>;
+
+    /// The changes under `prefix` with revisions in `(after, until]`, in
+    /// order, for a watcher resuming from an old revision. Unlike a watch, a
+    /// delete here carries the deleted key's last value, so the caller can
+    /// say what was removed. `until` must not be in the future.
+    async fn history(&self, prefix: &str, after: u64, until: u64) -> Result<History, StoreError>;
 
     /// Discards history up to `revision` (watches from before it get
     /// [`WatchMessage::Compacted`]).
