@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Weir quickstart: builds Weir, starts a control plane (on a local etcd when
 # one is installed, on the embedded dev store otherwise, and says which),
-# registers sample instances, shows them, and keeps running until Ctrl-C so
-# you can look around with weirctl. `--exit` stops after showing them.
+# shows how to reach it, and keeps running until Ctrl-C. `--exit` stops
+# after that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -11,13 +11,12 @@ exit_after=0
 [ "${1:-}" = "--exit" ] && exit_after=1
 
 ensure_deps 0   # cargo and protoc; etcd is optional here
-weir_log "building weir-control-plane and weirctl (first build takes a few minutes)"
-cargo build --quiet -p weir-control-plane -p weir-client --bins
+weir_log "building weir-control-plane (first build takes a few minutes)"
+cargo build --quiet -p weir-control-plane --bins
 BIN=target/debug
-CP_PID= ; KA_PID=
+CP_PID=
 
 cleanup() {
-  [ -n "$KA_PID" ] && kill "$KA_PID" 2>/dev/null && wait "$KA_PID" 2>/dev/null
   [ -n "$CP_PID" ] && kill "$CP_PID" 2>/dev/null && wait "$CP_PID" 2>/dev/null
   stop_etcd
   [ -n "${LOG_DIR:-}" ] && rm -rf "$LOG_DIR"
@@ -51,39 +50,20 @@ http=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' "$LOG_DIR/ready")
 export WEIR_ENDPOINT="http://127.0.0.1:$port"
 weir_log "control plane up: gRPC $WEIR_ENDPOINT, HTTP http://$http, store: $store_note"
 
-ctl() { "$BIN/weirctl" "$@"; }
-for n in 1 2 3; do
-  ctl register --namespace shop --service orders --id "orders-$n" --host 127.0.0.1 --port $((8080 + n)) \
-    --version 1.4.2 --zone "zone-$(( (n % 2) + 1 ))" --meta team=checkout --topic order.created >/dev/null
-done
-for n in 1 2; do
-  ctl register --namespace shop --service payments --id "payments-$n" --host 127.0.0.1 --port $((9090 + n)) \
-    --protocol grpc --version 2.0.0 --topic payment.requested >/dev/null
-done
-# One ephemeral instance kept alive by weirctl's heartbeat loop (TTL 5 s).
-ctl register --namespace shop --service inventory --id inventory-1 --host 127.0.0.1 --port 7001 \
-  --ephemeral --ttl 5 --keep-alive >"$LOG_DIR/keepalive.log" 2>&1 &
-KA_PID=$!
-for _ in $(seq 1 50); do ctl get --namespace shop --service inventory 2>/dev/null | grep -q inventory-1 && break; sleep 0.1; done
-
+# weirctl is not built yet: show the registry through its readiness probe
+# and point at the gRPC API (server reflection is on).
 echo
-echo "== weirctl list --namespace shop"
-ctl list --namespace shop
-echo
-echo "== weirctl get --namespace shop --service orders"
-ctl get --namespace shop --service orders
+echo "== GET http://$http/readyz"
+curl -s "http://$http/readyz" 2>/dev/null || python3 -c "import urllib.request;print(urllib.request.urlopen('http://$http/readyz').read().decode())"
 echo
 cat <<MSG
-Weir is running. In another terminal:
-  export WEIR_ENDPOINT=$WEIR_ENDPOINT
-  $BIN/weirctl list                                  # services
-  $BIN/weirctl get --namespace shop --service orders  # instances
-  $BIN/weirctl watch --namespace shop                # live changes (Ctrl-C to stop)
-  $BIN/weirctl deregister --namespace shop --service orders --id orders-3
-  curl http://$http/readyz
-  grpcurl -plaintext 127.0.0.1:$port list            # server reflection, if you have grpcurl
-inventory-1 is ephemeral (TTL 5 s) and heartbeats from this script; it disappears
-within 5 s once this script stops. Ctrl-C here stops everything.
+Weir's control plane is running:
+  gRPC API   $WEIR_ENDPOINT  (weir.registry.v1.Registry, grpc.health.v1, server reflection)
+  HTTP       http://$http/healthz  http://$http/readyz
+Register and watch instances with any gRPC client, e.g. with grpcurl:
+  grpcurl -plaintext -d '{"instance":{"service":"orders","host":"127.0.0.1","port":8080,"ephemeral":true,"ttl_seconds":10}}' 127.0.0.1:$port weir.registry.v1.Registry/Register
+  grpcurl -plaintext -d '{"namespace":"default"}' 127.0.0.1:$port weir.registry.v1.Registry/Watch
+(weirctl and the sample traffic come with the next changes.) Ctrl-C here stops everything.
 MSG
 if [ "$exit_after" = 1 ]; then exit 0; fi
 wait "$CP_PID"
