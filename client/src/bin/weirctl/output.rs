@@ -1,0 +1,228 @@
+//! Tables for people, JSON for programs.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Map, Value};
+use weir_client::{Event, EventType, HealthStatus, Instance, Protocol, ServiceSummary};
+
+/// Lays rows out in left-aligned columns separated by two spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i + 1 == widths.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+pub fn status_name(status: i32) -> &'static str {
+    match HealthStatus::try_from(status) {
+        Ok(HealthStatus::Passing) => "passing",
+        Ok(HealthStatus::Warning) => "warning",
+        Ok(HealthStatus::Critical) => "critical",
+        _ => "unknown",
+    }
+}
+
+pub fn protocol_name(protocol: i32) -> &'static str {
+    match Protocol::try_from(protocol) {
+        Ok(Protocol::Grpc) => "grpc",
+        _ => "http",
+    }
+}
+
+fn event_name(t: i32) -> &'static str {
+    match EventType::try_from(t) {
+        Ok(EventType::Put) => "PUT",
+        Ok(EventType::Delete) => "DELETE",
+        _ => "UNKNOWN",
+    }
+}
+
+fn address(i: &Instance) -> String {
+    if i.host.contains(':') {
+        format!("[{}]:{}", i.host, i.port)
+    } else {
+        format!("{}:{}", i.host, i.port)
+    }
+}
+
+fn lifetime(i: &Instance) -> String {
+    if i.ephemeral {
+        format!("ttl {}s", i.ttl_seconds)
+    } else {
+        "persistent".into()
+    }
+}
+
+fn metadata(i: &Instance) -> String {
+    let mut pairs: Vec<_> = i.metadata.iter().collect();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub const INSTANCE_HEADER: [&str; 9] = [
+    "ID", "ADDRESS", "PROTOCOL", "WEIGHT", "VERSION", "ZONE", "STATUS", "LIFETIME", "METADATA",
+];
+
+pub fn instance_row(i: &Instance) -> Vec<String> {
+    vec![
+        i.instance_id.clone(),
+        address(i),
+        protocol_name(i.protocol).into(),
+        i.weight.to_string(),
+        dash(&i.version),
+        dash(&i.zone),
+        status_name(i.status).into(),
+        lifetime(i),
+        dash(&metadata(i)),
+    ]
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.into()
+    }
+}
+
+pub const SUMMARY_HEADER: [&str; 4] = ["NAMESPACE", "SERVICE", "INSTANCES", "PASSING"];
+
+pub fn summary_row(s: &ServiceSummary) -> Vec<String> {
+    vec![
+        s.namespace.clone(),
+        s.name.clone(),
+        s.instance_count.to_string(),
+        s.passing_count.to_string(),
+    ]
+}
+
+pub fn instance_json(i: &Instance) -> Value {
+    let metadata: Map<String, Value> = i
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    json!({
+        "namespace": i.namespace,
+        "service": i.service,
+        "instance_id": i.instance_id,
+        "host": i.host,
+        "port": i.port,
+        "protocol": protocol_name(i.protocol),
+        "weight": i.weight,
+        "version": i.version,
+        "zone": i.zone,
+        "metadata": metadata,
+        "ephemeral": i.ephemeral,
+        "ttl_seconds": i.ttl_seconds,
+        "status": status_name(i.status),
+        "topics": i.topics,
+        "revision": i.revision,
+        "registered_at_unix_ms": i.registered_at_unix_ms,
+        "lease_id": i.lease_id,
+    })
+}
+
+pub fn summary_json(s: &ServiceSummary) -> Value {
+    json!({
+        "namespace": s.namespace,
+        "service": s.name,
+        "instance_count": s.instance_count,
+        "passing_count": s.passing_count,
+    })
+}
+
+pub fn event_json(e: &Event) -> Value {
+    json!({
+        "type": event_name(e.r#type),
+        "revision": e.revision,
+        "instance": e.instance.as_ref().map(instance_json),
+    })
+}
+
+/// One line per watch event: revision, type, instance, address, status.
+pub fn event_line(e: &Event) -> String {
+    match &e.instance {
+        Some(i) => format!(
+            "{:<8} {:<6} {}/{}/{}  {}  {}",
+            e.revision,
+            event_name(e.r#type),
+            i.namespace,
+            i.service,
+            i.instance_id,
+            address(i),
+            status_name(i.status)
+        ),
+        None => format!("{:<8} {}", e.revision, event_name(e.r#type)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            &["ID", "ADDRESS"],
+            &[
+                vec!["a".into(), "10.0.0.1:80".into()],
+                vec!["long-id".into(), "h:1".into()],
+            ],
+        );
+        assert_eq!(t, "ID       ADDRESS\na        10.0.0.1:80\nlong-id  h:1\n");
+    }
+
+    #[test]
+    fn instances_render_for_people_and_programs() {
+        let mut i = Instance {
+            namespace: "default".into(),
+            service: "orders".into(),
+            instance_id: "o-1".into(),
+            host: "::1".into(),
+            port: 8080,
+            protocol: Protocol::Grpc as i32,
+            weight: 100,
+            ephemeral: true,
+            ttl_seconds: 6,
+            status: HealthStatus::Passing as i32,
+            ..Instance::default()
+        };
+        i.metadata.insert("b".into(), "2".into());
+        i.metadata.insert("a".into(), "1".into());
+        let row = instance_row(&i);
+        assert_eq!(row[1], "[::1]:8080");
+        assert_eq!(row[2], "grpc");
+        assert_eq!(row[6], "passing");
+        assert_eq!(row[7], "ttl 6s");
+        assert_eq!(row[8], "a=1,b=2");
+        let j = instance_json(&i);
+        assert_eq!(j["status"], "passing");
+        assert_eq!(j["metadata"]["a"], "1");
+        assert_eq!(j["port"], 8080);
+    }
+}

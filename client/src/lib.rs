@@ -1,0 +1,468 @@
+//! A typed client for Weir's registry.
+//!
+//! [`Client`] talks to one or more control-plane replicas. Every call goes to
+//! the replica that answered last; when it is unreachable the call moves on
+//! to the next one, so a client given every replica's address rides through
+//! the loss of any of them. Calls that change state are safe to repeat:
+//! [`Client::register`] fills an empty instance id with a generated one, so a
+//! retried registration never creates a second instance.
+//!
+//! On top of the calls:
+//! - [`Registration`] keeps an ephemeral instance's lease alive in the
+//!   background, registers it again when the lease was lost, and reports its
+//!   state through a [`tokio::sync::watch`] channel;
+//! - [`WatchView`] keeps a live copy of a namespace or service, resuming from
+//!   the last revision it saw when its stream breaks.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), weir_client::Error> {
+//! use weir_client::{Client, Instance};
+//! let client = Client::connect(["http://127.0.0.1:7070"]).await?;
+//! let registration = client
+//!     .register_and_keep_alive(Instance {
+//!         service: "orders".into(),
+//!         host: "10.0.0.7".into(),
+//!         port: 8080,
+//!         ephemeral: true,
+//!         ttl_seconds: 6,
+//!         ..Instance::default()
+//!     })
+//!     .await?;
+//! // ... serve ...
+//! registration.deregister().await?;
+//! # Ok(()) }
+//! ```
+
+mod registration;
+mod watch;
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tonic::{
+    transport::{Channel, Endpoint},
+    Code, Status,
+};
+use weir_proto::registry::v1::registry_client::RegistryClient;
+
+pub use registration::{retry_delay, Registration, RegistrationState};
+pub use watch::{WatchUpdate, WatchView};
+pub use weir_proto::registry::v1::{
+    watch_response::Kind as WatchKind, DeregisterRequest, DeregisterResponse, Event, EventType,
+    GetServiceRequest, GetServiceResponse, HealthStatus, Instance, InstanceRef,
+    ListServicesRequest, ListServicesResponse, Protocol, RegisterRequest, RegisterResponse,
+    Service, ServiceSummary, WatchRequest, WatchResponse,
+};
+
+/// The control plane's default gRPC address.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";
+
+/// Largest response the client accepts (a big ListServices page).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Client errors. [`Error::is_transient`] tells which are worth retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no control-plane endpoint given")]
+    NoEndpoints,
+    #[error("invalid endpoint {endpoint:?}: {source}")]
+    InvalidEndpoint {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The request was rejected; the message names the field and the rule.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// No replica could serve the call (unreachable, not ready, or its store
+    /// is down). The message is the last replica's answer.
+    #[error("control plane unavailable: {0}")]
+    Unavailable(String),
+    #[error("{code:?}: {message}")]
+    Rpc { code: Code, message: String },
+    /// The server answered with something this client does not understand.
+    #[error("unexpected answer from the control plane: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The gRPC code behind the error, if it came from a call.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::InvalidArgument(_) => Some(Code::InvalidArgument),
+            Error::NotFound(_) => Some(Code::NotFound),
+            Error::Unavailable(_) => Some(Code::Unavailable),
+            Error::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.code(), Some(c) if is_transient(c))
+    }
+}
+
+impl From<Status> for Error {
+    fn from(s: Status) -> Self {
+        let message = s.message().to_string();
+        match s.code() {
+            Code::InvalidArgument => Error::InvalidArgument(message),
+            Code::NotFound => Error::NotFound(message),
+            Code::Unavailable => Error::Unavailable(message),
+            code => Error::Rpc { code, message },
+        }
+    }
+}
+
+/// Codes after which the same call may succeed on another replica or later.
+fn is_transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// Timeouts of a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Bound on opening a connection to one replica.
+    pub connect_timeout: Duration,
+    /// Bound on a unary call to one replica (not on streams).
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Target {
+    uri: String,
+    channel: Channel,
+}
+
+#[derive(Debug)]
+struct Inner {
+    targets: Vec<Target>,
+    /// Index of the replica that answered last.
+    current: AtomicUsize,
+    config: ClientConfig,
+}
+
+/// A connection to the control plane's registry. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects to the replicas at `endpoints` (`http://host:port`; a bare
+    /// `host:port` is taken as http) with default timeouts. Connections are
+    /// opened on first use, so this fails only on a malformed address.
+    pub async fn connect<I, S>(endpoints: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::with_config(endpoints, ClientConfig::default())
+    }
+
+    /// Like [`Client::connect`], with explicit timeouts.
+    pub fn with_config<I, S>(endpoints: I, config: ClientConfig) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut targets = Vec::new();
+        for e in endpoints {
+            let e = e.as_ref().trim();
+            if e.is_empty() {
+                continue;
+            }
+            let uri = if e.contains("://") {
+                e.to_string()
+            } else {
+                format!("http://{e}")
+            };
+            let endpoint = Endpoint::from_shared(uri.clone())
+                .map_err(|source| Error::InvalidEndpoint {
+                    endpoint: e.to_string(),
+                    source,
+                })?
+                .connect_timeout(config.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true);
+            targets.push(Target {
+                uri,
+                channel: endpoint.connect_lazy(),
+            });
+        }
+        if targets.is_empty() {
+            return Err(Error::NoEndpoints);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                targets,
+                current: AtomicUsize::new(0),
+                config,
+            }),
+        })
+    }
+
+    /// The replica addresses, in the order given.
+    pub fn endpoints(&self) -> Vec<&str> {
+        self.inner.targets.iter().map(|t| t.uri.as_str()).collect()
+    }
+
+    fn raw(&self, index: usize) -> RegistryClient<Channel> {
+        RegistryClient::new(self.inner.targets[index].channel.clone())
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    /// Runs `call` on the current replica, moving on to the next ones while
+    /// the answer is transient. `unary` calls get the request timeout.
+    async fn call<T, F, Fut>(&self, what: &'static str, unary: bool, call: F) -> Result<T, Error>
+    where
+        F: Fn(RegistryClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let n = self.inner.targets.len();
+        let start = self.inner.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let index = (start + k) % n;
+            let attempt = call(self.raw(index));
+            let result = if unary {
+                match tokio::time::timeout(self.inner.config.request_timeout, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "{what} took longer than {:?}",
+                        self.inner.config.request_timeout
+                    ))),
+                }
+            } else {
+                attempt.await
+            };
+            match result {
+                Ok(response) => {
+                    if k > 0 {
+                        self.inner.current.store(index, Ordering::Relaxed);
+                        tracing::info!(endpoint = %self.inner.targets[index].uri, "switched control-plane replica");
+                    }
+                    return Ok(response.into_inner());
+                }
+                Err(status) if is_transient(status.code()) => {
+                    tracing::debug!(
+                        call = what,
+                        endpoint = %self.inner.targets[index].uri,
+                        code = ?status.code(),
+                        message = status.message(),
+                        "replica could not serve the call"
+                    );
+                    last = Some(status);
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+        Err(last.map(Error::from).unwrap_or(Error::NoEndpoints))
+    }
+
+    /// Registers (or re-registers, idempotently) an instance. An empty
+    /// `instance_id` is replaced by a generated one first, so the call can be
+    /// retried safely; read the id back from the returned record.
+    pub async fn register(&self, mut instance: Instance) -> Result<RegisterResponse, Error> {
+        if instance.instance_id.is_empty() {
+            instance.instance_id = generated_id(&instance.service);
+        }
+        let request = RegisterRequest {
+            instance: Some(instance),
+        };
+        self.call("Register", true, |mut c| {
+            let request = request.clone();
+            async move { c.register(request).await }
+        })
+        .await
+    }
+
+    /// Registers an instance and keeps it registered until the returned
+    /// handle is deregistered or dropped. See [`Registration`].
+    pub async fn register_and_keep_alive(&self, instance: Instance) -> Result<Registration, Error> {
+        Registration::start(self.clone(), instance).await
+    }
+
+    /// Removes an instance. `Ok(false)` if it was not registered.
+    pub async fn deregister(&self, instance: &InstanceRef) -> Result<DeregisterResponse, Error> {
+        let request = DeregisterRequest {
+            instance: Some(instance.clone()),
+        };
+        self.call("Deregister", true, |mut c| {
+            let request = request.clone();
+            async move { c.deregister(request).await }
+        })
+        .await
+    }
+
+    /// Renews an ephemeral instance's lease; returns the remaining TTL.
+    /// [`Error::NotFound`] means the registration is gone: register again.
+    pub async fn heartbeat(&self, instance: &InstanceRef) -> Result<Duration, Error> {
+        let request = weir_proto::registry::v1::HeartbeatRequest {
+            instance: Some(instance.clone()),
+        };
+        let r = self
+            .call("Heartbeat", true, |mut c| {
+                let request = request.clone();
+                async move { c.heartbeat(request).await }
+            })
+            .await?;
+        Ok(Duration::from_secs(u64::from(r.ttl_seconds)))
+    }
+
+    /// One service with its instances.
+    pub async fn get_service(
+        &self,
+        request: GetServiceRequest,
+    ) -> Result<GetServiceResponse, Error> {
+        self.call("GetService", true, |mut c| {
+            let request = request.clone();
+            async move { c.get_service(request).await }
+        })
+        .await
+    }
+
+    /// One page of services.
+    pub async fn list_services(
+        &self,
+        request: ListServicesRequest,
+    ) -> Result<ListServicesResponse, Error> {
+        self.call("ListServices", true, |mut c| {
+            let request = request.clone();
+            async move { c.list_services(request).await }
+        })
+        .await
+    }
+
+    /// Every page of services matching `request` (its `page_token` is the
+    /// starting point). The pages may come from different revisions.
+    pub async fn list_all_services(
+        &self,
+        mut request: ListServicesRequest,
+    ) -> Result<ListServicesResponse, Error> {
+        let mut all = ListServicesResponse::default();
+        loop {
+            let page = self.list_services(request.clone()).await?;
+            all.services.extend(page.services);
+            all.summaries.extend(page.summaries);
+            all.revision = all.revision.max(page.revision);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            if page.next_page_token == request.page_token {
+                return Err(Error::Protocol(format!(
+                    "ListServices returned the same page token twice ({:?})",
+                    page.next_page_token
+                )));
+            }
+            request.page_token = page.next_page_token;
+        }
+    }
+
+    /// Opens a raw watch stream. Prefer [`WatchView`], which applies the
+    /// messages and resumes after failures.
+    pub async fn watch(
+        &self,
+        request: WatchRequest,
+    ) -> Result<tonic::Streaming<WatchResponse>, Error> {
+        self.call("Watch", false, |mut c| {
+            let request = request.clone();
+            async move { c.watch(request).await }
+        })
+        .await
+    }
+
+    /// A live view of `namespace` (and `service`, when not empty).
+    pub fn watch_view(&self, namespace: &str, service: &str) -> WatchView {
+        WatchView::new(self.clone(), namespace, service)
+    }
+}
+
+/// An instance id for a registration that did not name one: the service
+/// name and 12 random hex digits.
+fn generated_id(service: &str) -> String {
+    let n: u64 = rand::random();
+    let prefix: String = service.chars().take(100).collect();
+    if prefix.is_empty() {
+        format!("{:012x}", n & 0xffff_ffff_ffff)
+    } else {
+        format!("{prefix}-{:012x}", n & 0xffff_ffff_ffff)
+    }
+}
+
+/// The reference to an instance record.
+pub fn instance_ref(i: &Instance) -> InstanceRef {
+    InstanceRef {
+        namespace: i.namespace.clone(),
+        service: i.service.clone(),
+        instance_id: i.instance_id.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn endpoints_are_normalised_and_checked() {
+        let c = Client::connect(["127.0.0.1:7070", " http://[::1]:7071 ", ""])
+            .await
+            .expect("valid endpoints");
+        assert_eq!(
+            c.endpoints(),
+            vec!["http://127.0.0.1:7070", "http://[::1]:7071"]
+        );
+        assert!(matches!(
+            Client::connect(Vec::<String>::new()).await,
+            Err(Error::NoEndpoints)
+        ));
+        assert!(matches!(
+            Client::connect(["http://bad host:1"]).await,
+            Err(Error::InvalidEndpoint { .. })
+        ));
+    }
+
+    #[test]
+    fn statuses_map_to_typed_errors() {
+        let e: Error = Status::invalid_argument("port: must be 1-65535").into();
+        assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("port")));
+        assert!(!e.is_transient());
+        let e: Error = Status::unavailable("down").into();
+        assert!(e.is_transient());
+        let e: Error = Status::not_found("gone").into();
+        assert_eq!(e.code(), Some(Code::NotFound));
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn generated_ids_are_valid_and_distinct() {
+        let a = generated_id("orders");
+        let b = generated_id("orders");
+        assert_ne!(a, b);
+        assert!(a.starts_with("orders-") && a.len() == "orders-".len() + 12);
+        assert_eq!(generated_id("").len(), 12);
+    }
+}

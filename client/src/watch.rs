@@ -1,0 +1,310 @@
+//! A live copy of part of the registry.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::{
+    registration::retry_delay, Client, Error, Event, EventType, Instance, WatchKind, WatchRequest,
+    WatchResponse,
+};
+
+/// What one [`WatchView::next`] call changed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WatchUpdate {
+    /// The view was replaced by a snapshot at `revision`. `resync_reason`
+    /// is set when the server could not continue the previous stream (the
+    /// watcher fell behind, or the resume revision was too old).
+    Snapshot {
+        revision: u64,
+        resync_reason: Option<String>,
+    },
+    /// These changes were applied, in order.
+    Changes { revision: u64, events: Vec<Event> },
+    /// Nothing changed; the view is current up to `revision`.
+    Progress { revision: u64 },
+}
+
+type Key = (String, String, String);
+
+fn key_of(i: &Instance) -> Key {
+    (
+        i.namespace.clone(),
+        i.service.clone(),
+        i.instance_id.clone(),
+    )
+}
+
+/// A view of the instances of a namespace (or one service) kept current by
+/// the `Watch` stream. When the stream breaks the view reconnects, to any
+/// replica, and resumes from the last revision it applied, so no change is
+/// missed or applied twice; if the server can no longer resume it, the
+/// next update is a fresh [`WatchUpdate::Snapshot`].
+#[derive(Debug)]
+pub struct WatchView {
+    client: Client,
+    namespace: String,
+    service: String,
+    stream: Option<tonic::Streaming<WatchResponse>>,
+    instances: BTreeMap<Key, Instance>,
+    /// A snapshot arriving in several messages.
+    staging: Option<BTreeMap<Key, Instance>>,
+    revision: u64,
+    failures: u32,
+}
+
+impl WatchView {
+    pub(crate) fn new(client: Client, namespace: &str, service: &str) -> Self {
+        Self {
+            client,
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+            stream: None,
+            instances: BTreeMap::new(),
+            staging: None,
+            revision: 0,
+            failures: 0,
+        }
+    }
+
+    /// Starts from `revision` instead of a snapshot: the first updates are
+    /// the changes after it. The view holds only what those changes carry.
+    pub fn resume_from(mut self, revision: u64) -> Self {
+        self.revision = revision;
+        self
+    }
+
+    /// The revision the view is current up to (0 before the first update).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The instances, ordered by namespace, service and id.
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.instances.values()
+    }
+
+    /// Looks one instance up.
+    pub fn get(&self, namespace: &str, service: &str, instance_id: &str) -> Option<&Instance> {
+        self.instances
+            .get(&(namespace.into(), service.into(), instance_id.into()))
+    }
+
+    /// Waits for the next change and applies it. Transient failures
+    /// (a replica going away, the store being unavailable) are retried
+    /// here, with a capped backoff; other errors (a bad namespace, say) are
+    /// returned.
+    pub async fn next(&mut self) -> Result<WatchUpdate, Error> {
+        loop {
+            let Some(stream) = self.stream.as_mut() else {
+                self.open().await?;
+                continue;
+            };
+            match stream.message().await {
+                Ok(Some(msg)) => {
+                    self.failures = 0;
+                    if let Some(update) = self.apply(msg)? {
+                        return Ok(update);
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!(revision = self.revision, "watch stream ended; resuming");
+                    self.stream = None;
+                }
+                Err(status) => {
+                    let e = Error::from(status);
+                    if !e.is_transient() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, revision = self.revision, "watch stream broke; resuming");
+                    self.stream = None;
+                    self.backoff().await;
+                }
+            }
+        }
+    }
+
+    async fn open(&mut self) -> Result<(), Error> {
+        loop {
+            let request = WatchRequest {
+                namespace: self.namespace.clone(),
+                service: self.service.clone(),
+                start_revision: self.revision,
+            };
+            match self.client.watch(request).await {
+                Ok(stream) => {
+                    self.stream = Some(stream);
+                    // A half-received snapshot is void on a new stream.
+                    self.staging = None;
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "cannot open the watch; retrying");
+                    self.backoff().await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn backoff(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        let delay = retry_delay(
+            self.failures,
+            Duration::from_secs(12),
+            rand::random_range(0.5..=1.0),
+        );
+        tokio::time::sleep(delay).await;
+    }
+
+    /// Applies one message; returns the update once a whole one arrived.
+    fn apply(&mut self, msg: WatchResponse) -> Result<Option<WatchUpdate>, Error> {
+        let kind = WatchKind::try_from(msg.kind)
+            .map_err(|_| Error::Protocol(format!("unknown watch message kind {}", msg.kind)))?;
+        match kind {
+            WatchKind::Snapshot => {
+                let staging = self.staging.get_or_insert_with(BTreeMap::new);
+                for e in msg.events {
+                    if let Some(i) = e.instance {
+                        staging.insert(key_of(&i), i);
+                    }
+                }
+                if !msg.snapshot_complete {
+                    return Ok(None);
+                }
+                self.instances = self.staging.take().unwrap_or_default();
+                self.revision = msg.revision;
+                Ok(Some(WatchUpdate::Snapshot {
+                    revision: msg.revision,
+                    resync_reason: (!msg.resync_reason.is_empty()).then_some(msg.resync_reason),
+                }))
+            }
+            WatchKind::Changes => {
+                for e in &msg.events {
+                    if e.revision <= self.revision && self.revision != 0 {
+                        return Err(Error::Protocol(format!(
+                            "change at revision {} after the view reached {}",
+                            e.revision, self.revision
+                        )));
+                    }
+                    let Some(i) = &e.instance else { continue };
+                    match EventType::try_from(e.r#type) {
+                        Ok(EventType::Put) => {
+                            self.instances.insert(key_of(i), i.clone());
+                        }
+                        Ok(EventType::Delete) => {
+                            self.instances.remove(&key_of(i));
+                        }
+                        _ => {
+                            return Err(Error::Protocol(format!("unknown event type {}", e.r#type)))
+                        }
+                    }
+                }
+                self.revision = self.revision.max(msg.revision);
+                Ok(Some(WatchUpdate::Changes {
+                    revision: msg.revision,
+                    events: msg.events,
+                }))
+            }
+            WatchKind::Progress => {
+                self.revision = self.revision.max(msg.revision);
+                Ok(Some(WatchUpdate::Progress {
+                    revision: msg.revision,
+                }))
+            }
+            WatchKind::Unspecified => Err(Error::Protocol("watch message without a kind".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A view that never connects (its endpoint is not listened on): only
+    /// `apply` is exercised.
+    fn view() -> WatchView {
+        let client = Client::with_config(["127.0.0.1:1"], crate::ClientConfig::default())
+            .expect("valid endpoint");
+        WatchView::new(client, "default", "")
+    }
+
+    fn inst(id: &str) -> Instance {
+        Instance {
+            namespace: "default".into(),
+            service: "orders".into(),
+            instance_id: id.into(),
+            ..Instance::default()
+        }
+    }
+
+    fn event(t: EventType, id: &str, revision: u64) -> Event {
+        Event {
+            r#type: t as i32,
+            instance: Some(inst(id)),
+            revision,
+        }
+    }
+
+    fn ids(v: &WatchView) -> Vec<String> {
+        v.instances().map(|i| i.instance_id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn snapshots_replace_the_view_once_complete_and_changes_apply_in_order() {
+        let mut v = view();
+        let part = |ids: &[&str], complete: bool, rev: u64| WatchResponse {
+            kind: WatchKind::Snapshot as i32,
+            events: ids.iter().map(|i| event(EventType::Put, i, 1)).collect(),
+            revision: rev,
+            snapshot_complete: complete,
+            resync_reason: String::new(),
+        };
+        assert_eq!(v.apply(part(&["a", "b"], false, 7)).expect("ok"), None);
+        assert!(ids(&v).is_empty(), "a partial snapshot is not shown");
+        assert!(v.apply(part(&["c"], true, 7)).expect("ok").is_some());
+        assert_eq!(ids(&v), ["a", "b", "c"]);
+        assert_eq!(v.revision(), 7);
+
+        let changes = WatchResponse {
+            kind: WatchKind::Changes as i32,
+            events: vec![
+                event(EventType::Delete, "b", 8),
+                event(EventType::Put, "d", 9),
+            ],
+            revision: 9,
+            ..WatchResponse::default()
+        };
+        assert!(matches!(
+            v.apply(changes.clone()).expect("ok"),
+            Some(WatchUpdate::Changes { revision: 9, .. })
+        ));
+        assert_eq!(ids(&v), ["a", "c", "d"]);
+        assert!(
+            matches!(v.apply(changes), Err(Error::Protocol(_))),
+            "a replayed change is a protocol error"
+        );
+
+        let resync = WatchResponse {
+            resync_reason: "fell behind".into(),
+            ..part(&["z"], true, 20)
+        };
+        assert_eq!(
+            v.apply(resync).expect("ok"),
+            Some(WatchUpdate::Snapshot {
+                revision: 20,
+                resync_reason: Some("fell behind".into())
+            })
+        );
+        assert_eq!(ids(&v), ["z"]);
+        assert!(v.get("default", "orders", "z").is_some());
+    }
+
+    #[tokio::test]
+    async fn unknown_kinds_are_errors_not_panics() {
+        let mut v = view();
+        let bad = WatchResponse {
+            kind: 42,
+            ..WatchResponse::default()
+        };
+        assert!(matches!(v.apply(bad), Err(Error::Protocol(_))));
+    }
+}
