@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Weir quickstart: builds Weir, starts a control plane (on a local etcd when
 # one is installed, on the embedded dev store otherwise, and says which),
-# shows how to reach it, and keeps running until Ctrl-C. `--exit` stops
-# after that.
+# registers a few sample instances with weirctl (one of them ephemeral, kept
+# alive by a background `weirctl register --keep-alive`), shows them, and
+# keeps running until Ctrl-C. `--exit` stops after that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -11,12 +12,14 @@ exit_after=0
 [ "${1:-}" = "--exit" ] && exit_after=1
 
 ensure_deps 0   # cargo and protoc; etcd is optional here
-weir_log "building weir-control-plane (first build takes a few minutes)"
-cargo build --quiet -p weir-control-plane --bins
+weir_log "building weir-control-plane and weirctl (first build takes a few minutes)"
+cargo build --quiet -p weir-control-plane -p weir-client --bins
 BIN=target/debug
 CP_PID=
+KEEPER_PID=
 
 cleanup() {
+  [ -n "$KEEPER_PID" ] && kill "$KEEPER_PID" 2>/dev/null && wait "$KEEPER_PID" 2>/dev/null
   [ -n "$CP_PID" ] && kill "$CP_PID" 2>/dev/null && wait "$CP_PID" 2>/dev/null
   stop_etcd
   [ -n "${LOG_DIR:-}" ] && rm -rf "$LOG_DIR"
@@ -50,20 +53,40 @@ http=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' "$LOG_DIR/ready")
 export WEIR_ENDPOINT="http://127.0.0.1:$port"
 weir_log "control plane up: gRPC $WEIR_ENDPOINT, HTTP http://$http, store: $store_note"
 
-# weirctl is not built yet: show the registry through its readiness probe
-# and point at the gRPC API (server reflection is on).
+weirctl() { "$BIN/weirctl" "$@"; }
+weir_log "registering sample instances"
+weirctl register orders --host 127.0.0.1 --port 8081 --id orders-1 --version 1.4.0 --zone a --meta team=shop >/dev/null
+weirctl register orders --host 127.0.0.1 --port 8082 --id orders-2 --version 1.4.0 --zone b --meta team=shop >/dev/null
+weirctl register payments --host 127.0.0.1 --port 9090 --id payments-1 --protocol grpc --topic payments.requested >/dev/null
+# An ephemeral instance on a 6 s lease, renewed in the background by weirctl.
+weirctl register inventory --host 127.0.0.1 --port 8090 --id inventory-1 --ttl 6 --keep-alive \
+  >/dev/null 2>"$LOG_DIR/keeper.log" &
+KEEPER_PID=$!
+for _ in $(seq 1 50); do
+  weirctl get inventory 2>/dev/null | grep -q inventory-1 && break
+  sleep 0.1
+done
+
 echo
-echo "== GET http://$http/readyz"
-curl -s "http://$http/readyz" 2>/dev/null || python3 -c "import urllib.request;print(urllib.request.urlopen('http://$http/readyz').read().decode())"
+echo "\$ weirctl list"
+weirctl list
+echo
+echo "\$ weirctl get orders"
+weirctl get orders
 echo
 cat <<MSG
 Weir's control plane is running:
   gRPC API   $WEIR_ENDPOINT  (weir.registry.v1.Registry, grpc.health.v1, server reflection)
   HTTP       http://$http/healthz  http://$http/readyz
-Register and watch instances with any gRPC client, e.g. with grpcurl:
-  grpcurl -plaintext -d '{"instance":{"service":"orders","host":"127.0.0.1","port":8080,"ephemeral":true,"ttl_seconds":10}}' 127.0.0.1:$port weir.registry.v1.Registry/Register
+  store      $store_note
+Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $PWD/$BIN/weirctl):
+  weirctl watch                        # live changes in the default namespace
+  weirctl get inventory -o json        # the ephemeral one, on a lease weirctl renews
+  weirctl register orders --host 127.0.0.1 --port 8083 --ttl 5   # gone after 5 s: no heartbeats
+  weirctl deregister orders orders-2
+grpcurl works too, without the .proto (server reflection):
   grpcurl -plaintext -d '{"namespace":"default"}' 127.0.0.1:$port weir.registry.v1.Registry/Watch
-(weirctl and the sample traffic come with the next changes.) Ctrl-C here stops everything.
+Agents, sample event traffic and the dashboard come with later stages. Ctrl-C here stops everything.
 MSG
 if [ "$exit_after" = 1 ]; then exit 0; fi
 wait "$CP_PID"
