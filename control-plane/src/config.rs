@@ -36,6 +36,18 @@ pub struct Args {
     /// Log format: text or json.
     #[arg(long, env = "WEIR_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// This replica's id among the replicas sharing health checks (default:
+    /// random). DNS-label characters.
+    #[arg(long, env = "WEIR_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Lease TTL of this replica's membership, seconds (2-60, default 3): a
+    /// dead replica's checks move to the others within it.
+    #[arg(long, env = "WEIR_REPLICA_TTL_SECONDS")]
+    pub replica_ttl_seconds: Option<u32>,
+    /// Protection threshold, percent, of services that set none (0-100,
+    /// default 50; 0 disables).
+    #[arg(long, env = "WEIR_PROTECTION_THRESHOLD_PERCENT")]
+    pub protection_threshold_percent: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -56,6 +68,9 @@ pub struct FileConfig {
     pub etcd_prefix: Option<String>,
     pub dev: Option<bool>,
     pub log_format: Option<LogFormat>,
+    pub replica_id: Option<String>,
+    pub replica_ttl_seconds: Option<u32>,
+    pub protection_threshold_percent: Option<u32>,
 }
 
 /// Where the registry is kept.
@@ -73,6 +88,14 @@ pub struct Config {
     pub store: StoreConfig,
     pub etcd_prefix: String,
     pub log_format: LogFormat,
+    pub replica_id: String,
+    pub replica_ttl_seconds: u32,
+    pub protection_threshold_percent: u32,
+}
+
+/// A fresh random replica id.
+pub fn random_replica_id() -> String {
+    format!("cp-{:08x}", rand::random::<u32>())
 }
 
 /// Why the configuration could not be resolved.
@@ -104,6 +127,9 @@ impl Default for Config {
             },
             etcd_prefix: "/weir".to_owned(),
             log_format: LogFormat::Text,
+            replica_id: random_replica_id(),
+            replica_ttl_seconds: 3,
+            protection_threshold_percent: crate::hub::DEFAULT_PROTECTION_THRESHOLD_PERCENT,
         }
     }
 }
@@ -171,7 +197,37 @@ impl Config {
                 "etcd_prefix must start with '/', contain no empty segment and be at most 128 characters (got {etcd_prefix:?})"
             )));
         }
+        let replica_id = args
+            .replica_id
+            .or(file.replica_id)
+            .unwrap_or(defaults.replica_id);
+        if crate::validate::dns_label("replica_id", &replica_id).is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "replica_id must be a DNS label: 1-63 characters of a-z, 0-9 and '-' (got {replica_id:?})"
+            )));
+        }
+        let replica_ttl_seconds = args
+            .replica_ttl_seconds
+            .or(file.replica_ttl_seconds)
+            .unwrap_or(defaults.replica_ttl_seconds);
+        if !(2..=60).contains(&replica_ttl_seconds) {
+            return Err(ConfigError::Invalid(format!(
+                "replica_ttl_seconds must be 2-60 (got {replica_ttl_seconds})"
+            )));
+        }
+        let protection_threshold_percent = args
+            .protection_threshold_percent
+            .or(file.protection_threshold_percent)
+            .unwrap_or(defaults.protection_threshold_percent);
+        if protection_threshold_percent > 100 {
+            return Err(ConfigError::Invalid(format!(
+                "protection_threshold_percent must be 0-100 (got {protection_threshold_percent})"
+            )));
+        }
         Ok(Self {
+            replica_id,
+            replica_ttl_seconds,
+            protection_threshold_percent,
             grpc_addr: args
                 .grpc_addr
                 .or(file.grpc_addr)

@@ -14,7 +14,7 @@
 //! for it and never buffers more for it. See `docs/architecture.md`.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     ops::Bound,
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::Duration,
@@ -23,7 +23,10 @@ use std::{
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, watch};
-use weir_proto::registry::v1::{watch_response::Kind, Event, EventType, Instance, WatchResponse};
+use weir_proto::registry::v1::{
+    watch_response::Kind, Event, EventType, HealthStatus, Instance, ServiceConfig,
+    ServiceProtection, WatchResponse,
+};
 
 use crate::{
     keys::{InstanceKey, Keys},
@@ -34,6 +37,9 @@ use crate::{
 /// batches are split across messages below this).
 const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// Protection threshold of a service that sets none.
+pub const DEFAULT_PROTECTION_THRESHOLD_PERCENT: u32 = 50;
+
 /// Settings of the hub.
 #[derive(Clone, Debug)]
 pub struct HubConfig {
@@ -43,6 +49,8 @@ pub struct HubConfig {
     pub subscriber_lag: usize,
     /// Messages queued towards one gRPC watcher.
     pub subscriber_queue: usize,
+    /// Protection threshold (percent) of services without their own.
+    pub protection_threshold_percent: u32,
 }
 
 impl Default for HubConfig {
@@ -51,6 +59,7 @@ impl Default for HubConfig {
             history_batches: 50_000,
             subscriber_lag: 4096,
             subscriber_queue: 16,
+            protection_threshold_percent: DEFAULT_PROTECTION_THRESHOLD_PERCENT,
         }
     }
 }
@@ -58,8 +67,13 @@ impl Default for HubConfig {
 /// What the hub broadcasts.
 #[derive(Debug)]
 enum Batch {
-    /// Changes of one store watch message, revision = the last one in it.
-    Changes { revision: u64, events: Vec<Event> },
+    /// Changes of one store watch message, revision = the last one in it,
+    /// with the services whose protection flipped.
+    Changes {
+        revision: u64,
+        events: Vec<Event>,
+        protection: Vec<ServiceProtection>,
+    },
     /// The store is at `revision` with no change for us.
     Progress { revision: u64 },
     /// The cache was reloaded from a fresh snapshot: resync.
@@ -75,6 +89,89 @@ struct State {
     /// `history` holds every change with a revision greater than this.
     history_floor: u64,
     loaded: bool,
+    /// Live control-plane replicas (ids), for check sharing.
+    replicas: BTreeSet<String>,
+    /// Per-service settings.
+    configs: HashMap<(String, String), ServiceConfig>,
+    /// Services in protection now.
+    protected: BTreeMap<(String, String), ServiceProtection>,
+}
+
+impl State {
+    fn service_instances<'a>(
+        &'a self,
+        namespace: &'a str,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Instance>> + 'a {
+        let start = InstanceKey {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            instance_id: String::new(),
+        };
+        self.instances
+            .range((Bound::Included(start), Bound::Unbounded))
+            .take_while(move |(k, _)| k.namespace == namespace && k.service == service)
+            .map(|(_, i)| i)
+    }
+
+    /// The protection state of one service as the cache has it now.
+    fn protection(
+        &self,
+        namespace: &str,
+        service: &str,
+        default_threshold: u32,
+    ) -> ServiceProtection {
+        let threshold = self
+            .configs
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .and_then(|c| c.protection_threshold_percent)
+            .unwrap_or(default_threshold)
+            .min(100);
+        let (mut healthy, mut total) = (0u32, 0u32);
+        for i in self.service_instances(namespace, service) {
+            total += 1;
+            if i.status != HealthStatus::Critical as i32 {
+                healthy += 1;
+            }
+        }
+        ServiceProtection {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            active: threshold > 0
+                && total > 0
+                && u64::from(healthy) * 100 < u64::from(threshold) * u64::from(total),
+            threshold_percent: threshold,
+            healthy,
+            total,
+        }
+    }
+
+    /// Recomputes the protection of `services`; returns those that flipped.
+    fn update_protection(
+        &mut self,
+        services: BTreeSet<(String, String)>,
+        default_threshold: u32,
+    ) -> Vec<ServiceProtection> {
+        let mut flipped = Vec::new();
+        for (ns, svc) in services {
+            let p = self.protection(&ns, &svc, default_threshold);
+            let was = self.protected.contains_key(&(ns.clone(), svc.clone()));
+            if p.active {
+                self.protected.insert((ns, svc), p.clone());
+            } else {
+                self.protected.remove(&(ns, svc));
+            }
+            if p.active != was {
+                flipped.push(p);
+            }
+        }
+        flipped
+    }
+}
+
+fn protection_matches(filter: &Filter, p: &ServiceProtection) -> bool {
+    (filter.namespace.is_empty() || filter.namespace == p.namespace)
+        && (filter.service.is_empty() || filter.service == p.service)
 }
 
 #[derive(Debug)]
@@ -206,7 +303,24 @@ impl Hub {
     fn reset(&self, snapshot: Snapshot) {
         let keys = &self.inner.keys;
         let mut instances = BTreeMap::new();
+        let mut replicas = BTreeSet::new();
+        let mut configs = HashMap::new();
         for kv in snapshot.kvs {
+            if let Some(id) = keys.parse_replica(&kv.key) {
+                replicas.insert(id);
+                continue;
+            }
+            if let Some(service) = keys.parse_service_config(&kv.key) {
+                match ServiceConfig::decode(kv.value.as_slice()) {
+                    Ok(c) => {
+                        configs.insert(service, c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %kv.key, error = %e, "skipping undecodable service config")
+                    }
+                }
+                continue;
+            }
             let Some(key) = keys.parse_instance(&kv.key) else {
                 continue;
             };
@@ -223,6 +337,15 @@ impl Hub {
         let was_loaded = state.loaded;
         let count = instances.len();
         state.instances = instances;
+        state.replicas = replicas;
+        state.configs = configs;
+        state.protected.clear();
+        let services: BTreeSet<(String, String)> = state
+            .instances
+            .keys()
+            .map(|k| (k.namespace.clone(), k.service.clone()))
+            .collect();
+        state.update_protection(services, self.inner.config.protection_threshold_percent);
         state.revision = snapshot.revision;
         state.history.clear();
         state.history_floor = snapshot.revision;
@@ -246,11 +369,37 @@ impl Hub {
         let mut state = self.write();
         let mut events = Vec::new();
         let mut revision = state.revision;
+        let mut touched = BTreeSet::new();
         for change in changes {
             revision = revision.max(change.kv.mod_revision);
+            if let Some(id) = keys.parse_replica(&change.kv.key) {
+                match change.kind {
+                    EventKind::Put => state.replicas.insert(id),
+                    EventKind::Delete => state.replicas.remove(&id),
+                };
+                continue;
+            }
+            if let Some(service) = keys.parse_service_config(&change.kv.key) {
+                match change.kind {
+                    EventKind::Put => match ServiceConfig::decode(change.kv.value.as_slice()) {
+                        Ok(c) => {
+                            state.configs.insert(service.clone(), c);
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %change.kv.key, error = %e, "skipping undecodable service config")
+                        }
+                    },
+                    EventKind::Delete => {
+                        state.configs.remove(&service);
+                    }
+                }
+                touched.insert(service);
+                continue;
+            }
             let Some(key) = keys.parse_instance(&change.kv.key) else {
                 continue;
             };
+            touched.insert((key.namespace.clone(), key.service.clone()));
             match change.kind {
                 EventKind::Put => {
                     match decode_instance(&key, &change.kv.value, change.kv.mod_revision) {
@@ -280,10 +429,16 @@ impl Hub {
             }
         }
         state.revision = revision;
-        let batch = Arc::new(if events.is_empty() {
+        let protection =
+            state.update_protection(touched, self.inner.config.protection_threshold_percent);
+        let batch = Arc::new(if events.is_empty() && protection.is_empty() {
             Batch::Progress { revision }
         } else {
-            Batch::Changes { revision, events }
+            Batch::Changes {
+                revision,
+                events,
+                protection,
+            }
         });
         if matches!(*batch, Batch::Changes { .. }) {
             state.history.push_back(batch.clone());
@@ -311,6 +466,43 @@ impl Hub {
         }
         let _ = self.inner.tx.send(Arc::new(Batch::Progress { revision }));
         self.inner.revision.send_replace(revision);
+    }
+
+    /// Live control-plane replica ids, sorted.
+    pub fn replicas(&self) -> Vec<String> {
+        self.read().replicas.iter().cloned().collect()
+    }
+
+    /// Every instance in the cache.
+    pub fn all_instances(&self) -> Vec<Arc<Instance>> {
+        self.read().instances.values().cloned().collect()
+    }
+
+    /// Protection state of one service.
+    pub fn protection(&self, namespace: &str, service: &str) -> ServiceProtection {
+        self.read().protection(
+            namespace,
+            service,
+            self.inner.config.protection_threshold_percent,
+        )
+    }
+
+    /// The stored settings of a service, if any.
+    pub fn service_config(&self, namespace: &str, service: &str) -> Option<ServiceConfig> {
+        self.read()
+            .configs
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .cloned()
+    }
+
+    /// The threshold used when a service sets none.
+    pub fn default_protection_threshold(&self) -> u32 {
+        self.inner.config.protection_threshold_percent
+    }
+
+    /// Fires whenever the cache applied something (for the check assigner).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.revision.subscribe()
     }
 
     /// Whether the first snapshot has loaded.
@@ -471,7 +663,16 @@ impl Hub {
                 Err(broadcast::error::RecvError::Closed) => return Err("hub stopped"),
             };
             match &*batch {
-                Batch::Changes { revision, events } if *revision > last => {
+                Batch::Changes {
+                    revision,
+                    events,
+                    protection,
+                } if *revision > last => {
+                    let flipped: Vec<ServiceProtection> = protection
+                        .iter()
+                        .filter(|p| protection_matches(&filter, p))
+                        .cloned()
+                        .collect();
                     let matching: Vec<Event> = events
                         .iter()
                         .filter(|e| {
@@ -483,8 +684,8 @@ impl Hub {
                         .cloned()
                         .collect();
                     last = *revision;
-                    if !matching.is_empty() {
-                        send_all(out, chunk(Kind::Changes, matching, last, "")).await?;
+                    if !matching.is_empty() || !flipped.is_empty() {
+                        send_all(out, chunk(Kind::Changes, matching, last, "", flipped)).await?;
                     }
                 }
                 Batch::Progress { revision } if *revision > last => {
@@ -584,15 +785,34 @@ impl Hub {
                 .cloned(),
         );
         let revision = state.revision;
+        // The protection state of every service the gap touched, and of
+        // every matching one in protection: what the watcher may have missed.
+        let mut services: BTreeSet<(String, String)> = events
+            .iter()
+            .filter_map(|e| e.instance.as_ref())
+            .map(|i| (i.namespace.clone(), i.service.clone()))
+            .collect();
+        services.extend(
+            state
+                .protected
+                .values()
+                .filter(|p| protection_matches(filter, p))
+                .map(|p| (p.namespace.clone(), p.service.clone())),
+        );
+        let default_threshold = self.inner.config.protection_threshold_percent;
+        let protection: Vec<ServiceProtection> = services
+            .iter()
+            .map(|(ns, svc)| state.protection(ns, svc, default_threshold))
+            .collect();
         drop(state);
-        let messages = if events.is_empty() {
+        let messages = if events.is_empty() && protection.is_empty() {
             vec![WatchResponse {
                 kind: Kind::Progress as i32,
                 revision,
                 ..WatchResponse::default()
             }]
         } else {
-            chunk(Kind::Changes, events, revision, "")
+            chunk(Kind::Changes, events, revision, "", protection)
         };
         (messages, revision)
     }
@@ -643,9 +863,15 @@ impl Hub {
                 revision: i.revision,
             })
             .collect();
+        let protection: Vec<ServiceProtection> = state
+            .protected
+            .values()
+            .filter(|p| protection_matches(filter, p))
+            .cloned()
+            .collect();
         drop(state);
         (
-            chunk(Kind::Snapshot, events, revision, resync_reason),
+            chunk(Kind::Snapshot, events, revision, resync_reason, protection),
             revision,
         )
     }
@@ -667,7 +893,14 @@ impl Batch {
 /// the batch revision on the last message; on an intermediate CHANGES message
 /// the revision just before the next message's first event; 0 on an
 /// intermediate SNAPSHOT message (half a snapshot is no view to resume from).
-fn chunk(kind: Kind, events: Vec<Event>, revision: u64, resync_reason: &str) -> Vec<WatchResponse> {
+fn chunk(
+    kind: Kind,
+    events: Vec<Event>,
+    revision: u64,
+    resync_reason: &str,
+    protection: Vec<ServiceProtection>,
+) -> Vec<WatchResponse> {
+    let mut protection = Some(protection);
     let mut groups: Vec<Vec<Event>> = Vec::new();
     let mut current = Vec::new();
     let mut size = 0;
@@ -705,6 +938,12 @@ fn chunk(kind: Kind, events: Vec<Event>, revision: u64, resync_reason: &str) -> 
                 events,
                 snapshot_complete: kind == Kind::Snapshot && last,
                 resync_reason: resync_reason.to_owned(),
+                // Protection flips belong to the batch's last revision.
+                protection: if last {
+                    protection.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
             }
         })
         .collect()
@@ -805,6 +1044,7 @@ mod tests {
             history_batches: 1000,
             subscriber_lag: 16,
             subscriber_queue: 1,
+            ..HubConfig::default()
         };
         let (hub, _task) = Hub::start(store.clone(), keys.clone(), config);
         let mut slow = hub.subscribe(Filter::default(), 0);
@@ -934,7 +1174,7 @@ mod tests {
             revision: rev,
         };
         let events: Vec<Event> = (1..=10).map(big).collect();
-        let changes = chunk(Kind::Changes, events.clone(), 10, "");
+        let changes = chunk(Kind::Changes, events.clone(), 10, "", Vec::new());
         assert!(changes.len() > 1);
         for m in &changes {
             assert!(m.encoded_len() <= MAX_MESSAGE_BYTES + 1024);
@@ -944,12 +1184,15 @@ mod tests {
             assert_eq!(pair[0].revision + 1, pair[1].events[0].revision);
         }
         assert_eq!(changes.last().unwrap().revision, 10);
-        let snapshot = chunk(Kind::Snapshot, events, 42, "why");
+        let snapshot = chunk(Kind::Snapshot, events, 42, "why", Vec::new());
         assert!(snapshot[..snapshot.len() - 1]
             .iter()
             .all(|m| m.revision == 0 && !m.snapshot_complete));
         let last = snapshot.last().unwrap();
         assert!(last.snapshot_complete && last.revision == 42 && last.resync_reason == "why");
-        assert_eq!(chunk(Kind::Snapshot, Vec::new(), 7, "").len(), 1);
+        assert_eq!(
+            chunk(Kind::Snapshot, Vec::new(), 7, "", Vec::new()).len(),
+            1
+        );
     }
 }

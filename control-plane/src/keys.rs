@@ -2,7 +2,11 @@
 //! `/weir`), versioned so a later layout can live beside this one:
 //!
 //! ```text
-//! {root}/v1/instances/{namespace}/{service}/{instance_id}   Instance (protobuf), leased when ephemeral
+//! {root}/v1/instances/{namespace}/{service}/{instance_id}   Instance (protobuf), leased when ephemeral;
+//!                                                           carries status + HealthDetail
+//! {root}/v1/health/{namespace}/{service}/{instance_id}      HealthHistory (last transitions), leased with the instance
+//! {root}/v1/services/{namespace}/{service}                  ServiceConfig (protection threshold)
+//! {root}/v1/replicas/{replica_id}                           control-plane replica, leased (check sharing)
 //! ```
 //!
 //! Names are validated before they become keys (DNS labels for namespace and
@@ -47,6 +51,42 @@ impl Keys {
         )
     }
 
+    pub fn health(&self, k: &InstanceKey) -> String {
+        format!(
+            "{}health/{}/{}/{}",
+            self.root, k.namespace, k.service, k.instance_id
+        )
+    }
+
+    /// Prefix of the health histories of one service.
+    pub fn health_prefix(&self, namespace: &str, service: &str) -> String {
+        format!("{}health/{namespace}/{service}/", self.root)
+    }
+
+    pub fn service_config(&self, namespace: &str, service: &str) -> String {
+        format!("{}services/{namespace}/{service}", self.root)
+    }
+
+    /// (namespace, service) of a service-config key.
+    pub fn parse_service_config(&self, key: &str) -> Option<(String, String)> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("services/")?;
+        let (namespace, service) = rest.split_once('/')?;
+        if namespace.is_empty() || service.is_empty() || service.contains('/') {
+            return None;
+        }
+        Some((namespace.to_owned(), service.to_owned()))
+    }
+
+    pub fn replica(&self, id: &str) -> String {
+        format!("{}replicas/{id}", self.root)
+    }
+
+    /// The id of a replica key.
+    pub fn parse_replica(&self, key: &str) -> Option<String> {
+        let id = key.strip_prefix(&self.root)?.strip_prefix("replicas/")?;
+        (!id.is_empty() && !id.contains('/')).then(|| id.to_owned())
+    }
+
     /// Parses an instance key; None for keys of other kinds or malformed ones.
     pub fn parse_instance(&self, key: &str) -> Option<InstanceKey> {
         let rest = key.strip_prefix(&self.root)?.strip_prefix("instances/")?;
@@ -83,10 +123,20 @@ mod tests {
         };
         let key = keys.instance(&k);
         assert_eq!(key, "/weir/v1/instances/default/a/i-1");
-        assert_eq!(keys.parse_instance(&key), Some(k));
+        assert_eq!(keys.parse_instance(&key), Some(k.clone()));
         assert!(!"/weir/v1/instances/default/ab/i-1".starts_with("/weir/v1/instances/default/a/"));
         assert_eq!(keys.parse_instance("/weir/v1/policies/default/a"), None);
         assert_eq!(keys.parse_instance("/other/v1/instances/default/a/i"), None);
         assert_eq!(keys.parse_instance("/weir/v1/instances/default/a/"), None);
+        assert_eq!(
+            keys.parse_replica(&keys.replica("cp-1")),
+            Some("cp-1".into())
+        );
+        assert_eq!(keys.parse_replica("/weir/v1/replicas/"), None);
+        assert_eq!(
+            keys.parse_service_config(&keys.service_config("default", "a")),
+            Some(("default".into(), "a".into()))
+        );
+        assert_eq!(keys.parse_instance(&keys.health(&k)), None);
     }
 }

@@ -12,8 +12,10 @@
 //! (etcd and embedded), [`keys`] (key layout), [`validate`] (input rules),
 //! [`error`] (mapping to gRPC statuses).
 
+pub mod checks;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod hub;
 pub mod keys;
 pub mod registry;

@@ -20,14 +20,17 @@ use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::registry::v1::{
     keep_alive_response, registry_server::Registry, DeregisterRequest, DeregisterResponse,
-    GetServiceRequest, GetServiceResponse, HealthStatus, HeartbeatRequest, HeartbeatResponse,
-    Instance, InstanceRef, KeepAliveRequest, KeepAliveResponse, ListServicesRequest,
-    ListServicesResponse, RegisterRequest, RegisterResponse, Service, ServiceSummary, WatchRequest,
+    GetHealthRequest, GetHealthResponse, GetServiceConfigRequest, GetServiceConfigResponse,
+    GetServiceRequest, GetServiceResponse, HealthHistory, HealthStatus, HeartbeatRequest,
+    HeartbeatResponse, Instance, InstanceHealth, InstanceRef, KeepAliveRequest, KeepAliveResponse,
+    ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, Service,
+    ServiceConfig, ServiceSummary, SetServiceConfigRequest, SetServiceConfigResponse, WatchRequest,
     WatchResponse,
 };
 
 use crate::{
     error::RegistryError,
+    health,
     hub::{decode_instance, Filter, Hub},
     keys::{InstanceKey, Keys},
     store::{LeaseId, Store},
@@ -71,6 +74,7 @@ fn spec_of(i: &Instance) -> Instance {
         revision: 0,
         registered_at_unix_ms: 0,
         lease_id: 0,
+        health: None,
         ..i.clone()
     }
 }
@@ -153,7 +157,9 @@ impl RegistryService {
             (None, 0)
         };
         instance.lease_id = lease.unwrap_or(0);
-        instance.status = if instance.ephemeral {
+        // An instance with an active check is UNKNOWN until its first
+        // check; an ephemeral one without is PASSING while its lease lives.
+        instance.status = if instance.ephemeral && health::spec::resolve(&instance).is_none() {
             HealthStatus::Passing as i32
         } else {
             HealthStatus::Unknown as i32
@@ -203,6 +209,9 @@ impl RegistryService {
         let deleted = self.store.delete(&self.keys.instance(&key)).await?;
         self.last_write
             .fetch_max(deleted.revision, Ordering::AcqRel);
+        if let Err(e) = self.store.delete(&self.keys.health(&key)).await {
+            tracing::warn!(instance = %describe(&key), error = %e, "could not delete the health history");
+        }
         if let Some(lease) = existing.map(|i| i.lease_id).filter(|l| *l != 0) {
             self.revoke_quietly(lease).await;
         }
@@ -306,11 +315,10 @@ impl RegistryService {
     }
 }
 
+/// Routable: anything but CRITICAL (UNKNOWN = not checked yet or no
+/// check; WARNING = degraded but serving).
 fn is_healthy(i: &Instance) -> bool {
-    matches!(
-        HealthStatus::try_from(i.status),
-        Ok(HealthStatus::Passing | HealthStatus::Unknown)
-    )
+    i.status != HealthStatus::Critical as i32
 }
 
 fn summary(namespace: &str, name: &str, instances: &[Arc<Instance>]) -> ServiceSummary {
@@ -419,9 +427,13 @@ impl Registry for RegistryService {
             validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
         self.await_revision(req.min_revision).await?;
         let (instances, revision) = self.hub.service(&namespace, &service);
+        let protection = self.hub.protection(&namespace, &service);
+        // In protection, healthy_only returns everything: better to spread
+        // load over all instances than to crush the few left.
+        let only_healthy = req.healthy_only && !protection.active;
         let instances = instances
             .into_iter()
-            .filter(|i| !req.healthy_only || is_healthy(i))
+            .filter(|i| !only_healthy || is_healthy(i))
             .map(|i| (*i).clone())
             .collect();
         Ok(Response::new(GetServiceResponse {
@@ -429,8 +441,112 @@ impl Registry for RegistryService {
                 namespace,
                 name: service,
                 instances,
+                protection: Some(protection),
             }),
             revision,
+        }))
+    }
+
+    async fn get_health(
+        &self,
+        request: Request<GetHealthRequest>,
+    ) -> Result<Response<GetHealthResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) =
+            validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+        if !req.instance_id.is_empty() {
+            validate::instance_id("instance_id", &req.instance_id).map_err(RegistryError::from)?;
+        }
+        self.await_revision(0).await?;
+        let (instances, revision) = self.hub.service(&namespace, &service);
+        let histories = self
+            .store
+            .range(&self.keys.health_prefix(&namespace, &service))
+            .await
+            .map_err(RegistryError::from)?;
+        let mut by_id: std::collections::HashMap<String, HealthHistory> = histories
+            .kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let id = kv.key.rsplit('/').next()?.to_owned();
+                HealthHistory::decode(kv.value.as_slice())
+                    .ok()
+                    .map(|h| (id, h))
+            })
+            .collect();
+        let instances = instances
+            .iter()
+            .filter(|i| req.instance_id.is_empty() || i.instance_id == req.instance_id)
+            .map(|i| InstanceHealth {
+                instance_id: i.instance_id.clone(),
+                status: i.status,
+                detail: i.health.clone(),
+                transitions: by_id
+                    .remove(&i.instance_id)
+                    .map(|h| h.transitions)
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(GetHealthResponse {
+            instances,
+            protection: Some(self.hub.protection(&namespace, &service)),
+            revision,
+        }))
+    }
+
+    async fn set_service_config(
+        &self,
+        request: Request<SetServiceConfigRequest>,
+    ) -> Result<Response<SetServiceConfigResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) =
+            validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+        let config = req.config.unwrap_or_default();
+        if let Some(t) = config.protection_threshold_percent {
+            if t > 100 {
+                return Err(RegistryError::from(validate::ValidationError {
+                    field: "config.protection_threshold_percent".into(),
+                    rule: format!("must be 0-100 (0 disables protection) (got {t})"),
+                })
+                .into());
+            }
+        }
+        let key = self.keys.service_config(&namespace, &service);
+        let revision = if config == ServiceConfig::default() {
+            self.store
+                .delete(&key)
+                .await
+                .map_err(RegistryError::from)?
+                .revision
+        } else {
+            self.store
+                .put(&key, config.encode_to_vec(), None)
+                .await
+                .map_err(RegistryError::from)?
+        };
+        self.last_write.fetch_max(revision, Ordering::AcqRel);
+        tracing::info!(namespace, service, ?config, revision, "service config set");
+        Ok(Response::new(SetServiceConfigResponse { revision }))
+    }
+
+    async fn get_service_config(
+        &self,
+        request: Request<GetServiceConfigRequest>,
+    ) -> Result<Response<GetServiceConfigResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) =
+            validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+        self.await_revision(0).await?;
+        let config = self
+            .hub
+            .service_config(&namespace, &service)
+            .unwrap_or_default();
+        let effective = config
+            .protection_threshold_percent
+            .unwrap_or_else(|| self.hub.default_protection_threshold());
+        Ok(Response::new(GetServiceConfigResponse {
+            config: Some(config),
+            effective_protection_threshold_percent: effective,
         }))
     }
 
@@ -498,6 +614,7 @@ impl Registry for RegistryService {
         let services = services
             .into_iter()
             .map(|(namespace, name, instances)| Service {
+                protection: Some(self.hub.protection(&namespace, &name)),
                 namespace,
                 name,
                 instances: if req.summary_only {

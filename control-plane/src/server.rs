@@ -8,6 +8,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use weir_proto::registry::v1::registry_server::RegistryServer;
 
 use crate::{
+    checks::Checks,
     config::{Config, StoreConfig},
     hub::{Hub, HubConfig, HubTask},
     keys::Keys,
@@ -49,6 +50,7 @@ pub struct ControlPlane {
     shutdown: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
+    checks: Checks,
     _hub_task: HubTask,
 }
 
@@ -113,7 +115,14 @@ impl ControlPlane {
     ) -> Result<Self, ServeError> {
         let keys = Keys::new(&config.etcd_prefix);
         let store_kind = store.kind();
-        let (hub, hub_task) = Hub::start(store.clone(), keys.clone(), HubConfig::default());
+        let (hub, hub_task) = Hub::start(
+            store.clone(),
+            keys.clone(),
+            HubConfig {
+                protection_threshold_percent: config.protection_threshold_percent,
+                ..HubConfig::default()
+            },
+        );
 
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
@@ -140,6 +149,15 @@ impl ControlPlane {
                 source,
             })?;
 
+        let checks = Checks::start(
+            store.clone(),
+            keys.clone(),
+            hub.clone(),
+            config.replica_id.clone(),
+            format!("grpc={grpc_addr}").into_bytes(),
+            std::time::Duration::from_secs(u64::from(config.replica_ttl_seconds)),
+        )
+        .await?;
         let (shutdown, _) = watch::channel(false);
         let registry = RegistryServer::new(RegistryService::new(store, hub.clone(), keys))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -213,6 +231,7 @@ impl ControlPlane {
             shutdown,
             grpc,
             http,
+            checks,
             _hub_task: hub_task,
         })
     }
@@ -229,6 +248,11 @@ impl ControlPlane {
         self.store_kind
     }
 
+    /// Instances whose checks this replica runs now.
+    pub fn checking(&self) -> usize {
+        self.checks.checking()
+    }
+
     /// Serves until `signal` completes, then drains: stops accepting, lets
     /// open calls finish, ends watch streams.
     pub async fn serve_until(self, signal: impl Future<Output = ()>) -> Result<(), ServeError> {
@@ -240,6 +264,7 @@ impl ControlPlane {
     pub async fn shutdown(self) -> Result<(), ServeError> {
         tracing::info!("control plane shutting down");
         self.shutdown.send_replace(true);
+        self.checks.stop().await;
         // Watch streams end with the hub; KeepAlive streams end when their
         // callers go, which a drain cannot wait for forever.
         drop(self._hub_task);

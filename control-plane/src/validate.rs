@@ -38,7 +38,7 @@ pub struct ValidationError {
     pub rule: String,
 }
 
-fn err(field: impl Into<String>, rule: impl Into<String>) -> ValidationError {
+pub(crate) fn err(field: impl Into<String>, rule: impl Into<String>) -> ValidationError {
     ValidationError {
         field: field.into(),
         rule: rule.into(),
@@ -238,11 +238,15 @@ pub fn registration(instance: Option<&Instance>) -> Result<Instance, ValidationE
     }
     metadata("instance.metadata", &i.metadata)?;
     topics("instance.topics", &i.topics)?;
+    if let Some(check) = i.health_check.as_mut() {
+        crate::health::spec::normalize(check, i.ephemeral)?;
+    }
     // Output-only fields are the server's to fill.
     i.status = 0;
     i.revision = 0;
     i.registered_at_unix_ms = 0;
     i.lease_id = 0;
+    i.health = None;
     Ok(i)
 }
 

@@ -191,12 +191,14 @@ impl EtcdStore {
             Err(e) => return Err(e),
         };
         // The opening answer was consumed by `keep_alive`; ask for the TTL.
-        let ttl = self
-            .client
-            .lease_client()
-            .time_to_live(lease, None)
-            .await?
-            .ttl();
+        // Report the granted TTL, as later renewals do: `ttl()` is the time
+        // left, truncated to a second short. A negative one: lease gone.
+        let resp = self.client.lease_client().time_to_live(lease, None).await?;
+        let ttl = if resp.ttl() < 0 {
+            0
+        } else {
+            resp.granted_ttl()
+        };
         *guard = Some(Keeper {
             keeper,
             responses,
@@ -415,6 +417,14 @@ impl Store for EtcdStore {
                 Ok(Some(WatchMessage::Events(events)))
             })
             .filter_map(|r| async move { r.transpose() });
+        // etcd keeps the gRPC stream open after canceling a watch: end ours
+        // after Compacted or an error, as the trait promises.
+        let messages = futures::stream::unfold(Some(Box::pin(messages)), |stream| async move {
+            let mut stream = stream?;
+            let message = stream.next().await?;
+            let last = matches!(message, Ok(WatchMessage::Compacted { .. }) | Err(_));
+            Some((message, (!last).then_some(stream)))
+        });
         Ok(Box::pin(messages))
     }
 
