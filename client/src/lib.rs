@@ -54,10 +54,13 @@ use weir_proto::registry::v1::registry_client::RegistryClient;
 pub use registration::{retry_delay, Registration, RegistrationState};
 pub use watch::{WatchUpdate, WatchView};
 pub use weir_proto::registry::v1::{
-    watch_response::Kind as WatchKind, DeregisterRequest, DeregisterResponse, Event, EventType,
-    GetServiceRequest, GetServiceResponse, HealthStatus, Instance, InstanceRef,
+    health_check, watch_response::Kind as WatchKind, DeregisterRequest, DeregisterResponse, Event,
+    EventType, GetHealthRequest, GetHealthResponse, GetServiceConfigRequest,
+    GetServiceConfigResponse, GetServiceRequest, GetServiceResponse, GrpcCheck, HealthCheck,
+    HealthDetail, HealthStatus, HealthTransition, HttpCheck, Instance, InstanceHealth, InstanceRef,
     ListServicesRequest, ListServicesResponse, Protocol, RegisterRequest, RegisterResponse,
-    Service, ServiceSummary, WatchRequest, WatchResponse,
+    Service, ServiceConfig, ServiceProtection, ServiceSummary, SetServiceConfigRequest,
+    SetServiceConfigResponse, TcpCheck, TtlCheck, WatchRequest, WatchResponse,
 };
 
 /// The control plane's default gRPC address.
@@ -341,6 +344,39 @@ impl Client {
         self.call("GetService", true, |mut c| {
             let request = request.clone();
             async move { c.get_service(request).await }
+        })
+        .await
+    }
+
+    /// Health of a service's instances with their recent transitions.
+    pub async fn get_health(&self, request: GetHealthRequest) -> Result<GetHealthResponse, Error> {
+        self.call("GetHealth", true, |mut c| {
+            let request = request.clone();
+            async move { c.get_health(request).await }
+        })
+        .await
+    }
+
+    /// Stores a service's settings (an all-unset config removes them).
+    pub async fn set_service_config(
+        &self,
+        request: SetServiceConfigRequest,
+    ) -> Result<SetServiceConfigResponse, Error> {
+        self.call("SetServiceConfig", true, |mut c| {
+            let request = request.clone();
+            async move { c.set_service_config(request).await }
+        })
+        .await
+    }
+
+    /// A service's settings and the protection threshold in force.
+    pub async fn get_service_config(
+        &self,
+        request: GetServiceConfigRequest,
+    ) -> Result<GetServiceConfigResponse, Error> {
+        self.call("GetServiceConfig", true, |mut c| {
+            let request = request.clone();
+            async move { c.get_service_config(request).await }
         })
         .await
     }

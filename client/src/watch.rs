@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
-    registration::retry_delay, Client, Error, Event, EventType, Instance, WatchKind, WatchRequest,
-    WatchResponse,
+    registration::retry_delay, Client, Error, Event, EventType, Instance, ServiceProtection,
+    WatchKind, WatchRequest, WatchResponse,
 };
 
 /// What one [`WatchView::next`] call changed.
@@ -16,9 +16,16 @@ pub enum WatchUpdate {
     Snapshot {
         revision: u64,
         resync_reason: Option<String>,
+        /// Matching services in protection.
+        protection: Vec<ServiceProtection>,
     },
-    /// These changes were applied, in order.
-    Changes { revision: u64, events: Vec<Event> },
+    /// These changes were applied, in order; `protection` lists the
+    /// services whose protection state changed.
+    Changes {
+        revision: u64,
+        events: Vec<Event>,
+        protection: Vec<ServiceProtection>,
+    },
     /// Nothing changed; the view is current up to `revision`.
     Progress { revision: u64 },
 }
@@ -45,6 +52,8 @@ pub struct WatchView {
     service: String,
     stream: Option<tonic::Streaming<WatchResponse>>,
     instances: BTreeMap<Key, Instance>,
+    /// Services in protection.
+    protected: BTreeMap<(String, String), ServiceProtection>,
     /// A snapshot arriving in several messages.
     staging: Option<BTreeMap<Key, Instance>>,
     revision: u64,
@@ -59,6 +68,7 @@ impl WatchView {
             service: service.to_string(),
             stream: None,
             instances: BTreeMap::new(),
+            protected: BTreeMap::new(),
             staging: None,
             revision: 0,
             failures: 0,
@@ -80,6 +90,23 @@ impl WatchView {
     /// The instances, ordered by namespace, service and id.
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.instances.values()
+    }
+
+    /// Whether a service is in protection (route to all its instances).
+    pub fn in_protection(&self, namespace: &str, service: &str) -> bool {
+        self.protected
+            .contains_key(&(namespace.to_owned(), service.to_owned()))
+    }
+
+    fn note_protection(&mut self, protection: &[ServiceProtection]) {
+        for p in protection {
+            let key = (p.namespace.clone(), p.service.clone());
+            if p.active {
+                self.protected.insert(key, p.clone());
+            } else {
+                self.protected.remove(&key);
+            }
+        }
     }
 
     /// Looks one instance up.
@@ -172,9 +199,12 @@ impl WatchView {
                 }
                 self.instances = self.staging.take().unwrap_or_default();
                 self.revision = msg.revision;
+                self.protected.clear();
+                self.note_protection(&msg.protection);
                 Ok(Some(WatchUpdate::Snapshot {
                     revision: msg.revision,
                     resync_reason: (!msg.resync_reason.is_empty()).then_some(msg.resync_reason),
+                    protection: msg.protection,
                 }))
             }
             WatchKind::Changes => {
@@ -199,9 +229,11 @@ impl WatchView {
                     }
                 }
                 self.revision = self.revision.max(msg.revision);
+                self.note_protection(&msg.protection);
                 Ok(Some(WatchUpdate::Changes {
                     revision: msg.revision,
                     events: msg.events,
+                    protection: msg.protection,
                 }))
             }
             WatchKind::Progress => {
@@ -244,6 +276,17 @@ mod tests {
         }
     }
 
+    fn protection(active: bool) -> ServiceProtection {
+        ServiceProtection {
+            namespace: "default".into(),
+            service: "orders".into(),
+            active,
+            threshold_percent: 50,
+            healthy: 1,
+            total: 3,
+        }
+    }
+
     fn ids(v: &WatchView) -> Vec<String> {
         v.instances().map(|i| i.instance_id.clone()).collect()
     }
@@ -257,12 +300,18 @@ mod tests {
             revision: rev,
             snapshot_complete: complete,
             resync_reason: String::new(),
+            protection: if complete {
+                vec![protection(true)]
+            } else {
+                Vec::new()
+            },
         };
         assert_eq!(v.apply(part(&["a", "b"], false, 7)).expect("ok"), None);
         assert!(ids(&v).is_empty(), "a partial snapshot is not shown");
         assert!(v.apply(part(&["c"], true, 7)).expect("ok").is_some());
         assert_eq!(ids(&v), ["a", "b", "c"]);
         assert_eq!(v.revision(), 7);
+        assert!(v.in_protection("default", "orders"));
 
         let changes = WatchResponse {
             kind: WatchKind::Changes as i32,
@@ -271,6 +320,7 @@ mod tests {
                 event(EventType::Put, "d", 9),
             ],
             revision: 9,
+            protection: vec![protection(false)],
             ..WatchResponse::default()
         };
         assert!(matches!(
@@ -278,6 +328,7 @@ mod tests {
             Some(WatchUpdate::Changes { revision: 9, .. })
         ));
         assert_eq!(ids(&v), ["a", "c", "d"]);
+        assert!(!v.in_protection("default", "orders"), "released");
         assert!(
             matches!(v.apply(changes), Err(Error::Protocol(_))),
             "a replayed change is a protocol error"
@@ -291,7 +342,8 @@ mod tests {
             v.apply(resync).expect("ok"),
             Some(WatchUpdate::Snapshot {
                 revision: 20,
-                resync_reason: Some("fell behind".into())
+                resync_reason: Some("fell behind".into()),
+                protection: vec![protection(true)],
             })
         );
         assert_eq!(ids(&v), ["z"]);

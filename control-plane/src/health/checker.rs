@@ -198,7 +198,7 @@ async fn check_loop(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let result: ProbeResult = probe::run(&spec, grpc.as_ref()).await;
+        let result: ProbeResult = probe::run(&spec, grpc.as_ref(), &checked_by).await;
         probes.fetch_add(1, Ordering::Relaxed);
         if let Some((to, consecutive)) = tracker.record(result.outcome) {
             let from = last_transition.as_ref().map_or(written, |t| t.to);

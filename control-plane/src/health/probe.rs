@@ -30,12 +30,18 @@ const MAX_OUTPUT: usize = 256;
 /// Runs the check once, bounded by its timeout. `grpc` is a reusable channel
 /// for gRPC checks (created lazily by the caller), so a gRPC check is one
 /// RPC, not a new connection each time.
-pub async fn run(spec: &CheckSpec, grpc: Option<&tonic::transport::Channel>) -> ProbeResult {
+/// HTTP checks send `checked_by` in an `x-weir-checker` header, so an
+/// instance's logs say who checks it.
+pub async fn run(
+    spec: &CheckSpec,
+    grpc: Option<&tonic::transport::Channel>,
+    checked_by: &str,
+) -> ProbeResult {
     let start = Instant::now();
     let attempt = async {
         match &spec.probe {
             Probe::Tcp => tcp(spec).await,
-            Probe::Http { path, expected } => http(spec, path, *expected).await,
+            Probe::Http { path, expected } => http(spec, path, *expected, checked_by).await,
             Probe::Grpc { service } => match grpc {
                 Some(channel) => grpc_check(channel.clone(), service).await,
                 None => (Outcome::Fail, "no gRPC channel".to_owned()),
@@ -91,7 +97,12 @@ async fn tcp(spec: &CheckSpec) -> (Outcome, String) {
     }
 }
 
-async fn http(spec: &CheckSpec, path: &str, expected: (u16, u16)) -> (Outcome, String) {
+async fn http(
+    spec: &CheckSpec,
+    path: &str,
+    expected: (u16, u16),
+    checked_by: &str,
+) -> (Outcome, String) {
     let stream = match connect(spec).await {
         Ok(s) => s,
         Err(e) => return (Outcome::Fail, e),
@@ -108,6 +119,7 @@ async fn http(spec: &CheckSpec, path: &str, expected: (u16, u16)) -> (Outcome, S
         .header(hyper::header::HOST, authority(spec))
         .header(hyper::header::USER_AGENT, "weir-health-check")
         .header(hyper::header::CONNECTION, "close")
+        .header("x-weir-checker", checked_by)
         .body(Empty::<Bytes>::new());
     let request = match request {
         Ok(r) => r,

@@ -15,8 +15,10 @@ use std::{collections::HashMap, io::Write, process::ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use weir_client::{
-    Client, GetServiceRequest, Instance, InstanceRef, ListServicesRequest, Protocol,
-    RegistrationState, WatchUpdate, DEFAULT_ENDPOINT,
+    health_check, Client, GetHealthRequest, GetServiceConfigRequest, GetServiceRequest, GrpcCheck,
+    HealthCheck, HttpCheck, Instance, InstanceRef, ListServicesRequest, Protocol,
+    RegistrationState, ServiceConfig, SetServiceConfigRequest, TcpCheck, TtlCheck, WatchUpdate,
+    DEFAULT_ENDPOINT,
 };
 
 use output::*;
@@ -51,7 +53,7 @@ enum Format {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Register an instance (persistent unless --ttl or --keep-alive).
-    Register(RegisterArgs),
+    Register(Box<RegisterArgs>),
     /// Remove an instance.
     Deregister {
         service: String,
@@ -79,6 +81,21 @@ enum Command {
         /// Only instances that are passing.
         #[arg(long)]
         healthy: bool,
+    },
+    /// Health of a service's instances, with their recent transitions.
+    Health {
+        service: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
+    /// Show a service's settings, or change them.
+    ServiceConfig {
+        service: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// Protection threshold in percent (0 disables; "default" unsets).
+        #[arg(long)]
+        protection_threshold: Option<String>,
     },
     /// Follow changes live (a snapshot first, then every change).
     Watch {
@@ -129,6 +146,44 @@ struct RegisterArgs {
     /// interrupted, then deregister.
     #[arg(long)]
     keep_alive: bool,
+    /// Active health check: http[:/path], tcp, grpc[:service] or ttl.
+    #[arg(long, value_parser = parse_check)]
+    check: Option<health_check::Kind>,
+    /// Check interval, ms (default 1000).
+    #[arg(long)]
+    check_interval_ms: Option<u32>,
+    /// Check timeout, ms (default min(interval, 1000)).
+    #[arg(long)]
+    check_timeout_ms: Option<u32>,
+    /// Failed checks (within a window) before CRITICAL (default 2).
+    #[arg(long)]
+    check_failures: Option<u32>,
+    /// Passing checks in a row before PASSING again (default 2).
+    #[arg(long)]
+    check_successes: Option<u32>,
+    /// Deregister a persistent instance CRITICAL this long, seconds.
+    #[arg(long)]
+    deregister_critical_after: Option<u32>,
+}
+
+fn parse_check(s: &str) -> Result<health_check::Kind, String> {
+    let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
+    Ok(match kind {
+        "http" => health_check::Kind::Http(HttpCheck {
+            path: arg.to_owned(),
+            ..HttpCheck::default()
+        }),
+        "tcp" if arg.is_empty() => health_check::Kind::Tcp(TcpCheck {}),
+        "grpc" => health_check::Kind::Grpc(GrpcCheck {
+            service: arg.to_owned(),
+        }),
+        "ttl" if arg.is_empty() => health_check::Kind::Ttl(TtlCheck {}),
+        _ => {
+            return Err(format!(
+                "expected http[:/path], tcp, grpc[:service] or ttl, got {s:?}"
+            ))
+        }
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -167,7 +222,7 @@ async fn run(cli: Cli) -> Result<()> {
     let client = Client::connect(&cli.endpoint).await?;
     let format = cli.output;
     match cli.command {
-        Command::Register(args) => register(&client, format, args).await,
+        Command::Register(args) => register(&client, format, *args).await,
         Command::Deregister {
             service,
             instance_id,
@@ -267,6 +322,65 @@ async fn run(cli: Cli) -> Result<()> {
             from,
             count,
         } => watch(&client, format, namespace, service, from, count).await,
+        Command::Health { service, namespace } => {
+            let resp = client
+                .get_health(GetHealthRequest {
+                    namespace: namespace.clone(),
+                    service: service.clone(),
+                    ..GetHealthRequest::default()
+                })
+                .await?;
+            match format {
+                Format::Json => println!("{}", health_json(&resp)),
+                Format::Table => print!("{}", health_table(&namespace, &service, &resp)),
+            }
+            Ok(())
+        }
+        Command::ServiceConfig {
+            service,
+            namespace,
+            protection_threshold,
+        } => {
+            if let Some(t) = protection_threshold {
+                let threshold = if t == "default" {
+                    None
+                } else {
+                    Some(t.parse::<u32>().with_context(|| {
+                        format!("--protection-threshold must be 0-100 or \"default\" (got {t:?})")
+                    })?)
+                };
+                client
+                    .set_service_config(SetServiceConfigRequest {
+                        namespace: namespace.clone(),
+                        service: service.clone(),
+                        config: Some(ServiceConfig {
+                            protection_threshold_percent: threshold,
+                        }),
+                    })
+                    .await?;
+            }
+            let resp = client
+                .get_service_config(GetServiceConfigRequest {
+                    namespace: namespace.clone(),
+                    service: service.clone(),
+                })
+                .await?;
+            let own = resp.config.and_then(|c| c.protection_threshold_percent);
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({"namespace": namespace, "service": service,
+                        "protection_threshold_percent": own,
+                        "effective_protection_threshold_percent": resp.effective_protection_threshold_percent})
+                ),
+                Format::Table => println!(
+                    "{namespace}/{service}: protection threshold {}%{}",
+                    resp.effective_protection_threshold_percent,
+                    if own.is_some() { "" } else { " (default)" }
+                ),
+            }
+            Ok(())
+        }
     }
 }
 
@@ -293,6 +407,15 @@ async fn register(client: &Client, format: Format, args: RegisterArgs) -> Result
         ephemeral: ttl.is_some(),
         ttl_seconds: ttl.unwrap_or(0),
         topics: args.topics,
+        health_check: args.check.map(|kind| HealthCheck {
+            kind: Some(kind),
+            interval_ms: args.check_interval_ms.unwrap_or(0),
+            timeout_ms: args.check_timeout_ms.unwrap_or(0),
+            failures_before_critical: args.check_failures.unwrap_or(0),
+            successes_before_passing: args.check_successes.unwrap_or(0),
+            deregister_critical_after_seconds: args.deregister_critical_after.unwrap_or(0),
+            port: 0,
+        }),
         ..Instance::default()
     };
     if !args.keep_alive {
@@ -383,21 +506,25 @@ async fn watch(
                 WatchUpdate::Snapshot {
                     revision,
                     resync_reason,
+                    protection,
                 },
                 Format::Json,
             ) => {
                 let instances: Vec<_> = view.instances().map(instance_json).collect();
+                let protection: Vec<_> = protection.iter().map(protection_json).collect();
                 writeln!(
                     out,
                     "{}",
                     serde_json::json!({"kind": "snapshot", "revision": revision,
-                        "resync_reason": resync_reason, "instances": instances})
+                        "resync_reason": resync_reason, "instances": instances,
+                        "protection": protection})
                 )?;
             }
             (
                 WatchUpdate::Snapshot {
                     revision,
                     resync_reason,
+                    protection,
                 },
                 Format::Table,
             ) => {
@@ -415,8 +542,16 @@ async fn watch(
                     };
                     writeln!(out, "{}", event_line(&e))?;
                 }
+                for p in protection {
+                    writeln!(out, "{}", protection_line(*revision, p))?;
+                }
             }
-            (WatchUpdate::Changes { events, .. }, Format::Json) => {
+            (
+                WatchUpdate::Changes {
+                    events, protection, ..
+                },
+                Format::Json,
+            ) => {
                 for e in events {
                     writeln!(
                         out,
@@ -424,10 +559,27 @@ async fn watch(
                         serde_json::json!({"kind": "change", "event": event_json(e)})
                     )?;
                 }
+                for p in protection {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"kind": "protection", "protection": protection_json(p)})
+                    )?;
+                }
             }
-            (WatchUpdate::Changes { events, .. }, Format::Table) => {
+            (
+                WatchUpdate::Changes {
+                    revision,
+                    events,
+                    protection,
+                },
+                Format::Table,
+            ) => {
                 for e in events {
                     writeln!(out, "{}", event_line(e))?;
+                }
+                for p in protection {
+                    writeln!(out, "{}", protection_line(*revision, p))?;
                 }
             }
             (WatchUpdate::Progress { revision }, Format::Json) => {

@@ -3,7 +3,10 @@
 use std::fmt::Write as _;
 
 use serde_json::{json, Map, Value};
-use weir_client::{Event, EventType, HealthStatus, Instance, Protocol, ServiceSummary};
+use weir_client::{
+    Event, EventType, GetHealthResponse, HealthDetail, HealthStatus, Instance, Protocol,
+    ServiceProtection, ServiceSummary,
+};
 
 /// Lays rows out in left-aligned columns separated by two spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -83,8 +86,9 @@ fn metadata(i: &Instance) -> String {
         .join(",")
 }
 
-pub const INSTANCE_HEADER: [&str; 9] = [
+pub const INSTANCE_HEADER: [&str; 10] = [
     "ID", "ADDRESS", "PROTOCOL", "WEIGHT", "VERSION", "ZONE", "STATUS", "LIFETIME", "METADATA",
+    "REASON",
 ];
 
 pub fn instance_row(i: &Instance) -> Vec<String> {
@@ -98,7 +102,129 @@ pub fn instance_row(i: &Instance) -> Vec<String> {
         status_name(i.status).into(),
         lifetime(i),
         dash(&metadata(i)),
+        dash(i.health.as_ref().map_or("", |h| h.reason.as_str())),
     ]
+}
+
+fn detail_json(h: &HealthDetail) -> Value {
+    json!({
+        "reason": h.reason,
+        "latency_us": h.latency_us,
+        "consecutive": h.consecutive,
+        "since_unix_ms": h.since_unix_ms,
+        "checked_by": h.checked_by,
+    })
+}
+
+pub fn protection_json(p: &ServiceProtection) -> Value {
+    json!({
+        "namespace": p.namespace,
+        "service": p.service,
+        "active": p.active,
+        "threshold_percent": p.threshold_percent,
+        "healthy": p.healthy,
+        "total": p.total,
+    })
+}
+
+pub fn protection_line(revision: u64, p: &ServiceProtection) -> String {
+    format!(
+        "{revision:<8} {:<6} {}/{}  {} of {} healthy, threshold {}%",
+        if p.active { "PROTECT" } else { "RELEASE" },
+        p.namespace,
+        p.service,
+        p.healthy,
+        p.total,
+        p.threshold_percent
+    )
+}
+
+fn ago(unix_ms: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let s = (now - unix_ms).max(0) / 1000;
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+pub fn health_json(r: &GetHealthResponse) -> Value {
+    json!({
+        "revision": r.revision,
+        "protection": r.protection.as_ref().map(protection_json),
+        "instances": r.instances.iter().map(|i| json!({
+            "instance_id": i.instance_id,
+            "status": status_name(i.status),
+            "detail": i.detail.as_ref().map(detail_json),
+            "transitions": i.transitions.iter().map(|t| json!({
+                "at_unix_ms": t.at_unix_ms,
+                "from": status_name(t.from),
+                "to": status_name(t.to),
+                "reason": t.reason,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Current status per instance, then each one's transitions, newest first.
+pub fn health_table(namespace: &str, service: &str, r: &GetHealthResponse) -> String {
+    let mut out = String::new();
+    if let Some(p) = &r.protection {
+        let _ = writeln!(
+            out,
+            "{namespace}/{service}: {} of {} instances healthy, protection threshold {}%{}",
+            p.healthy,
+            p.total,
+            p.threshold_percent,
+            if p.active {
+                " -- IN PROTECTION (route to all)"
+            } else {
+                ""
+            }
+        );
+    }
+    let rows: Vec<Vec<String>> = r
+        .instances
+        .iter()
+        .map(|i| {
+            let d = i.detail.clone().unwrap_or_default();
+            vec![
+                i.instance_id.clone(),
+                status_name(i.status).into(),
+                if d.since_unix_ms > 0 {
+                    ago(d.since_unix_ms)
+                } else {
+                    "-".into()
+                },
+                dash(&d.checked_by),
+                dash(&d.reason),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["ID", "STATUS", "SINCE", "CHECKED BY", "REASON"],
+        &rows,
+    ));
+    for i in &r.instances {
+        if i.transitions.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "\n{} transitions (newest first):", i.instance_id);
+        for t in i.transitions.iter().rev() {
+            let _ = writeln!(
+                out,
+                "  {:<9} {:>8} -> {:<8} {}",
+                ago(t.at_unix_ms),
+                status_name(t.from),
+                status_name(t.to),
+                t.reason
+            );
+        }
+    }
+    out
 }
 
 fn dash(s: &str) -> String {
@@ -144,6 +270,7 @@ pub fn instance_json(i: &Instance) -> Value {
         "revision": i.revision,
         "registered_at_unix_ms": i.registered_at_unix_ms,
         "lease_id": i.lease_id,
+        "health": i.health.as_ref().map(detail_json),
     })
 }
 
