@@ -16,6 +16,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod fixtures;
+
 /// Environment variable naming a shared etcd for tests.
 pub const ETCD_ENV: &str = "WEIR_TEST_ETCD_ENDPOINTS";
 

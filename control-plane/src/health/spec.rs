@@ -48,7 +48,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
     const F: &str = "instance.health_check";
     let Some(kind) = &mut check.kind else {
         return Err(err(
-            &format!("{F}.kind"),
+            format!("{F}.kind"),
             "must be one of http, tcp, grpc or ttl (or leave health_check unset)",
         ));
     };
@@ -62,7 +62,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
                 || !h.path.bytes().all(|b| b.is_ascii_graphic())
             {
                 return Err(err(
-                    &format!("{F}.http.path"),
+                    format!("{F}.http.path"),
                     format!("must start with '/' and be at most {MAX_HTTP_PATH} printable ASCII characters without spaces"),
                 ));
             }
@@ -74,7 +74,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
                 || !(h.expected_status_min..=599).contains(&h.expected_status_max)
             {
                 return Err(err(
-                    &format!("{F}.http.expected_status_min"),
+                    format!("{F}.http.expected_status_min"),
                     format!(
                         "expected status range must be within 100-599 with min <= max (got {}-{})",
                         h.expected_status_min, h.expected_status_max
@@ -86,7 +86,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
         Kind::Grpc(g) => {
             if g.service.len() > 255 || !g.service.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(err(
-                    &format!("{F}.grpc.service"),
+                    format!("{F}.grpc.service"),
                     "must be at most 255 printable ASCII characters without spaces",
                 ));
             }
@@ -94,7 +94,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
         Kind::Ttl(_) => {
             if !ephemeral {
                 return Err(err(
-                    &format!("{F}.ttl"),
+                    format!("{F}.ttl"),
                     "a TTL check needs an ephemeral instance (the heartbeat is the check)",
                 ));
             }
@@ -105,7 +105,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
     }
     if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&check.interval_ms) {
         return Err(err(
-            &format!("{F}.interval_ms"),
+            format!("{F}.interval_ms"),
             format!("must be {MIN_INTERVAL_MS}-{MAX_INTERVAL_MS} (0 = default {DEFAULT_INTERVAL_MS}) (got {})", check.interval_ms),
         ));
     }
@@ -114,7 +114,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
     }
     if !(MIN_TIMEOUT_MS..=check.interval_ms).contains(&check.timeout_ms) {
         return Err(err(
-            &format!("{F}.timeout_ms"),
+            format!("{F}.timeout_ms"),
             format!(
                 "must be {MIN_TIMEOUT_MS}-interval_ms ({}) (got {})",
                 check.interval_ms, check.timeout_ms
@@ -138,7 +138,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
         }
         if *value > MAX_THRESHOLD {
             return Err(err(
-                &format!("{F}.{name}"),
+                format!("{F}.{name}"),
                 format!("must be 1-{MAX_THRESHOLD} (0 = default {default}) (got {value})"),
             ));
         }
@@ -146,7 +146,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
     if check.deregister_critical_after_seconds != 0 {
         if ephemeral {
             return Err(err(
-                &format!("{F}.deregister_critical_after_seconds"),
+                format!("{F}.deregister_critical_after_seconds"),
                 "only for persistent instances (an ephemeral one leaves when its lease expires)",
             ));
         }
@@ -154,7 +154,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
             .contains(&check.deregister_critical_after_seconds)
         {
             return Err(err(
-                &format!("{F}.deregister_critical_after_seconds"),
+                format!("{F}.deregister_critical_after_seconds"),
                 format!(
                     "must be {MIN_DEREGISTER_AFTER_S}-{MAX_DEREGISTER_AFTER_S} (0 = never) (got {})",
                     check.deregister_critical_after_seconds
@@ -164,7 +164,7 @@ pub fn normalize(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Validat
     }
     if check.port > 65_535 {
         return Err(err(
-            &format!("{F}.port"),
+            format!("{F}.port"),
             format!(
                 "must be 1-65535 (0 = the instance's port) (got {})",
                 check.port

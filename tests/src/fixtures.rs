@@ -1,0 +1,135 @@
+//! Sample instances for health tests: a real HTTP server whose answers the
+//! test controls and which records every request it gets.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::Result;
+use axum::{extract::State, http::HeaderMap, http::StatusCode, http::Uri, Router};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+/// One request a [`HttpInstance`] answered.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub path: String,
+    /// The `x-weir-checker` header: which replica checked.
+    pub checker: String,
+    pub at: Instant,
+    pub status: u16,
+}
+
+#[derive(Debug, Default)]
+struct Behaviour {
+    default_status: u16,
+    status: HashMap<String, u16>,
+    /// Paths that alternate 200, 500, 200, ... per request.
+    flapping: HashSet<String>,
+    flap_state: HashMap<String, bool>,
+    hits: Vec<Hit>,
+}
+
+/// An HTTP server on loopback answering every path with a status the test
+/// sets (200 by default).
+#[derive(Debug)]
+pub struct HttpInstance {
+    addr: SocketAddr,
+    state: Arc<Mutex<Behaviour>>,
+    task: JoinHandle<()>,
+}
+
+async fn answer(
+    State(state): State<Arc<Mutex<Behaviour>>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> StatusCode {
+    let path = uri.path().to_owned();
+    let mut b = state.lock().unwrap_or_else(|e| e.into_inner());
+    let status = if b.flapping.contains(&path) {
+        let failing = b.flap_state.entry(path.clone()).or_insert(true);
+        *failing = !*failing;
+        if *failing {
+            500
+        } else {
+            200
+        }
+    } else {
+        b.status.get(&path).copied().unwrap_or(b.default_status)
+    };
+    let checker = headers
+        .get("x-weir-checker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    b.hits.push(Hit {
+        path,
+        checker,
+        at: Instant::now(),
+        status,
+    });
+    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+impl HttpInstance {
+    pub async fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(Behaviour {
+            default_status: 200,
+            ..Behaviour::default()
+        }));
+        let app = Router::new().fallback(answer).with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Behaviour) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Answers `path` with `status` from now on.
+    pub fn set_status(&self, path: &str, status: u16) {
+        self.with(|b| {
+            b.flapping.remove(path);
+            b.status.insert(path.to_owned(), status);
+        });
+    }
+
+    /// Answers `path` with 500 and 200 in turn.
+    pub fn flap(&self, path: &str) {
+        self.with(|b| {
+            b.flapping.insert(path.to_owned());
+        });
+    }
+
+    /// Every request so far.
+    pub fn hits(&self) -> Vec<Hit> {
+        self.with(|b| b.hits.clone())
+    }
+
+    /// Requests to `path` since `since`.
+    pub fn hits_since(&self, path: &str, since: Instant) -> Vec<Hit> {
+        self.with(|b| {
+            b.hits
+                .iter()
+                .filter(|h| h.path == path && h.at >= since)
+                .cloned()
+                .collect()
+        })
+    }
+}
+
+impl Drop for HttpInstance {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
