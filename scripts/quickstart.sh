@@ -58,6 +58,11 @@ weir_log "registering sample instances"
 weirctl register orders --host 127.0.0.1 --port 8081 --id orders-1 --version 1.4.0 --zone a --meta team=shop >/dev/null
 weirctl register orders --host 127.0.0.1 --port 8082 --id orders-2 --version 1.4.0 --zone b --meta team=shop >/dev/null
 weirctl register payments --host 127.0.0.1 --port 9090 --id payments-1 --protocol grpc --topic payments.requested >/dev/null
+# Two actively checked ones: the control plane's own HTTP endpoint (healthy),
+# and a TCP check on a port nothing listens on (goes CRITICAL in ~2 s).
+http_port=${http##*:}
+weirctl register status-page --host 127.0.0.1 --port "$http_port" --id status-1 --check http:/healthz >/dev/null
+weirctl register legacy --host 127.0.0.1 --port "$(weir_free_port)" --id legacy-1 --check tcp >/dev/null
 # An ephemeral instance on a 6 s lease, renewed in the background by weirctl.
 weirctl register inventory --host 127.0.0.1 --port 8090 --id inventory-1 --ttl 6 --keep-alive \
   >/dev/null 2>"$LOG_DIR/keeper.log" &
@@ -73,6 +78,16 @@ weirctl list
 echo
 echo "\$ weirctl get orders"
 weirctl get orders
+for _ in $(seq 1 50); do
+  weirctl get legacy 2>/dev/null | grep -q critical && break
+  sleep 0.1
+done
+echo
+echo "\$ weirctl get legacy"
+weirctl get legacy
+echo
+echo "\$ weirctl health status-page"
+weirctl health status-page
 echo
 cat <<MSG
 Weir's control plane is running:
@@ -84,6 +99,7 @@ Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $PWD/$BIN/wei
   weirctl get inventory -o json        # the ephemeral one, on a lease weirctl renews
   weirctl register orders --host 127.0.0.1 --port 8083 --ttl 5   # gone after 5 s: no heartbeats
   weirctl deregister orders orders-2
+  weirctl health legacy                # status history with reasons
 grpcurl works too, without the .proto (server reflection):
   grpcurl -plaintext -d '{"namespace":"default"}' 127.0.0.1:$port weir.registry.v1.Registry/Watch
 Agents, sample event traffic and the dashboard come with later stages. Ctrl-C here stops everything.
