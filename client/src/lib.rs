@@ -33,7 +33,9 @@
 //! # Ok(()) }
 //! ```
 
+mod policy_calls;
 mod registration;
+mod session;
 mod watch;
 
 use std::{
@@ -52,6 +54,7 @@ use tonic::{
 use weir_proto::registry::v1::registry_client::RegistryClient;
 
 pub use registration::{retry_delay, Registration, RegistrationState};
+pub use session::{AgentSession, SessionEvent};
 pub use watch::{WatchUpdate, WatchView};
 pub use weir_proto::registry::v1::{
     health_check, watch_response::Kind as WatchKind, DeregisterRequest, DeregisterResponse, Event,
@@ -62,6 +65,7 @@ pub use weir_proto::registry::v1::{
     Service, ServiceConfig, ServiceProtection, ServiceSummary, SetServiceConfigRequest,
     SetServiceConfigResponse, TcpCheck, TtlCheck, WatchRequest, WatchResponse,
 };
+pub use weir_proto::{agent::v1 as agent, policy::v1 as policy};
 
 /// The control plane's default gRPC address.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";
@@ -233,24 +237,40 @@ impl Client {
         self.inner.targets.iter().map(|t| t.uri.as_str()).collect()
     }
 
-    fn raw(&self, index: usize) -> RegistryClient<Channel> {
-        RegistryClient::new(self.inner.targets[index].channel.clone())
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    pub(crate) fn channel(&self, index: usize) -> Channel {
+        self.inner.targets[index].channel.clone()
     }
 
-    /// Runs `call` on the current replica, moving on to the next ones while
-    /// the answer is transient. `unary` calls get the request timeout.
-    async fn call<T, F, Fut>(&self, what: &'static str, unary: bool, call: F) -> Result<T, Error>
-    where
-        F: Fn(RegistryClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
+    /// Replica indexes to try, the preferred one first.
+    pub(crate) fn order(&self) -> impl Iterator<Item = usize> {
         let n = self.inner.targets.len();
         let start = self.inner.current.load(Ordering::Relaxed) % n;
+        (0..n).map(move |k| (start + k) % n)
+    }
+
+    /// Makes `index` the replica tried first.
+    pub(crate) fn prefer(&self, index: usize) {
+        self.inner.current.store(index, Ordering::Relaxed);
+    }
+
+    /// Runs `call` with a client built by `make` on each replica in turn,
+    /// the preferred one first, while the answer is transient; the replica
+    /// that answers becomes the preferred one. `unary` calls get the request
+    /// timeout (streams do not).
+    pub(crate) async fn call_with<C, T, F, Fut>(
+        &self,
+        what: &'static str,
+        unary: bool,
+        make: impl Fn(Channel) -> C,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let mut last = None;
-        for k in 0..n {
-            let index = (start + k) % n;
-            let attempt = call(self.raw(index));
+        for (k, index) in self.order().enumerate() {
+            let attempt = call(make(self.channel(index)));
             let result = if unary {
                 match tokio::time::timeout(self.inner.config.request_timeout, attempt).await {
                     Ok(r) => r,
@@ -265,7 +285,7 @@ impl Client {
             match result {
                 Ok(response) => {
                     if k > 0 {
-                        self.inner.current.store(index, Ordering::Relaxed);
+                        self.prefer(index);
                         tracing::info!(endpoint = %self.inner.targets[index].uri, "switched control-plane replica");
                     }
                     return Ok(response.into_inner());
@@ -284,6 +304,22 @@ impl Client {
             }
         }
         Err(last.map(Error::from).unwrap_or(Error::NoEndpoints))
+    }
+
+    /// Runs a registry call on the current replica, moving on to the next
+    /// ones while the answer is transient.
+    async fn call<T, F, Fut>(&self, what: &'static str, unary: bool, call: F) -> Result<T, Error>
+    where
+        F: Fn(RegistryClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_with(
+            what,
+            unary,
+            |ch| RegistryClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES),
+            call,
+        )
+        .await
     }
 
     /// Registers (or re-registers, idempotently) an instance. An empty

@@ -23,9 +23,13 @@ use std::{
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, watch};
-use weir_proto::registry::v1::{
-    watch_response::Kind, Event, EventType, HealthStatus, Instance, ServiceConfig,
-    ServiceProtection, WatchResponse,
+use weir_proto::{
+    agent::v1::{policy_update, PolicyChange, PolicyUpdate},
+    policy::v1::PolicyRecord,
+    registry::v1::{
+        watch_response::Kind, Event, EventType, HealthStatus, Instance, ServiceConfig,
+        ServiceProtection, WatchResponse,
+    },
 };
 
 use crate::{
@@ -73,6 +77,7 @@ enum Batch {
         revision: u64,
         events: Vec<Event>,
         protection: Vec<ServiceProtection>,
+        policies: Vec<PolicyChange>,
     },
     /// The store is at `revision` with no change for us.
     Progress { revision: u64 },
@@ -95,6 +100,10 @@ struct State {
     configs: HashMap<(String, String), ServiceConfig>,
     /// Services in protection now.
     protected: BTreeMap<(String, String), ServiceProtection>,
+    /// Current traffic policies, version = the key's mod_revision.
+    policies: BTreeMap<(String, String), Arc<PolicyChange>>,
+    /// Nodes with an open agent session.
+    agents: BTreeSet<String>,
 }
 
 impl State {
@@ -230,6 +239,27 @@ pub fn decode_instance(
     Ok(i)
 }
 
+/// A stored policy record as the change agents receive.
+fn decode_policy(
+    namespace: &str,
+    service: &str,
+    value: &[u8],
+    version: u64,
+) -> Option<PolicyChange> {
+    match PolicyRecord::decode(value) {
+        Ok(record) => Some(PolicyChange {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            version,
+            policy: record.policy,
+        }),
+        Err(e) => {
+            tracing::warn!(namespace, service, error = %e, "skipping undecodable policy record");
+            None
+        }
+    }
+}
+
 impl Hub {
     /// Creates the hub and starts its store watch. The watch stops when the
     /// returned [`HubTask`] is dropped.
@@ -305,9 +335,21 @@ impl Hub {
         let mut instances = BTreeMap::new();
         let mut replicas = BTreeSet::new();
         let mut configs = HashMap::new();
+        let mut policies = BTreeMap::new();
+        let mut agents = BTreeSet::new();
         for kv in snapshot.kvs {
             if let Some(id) = keys.parse_replica(&kv.key) {
                 replicas.insert(id);
+                continue;
+            }
+            if let Some(node) = keys.parse_agent(&kv.key) {
+                agents.insert(node);
+                continue;
+            }
+            if let Some((ns, svc)) = keys.parse_policy(&kv.key) {
+                if let Some(change) = decode_policy(&ns, &svc, &kv.value, kv.mod_revision) {
+                    policies.insert((ns, svc), Arc::new(change));
+                }
                 continue;
             }
             if let Some(service) = keys.parse_service_config(&kv.key) {
@@ -339,6 +381,8 @@ impl Hub {
         state.instances = instances;
         state.replicas = replicas;
         state.configs = configs;
+        state.policies = policies;
+        state.agents = agents;
         state.protected.clear();
         let services: BTreeSet<(String, String)> = state
             .instances
@@ -370,6 +414,7 @@ impl Hub {
         let mut events = Vec::new();
         let mut revision = state.revision;
         let mut touched = BTreeSet::new();
+        let mut policies = Vec::new();
         for change in changes {
             revision = revision.max(change.kv.mod_revision);
             if let Some(id) = keys.parse_replica(&change.kv.key) {
@@ -377,6 +422,36 @@ impl Hub {
                     EventKind::Put => state.replicas.insert(id),
                     EventKind::Delete => state.replicas.remove(&id),
                 };
+                continue;
+            }
+            if let Some(node) = keys.parse_agent(&change.kv.key) {
+                match change.kind {
+                    EventKind::Put => state.agents.insert(node),
+                    EventKind::Delete => state.agents.remove(&node),
+                };
+                continue;
+            }
+            if let Some((ns, svc)) = keys.parse_policy(&change.kv.key) {
+                let key = (ns.clone(), svc.clone());
+                let change = match change.kind {
+                    EventKind::Put => {
+                        decode_policy(&ns, &svc, &change.kv.value, change.kv.mod_revision)
+                    }
+                    EventKind::Delete => Some(PolicyChange {
+                        namespace: ns,
+                        service: svc,
+                        version: change.kv.mod_revision,
+                        policy: None,
+                    }),
+                };
+                if let Some(change) = change {
+                    if change.policy.is_some() {
+                        state.policies.insert(key, Arc::new(change.clone()));
+                    } else {
+                        state.policies.remove(&key);
+                    }
+                    policies.push(change);
+                }
                 continue;
             }
             if let Some(service) = keys.parse_service_config(&change.kv.key) {
@@ -431,15 +506,18 @@ impl Hub {
         state.revision = revision;
         let protection =
             state.update_protection(touched, self.inner.config.protection_threshold_percent);
-        let batch = Arc::new(if events.is_empty() && protection.is_empty() {
-            Batch::Progress { revision }
-        } else {
-            Batch::Changes {
-                revision,
-                events,
-                protection,
-            }
-        });
+        let batch = Arc::new(
+            if events.is_empty() && protection.is_empty() && policies.is_empty() {
+                Batch::Progress { revision }
+            } else {
+                Batch::Changes {
+                    revision,
+                    events,
+                    protection,
+                    policies,
+                }
+            },
+        );
         if matches!(*batch, Batch::Changes { .. }) {
             state.history.push_back(batch.clone());
             while state.history.len() > self.inner.config.history_batches {
@@ -466,6 +544,211 @@ impl Hub {
         }
         let _ = self.inner.tx.send(Arc::new(Batch::Progress { revision }));
         self.inner.revision.send_replace(revision);
+    }
+
+    /// The current policy of a service.
+    pub fn policy(&self, namespace: &str, service: &str) -> Option<Arc<PolicyChange>> {
+        self.read()
+            .policies
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .cloned()
+    }
+
+    /// Current policies of a namespace (all when empty), and the revision.
+    pub fn policies(&self, namespace: &str) -> (Vec<Arc<PolicyChange>>, u64) {
+        let state = self.read();
+        let list = state
+            .policies
+            .iter()
+            .filter(|((ns, _), _)| namespace.is_empty() || ns == namespace)
+            .map(|(_, p)| p.clone())
+            .collect();
+        (list, state.revision)
+    }
+
+    /// Nodes with an open agent session.
+    pub fn agents(&self) -> BTreeSet<String> {
+        self.read().agents.clone()
+    }
+
+    /// Follows the policies: a snapshot (or the changes after
+    /// `start_revision`, read from this replica's history or the store's),
+    /// then every change, in order. A subscriber that falls behind, or whose
+    /// revision is gone, gets a fresh snapshot.
+    pub fn subscribe_policies(&self, start_revision: u64) -> mpsc::Receiver<PolicyUpdate> {
+        let (out, rx) = mpsc::channel(self.inner.config.subscriber_queue.max(1));
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let receiver = hub.inner.tx.subscribe();
+            let mut closed = hub.inner.closed.subscribe();
+            tokio::select! {
+                Err(reason) = hub.feed_policies(start_revision, receiver, &out) => {
+                    tracing::debug!(reason, "policy subscriber left");
+                }
+                _ = closed.wait_for(|c| *c) => {}
+            }
+        });
+        rx
+    }
+
+    async fn feed_policies(
+        &self,
+        start_revision: u64,
+        mut receiver: broadcast::Receiver<Arc<Batch>>,
+        out: &mpsc::Sender<PolicyUpdate>,
+    ) -> Result<(), &'static str> {
+        let send =
+            |u: PolicyUpdate| async move { out.send(u).await.map_err(|_| "subscriber closed") };
+        let (first, mut last) = self.initial_policies(start_revision).await;
+        if let Some(first) = first {
+            send(first).await?;
+        }
+        loop {
+            let batch = match receiver.recv().await {
+                Ok(batch) => batch,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let (snapshot, revision) =
+                        self.policy_snapshot(&format!("fell behind by {missed} updates"));
+                    send(snapshot).await?;
+                    last = revision;
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err("hub stopped"),
+            };
+            match &*batch {
+                Batch::Changes {
+                    revision, policies, ..
+                } if *revision > last => {
+                    let changes: Vec<PolicyChange> = policies
+                        .iter()
+                        .filter(|p| p.version > last)
+                        .cloned()
+                        .collect();
+                    last = *revision;
+                    if !changes.is_empty() {
+                        send(PolicyUpdate {
+                            kind: policy_update::Kind::Changes as i32,
+                            changes,
+                            revision: last,
+                            resync_reason: String::new(),
+                        })
+                        .await?;
+                    }
+                }
+                Batch::Progress { revision } if *revision > last => last = *revision,
+                Batch::Reset { .. } => {
+                    let (snapshot, revision) =
+                        self.policy_snapshot("the replica reloaded its cache from the store");
+                    send(snapshot).await?;
+                    last = revision;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn policy_snapshot(&self, resync_reason: &str) -> (PolicyUpdate, u64) {
+        let state = self.read();
+        (
+            PolicyUpdate {
+                kind: policy_update::Kind::Snapshot as i32,
+                changes: state.policies.values().map(|p| (**p).clone()).collect(),
+                revision: state.revision,
+                resync_reason: resync_reason.to_owned(),
+            },
+            state.revision,
+        )
+    }
+
+    /// What a policy subscriber gets first, and the revision it is at then.
+    async fn initial_policies(&self, start_revision: u64) -> (Option<PolicyUpdate>, u64) {
+        if start_revision == 0 {
+            let (s, r) = self.policy_snapshot("");
+            return (Some(s), r);
+        }
+        let (floor, revision) = {
+            let state = self.read();
+            if !state.loaded {
+                drop(state);
+                let (s, r) = self.policy_snapshot("this replica has not loaded yet");
+                return (Some(s), r);
+            }
+            (state.history_floor, state.revision)
+        };
+        if start_revision >= revision {
+            return (None, start_revision);
+        }
+        let mut changes = Vec::new();
+        let mut from = start_revision;
+        if start_revision < floor {
+            match self
+                .inner
+                .store
+                .history(&self.inner.keys.policies_prefix(""), start_revision, floor)
+                .await
+            {
+                Ok(History::Events(events)) => {
+                    let keys = &self.inner.keys;
+                    changes.extend(events.into_iter().filter_map(|e| {
+                        let (ns, svc) = keys.parse_policy(&e.kv.key)?;
+                        match e.kind {
+                            EventKind::Put => {
+                                decode_policy(&ns, &svc, &e.kv.value, e.kv.mod_revision)
+                            }
+                            EventKind::Delete => Some(PolicyChange {
+                                namespace: ns,
+                                service: svc,
+                                version: e.kv.mod_revision,
+                                policy: None,
+                            }),
+                        }
+                    }));
+                    from = floor;
+                }
+                Ok(History::Compacted { compact_revision }) => {
+                    let (s, r) = self.policy_snapshot(&format!(
+                        "revision {start_revision} was compacted (up to {compact_revision})"
+                    ));
+                    return (Some(s), r);
+                }
+                Err(e) => {
+                    let (s, r) = self.policy_snapshot(&format!(
+                        "could not read the changes after revision {start_revision} ({e})"
+                    ));
+                    return (Some(s), r);
+                }
+            }
+        }
+        let state = self.read();
+        if from < state.history_floor {
+            drop(state);
+            let (s, r) = self.policy_snapshot(&format!(
+                "revision {start_revision} is older than this replica's history"
+            ));
+            return (Some(s), r);
+        }
+        changes.extend(
+            state
+                .history
+                .iter()
+                .filter(|b| b.revision() > from)
+                .flat_map(|b| match &**b {
+                    Batch::Changes { policies, .. } => policies.as_slice(),
+                    _ => &[],
+                })
+                .filter(|p| p.version > from)
+                .cloned(),
+        );
+        let revision = state.revision;
+        (
+            Some(PolicyUpdate {
+                kind: policy_update::Kind::Changes as i32,
+                changes,
+                revision,
+                resync_reason: String::new(),
+            }),
+            revision,
+        )
     }
 
     /// Live control-plane replica ids, sorted.
@@ -667,6 +950,7 @@ impl Hub {
                     revision,
                     events,
                     protection,
+                    ..
                 } if *revision > last => {
                     let flipped: Vec<ServiceProtection> = protection
                         .iter()

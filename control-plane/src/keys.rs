@@ -7,6 +7,9 @@
 //! {root}/v1/health/{namespace}/{service}/{instance_id}      HealthHistory (last transitions), leased with the instance
 //! {root}/v1/services/{namespace}/{service}                  ServiceConfig (protection threshold)
 //! {root}/v1/replicas/{replica_id}                           control-plane replica, leased (check sharing)
+//! {root}/v1/policies/{namespace}/{service}                  PolicyRecord (current policy + previous versions)
+//! {root}/v1/agents/{node_id}                                AgentInfo, leased by the agent's session
+//! {root}/v1/acks/{namespace}/{service}/{node_id}            AgentPolicyState, leased by the agent's session
 //! ```
 //!
 //! Names are validated before they become keys (DNS labels for namespace and
@@ -77,6 +80,47 @@ impl Keys {
         Some((namespace.to_owned(), service.to_owned()))
     }
 
+    pub fn policy(&self, namespace: &str, service: &str) -> String {
+        format!("{}policies/{namespace}/{service}", self.root)
+    }
+
+    /// Prefix of the policies of a namespace (all when empty).
+    pub fn policies_prefix(&self, namespace: &str) -> String {
+        if namespace.is_empty() {
+            format!("{}policies/", self.root)
+        } else {
+            format!("{}policies/{namespace}/", self.root)
+        }
+    }
+
+    /// (namespace, service) of a policy key.
+    pub fn parse_policy(&self, key: &str) -> Option<(String, String)> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("policies/")?;
+        let (namespace, service) = rest.split_once('/')?;
+        if namespace.is_empty() || service.is_empty() || service.contains('/') {
+            return None;
+        }
+        Some((namespace.to_owned(), service.to_owned()))
+    }
+
+    pub fn agent(&self, node_id: &str) -> String {
+        format!("{}agents/{node_id}", self.root)
+    }
+
+    /// The node id of an agent key.
+    pub fn parse_agent(&self, key: &str) -> Option<String> {
+        let id = key.strip_prefix(&self.root)?.strip_prefix("agents/")?;
+        (!id.is_empty() && !id.contains('/')).then(|| id.to_owned())
+    }
+
+    pub fn ack(&self, namespace: &str, service: &str, node_id: &str) -> String {
+        format!("{}acks/{namespace}/{service}/{node_id}", self.root)
+    }
+
+    pub fn acks_prefix(&self, namespace: &str, service: &str) -> String {
+        format!("{}acks/{namespace}/{service}/", self.root)
+    }
+
     pub fn replica(&self, id: &str) -> String {
         format!("{}replicas/{id}", self.root)
     }
@@ -138,5 +182,14 @@ mod tests {
             Some(("default".into(), "a".into()))
         );
         assert_eq!(keys.parse_instance(&keys.health(&k)), None);
+        assert_eq!(
+            keys.parse_policy(&keys.policy("default", "a")),
+            Some(("default".into(), "a".into()))
+        );
+        assert_eq!(keys.parse_policy(&keys.ack("default", "a", "n1")), None);
+        assert_eq!(
+            keys.parse_agent(&keys.agent("node-1")),
+            Some("node-1".into())
+        );
     }
 }

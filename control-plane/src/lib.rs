@@ -18,8 +18,10 @@ pub mod error;
 pub mod health;
 pub mod hub;
 pub mod keys;
+pub mod policy;
 pub mod registry;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod validate;
 

@@ -5,17 +5,26 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
-use weir_proto::registry::v1::registry_server::RegistryServer;
+use weir_proto::{
+    agent::v1::agent_session_service_server::AgentSessionServiceServer,
+    policy::v1::policy_service_server::PolicyServiceServer,
+    registry::v1::registry_server::RegistryServer,
+};
 
 use crate::{
     checks::Checks,
     config::{Config, StoreConfig},
     hub::{Hub, HubConfig, HubTask},
     keys::Keys,
+    policy::service::PolicyServiceImpl,
     registry::RegistryService,
+    session::SessionService,
     store::{EmbeddedStore, EmbeddedStoreConfig, EtcdStore, EtcdStoreConfig, Store, StoreError},
     validate::MAX_REQUEST_BYTES,
 };
+
+/// Largest policy write accepted (a policy is at most 256 KiB encoded).
+const MAX_POLICY_REQUEST_BYTES: usize = 512 * 1024;
 
 /// How long a graceful shutdown waits for open gRPC calls.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -159,6 +168,19 @@ impl ControlPlane {
         )
         .await?;
         let (shutdown, _) = watch::channel(false);
+        let policies = PolicyServiceServer::new(PolicyServiceImpl::new(
+            store.clone(),
+            hub.clone(),
+            keys.clone(),
+        ))
+        .max_decoding_message_size(MAX_POLICY_REQUEST_BYTES);
+        let sessions = AgentSessionServiceServer::new(SessionService::new(
+            store.clone(),
+            hub.clone(),
+            keys.clone(),
+            config.replica_id.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
         let registry = RegistryServer::new(RegistryService::new(store, hub.clone(), keys))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -201,6 +223,8 @@ impl ControlPlane {
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
                 .add_service(registry)
+                .add_service(policies)
+                .add_service(sessions)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

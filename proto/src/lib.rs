@@ -12,3 +12,17 @@ pub mod registry {
         tonic::include_proto!("weir.registry.v1");
     }
 }
+
+pub mod policy {
+    pub mod v1 {
+        tonic::include_proto!("weir.policy.v1");
+        // serde in the proto3 JSON mapping (enum names, camelCase accepted).
+        include!(concat!(env!("OUT_DIR"), "/weir.policy.v1.serde.rs"));
+    }
+}
+
+pub mod agent {
+    pub mod v1 {
+        tonic::include_proto!("weir.agent.v1");
+    }
+}

@@ -9,6 +9,7 @@
 //! ```
 
 mod output;
+mod policy;
 
 use std::{collections::HashMap, io::Write, process::ExitCode};
 
@@ -45,7 +46,7 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Format {
+pub enum Format {
     Table,
     Json,
 }
@@ -82,6 +83,9 @@ enum Command {
         #[arg(long)]
         healthy: bool,
     },
+    /// Traffic policies: get, set -f, delete, list, history, rollback, status.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Health of a service's instances, with their recent transitions.
     Health {
         service: String,
@@ -322,6 +326,7 @@ async fn run(cli: Cli) -> Result<()> {
             from,
             count,
         } => watch(&client, format, namespace, service, from, count).await,
+        Command::Policy(command) => policy::run(&client, format, command).await,
         Command::Health { service, namespace } => {
             let resp = client
                 .get_health(GetHealthRequest {

@@ -1,0 +1,199 @@
+//! The agent side of the agent session (`weir.agent.v1`): open a session,
+//! follow the registry and the policies it pushes, acknowledge each policy
+//! version. The weir-agent uses this; so do the tests that stand in for
+//! agents.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weir_proto::agent::v1::{
+    agent_message, agent_session_service_client::AgentSessionServiceClient, control_message,
+    policy_update, Ack, AgentMessage, ControlMessage, Hello, PolicyChange, PolicyUpdate, Welcome,
+};
+use weir_proto::registry::v1::WatchResponse;
+
+use crate::{Client, Error};
+
+/// What one [`AgentSession::next`] brought.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SessionEvent {
+    /// A registry message (apply it like a Watch stream's).
+    Registry(WatchResponse),
+    /// Policies changed (or a snapshot replaced them): the changes, as
+    /// applied to [`AgentSession::policies`].
+    Policies(PolicyUpdate),
+}
+
+/// An open agent session on one control-plane replica.
+#[derive(Debug)]
+pub struct AgentSession {
+    node_id: String,
+    welcome: Welcome,
+    outbound: mpsc::Sender<AgentMessage>,
+    inbound: tonic::Streaming<ControlMessage>,
+    policies: BTreeMap<(String, String), PolicyChange>,
+    policy_revision: u64,
+    registry_revision: u64,
+}
+
+impl Client {
+    /// Opens an agent session with `hello` on the first replica that takes
+    /// it. Resume by passing the revisions of an earlier session
+    /// ([`AgentSession::resume_hello`]).
+    pub async fn open_session(&self, hello: Hello) -> Result<AgentSession, Error> {
+        let mut last = Error::NoEndpoints;
+        for index in self.order() {
+            let (tx, rx) = mpsc::channel(64);
+            tx.send(AgentMessage {
+                kind: Some(agent_message::Kind::Hello(hello.clone())),
+            })
+            .await
+            .map_err(|_| Error::Protocol("session channel closed".into()))?;
+            let mut raw = AgentSessionServiceClient::new(self.channel(index));
+            let mut inbound = match raw.session(ReceiverStream::new(rx)).await {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    let e = Error::from(status);
+                    if e.is_transient() {
+                        last = e;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            let welcome = match inbound.message().await {
+                Ok(Some(ControlMessage {
+                    kind: Some(control_message::Kind::Welcome(w)),
+                })) => w,
+                Ok(other) => {
+                    return Err(Error::Protocol(format!("expected Welcome, got {other:?}")))
+                }
+                Err(status) => {
+                    let e = Error::from(status);
+                    if e.is_transient() {
+                        last = e;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            self.prefer(index);
+            return Ok(AgentSession {
+                node_id: hello.node_id.clone(),
+                welcome,
+                outbound: tx,
+                inbound,
+                policies: BTreeMap::new(),
+                policy_revision: hello.policy_revision,
+                registry_revision: hello.registry_revision,
+            });
+        }
+        Err(last)
+    }
+}
+
+impl AgentSession {
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The policies as of [`AgentSession::policy_revision`].
+    pub fn policies(&self) -> &BTreeMap<(String, String), PolicyChange> {
+        &self.policies
+    }
+
+    pub fn policy_revision(&self) -> u64 {
+        self.policy_revision
+    }
+
+    pub fn registry_revision(&self) -> u64 {
+        self.registry_revision
+    }
+
+    /// A Hello that resumes this session's streams where they are, for a
+    /// reconnect (to any replica). `policies` of the new session start
+    /// empty on a resume: carry them over with [`AgentSession::adopt`].
+    pub fn resume_hello(&self, mut hello: Hello) -> Hello {
+        hello.policy_revision = self.policy_revision;
+        hello.registry_revision = self.registry_revision;
+        hello
+    }
+
+    /// Takes the policy set of an earlier session (before a resume).
+    pub fn adopt(&mut self, earlier: &AgentSession) {
+        self.policies = earlier.policies.clone();
+    }
+
+    /// The next message, applied. `Ok(None)` when the server closed the
+    /// stream.
+    pub async fn next(&mut self) -> Result<Option<SessionEvent>, Error> {
+        let message = match self.inbound.message().await? {
+            Some(m) => m,
+            None => return Ok(None),
+        };
+        match message.kind {
+            Some(control_message::Kind::Registry(r)) => {
+                if r.revision > 0 {
+                    self.registry_revision = r.revision;
+                }
+                Ok(Some(SessionEvent::Registry(r)))
+            }
+            Some(control_message::Kind::Policies(update)) => {
+                let kind = policy_update::Kind::try_from(update.kind).map_err(|_| {
+                    Error::Protocol(format!("unknown policy update kind {}", update.kind))
+                })?;
+                if kind == policy_update::Kind::Snapshot {
+                    self.policies.clear();
+                }
+                for c in &update.changes {
+                    let key = (c.namespace.clone(), c.service.clone());
+                    if c.policy.is_some() {
+                        self.policies.insert(key, c.clone());
+                    } else {
+                        self.policies.remove(&key);
+                    }
+                }
+                self.policy_revision = self.policy_revision.max(update.revision);
+                if kind == policy_update::Kind::Snapshot {
+                    self.policy_revision = update.revision;
+                }
+                Ok(Some(SessionEvent::Policies(update)))
+            }
+            Some(control_message::Kind::Welcome(_)) | None => Err(Error::Protocol(
+                "unexpected message on an open session".into(),
+            )),
+        }
+    }
+
+    /// Reports that policy `version` of `namespace/service` was applied
+    /// (`Ok`) or rejected (`Err(reason)`).
+    pub async fn ack(
+        &self,
+        namespace: &str,
+        service: &str,
+        version: u64,
+        outcome: Result<(), String>,
+    ) -> Result<(), Error> {
+        let (accepted, error) = match outcome {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e),
+        };
+        self.outbound
+            .send(AgentMessage {
+                kind: Some(agent_message::Kind::Ack(Ack {
+                    namespace: namespace.to_owned(),
+                    service: service.to_owned(),
+                    version,
+                    accepted,
+                    error,
+                })),
+            })
+            .await
+            .map_err(|_| Error::Unavailable("the session stream is closed".into()))
+    }
+}

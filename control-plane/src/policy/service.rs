@@ -1,0 +1,352 @@
+//! `weir.policy.v1.PolicyService`: writes go to the store with
+//! compare-and-put on the policy key's revision; reads come from the hub.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+use weir_proto::policy::v1::{
+    policy_service_server::PolicyService, AgentPolicyState, DeletePolicyRequest,
+    DeletePolicyResponse, GetPolicyRequest, GetPolicyResponse, ListPoliciesRequest,
+    ListPoliciesResponse, PolicyHistoryRequest, PolicyHistoryResponse, PolicyRecord,
+    PolicyStatusRequest, PolicyStatusResponse, PolicyVersion, PutPolicyRequest, PutPolicyResponse,
+    RollbackPolicyRequest, RollbackPolicyResponse, TrafficPolicy,
+};
+
+use crate::{
+    error::RegistryError,
+    health::checker::now_unix_ms,
+    hub::Hub,
+    keys::Keys,
+    store::{CasOutcome, KeyValue, Store},
+    validate,
+};
+
+/// Versions kept in a record besides the current one.
+pub const PREVIOUS_VERSIONS: usize = 19;
+/// How long a read waits for the replica to see the caller's own write.
+const OWN_WRITE_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct PolicyServiceImpl {
+    store: Arc<dyn Store>,
+    hub: Hub,
+    keys: Keys,
+}
+
+fn conflict(namespace: &str, service: &str, current: u64, expected: u64) -> Status {
+    let now = if current == 0 {
+        "has no policy".to_owned()
+    } else {
+        format!("is at version {current}")
+    };
+    Status::failed_precondition(format!(
+        "policy {namespace}/{service} {now}, not the expected version {expected}; read it again and retry (current_version={current})"
+    ))
+}
+
+fn decode(kv: &KeyValue) -> Result<PolicyRecord, Status> {
+    PolicyRecord::decode(kv.value.as_slice())
+        .map_err(|e| Status::internal(format!("stored policy {} does not decode: {e}", kv.key)))
+}
+
+fn current_version(record: &PolicyRecord, version: u64) -> PolicyVersion {
+    PolicyVersion {
+        policy: record.policy.clone(),
+        version,
+        updated_at_unix_ms: record.updated_at_unix_ms,
+        restored_from: record.restored_from,
+    }
+}
+
+impl PolicyServiceImpl {
+    pub fn new(store: Arc<dyn Store>, hub: Hub, keys: Keys) -> Self {
+        Self { store, hub, keys }
+    }
+
+    /// Writes `policy` as the new current version if the stored one is at
+    /// `expected` (None = whatever it is).
+    async fn write(
+        &self,
+        policy: TrafficPolicy,
+        expected: Option<u64>,
+        restored_from: u64,
+    ) -> Result<PolicyVersion, Status> {
+        let key = self.keys.policy(&policy.namespace, &policy.service);
+        // Unconditional writes retry a lost race; conditional ones report it.
+        for _ in 0..5 {
+            let existing = self.store.get(&key).await.map_err(RegistryError::from)?;
+            let current = existing.as_ref().map_or(0, |kv| kv.mod_revision);
+            if let Some(expected) = expected {
+                if expected != current {
+                    return Err(conflict(
+                        &policy.namespace,
+                        &policy.service,
+                        current,
+                        expected,
+                    ));
+                }
+            }
+            let mut previous = Vec::new();
+            if let Some(kv) = &existing {
+                let old = decode(kv)?;
+                previous.push(current_version(&old, kv.mod_revision));
+                previous.extend(old.previous);
+                previous.truncate(PREVIOUS_VERSIONS);
+            }
+            let record = PolicyRecord {
+                policy: Some(policy.clone()),
+                updated_at_unix_ms: now_unix_ms(),
+                restored_from,
+                previous,
+            };
+            match self
+                .store
+                .put_if(&key, record.encode_to_vec(), None, current)
+                .await
+                .map_err(RegistryError::from)?
+            {
+                CasOutcome::Written { revision } => {
+                    tracing::info!(
+                        namespace = %policy.namespace,
+                        service = %policy.service,
+                        version = revision,
+                        "policy written"
+                    );
+                    self.hub.wait_for(revision, OWN_WRITE_WAIT).await;
+                    return Ok(current_version(&record, revision));
+                }
+                CasOutcome::Conflict { current: now } => {
+                    if let Some(expected) = expected {
+                        let now = now.map_or(0, |kv| kv.mod_revision);
+                        return Err(conflict(&policy.namespace, &policy.service, now, expected));
+                    }
+                }
+            }
+        }
+        Err(Status::aborted(format!(
+            "policy {}/{} kept changing under this write; retry",
+            policy.namespace, policy.service
+        )))
+    }
+
+    async fn stored(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Result<Option<(PolicyRecord, u64)>, Status> {
+        match self
+            .store
+            .get(&self.keys.policy(namespace, service))
+            .await
+            .map_err(RegistryError::from)?
+        {
+            Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+}
+
+fn names(namespace: &str, service: &str) -> Result<(String, String), Status> {
+    Ok(validate::service_name(namespace, service).map_err(RegistryError::from)?)
+}
+
+fn not_found(namespace: &str, service: &str) -> Status {
+    Status::not_found(format!("no policy for {namespace}/{service}"))
+}
+
+#[tonic::async_trait]
+impl PolicyService for PolicyServiceImpl {
+    async fn get(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<GetPolicyResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) = names(&req.namespace, &req.service)?;
+        let (record, version) = self
+            .stored(&namespace, &service)
+            .await?
+            .ok_or_else(|| not_found(&namespace, &service))?;
+        Ok(Response::new(GetPolicyResponse {
+            current: Some(current_version(&record, version)),
+        }))
+    }
+
+    async fn put(
+        &self,
+        request: Request<PutPolicyRequest>,
+    ) -> Result<Response<PutPolicyResponse>, Status> {
+        let req = request.into_inner();
+        let policy = super::validate::policy(req.policy.as_ref()).map_err(RegistryError::from)?;
+        let current = self.write(policy, req.expected_version, 0).await?;
+        Ok(Response::new(PutPolicyResponse {
+            current: Some(current),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeletePolicyRequest>,
+    ) -> Result<Response<DeletePolicyResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) = names(&req.namespace, &req.service)?;
+        if let Some(expected) = req.expected_version {
+            let current = self
+                .stored(&namespace, &service)
+                .await?
+                .map_or(0, |(_, v)| v);
+            if current != expected {
+                return Err(conflict(&namespace, &service, current, expected));
+            }
+        }
+        let deleted = self
+            .store
+            .delete(&self.keys.policy(&namespace, &service))
+            .await
+            .map_err(RegistryError::from)?;
+        if deleted.existed {
+            tracing::info!(%namespace, %service, revision = deleted.revision, "policy deleted");
+        }
+        Ok(Response::new(DeletePolicyResponse {
+            existed: deleted.existed,
+            revision: deleted.revision,
+        }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        let req = request.into_inner();
+        validate::namespace_filter(&req.namespace).map_err(RegistryError::from)?;
+        if !self.hub.is_ready() {
+            return Err(RegistryError::NotReady.into());
+        }
+        let (policies, revision) = self.hub.policies(&req.namespace);
+        Ok(Response::new(ListPoliciesResponse {
+            policies: policies
+                .iter()
+                .map(|p| PolicyVersion {
+                    policy: p.policy.clone(),
+                    version: p.version,
+                    ..PolicyVersion::default()
+                })
+                .collect(),
+            revision,
+        }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<PolicyHistoryRequest>,
+    ) -> Result<Response<PolicyHistoryResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) = names(&req.namespace, &req.service)?;
+        let (record, version) = self
+            .stored(&namespace, &service)
+            .await?
+            .ok_or_else(|| not_found(&namespace, &service))?;
+        let mut versions = vec![current_version(&record, version)];
+        versions.extend(record.previous);
+        Ok(Response::new(PolicyHistoryResponse { versions }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackPolicyRequest>,
+    ) -> Result<Response<RollbackPolicyResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) = names(&req.namespace, &req.service)?;
+        let (record, version) = self
+            .stored(&namespace, &service)
+            .await?
+            .ok_or_else(|| not_found(&namespace, &service))?;
+        if req.to_version == version {
+            return Err(Status::invalid_argument(format!(
+                "to_version: {version} is already the current version"
+            )));
+        }
+        let target = record
+            .previous
+            .iter()
+            .find(|v| v.version == req.to_version)
+            .and_then(|v| v.policy.clone())
+            .ok_or_else(|| {
+                let kept: Vec<String> = record
+                    .previous
+                    .iter()
+                    .map(|v| v.version.to_string())
+                    .collect();
+                Status::invalid_argument(format!(
+                    "to_version: {} is not among the kept versions of {namespace}/{service} ({})",
+                    req.to_version,
+                    kept.join(", ")
+                ))
+            })?;
+        // Restore it as written then; it is validated again (rules may have
+        // tightened since).
+        let target = super::validate::policy(Some(&target)).map_err(RegistryError::from)?;
+        let expected = Some(req.expected_version.unwrap_or(version));
+        let current = self.write(target, expected, req.to_version).await?;
+        Ok(Response::new(RollbackPolicyResponse {
+            current: Some(current),
+        }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<PolicyStatusRequest>,
+    ) -> Result<Response<PolicyStatusResponse>, Status> {
+        let req = request.into_inner();
+        let (namespace, service) = names(&req.namespace, &req.service)?;
+        let current_version = self
+            .hub
+            .policy(&namespace, &service)
+            .map_or(0, |p| p.version);
+        let connected = self.hub.agents();
+        let acks = self
+            .store
+            .range(&self.keys.acks_prefix(&namespace, &service))
+            .await
+            .map_err(RegistryError::from)?;
+        let mut states: HashMap<String, AgentPolicyState> = HashMap::new();
+        for kv in acks.kvs {
+            if let Ok(state) = AgentPolicyState::decode(kv.value.as_slice()) {
+                states.insert(state.node_id.clone(), state);
+            }
+        }
+        let (mut applied, mut rejected, mut pending) = (0u32, 0u32, 0u32);
+        let mut agents = Vec::new();
+        for node in &connected {
+            match states.remove(node) {
+                Some(s) if s.version == current_version && s.accepted => {
+                    applied += 1;
+                    agents.push(s);
+                }
+                Some(s) if s.version == current_version => {
+                    rejected += 1;
+                    agents.push(s);
+                }
+                Some(s) => {
+                    pending += 1;
+                    agents.push(s);
+                }
+                None => {
+                    pending += 1;
+                    agents.push(AgentPolicyState {
+                        node_id: node.clone(),
+                        ..AgentPolicyState::default()
+                    });
+                }
+            }
+        }
+        Ok(Response::new(PolicyStatusResponse {
+            current_version,
+            connected_agents: u32::try_from(connected.len()).unwrap_or(u32::MAX),
+            applied,
+            rejected,
+            pending,
+            agents,
+        }))
+    }
+}

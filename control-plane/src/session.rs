@@ -1,0 +1,260 @@
+//! `weir.agent.v1.AgentSessionService`: one bidirectional stream per agent.
+//!
+//! The session is an etcd lease held while a stream is open: the agent's
+//! record (`{root}/v1/agents/{node}`) and its acknowledgements
+//! (`{root}/v1/acks/{ns}/{svc}/{node}`) hang on it. A replica serving the
+//! stream renews the lease every TTL/3; an agent that reconnects (to any
+//! replica) before it expires keeps the same lease, so its acknowledgements
+//! survive the move. When no stream renews it, the lease expires and the
+//! agent leaves the convergence counts.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use weir_proto::{
+    agent::v1::{
+        agent_message, agent_session_service_server::AgentSessionService, control_message, Ack,
+        AgentMessage, ControlMessage, Hello, Welcome,
+    },
+    policy::v1::AgentPolicyState,
+};
+
+use crate::{
+    error::RegistryError,
+    health::checker::now_unix_ms,
+    hub::{Filter, Hub},
+    keys::Keys,
+    store::{LeaseId, Store},
+    validate::{self, ValidationError},
+};
+
+/// Session lease TTL.
+pub const SESSION_TTL: Duration = Duration::from_secs(10);
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_ERROR_LEN: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct SessionService {
+    store: Arc<dyn Store>,
+    hub: Hub,
+    keys: Keys,
+    replica_id: String,
+}
+
+fn invalid(field: &str, rule: impl Into<String>) -> Status {
+    RegistryError::from(ValidationError {
+        field: field.to_owned(),
+        rule: rule.into(),
+    })
+    .into()
+}
+
+fn check_hello(h: &Hello) -> Result<(), Status> {
+    validate::instance_id("hello.node_id", &h.node_id).map_err(RegistryError::from)?;
+    for (field, value, max) in [
+        ("hello.zone", &h.zone, 64),
+        ("hello.version", &h.version, 64),
+        ("hello.ingress_address", &h.ingress_address, 255),
+    ] {
+        if value.len() > max || !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                field,
+                format!("must be at most {max} printable ASCII characters without spaces"),
+            ));
+        }
+    }
+    validate::namespace_filter(&h.namespace).map_err(RegistryError::from)?;
+    Ok(())
+}
+
+impl SessionService {
+    pub fn new(store: Arc<dyn Store>, hub: Hub, keys: Keys, replica_id: String) -> Self {
+        Self {
+            store,
+            hub,
+            keys,
+            replica_id,
+        }
+    }
+
+    /// Takes over the node's live lease, or grants a new one. Returns the
+    /// lease and whether it was taken over.
+    async fn lease_for(&self, node: &str) -> Result<(LeaseId, bool), RegistryError> {
+        if let Some(kv) = self.store.get(&self.keys.agent(node)).await? {
+            if kv.lease != 0 && self.store.keep_alive(kv.lease).await?.is_some() {
+                return Ok((kv.lease, true));
+            }
+        }
+        Ok((self.store.grant_lease(SESSION_TTL).await?.id, false))
+    }
+
+    async fn record_ack(&self, node: &str, lease: LeaseId, ack: Ack) -> Result<(), Status> {
+        let (namespace, service) =
+            validate::service_name(&ack.namespace, &ack.service).map_err(RegistryError::from)?;
+        if ack.error.len() > MAX_ERROR_LEN {
+            return Err(invalid(
+                "ack.error",
+                format!("at most {MAX_ERROR_LEN} bytes"),
+            ));
+        }
+        let state = AgentPolicyState {
+            node_id: node.to_owned(),
+            version: ack.version,
+            accepted: ack.accepted,
+            error: ack.error,
+            at_unix_ms: now_unix_ms(),
+        };
+        self.store
+            .put(
+                &self.keys.ack(&namespace, &service, node),
+                state.encode_to_vec(),
+                Some(lease),
+            )
+            .await
+            .map_err(RegistryError::from)?;
+        if !state.accepted {
+            tracing::warn!(node, %namespace, %service, version = state.version, error = %state.error, "agent rejected a policy");
+        }
+        Ok(())
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn message(kind: control_message::Kind) -> Result<ControlMessage, Status> {
+    Ok(ControlMessage { kind: Some(kind) })
+}
+
+#[tonic::async_trait]
+impl AgentSessionService for SessionService {
+    type SessionStream = BoxStream<ControlMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| invalid("hello", format!("must be sent within {HELLO_TIMEOUT:?}")))?;
+        let hello = match first {
+            Some(Ok(AgentMessage {
+                kind: Some(agent_message::Kind::Hello(h)),
+            })) => h,
+            Some(Err(status)) => return Err(status),
+            _ => return Err(invalid("hello", "the first message must be a Hello")),
+        };
+        check_hello(&hello)?;
+        if !self.hub.is_ready() {
+            return Err(RegistryError::NotReady.into());
+        }
+        let node = hello.node_id.clone();
+        let (lease, resumed) = self.lease_for(&node).await?;
+        let info = format!(
+            "replica={} zone={} version={} ingress={}",
+            self.replica_id, hello.zone, hello.version, hello.ingress_address
+        );
+        self.store
+            .put(&self.keys.agent(&node), info.into_bytes(), Some(lease))
+            .await
+            .map_err(RegistryError::from)?;
+        tracing::info!(node, resumed, lease, "agent session opened");
+
+        let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(64);
+        tx.send(message(control_message::Kind::Welcome(Welcome {
+            replica_id: self.replica_id.clone(),
+            lease_ttl_seconds: u32::try_from(SESSION_TTL.as_secs()).unwrap_or(10),
+            resumed_session: resumed,
+        })))
+        .await
+        .map_err(|_| Status::cancelled("agent left"))?;
+
+        // Registry and policy streams, multiplexed onto the one response.
+        let mut registry = self.hub.subscribe(
+            Filter {
+                namespace: hello.namespace.clone(),
+                service: String::new(),
+            },
+            hello.registry_revision,
+        );
+        let mut policies = self.hub.subscribe_policies(hello.policy_revision);
+        let out = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    r = registry.recv() => r.map(control_message::Kind::Registry),
+                    p = policies.recv() => p.map(control_message::Kind::Policies),
+                };
+                let Some(kind) = next else { return };
+                if out.send(message(kind)).await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        // Keep the lease alive while the agent is connected.
+        let store = self.store.clone();
+        let out = tx.clone();
+        let keeper_node = node.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SESSION_TTL / 3);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = out.closed() => return,
+                    _ = every.tick() => {}
+                }
+                match store.keep_alive(lease).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        tracing::warn!(
+                            node = keeper_node,
+                            "agent session lease lost; closing the stream"
+                        );
+                        let _ = out
+                            .send(Err(Status::unavailable("session lease lost; reconnect")))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = keeper_node, error = %e, "renewing the agent session failed")
+                    }
+                }
+            }
+        });
+
+        // Acknowledgements.
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                let outcome = match message {
+                    Ok(AgentMessage {
+                        kind: Some(agent_message::Kind::Ack(ack)),
+                    }) => service.record_ack(&node, lease, ack).await,
+                    Ok(AgentMessage {
+                        kind: Some(agent_message::Kind::Hello(_)),
+                    }) => Err(invalid("hello", "sent once, at the start of the stream")),
+                    Ok(AgentMessage { kind: None }) => Err(invalid("kind", "is required")),
+                    Err(status) => {
+                        tracing::debug!(node, error = %status, "agent stream ended");
+                        break;
+                    }
+                };
+                if let Err(status) = outcome {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            }
+            tracing::info!(
+                node,
+                "agent session stream closed; the lease expires unless it reconnects"
+            );
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
