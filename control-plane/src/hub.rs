@@ -260,6 +260,29 @@ fn decode_policy(
     }
 }
 
+/// A watched (or historical) change of a policy key as agents receive it:
+/// the new policy, or none for a deletion.
+fn policy_change(
+    namespace: String,
+    service: String,
+    change: &crate::store::WatchEvent,
+) -> Option<PolicyChange> {
+    match change.kind {
+        EventKind::Put => decode_policy(
+            &namespace,
+            &service,
+            &change.kv.value,
+            change.kv.mod_revision,
+        ),
+        EventKind::Delete => Some(PolicyChange {
+            namespace,
+            service,
+            version: change.kv.mod_revision,
+            policy: None,
+        }),
+    }
+}
+
 impl Hub {
     /// Creates the hub and starts its store watch. The watch stops when the
     /// returned [`HubTask`] is dropped.
@@ -433,18 +456,7 @@ impl Hub {
             }
             if let Some((ns, svc)) = keys.parse_policy(&change.kv.key) {
                 let key = (ns.clone(), svc.clone());
-                let change = match change.kind {
-                    EventKind::Put => {
-                        decode_policy(&ns, &svc, &change.kv.value, change.kv.mod_revision)
-                    }
-                    EventKind::Delete => Some(PolicyChange {
-                        namespace: ns,
-                        service: svc,
-                        version: change.kv.mod_revision,
-                        policy: None,
-                    }),
-                };
-                if let Some(change) = change {
+                if let Some(change) = policy_change(ns, svc, &change) {
                     if change.policy.is_some() {
                         state.policies.insert(key, Arc::new(change.clone()));
                     } else {
@@ -691,17 +703,7 @@ impl Hub {
                     let keys = &self.inner.keys;
                     changes.extend(events.into_iter().filter_map(|e| {
                         let (ns, svc) = keys.parse_policy(&e.kv.key)?;
-                        match e.kind {
-                            EventKind::Put => {
-                                decode_policy(&ns, &svc, &e.kv.value, e.kv.mod_revision)
-                            }
-                            EventKind::Delete => Some(PolicyChange {
-                                namespace: ns,
-                                service: svc,
-                                version: e.kv.mod_revision,
-                                policy: None,
-                            }),
-                        }
+                        policy_change(ns, svc, &e)
                     }));
                     from = floor;
                 }
