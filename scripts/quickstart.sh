@@ -89,6 +89,11 @@ echo
 echo "\$ weirctl health status-page"
 weirctl health status-page
 echo
+echo "\$ weirctl policy set -f docs/examples/orders-policy.yaml"
+weirctl policy set -f docs/examples/orders-policy.yaml
+echo "\$ weirctl policy list"
+weirctl policy list
+echo
 cat <<MSG
 Weir's control plane is running:
   gRPC API   $WEIR_ENDPOINT  (weir.registry.v1.Registry, grpc.health.v1, server reflection)
@@ -100,6 +105,8 @@ Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $PWD/$BIN/wei
   weirctl register orders --host 127.0.0.1 --port 8083 --ttl 5   # gone after 5 s: no heartbeats
   weirctl deregister orders orders-2
   weirctl health legacy                # status history with reasons
+  weirctl policy get orders            # the traffic policy the agents will enforce
+  weirctl policy status orders         # which agents run it (none until the agent lands)
 grpcurl works too, without the .proto (server reflection):
   grpcurl -plaintext -d '{"namespace":"default"}' 127.0.0.1:$port weir.registry.v1.Registry/Watch
 Agents, sample event traffic and the dashboard come with later stages. Ctrl-C here stops everything.
