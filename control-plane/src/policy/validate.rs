@@ -1387,7 +1387,10 @@ mod tests {
             |p| lb(p).ewma_decay_ms = 0,
             |p| lb(p).ewma_decay_ms = 100,
             |p| lb(p).ewma_decay_ms = 600_000,
-            |p| lb(p).algorithm = Algorithm::Unspecified as i32,
+            |p| {
+                lb(p).algorithm = Algorithm::Unspecified as i32;
+                lb(p).ewma_decay_ms = 0;
+            },
             |p| {
                 lb(p).algorithm = Algorithm::RoundRobin as i32;
                 lb(p).ewma_decay_ms = 0;
