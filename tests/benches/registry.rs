@@ -6,16 +6,23 @@
 //!
 //! One private etcd (fresh data dir, auto-compaction on) and one real
 //! `weir-control-plane` process (release build, rebuilt by this benchmark
-//! into the same target dir before it starts), all on loopback. Every
-//! throughput figure is taken at the same concurrency for Weir and for raw
-//! etcd: [`CONCURRENCY`] operations in flight, spread round-robin over
-//! [`CHANNELS`] gRPC connections (Weir) or [`CHANNELS`] etcd clients (raw).
-//! Latency figures register one instance at a time and time how long after
-//! the call returned each watcher sees it. See `docs/benchmarks.md`.
+//! into the same target dir before it starts), all on loopback.
+//!
+//! Throughput: Weir and raw etcd at the same concurrency, [`CONCURRENCY`]
+//! operations in flight, spread round-robin over [`CHANNELS`] gRPC
+//! connections to the control plane or [`CHANNELS`] etcd clients (one
+//! connection each). The figures compared with each other are measured
+//! interleaved ([`ROUNDS`] slices each, after a warm-up), so load from
+//! outside the benchmark hits both sides alike.
+//!
+//! Latency: one write at a time; each watcher task timestamps the event, and
+//! a figure is the time from the write call returning until a watcher saw
+//! it (0 if it saw it before the call returned). Weir and raw samples
+//! alternate. See `docs/benchmarks.md` for what each figure means.
 //!
 //! Knobs (environment): `WEIR_BENCH_SECS` (measured seconds per throughput
-//! figure, default 4), `WEIR_BENCH_SAMPLES` (sequential registrations per
-//! latency figure, default 300), `WEIR_BENCH_WATCHERS` (default 1000),
+//! figure, default 4), `WEIR_BENCH_SAMPLES` (sequential writes per latency
+//! figure, default 300), `WEIR_BENCH_WATCHERS` (default 1000),
 //! `WEIR_BENCH_SKIP_BUILD=1` (use the control-plane binary already built).
 
 use std::{
@@ -65,6 +72,8 @@ const KEEPALIVE_BATCH: usize = 16;
 const NAMESPACE: &str = "default";
 /// Root of the raw etcd keys (outside the control plane's prefix).
 const RAW_ROOT: &str = "/bench-raw";
+/// The whole run (after the build) stops with an error past this.
+const TIME_LIMIT: Duration = Duration::from_secs(600);
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -80,12 +89,21 @@ fn main() -> Result<()> {
         println!("registry benchmark: run it with `cargo bench -p weir-tests --bench registry`");
         return Ok(());
     }
+    build_control_plane()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     // etcd and the control plane are killed when their handles drop, which
-    // happens on every way out of `run` (success, error or panic).
-    runtime.block_on(run())
+    // happens on every way out of `run`: success, error, panic, the overall
+    // time limit, or Ctrl-C (each drops the `run` future).
+    runtime.block_on(async {
+        tokio::select! {
+            done = tokio::time::timeout(TIME_LIMIT, run()) => {
+                done.map_err(|_| anyhow::anyhow!("the benchmark took more than {TIME_LIMIT:?}; stopped"))?
+            }
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -904,7 +922,6 @@ async fn run() -> Result<()> {
     let samples = env_num("WEIR_BENCH_SAMPLES", 300).max(1);
     let many = usize::try_from(env_num("WEIR_BENCH_WATCHERS", 1000).max(1))?;
 
-    build_control_plane()?;
     let binary = workspace_binary("weir-control-plane")?;
     let etcd = Etcd::start_with(EtcdOptions {
         extra_args: vec![

@@ -272,6 +272,11 @@ impl ControlPlaneProcess {
         self.http_addr
     }
 
+    /// Process id, e.g. to read its CPU time from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `http://ip:port` of the gRPC listener.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.grpc_addr)

@@ -365,3 +365,15 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
     );
     Ok(())
 }
+
+#[test]
+fn the_example_policy_in_the_docs_is_valid() -> Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/examples/orders-policy.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let parsed: TrafficPolicy = serde_yaml::from_str(&text)?;
+    let valid = weir_control_plane::policy::validate::policy(Some(&parsed))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    ensure!(valid.rules.len() == 2 && valid.service == "orders");
+    Ok(())
+}

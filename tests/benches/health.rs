@@ -1,0 +1,912 @@
+//! Health-checking benchmark: how soon a dead instance is seen CRITICAL,
+//! and how many checks one control-plane replica keeps up with.
+//!
+//! ```text
+//! CARGO_TARGET_DIR=/work/target-hbench cargo build --release --bins
+//! CARGO_TARGET_DIR=/work/target-hbench cargo bench -p weir-tests --bench health
+//! ```
+//!
+//! Everything runs on loopback: one private etcd (fresh data dir) and a
+//! real `weir-control-plane` process on it (the replica under test, release
+//! build found next to this benchmark's `deps/` directory).
+//!
+//! 1. Detection. Each victim is a separate process: another
+//!    `weir-control-plane --dev`, whose HTTP `/healthz` is the check. It is
+//!    registered as a persistent instance with an HTTP check; once a
+//!    `WatchView` on its service shows it PASSING the benchmark waits a
+//!    random fraction of the check interval (so the kill lands at a random
+//!    phase of the check cycle), kills it with SIGKILL and times how long
+//!    until the same view shows it CRITICAL. [`VICTIMS_AT_ONCE`] victims run
+//!    side by side, each measured on its own (own service, own view).
+//!
+//! 2. Capacity. N persistent instances with HTTP checks every 1000 ms, all
+//!    paths (`/i/{k}`) on [`SERVERS`] small axum servers in this process that
+//!    count what they get. After all are PASSING (and a settling pause) the
+//!    benchmark counts checks received over a window and reads the CPU time
+//!    of the control-plane process (and of etcd, this process, and the whole
+//!    machine) from /proc. N grows through the steps until the replica falls
+//!    behind.
+//!
+//! Knobs (environment): `WEIR_BENCH_KILLS` (kills per detection figure,
+//! default 30), `WEIR_BENCH_STEPS` (instance counts, default
+//! "500,1000,2000,4000,8000"), `WEIR_BENCH_WINDOW_SECS` (capacity window,
+//! default 5), `WEIR_BENCH_BUDGET_SECS` (no new capacity step after this
+//! many seconds of capacity measuring, default 180).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use axum::{
+    extract::State,
+    http::{StatusCode, Uri},
+    Router,
+};
+use futures::{StreamExt, TryStreamExt};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    net::TcpListener,
+    process::{Child, Command},
+    task::JoinHandle,
+};
+use weir_client::{
+    health_check, Client, GetServiceRequest, HealthCheck, HealthStatus, HttpCheck, Instance,
+    InstanceRef, WatchView,
+};
+use weir_tests::{unique_prefix, workspace_binary, ControlPlaneProcess, Etcd, EtcdOptions};
+
+const NAMESPACE: &str = "default";
+/// Detection configurations: (interval ms, failures_before_critical).
+const DETECTION: [(u32, u32); 2] = [(1000, 2), (200, 2)];
+/// Victims alive at once during a detection figure.
+const VICTIMS_AT_ONCE: usize = 6;
+/// Check interval of the capacity figures.
+const CAPACITY_INTERVAL_MS: u32 = 1000;
+/// Servers the capacity instances' paths are spread over.
+const SERVERS: usize = 16;
+/// Registrations in flight while filling a capacity step.
+const REGISTER_CONCURRENCY: usize = 32;
+/// Pause between "all PASSING" and the measuring window.
+const SETTLE: Duration = Duration::from_secs(3);
+/// A check counts as late when it follows the previous check of the same
+/// instance by more than this many intervals.
+const LATE_FACTOR: f64 = 1.5;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes --bench; `cargo test --benches` does not, and a
+    // test run must not take minutes.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("health benchmark: run it with `cargo bench -p weir-tests --bench health`");
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // Every process started here is killed when its handle drops (etcd and
+    // the control plane by the harness, victims by `kill_on_drop`), which
+    // happens on every way out of `run`, error or panic included.
+    runtime.block_on(run())
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn status(view: &WatchView, service: &str, id: &str) -> Option<HealthStatus> {
+    view.get(NAMESPACE, service, id)
+        .map(|i| HealthStatus::try_from(i.status).unwrap_or(HealthStatus::Unknown))
+}
+
+/// Feeds the view until `done` holds; returns when that was seen.
+async fn follow(
+    view: &mut WatchView,
+    deadline: Duration,
+    what: &str,
+    mut done: impl FnMut(&WatchView) -> bool,
+) -> Result<Instant> {
+    let end = tokio::time::Instant::now() + deadline;
+    while !done(view) {
+        match tokio::time::timeout_at(end, view.next()).await {
+            Ok(update) => {
+                update?;
+            }
+            Err(_) => bail!("timed out after {deadline:?} waiting for {what}"),
+        }
+    }
+    Ok(Instant::now())
+}
+
+/// Applies whatever the view has pending, until it is quiet for `quiet`.
+async fn drain(view: &mut WatchView, quiet: Duration) -> Result<()> {
+    while let Ok(update) = tokio::time::timeout(quiet, view.next()).await {
+        update?;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    // Nearest rank.
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn checked_instance(
+    service: &str,
+    id: &str,
+    port: u16,
+    path: &str,
+    interval_ms: u32,
+    failures: u32,
+) -> Instance {
+    Instance {
+        namespace: NAMESPACE.into(),
+        service: service.into(),
+        instance_id: id.into(),
+        host: "127.0.0.1".into(),
+        port: u32::from(port),
+        health_check: Some(HealthCheck {
+            kind: Some(health_check::Kind::Http(HttpCheck {
+                path: path.into(),
+                ..HttpCheck::default()
+            })),
+            interval_ms,
+            failures_before_critical: failures,
+            ..HealthCheck::default()
+        }),
+        ..Instance::default()
+    }
+}
+
+async fn wait_ready(client: &Client) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let answer = client
+            .get_service(GetServiceRequest {
+                namespace: NAMESPACE.into(),
+                service: "bench-none".into(),
+                ..GetServiceRequest::default()
+            })
+            .await;
+        match answer {
+            Ok(_) | Err(weir_client::Error::NotFound(_)) => return Ok(()),
+            Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                bail!("control plane not ready after 30 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CPU and memory from /proc
+
+/// utime + stime of a process, in ticks.
+fn proc_ticks(pid: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = text.rfind(')')?;
+    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // After the comm: state(3) ppid(4) ... utime(14) stime(15).
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// (comm, ppid) of a process.
+fn proc_parent(pid: &str) -> Option<(String, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_owned();
+    let ppid = text
+        .get(close + 1..)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((comm, ppid))
+}
+
+/// Our etcd child, found by name and parent.
+fn find_etcd() -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid: u32 = name.parse().ok()?;
+        let (comm, ppid) = proc_parent(&name)?;
+        (comm == "etcd" && ppid == me).then_some(pid)
+    })
+}
+
+/// Busy ticks of all CPUs (everything but idle and iowait).
+fn machine_busy_ticks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let all: u64 = fields.iter().take(8).sum();
+    Some(all - fields.get(3)? - fields.get(4)?)
+}
+
+/// Resident memory of a process, MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// CPU seconds used so far by each party.
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuSecs {
+    plane: f64,
+    etcd: f64,
+    bench: f64,
+    machine: f64,
+}
+
+impl CpuSecs {
+    fn read(plane: u32, etcd: Option<u32>, ticks: f64) -> Self {
+        let secs = |pid: &str| proc_ticks(pid).map_or(0.0, |t| t as f64 / ticks);
+        Self {
+            plane: secs(&plane.to_string()),
+            etcd: etcd.map_or(0.0, |p| secs(&p.to_string())),
+            bench: secs("self"),
+            machine: machine_busy_ticks().map_or(0.0, |t| t as f64 / ticks),
+        }
+    }
+
+    fn minus(self, earlier: Self) -> Self {
+        Self {
+            plane: self.plane - earlier.plane,
+            etcd: self.etcd - earlier.etcd,
+            bench: self.bench - earlier.bench,
+            machine: self.machine - earlier.machine,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Detection
+
+/// A victim: a separate `weir-control-plane --dev` process whose HTTP
+/// `/healthz` is checked. Killed (SIGKILL) when dropped.
+struct Victim {
+    child: Child,
+    http_port: u16,
+}
+
+impl Victim {
+    async fn start(binary: &Path) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .args([
+                "--dev",
+                "--grpc-addr=127.0.0.1:0",
+                "--http-addr=127.0.0.1:0",
+            ])
+            // Quiet: every dev-mode replica warns that nothing persists.
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a victim weir-control-plane")?;
+        let stdout = child.stdout.take().context("victim has no stdout")?;
+        // `weir-control-plane ready grpc=ADDR http=ADDR store=embedded`
+        let line = tokio::time::timeout(
+            Duration::from_secs(30),
+            BufReader::new(stdout).lines().next_line(),
+        )
+        .await
+        .context("victim not ready within 30 s")??
+        .context("victim exited before its ready line")?;
+        let http: SocketAddr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http="))
+            .with_context(|| format!("no http= in victim ready line {line:?}"))?
+            .parse()
+            .with_context(|| format!("bad http= in victim ready line {line:?}"))?;
+        Ok(Self {
+            child,
+            http_port: http.port(),
+        })
+    }
+
+    /// kill -9, then reaps it.
+    async fn kill(&mut self) -> Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// One kill.
+#[derive(Clone, Debug)]
+struct Kill {
+    /// Kill to CRITICAL seen on the watch.
+    seen: Duration,
+    /// Kill to the checker's verdict (`HealthDetail.since_unix_ms`).
+    decided: Duration,
+    reason: String,
+}
+
+async fn detect_slot(
+    client: Client,
+    binary: PathBuf,
+    service: String,
+    interval_ms: u32,
+    failures: u32,
+    rounds: usize,
+    slot: usize,
+) -> Result<Vec<Kill>> {
+    // Stagger the slots so victims do not all start at once.
+    let stagger = u64::from(interval_ms) * u64::try_from(slot)? / VICTIMS_AT_ONCE as u64;
+    tokio::time::sleep(Duration::from_millis(stagger)).await;
+    let mut view = client.watch_view(NAMESPACE, &service);
+    let mut kills = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let mut victim = Victim::start(&binary).await?;
+        let id = format!("r{round}");
+        client
+            .register(checked_instance(
+                &service,
+                &id,
+                victim.http_port,
+                "/healthz",
+                interval_ms,
+                failures,
+            ))
+            .await?;
+        follow(&mut view, Duration::from_secs(20), "victim PASSING", |v| {
+            status(v, &service, &id) == Some(HealthStatus::Passing)
+        })
+        .await?;
+        // Kill at a random phase of the check cycle.
+        let phase = rand::random_range(0..u64::from(interval_ms));
+        tokio::time::sleep(Duration::from_millis(phase)).await;
+        let killed_unix = now_unix_ms();
+        let killed = Instant::now();
+        victim.kill().await?;
+        let seen = follow(&mut view, Duration::from_secs(30), "victim CRITICAL", |v| {
+            status(v, &service, &id) == Some(HealthStatus::Critical)
+        })
+        .await?;
+        let detail = view
+            .get(NAMESPACE, &service, &id)
+            .and_then(|i| i.health.clone())
+            .unwrap_or_default();
+        let decided_ms = u64::try_from(detail.since_unix_ms - killed_unix).unwrap_or(0);
+        kills.push(Kill {
+            seen: seen - killed,
+            decided: Duration::from_millis(decided_ms),
+            reason: detail.reason,
+        });
+        client
+            .deregister(&InstanceRef {
+                namespace: NAMESPACE.into(),
+                service: service.clone(),
+                instance_id: id,
+            })
+            .await?;
+    }
+    Ok(kills)
+}
+
+struct DetectionRow {
+    interval_ms: u32,
+    failures: u32,
+    kills: Vec<Kill>,
+    took: Duration,
+}
+
+async fn detection(
+    client: &Client,
+    binary: &Path,
+    interval_ms: u32,
+    failures: u32,
+    kills: usize,
+) -> Result<DetectionRow> {
+    let rounds = kills.div_ceil(VICTIMS_AT_ONCE);
+    let start = Instant::now();
+    // Polled together in this task (not spawned), so an error drops, and
+    // thereby kills, every victim still alive.
+    let slots = (0..VICTIMS_AT_ONCE).map(|slot| {
+        detect_slot(
+            client.clone(),
+            binary.to_owned(),
+            format!("victim-{interval_ms}-{slot}"),
+            interval_ms,
+            failures,
+            rounds,
+            slot,
+        )
+    });
+    let kills: Vec<Kill> = futures::future::try_join_all(slots)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(DetectionRow {
+        interval_ms,
+        failures,
+        kills,
+        took: start.elapsed(),
+    })
+}
+
+fn print_detection(rows: &[DetectionRow]) {
+    println!();
+    println!("Detection: kill -9 of a checked instance to CRITICAL on a watch");
+    println!();
+    println!(
+        "| interval × failures | bound I×f | kills | min | p50 | p99 | max | \
+         kill→verdict p50 (max) | verdict→watch p50 (max) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let mut seen: Vec<Duration> = row.kills.iter().map(|k| k.seen).collect();
+        seen.sort();
+        let mut decided: Vec<Duration> = row.kills.iter().map(|k| k.decided).collect();
+        decided.sort();
+        let mut propagation: Vec<Duration> = row
+            .kills
+            .iter()
+            .map(|k| k.seen.saturating_sub(k.decided))
+            .collect();
+        propagation.sort();
+        println!(
+            "| {} ms × {} | {} ms | {} | {} | {} | {} | {} | {} ({}) | {} ({}) |",
+            row.interval_ms,
+            row.failures,
+            row.interval_ms * row.failures,
+            seen.len(),
+            ms(percentile(&seen, 0.0)),
+            ms(percentile(&seen, 0.5)),
+            ms(percentile(&seen, 0.99)),
+            ms(percentile(&seen, 1.0)),
+            ms(percentile(&decided, 0.5)),
+            ms(percentile(&decided, 1.0)),
+            ms(percentile(&propagation, 0.5)),
+            ms(percentile(&propagation, 1.0)),
+        );
+    }
+    for row in rows {
+        let mut reasons: Vec<String> = row
+            .kills
+            .iter()
+            .map(|k| {
+                // "connect 127.0.0.1:PORT: Connection refused ..." -> drop the port.
+                k.reason
+                    .split_whitespace()
+                    .filter(|w| !w.starts_with("127.0.0.1:"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        reasons.sort();
+        reasons.dedup();
+        println!(
+            "  {} ms: {} kills in {:.0} s; verdict reasons: {}",
+            row.interval_ms,
+            row.kills.len(),
+            row.took.as_secs_f64(),
+            reasons.join(" | ")
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Capacity
+
+/// What the capacity servers received, per instance.
+struct Counters {
+    base: Instant,
+    total: AtomicU64,
+    hits: Vec<AtomicU64>,
+    /// Time of the last check of each instance, µs since `base` (0 = none).
+    last_us: Vec<AtomicU64>,
+    /// Checks that came more than LATE_FACTOR intervals after the previous.
+    late: AtomicU64,
+    /// Longest gap between two checks of one instance, µs.
+    max_gap_us: AtomicU64,
+    late_after_us: u64,
+}
+
+impl Counters {
+    fn new(instances: usize) -> Self {
+        Self {
+            base: Instant::now(),
+            total: AtomicU64::new(0),
+            hits: (0..instances).map(|_| AtomicU64::new(0)).collect(),
+            last_us: (0..instances).map(|_| AtomicU64::new(0)).collect(),
+            late: AtomicU64::new(0),
+            max_gap_us: AtomicU64::new(0),
+            late_after_us: (f64::from(CAPACITY_INTERVAL_MS) * 1000.0 * LATE_FACTOR) as u64,
+        }
+    }
+
+    fn hit(&self, k: usize) -> bool {
+        let (Some(hits), Some(last)) = (self.hits.get(k), self.last_us.get(k)) else {
+            return false;
+        };
+        let now = u64::try_from(self.base.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        hits.fetch_add(1, Ordering::Relaxed);
+        let previous = last.swap(now, Ordering::Relaxed);
+        if previous != 0 {
+            let gap = now.saturating_sub(previous);
+            self.max_gap_us.fetch_max(gap, Ordering::Relaxed);
+            if gap > self.late_after_us {
+                self.late.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    fn per_instance(&self, n: usize) -> Vec<u64> {
+        self.hits
+            .iter()
+            .take(n)
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+async fn answer(State(counters): State<Arc<Counters>>, uri: Uri) -> StatusCode {
+    let k = uri
+        .path()
+        .strip_prefix("/i/")
+        .and_then(|k| k.parse::<usize>().ok());
+    match k {
+        Some(k) if counters.hit(k) => StatusCode::OK,
+        _ => StatusCode::NOT_FOUND,
+    }
+}
+
+/// The capacity servers; stopped on drop.
+struct Servers {
+    ports: Vec<u16>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    async fn start(counters: &Arc<Counters>) -> Result<Self> {
+        let mut ports = Vec::with_capacity(SERVERS);
+        let mut tasks = Vec::with_capacity(SERVERS);
+        for _ in 0..SERVERS {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            ports.push(listener.local_addr()?.port());
+            let app = Router::new().fallback(answer).with_state(counters.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }));
+        }
+        Ok(Self { ports, tasks })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct CapacityRow {
+    instances: usize,
+    to_passing: Duration,
+    window: Duration,
+    received: u64,
+    late: u64,
+    max_gap: Duration,
+    /// Fewest and most checks one instance got in the window.
+    per_instance: (u64, u64),
+    cpu: CpuSecs,
+    rss_mib: f64,
+    not_passing: usize,
+}
+
+impl CapacityRow {
+    fn target(&self) -> f64 {
+        self.instances as f64 * 1000.0 / f64::from(CAPACITY_INTERVAL_MS)
+    }
+
+    fn rate(&self) -> f64 {
+        self.received as f64 / self.window.as_secs_f64()
+    }
+
+    fn cores(&self, secs: f64) -> f64 {
+        secs / self.window.as_secs_f64()
+    }
+
+    fn behind(&self) -> bool {
+        self.rate() < 0.95 * self.target()
+            || self.late as f64 > 0.01 * self.received as f64
+            || self.per_instance.0 == 0
+            || self.not_passing > 0
+    }
+}
+
+const CAPACITY_SERVICE: &str = "fleet";
+
+async fn capacity(
+    client: &Client,
+    plane_pid: u32,
+    steps: &[usize],
+    window: Duration,
+    budget: Duration,
+) -> Result<Vec<CapacityRow>> {
+    let most = steps.iter().copied().max().unwrap_or(0);
+    let counters = Arc::new(Counters::new(most));
+    let servers = Servers::start(&counters).await?;
+    let etcd = find_etcd();
+    let ticks = clock_ticks();
+    let mut view = client.watch_view(NAMESPACE, CAPACITY_SERVICE);
+    let mut rows = Vec::new();
+    let mut registered = 0;
+    let start = Instant::now();
+    for &n in steps {
+        if n <= registered {
+            continue;
+        }
+        if start.elapsed() > budget {
+            println!("  (capacity: time budget used up; no step of {n})");
+            break;
+        }
+        let step_start = Instant::now();
+        let ports = &servers.ports;
+        futures::stream::iter(registered..n)
+            .map(|k| {
+                let client = client.clone();
+                let instance = checked_instance(
+                    CAPACITY_SERVICE,
+                    &format!("i-{k}"),
+                    ports[k % SERVERS],
+                    &format!("/i/{k}"),
+                    CAPACITY_INTERVAL_MS,
+                    0,
+                );
+                async move { client.register(instance).await }
+            })
+            .buffer_unordered(REGISTER_CONCURRENCY)
+            .try_for_each(|_| async { Ok(()) })
+            .await?;
+        registered = n;
+        let passing = |v: &WatchView| {
+            v.instances()
+                .filter(|i| i.status == HealthStatus::Passing as i32)
+                .count()
+        };
+        follow(
+            &mut view,
+            Duration::from_secs(120),
+            &format!("{n} instances PASSING"),
+            |v| passing(v) == n,
+        )
+        .await?;
+        let to_passing = step_start.elapsed();
+        tokio::time::sleep(SETTLE).await;
+        drain(&mut view, Duration::from_millis(100)).await?;
+
+        // The window.
+        let hits_before = counters.per_instance(n);
+        let total_before = counters.total.load(Ordering::Relaxed);
+        let late_before = counters.late.load(Ordering::Relaxed);
+        counters.max_gap_us.store(0, Ordering::Relaxed);
+        let cpu_before = CpuSecs::read(plane_pid, etcd, ticks);
+        let t0 = Instant::now();
+        tokio::time::sleep(window).await;
+        let elapsed = t0.elapsed();
+        let cpu = CpuSecs::read(plane_pid, etcd, ticks).minus(cpu_before);
+        let received = counters.total.load(Ordering::Relaxed) - total_before;
+        let late = counters.late.load(Ordering::Relaxed) - late_before;
+        let max_gap = Duration::from_micros(counters.max_gap_us.load(Ordering::Relaxed));
+        let diffs: Vec<u64> = counters
+            .per_instance(n)
+            .iter()
+            .zip(&hits_before)
+            .map(|(after, before)| after - before)
+            .collect();
+        let per_instance = (
+            diffs.iter().copied().min().unwrap_or(0),
+            diffs.iter().copied().max().unwrap_or(0),
+        );
+        drain(&mut view, Duration::from_millis(300)).await?;
+        let not_passing = n - passing(&view);
+        let row = CapacityRow {
+            instances: n,
+            to_passing,
+            window: elapsed,
+            received,
+            late,
+            max_gap,
+            per_instance,
+            cpu,
+            rss_mib: rss_mib(plane_pid).unwrap_or(0.0),
+            not_passing,
+        };
+        eprintln!(
+            "  capacity {n}: {:.0}/s of {:.0}/s, control plane {:.2} cores, load {}",
+            row.rate(),
+            row.target(),
+            row.cores(row.cpu.plane),
+            loadavg()
+        );
+        let behind = row.behind();
+        rows.push(row);
+        if behind {
+            println!("  (capacity: fell behind at {n} instances; stopping)");
+            break;
+        }
+    }
+    drop(servers);
+    Ok(rows)
+}
+
+fn print_capacity(rows: &[CapacityRow]) {
+    println!();
+    println!(
+        "Capacity: one replica, HTTP checks every {CAPACITY_INTERVAL_MS} ms, \
+         {SERVERS} servers in the benchmark process"
+    );
+    println!();
+    println!(
+        "| instances | target checks/s | received checks/s | late (gap > {LATE_FACTOR}×I) | \
+         max gap | checks per instance min–max | control plane CPU (cores) | \
+         % of a core per 1,000 checks/s | etcd | bench | rest of machine | \
+         control plane RSS | registered → all PASSING |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let rate = r.rate();
+        let plane = r.cores(r.cpu.plane);
+        let per_k = if rate > 0.0 {
+            plane * 100.0 / (rate / 1000.0)
+        } else {
+            0.0
+        };
+        let rest = r.cpu.machine - r.cpu.plane - r.cpu.etcd - r.cpu.bench;
+        println!(
+            "| {} | {:.0} | {:.0} ({:.1}%) | {} | {} | {}–{} | {:.2} | {:.1}% | {:.2} | {:.2} | {:.2} | {:.0} MiB | {:.1} s |",
+            r.instances,
+            r.target(),
+            rate,
+            rate * 100.0 / r.target(),
+            r.late,
+            ms(r.max_gap),
+            r.per_instance.0,
+            r.per_instance.1,
+            plane,
+            per_k,
+            r.cores(r.cpu.etcd),
+            r.cores(r.cpu.bench),
+            r.cores(rest.max(0.0)),
+            r.rss_mib,
+            r.to_passing.as_secs_f64(),
+        );
+        if r.not_passing > 0 {
+            println!("  {} instances not PASSING after the window", r.not_passing);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+async fn run() -> Result<()> {
+    let kills = usize::try_from(env_num("WEIR_BENCH_KILLS", 30).max(1))?;
+    let window = Duration::from_secs(env_num("WEIR_BENCH_WINDOW_SECS", 5).max(1));
+    let budget = Duration::from_secs(env_num("WEIR_BENCH_BUDGET_SECS", 180));
+    let steps: Vec<usize> = std::env::var("WEIR_BENCH_STEPS")
+        .unwrap_or_else(|_| "500,1000,2000,4000,8000".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .context("WEIR_BENCH_STEPS: comma-separated counts")
+        })
+        .collect::<Result<_>>()?;
+
+    let binary = workspace_binary("weir-control-plane")?;
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    eprintln!(
+        "health benchmark: control plane {}; {cpus} CPUs (shared by etcd, the control plane, \
+         the victims and this process), CLK_TCK {}, load average {}",
+        binary.display(),
+        clock_ticks(),
+        loadavg()
+    );
+    let etcd = Etcd::start_with(EtcdOptions {
+        extra_args: vec![
+            "--auto-compaction-mode=revision".into(),
+            "--auto-compaction-retention=10000".into(),
+        ],
+        private: true,
+    })
+    .await?;
+
+    // 1. Detection, on its own replica.
+    let mut rows = Vec::new();
+    {
+        let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("hbench-detect"))?;
+        let client = Client::connect([plane.endpoint()]).await?;
+        wait_ready(&client).await?;
+        for (interval_ms, failures) in DETECTION {
+            let row = detection(&client, &binary, interval_ms, failures, kills).await?;
+            eprintln!(
+                "  detection {interval_ms} ms × {failures}: {} kills in {:.0} s",
+                row.kills.len(),
+                row.took.as_secs_f64()
+            );
+            rows.push(row);
+        }
+    }
+    print_detection(&rows);
+
+    // 2. Capacity, on a fresh replica (new prefix, nothing else to check).
+    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("hbench-capacity"))?;
+    let client = Client::connect([plane.endpoint()]).await?;
+    wait_ready(&client).await?;
+    let capacity_rows = capacity(&client, plane.pid(), &steps, window, budget).await?;
+    print_capacity(&capacity_rows);
+    println!();
+    println!(
+        "{cpus} CPUs shared by etcd, the control plane and the load side; load average at the end {}",
+        loadavg()
+    );
+    Ok(())
+}
