@@ -195,12 +195,19 @@ impl Checks {
 }
 
 /// Recomputes this replica's share whenever the cache changes (bursts of
-/// changes are coalesced for 20 ms).
+/// changes are coalesced for 100 ms). This replica counts itself as live
+/// even while its own announcement is missing (at start-up, or while an
+/// overloaded replica re-announces after its lease lapsed): checking a few
+/// instances twice for a moment beats leaving them unchecked.
 async fn assign(hub: Hub, checker: Arc<Checker>, me: String) {
     let mut changes = hub.changes();
     loop {
-        let replicas = hub.replicas();
-        let mine: Vec<Arc<Instance>> = if hub.is_ready() && replicas.contains(&me) {
+        let mut replicas = hub.replicas();
+        if !replicas.contains(&me) {
+            replicas.push(me.clone());
+            replicas.sort();
+        }
+        let mine: Vec<Arc<Instance>> = if hub.is_ready() {
             hub.all_instances()
                 .into_iter()
                 .filter(|i| spec::resolve(i).is_some())
@@ -221,7 +228,7 @@ async fn assign(hub: Hub, checker: Arc<Checker>, me: String) {
         if changes.changed().await.is_err() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         changes.borrow_and_update();
     }
 }

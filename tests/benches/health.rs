@@ -29,9 +29,9 @@
 //!
 //! Knobs (environment): `WEIR_BENCH_KILLS` (kills per detection figure,
 //! default 30), `WEIR_BENCH_STEPS` (instance counts, default
-//! "500,1000,2000,4000,8000"), `WEIR_BENCH_WINDOW_SECS` (capacity window,
-//! default 5), `WEIR_BENCH_BUDGET_SECS` (no new capacity step after this
-//! many seconds of capacity measuring, default 180).
+//! "500,1000,2000,4000,6000,8000,12000,16000"), `WEIR_BENCH_WINDOW_SECS`
+//! (capacity window, default 5), `WEIR_BENCH_BUDGET_SECS` (no new capacity
+//! step after this many seconds of capacity measuring, default 180).
 
 use std::{
     net::SocketAddr,
@@ -207,15 +207,15 @@ async fn wait_ready(client: &Client) -> Result<()> {
 // ---------------------------------------------------------------------------
 // CPU and memory from /proc
 
-/// utime + stime of a process, in ticks.
-fn proc_ticks(pid: &str) -> Option<u64> {
+/// (utime, stime) of a process, in ticks.
+fn proc_ticks(pid: &str) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let close = text.rfind(')')?;
     let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
     // After the comm: state(3) ppid(4) ... utime(14) stime(15).
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// (comm, ppid) of a process.
@@ -291,6 +291,8 @@ fn loadavg() -> String {
 #[derive(Clone, Copy, Debug, Default)]
 struct CpuSecs {
     plane: f64,
+    /// Of `plane`, in the kernel (stime).
+    plane_sys: f64,
     etcd: f64,
     bench: f64,
     machine: f64,
@@ -298,9 +300,11 @@ struct CpuSecs {
 
 impl CpuSecs {
     fn read(plane: u32, etcd: Option<u32>, ticks: f64) -> Self {
-        let secs = |pid: &str| proc_ticks(pid).map_or(0.0, |t| t as f64 / ticks);
+        let secs = |pid: &str| proc_ticks(pid).map_or(0.0, |(u, s)| (u + s) as f64 / ticks);
+        let plane_sys = proc_ticks(&plane.to_string()).map_or(0.0, |(_, s)| s as f64 / ticks);
         Self {
             plane: secs(&plane.to_string()),
+            plane_sys,
             etcd: etcd.map_or(0.0, |p| secs(&p.to_string())),
             bench: secs("self"),
             machine: machine_busy_ticks().map_or(0.0, |t| t as f64 / ticks),
@@ -310,6 +314,7 @@ impl CpuSecs {
     fn minus(self, earlier: Self) -> Self {
         Self {
             plane: self.plane - earlier.plane,
+            plane_sys: self.plane_sys - earlier.plane_sys,
             etcd: self.etcd - earlier.etcd,
             bench: self.bench - earlier.bench,
             machine: self.machine - earlier.machine,
@@ -650,6 +655,9 @@ impl Drop for Servers {
 struct CapacityRow {
     instances: usize,
     to_passing: Duration,
+    /// Control-plane CPU seconds from the step's first registration until
+    /// all were PASSING.
+    ramp_cpu: f64,
     window: Duration,
     received: u64,
     late: u64,
@@ -690,7 +698,7 @@ async fn capacity(
     steps: &[usize],
     window: Duration,
     budget: Duration,
-) -> Result<Vec<CapacityRow>> {
+) -> Result<(Vec<CapacityRow>, Option<String>)> {
     let most = steps.iter().copied().max().unwrap_or(0);
     let counters = Arc::new(Counters::new(most));
     let servers = Servers::start(&counters).await?;
@@ -699,6 +707,7 @@ async fn capacity(
     let mut view = client.watch_view(NAMESPACE, CAPACITY_SERVICE);
     let mut rows = Vec::new();
     let mut registered = 0;
+    let mut failed = None;
     let start = Instant::now();
     for &n in steps {
         if n <= registered {
@@ -709,37 +718,49 @@ async fn capacity(
             break;
         }
         let step_start = Instant::now();
+        let ramp_before = CpuSecs::read(plane_pid, etcd, ticks);
         let ports = &servers.ports;
-        futures::stream::iter(registered..n)
-            .map(|k| {
-                let client = client.clone();
-                let instance = checked_instance(
-                    CAPACITY_SERVICE,
-                    &format!("i-{k}"),
-                    ports[k % SERVERS],
-                    &format!("/i/{k}"),
-                    CAPACITY_INTERVAL_MS,
-                    0,
-                );
-                async move { client.register(instance).await }
-            })
-            .buffer_unordered(REGISTER_CONCURRENCY)
-            .try_for_each(|_| async { Ok(()) })
-            .await?;
-        registered = n;
         let passing = |v: &WatchView| {
             v.instances()
                 .filter(|i| i.status == HealthStatus::Passing as i32)
                 .count()
         };
-        follow(
-            &mut view,
-            Duration::from_secs(120),
-            &format!("{n} instances PASSING"),
-            |v| passing(v) == n,
-        )
-        .await?;
+        let ramp = async {
+            futures::stream::iter(registered..n)
+                .map(|k| {
+                    let client = client.clone();
+                    let instance = checked_instance(
+                        CAPACITY_SERVICE,
+                        &format!("i-{k}"),
+                        ports[k % SERVERS],
+                        &format!("/i/{k}"),
+                        CAPACITY_INTERVAL_MS,
+                        0,
+                    );
+                    async move { client.register(instance).await }
+                })
+                .buffer_unordered(REGISTER_CONCURRENCY)
+                .try_for_each(|_| async { Ok(()) })
+                .await?;
+            follow(
+                &mut view,
+                Duration::from_secs(120),
+                &format!("{n} instances PASSING"),
+                |v| passing(v) == n,
+            )
+            .await
+        };
+        // A step that cannot be set up is a result too: the last one.
+        if let Err(e) = ramp.await {
+            println!("  (capacity: the step of {n} instances failed: {e:#}; stopping)");
+            failed = Some(format!("{n} instances: {e:#}"));
+            break;
+        }
+        registered = n;
         let to_passing = step_start.elapsed();
+        let ramp_cpu = CpuSecs::read(plane_pid, etcd, ticks)
+            .minus(ramp_before)
+            .plane;
         tokio::time::sleep(SETTLE).await;
         drain(&mut view, Duration::from_millis(100)).await?;
 
@@ -771,6 +792,7 @@ async fn capacity(
         let row = CapacityRow {
             instances: n,
             to_passing,
+            ramp_cpu,
             window: elapsed,
             received,
             late,
@@ -795,10 +817,10 @@ async fn capacity(
         }
     }
     drop(servers);
-    Ok(rows)
+    Ok((rows, failed))
 }
 
-fn print_capacity(rows: &[CapacityRow]) {
+fn print_capacity(rows: &[CapacityRow], failed: Option<&str>) {
     println!();
     println!(
         "Capacity: one replica, HTTP checks every {CAPACITY_INTERVAL_MS} ms, \
@@ -807,9 +829,9 @@ fn print_capacity(rows: &[CapacityRow]) {
     println!();
     println!(
         "| instances | target checks/s | received checks/s | late (gap > {LATE_FACTOR}×I) | \
-         max gap | checks per instance min–max | control plane CPU (cores) | \
+         max gap | checks per instance min–max | control plane CPU, cores (kernel) | \
          % of a core per 1,000 checks/s | etcd | bench | rest of machine | \
-         control plane RSS | registered → all PASSING |"
+         control plane RSS | new instances → all PASSING (control plane CPU-s) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -822,7 +844,7 @@ fn print_capacity(rows: &[CapacityRow]) {
         };
         let rest = r.cpu.machine - r.cpu.plane - r.cpu.etcd - r.cpu.bench;
         println!(
-            "| {} | {:.0} | {:.0} ({:.1}%) | {} | {} | {}–{} | {:.2} | {:.1}% | {:.2} | {:.2} | {:.2} | {:.0} MiB | {:.1} s |",
+            "| {} | {:.0} | {:.0} ({:.1}%) | {} | {} | {}–{} | {:.2} ({:.2}) | {:.1}% | {:.2} | {:.2} | {:.2} | {:.0} MiB | {:.1} s ({:.1}) |",
             r.instances,
             r.target(),
             rate,
@@ -832,16 +854,21 @@ fn print_capacity(rows: &[CapacityRow]) {
             r.per_instance.0,
             r.per_instance.1,
             plane,
+            r.cores(r.cpu.plane_sys),
             per_k,
             r.cores(r.cpu.etcd),
             r.cores(r.cpu.bench),
             r.cores(rest.max(0.0)),
             r.rss_mib,
             r.to_passing.as_secs_f64(),
+            r.ramp_cpu,
         );
         if r.not_passing > 0 {
             println!("  {} instances not PASSING after the window", r.not_passing);
         }
+    }
+    if let Some(f) = failed {
+        println!("  next step failed: {f}");
     }
 }
 
@@ -852,7 +879,7 @@ async fn run() -> Result<()> {
     let window = Duration::from_secs(env_num("WEIR_BENCH_WINDOW_SECS", 5).max(1));
     let budget = Duration::from_secs(env_num("WEIR_BENCH_BUDGET_SECS", 180));
     let steps: Vec<usize> = std::env::var("WEIR_BENCH_STEPS")
-        .unwrap_or_else(|_| "500,1000,2000,4000,8000".into())
+        .unwrap_or_else(|_| "500,1000,2000,4000,6000,8000,12000,16000".into())
         .split(',')
         .map(|s| {
             s.trim()
@@ -901,8 +928,8 @@ async fn run() -> Result<()> {
     let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("hbench-capacity"))?;
     let client = Client::connect([plane.endpoint()]).await?;
     wait_ready(&client).await?;
-    let capacity_rows = capacity(&client, plane.pid(), &steps, window, budget).await?;
-    print_capacity(&capacity_rows);
+    let (capacity_rows, failed) = capacity(&client, plane.pid(), &steps, window, budget).await?;
+    print_capacity(&capacity_rows, failed.as_deref());
     println!();
     println!(
         "{cpus} CPUs shared by etcd, the control plane and the load side; load average at the end {}",
