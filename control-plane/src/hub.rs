@@ -104,9 +104,42 @@ struct State {
     policies: BTreeMap<(String, String), Arc<PolicyChange>>,
     /// Nodes with an open agent session.
     agents: BTreeSet<String>,
+    /// Per service: (instances not CRITICAL, all instances), kept in step
+    /// with `instances` so protection costs O(1) per change.
+    counts: HashMap<(String, String), (u32, u32)>,
 }
 
 impl State {
+    /// Adds an instance to its service's counts, or removes it.
+    fn count(&mut self, i: &Instance, add: bool) {
+        let key = (i.namespace.clone(), i.service.clone());
+        let healthy = u32::from(i.status != HealthStatus::Critical as i32);
+        let entry = self.counts.entry(key.clone()).or_insert((0, 0));
+        if add {
+            entry.0 += healthy;
+            entry.1 += 1;
+        } else {
+            entry.0 = entry.0.saturating_sub(healthy);
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                self.counts.remove(&key);
+            }
+        }
+    }
+
+    fn insert_instance(&mut self, key: InstanceKey, i: Arc<Instance>) {
+        self.count(&i, true);
+        if let Some(old) = self.instances.insert(key, i) {
+            self.count(&old, false);
+        }
+    }
+
+    fn remove_instance(&mut self, key: &InstanceKey) -> Option<Arc<Instance>> {
+        let old = self.instances.remove(key)?;
+        self.count(&old, false);
+        Some(old)
+    }
+
     fn service_instances<'a>(
         &'a self,
         namespace: &'a str,
@@ -136,13 +169,11 @@ impl State {
             .and_then(|c| c.protection_threshold_percent)
             .unwrap_or(default_threshold)
             .min(100);
-        let (mut healthy, mut total) = (0u32, 0u32);
-        for i in self.service_instances(namespace, service) {
-            total += 1;
-            if i.status != HealthStatus::Critical as i32 {
-                healthy += 1;
-            }
-        }
+        let (healthy, total) = self
+            .counts
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .copied()
+            .unwrap_or((0, 0));
         ServiceProtection {
             namespace: namespace.to_owned(),
             service: service.to_owned(),
@@ -401,6 +432,11 @@ impl Hub {
         let mut state = self.write();
         let was_loaded = state.loaded;
         let count = instances.len();
+        state.counts.clear();
+        for i in instances.values() {
+            let i = i.clone();
+            state.count(&i, true);
+        }
         state.instances = instances;
         state.replicas = replicas;
         state.configs = configs;
@@ -492,7 +528,7 @@ impl Hub {
                     match decode_instance(&key, &change.kv.value, change.kv.mod_revision) {
                         Ok(i) => {
                             let i = Arc::new(i);
-                            state.instances.insert(key, i.clone());
+                            state.insert_instance(key, i.clone());
                             events.push(Event {
                                 r#type: EventType::Put as i32,
                                 instance: Some((*i).clone()),
@@ -505,7 +541,7 @@ impl Hub {
                     }
                 }
                 EventKind::Delete => {
-                    if let Some(old) = state.instances.remove(&key) {
+                    if let Some(old) = state.remove_instance(&key) {
                         events.push(Event {
                             r#type: EventType::Delete as i32,
                             instance: Some((*old).clone()),
@@ -817,16 +853,9 @@ impl Hub {
     /// The instances of one service and the revision they were read at.
     pub fn service(&self, namespace: &str, service: &str) -> (Vec<Arc<Instance>>, u64) {
         let state = self.read();
-        let start = InstanceKey {
-            namespace: namespace.to_owned(),
-            service: service.to_owned(),
-            instance_id: String::new(),
-        };
         let instances = state
-            .instances
-            .range((Bound::Included(&start), Bound::Unbounded))
-            .take_while(|(k, _)| k.namespace == namespace && k.service == service)
-            .map(|(_, i)| i.clone())
+            .service_instances(namespace, service)
+            .cloned()
             .collect();
         (instances, state.revision)
     }

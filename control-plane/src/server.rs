@@ -4,7 +4,6 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use weir_proto::{
     agent::v1::agent_session_service_server::AgentSessionServiceServer,
     policy::v1::policy_service_server::PolicyServiceServer,
@@ -228,9 +227,15 @@ impl ControlPlane {
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                }),
+                // TCP_NODELAY on every accepted connection: without it small
+                // answers wait for the client's delayed ACK (~40 ms).
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(true)),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                ),
         );
         let app = Router::new()
             .route("/healthz", get(healthz))
