@@ -1351,6 +1351,72 @@ mod tests {
         }
     }
 
+    /// Waits until a CHANGES message carries a protection flip.
+    async fn next_flip(rx: &mut mpsc::Receiver<WatchResponse>) -> ServiceProtection {
+        loop {
+            let m = next(rx).await;
+            if m.kind == Kind::Changes as i32 {
+                if let Some(p) = m.protection.into_iter().next() {
+                    return p;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn protection_follows_the_counts_through_puts_status_changes_and_deletes() {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
+        let keys = Keys::new("/t");
+        let (hub, _task) = Hub::start(store.clone(), keys.clone(), HubConfig::default());
+        let key = |id: &str| InstanceKey {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            instance_id: id.into(),
+        };
+        let put = |id: String, critical: bool| {
+            let store = store.clone();
+            let k = keys.instance(&key(&id));
+            async move {
+                let mut i = Instance::decode(record(&id, 80).as_slice()).unwrap();
+                if critical {
+                    i.status = HealthStatus::Critical as i32;
+                }
+                store.put(&k, i.encode_to_vec(), None).await.unwrap();
+            }
+        };
+        for k in 0..4 {
+            put(format!("i-{k}"), false).await;
+        }
+        let mut rx = hub.subscribe(Filter::default(), 0);
+        let snapshot = next(&mut rx).await;
+        assert!(snapshot.protection.is_empty());
+        // 2 of 4 critical: exactly 50% healthy, not below the threshold.
+        put("i-0".into(), true).await;
+        put("i-1".into(), true).await;
+        // The third flips it (1 of 4 healthy) ...
+        put("i-2".into(), true).await;
+        let p = next_flip(&mut rx).await;
+        assert!(p.active && p.healthy == 1 && p.total == 4, "{p:?}");
+        assert!(hub.protection("ns", "svc").active);
+        // ... and deleting two critical ones releases it (1 of 2).
+        store.delete(&keys.instance(&key("i-0"))).await.unwrap();
+        store.delete(&keys.instance(&key("i-1"))).await.unwrap();
+        let p = next_flip(&mut rx).await;
+        assert!(!p.active && p.healthy == 1 && p.total == 2, "{p:?}");
+        // A replaced record counts once.
+        put("i-3".into(), false).await;
+        put("i-3".into(), false).await;
+        assert!(
+            hub.wait_for(
+                store.range("/t/").await.unwrap().revision,
+                Duration::from_secs(5)
+            )
+            .await
+        );
+        let p = hub.protection("ns", "svc");
+        assert_eq!((p.healthy, p.total), (1, 2));
+    }
+
     #[tokio::test]
     async fn a_slow_subscriber_is_resynced_while_a_fast_one_sees_every_change() {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
