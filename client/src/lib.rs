@@ -241,6 +241,11 @@ impl Client {
         self.inner.targets[index].channel.clone()
     }
 
+    /// The bound on one attempt of a unary call.
+    pub(crate) fn unary(&self) -> Duration {
+        self.inner.config.request_timeout
+    }
+
     /// Replica indexes to try, the preferred one first.
     pub(crate) fn order(&self) -> impl Iterator<Item = usize> {
         let n = self.inner.targets.len();
@@ -255,12 +260,12 @@ impl Client {
 
     /// Runs `call` with a client built by `make` on each replica in turn,
     /// the preferred one first, while the answer is transient; the replica
-    /// that answers becomes the preferred one. `unary` calls get the request
-    /// timeout (streams do not).
+    /// that answers becomes the preferred one. Each attempt is bounded by
+    /// `bound` (unary calls: [`Client::unary`]; streams: None).
     pub(crate) async fn call_with<C, T, F, Fut>(
         &self,
         what: &'static str,
-        unary: bool,
+        bound: Option<Duration>,
         make: impl Fn(Channel) -> C,
         call: F,
     ) -> Result<T, Error>
@@ -271,16 +276,14 @@ impl Client {
         let mut last = None;
         for (k, index) in self.order().enumerate() {
             let attempt = call(make(self.channel(index)));
-            let result = if unary {
-                match tokio::time::timeout(self.inner.config.request_timeout, attempt).await {
+            let result = match bound {
+                Some(limit) => match tokio::time::timeout(limit, attempt).await {
                     Ok(r) => r,
                     Err(_) => Err(Status::deadline_exceeded(format!(
-                        "{what} took longer than {:?}",
-                        self.inner.config.request_timeout
+                        "{what} took longer than {limit:?}"
                     ))),
-                }
-            } else {
-                attempt.await
+                },
+                None => attempt.await,
             };
             match result {
                 Ok(response) => {
@@ -315,7 +318,7 @@ impl Client {
     {
         self.call_with(
             what,
-            unary,
+            unary.then(|| self.unary()),
             |ch| RegistryClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES),
             call,
         )
@@ -360,14 +363,30 @@ impl Client {
     /// Renews an ephemeral instance's lease; returns the remaining TTL.
     /// [`Error::NotFound`] means the registration is gone: register again.
     pub async fn heartbeat(&self, instance: &InstanceRef) -> Result<Duration, Error> {
+        self.heartbeat_within(instance, self.unary()).await
+    }
+
+    /// [`Client::heartbeat`] with each replica given at most `bound`, so a
+    /// replica that hangs cannot use up a short lease before the next one
+    /// is tried.
+    pub async fn heartbeat_within(
+        &self,
+        instance: &InstanceRef,
+        bound: Duration,
+    ) -> Result<Duration, Error> {
         let request = weir_proto::registry::v1::HeartbeatRequest {
             instance: Some(instance.clone()),
         };
         let r = self
-            .call("Heartbeat", true, |mut c| {
-                let request = request.clone();
-                async move { c.heartbeat(request).await }
-            })
+            .call_with(
+                "Heartbeat",
+                Some(bound.min(self.unary())),
+                |ch| RegistryClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES),
+                |mut c| {
+                    let request = request.clone();
+                    async move { c.heartbeat(request).await }
+                },
+            )
             .await?;
         Ok(Duration::from_secs(u64::from(r.ttl_seconds)))
     }

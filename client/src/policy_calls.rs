@@ -25,7 +25,7 @@ impl Client {
             service: service.to_owned(),
         };
         let r = self
-            .call_with("policy Get", true, policy_client, |mut c| {
+            .call_with("policy Get", Some(self.unary()), policy_client, |mut c| {
                 let request = request.clone();
                 async move { c.get(request).await }
             })
@@ -46,7 +46,7 @@ impl Client {
             expected_version,
         };
         let r = self
-            .call_with("policy Put", true, policy_client, |mut c| {
+            .call_with("policy Put", Some(self.unary()), policy_client, |mut c| {
                 let request = request.clone();
                 async move { c.put(request).await }
             })
@@ -65,10 +65,15 @@ impl Client {
             service: service.to_owned(),
             expected_version,
         };
-        self.call_with("policy Delete", true, policy_client, |mut c| {
-            let request = request.clone();
-            async move { c.delete(request).await }
-        })
+        self.call_with(
+            "policy Delete",
+            Some(self.unary()),
+            policy_client,
+            |mut c| {
+                let request = request.clone();
+                async move { c.delete(request).await }
+            },
+        )
         .await
     }
 
@@ -76,7 +81,7 @@ impl Client {
         let request = ListPoliciesRequest {
             namespace: namespace.to_owned(),
         };
-        self.call_with("policy List", true, policy_client, |mut c| {
+        self.call_with("policy List", Some(self.unary()), policy_client, |mut c| {
             let request = request.clone();
             async move { c.list(request).await }
         })
@@ -94,10 +99,15 @@ impl Client {
             service: service.to_owned(),
         };
         Ok(self
-            .call_with("policy History", true, policy_client, |mut c| {
-                let request = request.clone();
-                async move { c.history(request).await }
-            })
+            .call_with(
+                "policy History",
+                Some(self.unary()),
+                policy_client,
+                |mut c| {
+                    let request = request.clone();
+                    async move { c.history(request).await }
+                },
+            )
             .await?
             .versions)
     }
@@ -116,10 +126,15 @@ impl Client {
             expected_version,
         };
         let r = self
-            .call_with("policy Rollback", true, policy_client, |mut c| {
-                let request = request.clone();
-                async move { c.rollback(request).await }
-            })
+            .call_with(
+                "policy Rollback",
+                Some(self.unary()),
+                policy_client,
+                |mut c| {
+                    let request = request.clone();
+                    async move { c.rollback(request).await }
+                },
+            )
             .await?;
         current(r.current)
     }
@@ -135,10 +150,15 @@ impl Client {
             namespace: namespace.to_owned(),
             service: service.to_owned(),
         };
-        self.call_with("policy Status", true, policy_client, |mut c| {
-            let request = request.clone();
-            async move { c.status(request).await }
-        })
+        self.call_with(
+            "policy Status",
+            Some(self.unary()),
+            policy_client,
+            |mut c| {
+                let request = request.clone();
+                async move { c.status(request).await }
+            },
+        )
         .await
     }
 }

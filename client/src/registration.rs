@@ -56,7 +56,12 @@ pub(crate) trait Backend: Clone + Send + Sync + 'static {
         &self,
         instance: Instance,
     ) -> impl Future<Output = Result<RegisterResponse, Error>> + Send;
-    fn heartbeat(&self, r: &InstanceRef) -> impl Future<Output = Result<Duration, Error>> + Send;
+    /// Renews; each replica tried gets at most `bound`.
+    fn heartbeat(
+        &self,
+        r: &InstanceRef,
+        bound: Duration,
+    ) -> impl Future<Output = Result<Duration, Error>> + Send;
     fn deregister(&self, r: &InstanceRef) -> impl Future<Output = Result<bool, Error>> + Send;
 }
 
@@ -64,8 +69,8 @@ impl Backend for Client {
     async fn register(&self, instance: Instance) -> Result<RegisterResponse, Error> {
         Client::register(self, instance).await
     }
-    async fn heartbeat(&self, r: &InstanceRef) -> Result<Duration, Error> {
-        Client::heartbeat(self, r).await
+    async fn heartbeat(&self, r: &InstanceRef, bound: Duration) -> Result<Duration, Error> {
+        Client::heartbeat_within(self, r, bound).await
     }
     async fn deregister(&self, r: &InstanceRef) -> Result<bool, Error> {
         Ok(Client::deregister(self, r).await?.existed)
@@ -240,7 +245,10 @@ async fn renew_loop<B: Backend>(
                 ))
             })
         } else {
-            backend.heartbeat(&r).await.map(|left| (None, left))
+            // A replica gets at most TTL/4 per try, so a hung one leaves
+            // time to renew through another before the lease expires.
+            let bound = (ttl / 4).max(Duration::from_millis(200));
+            backend.heartbeat(&r, bound).await.map(|left| (None, left))
         };
         match outcome {
             Ok((stored, left)) => {
@@ -389,7 +397,7 @@ mod tests {
                 instance: Some(instance),
             })
         }
-        async fn heartbeat(&self, _: &InstanceRef) -> Result<Duration, Error> {
+        async fn heartbeat(&self, _: &InstanceRef, _: Duration) -> Result<Duration, Error> {
             self.calls
                 .lock()
                 .expect("lock")

@@ -222,6 +222,9 @@ struct Inner {
     state: RwLock<State>,
     tx: broadcast::Sender<Arc<Batch>>,
     revision: watch::Sender<u64>,
+    /// Bumped when instances or the replica set change (what the check
+    /// assigner depends on), not on every write under the root.
+    topology: watch::Sender<u64>,
     /// Set when the hub stops; ends every subscriber.
     closed: watch::Sender<bool>,
 }
@@ -327,6 +330,7 @@ impl Hub {
                 state: RwLock::default(),
                 tx,
                 revision: watch::channel(0).0,
+                topology: watch::channel(0).0,
                 closed: watch::channel(false).0,
             }),
         };
@@ -459,6 +463,7 @@ impl Hub {
             }));
         }
         self.inner.revision.send_replace(snapshot.revision);
+        self.inner.topology.send_modify(|t| *t += 1);
         drop(state);
         tracing::info!(
             revision = snapshot.revision,
@@ -474,10 +479,11 @@ impl Hub {
         let mut revision = state.revision;
         let mut touched = BTreeSet::new();
         let mut policies = Vec::new();
+        let mut replicas_changed = false;
         for change in changes {
             revision = revision.max(change.kv.mod_revision);
             if let Some(id) = keys.parse_replica(&change.kv.key) {
-                match change.kind {
+                replicas_changed |= match change.kind {
                     EventKind::Put => state.replicas.insert(id),
                     EventKind::Delete => state.replicas.remove(&id),
                 };
@@ -577,8 +583,17 @@ impl Hub {
             // Nothing between the floor and now changed for us.
             state.history_floor = revision;
         }
-        let _ = self.inner.tx.send(batch);
+        let instances_changed =
+            matches!(&*batch, Batch::Changes { events, .. } if !events.is_empty());
+        // A write nobody follows (an agent's ack, a replica's renewal) wakes
+        // no subscriber: they learn the revision from the next change.
+        if matches!(*batch, Batch::Changes { .. }) {
+            let _ = self.inner.tx.send(batch);
+        }
         self.inner.revision.send_replace(revision);
+        if instances_changed || replicas_changed {
+            self.inner.topology.send_modify(|t| *t += 1);
+        }
     }
 
     fn progress(&self, revision: u64) {
@@ -821,9 +836,10 @@ impl Hub {
         self.inner.config.protection_threshold_percent
     }
 
-    /// Fires whenever the cache applied something (for the check assigner).
+    /// Fires when instances or the replica set changed (for the check
+    /// assigner).
     pub fn changes(&self) -> watch::Receiver<u64> {
-        self.inner.revision.subscribe()
+        self.inner.topology.subscribe()
     }
 
     /// Whether the first snapshot has loaded.

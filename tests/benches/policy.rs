@@ -21,44 +21,58 @@
 //! at once (`Ok(())`).
 //!
 //! Then the benchmark changes the same service's policy over and over, one
-//! `Put` at a time (expected version = the previous one), and after each:
+//! `Put` at a time (expected version = the previous one), in two phases of
+//! `WEIR_BENCH_PUTS` / `WEIR_BENCH_STATUS_PUTS` Puts each. Every figure is
+//! taken from the moment `Put` returned to the benchmark.
 //!
-//! * push: `Put` returned → the last of the N agents received the change;
-//! * recorded: `Put` returned → the N-th acknowledgement of that version
-//!   was written to etcd by the control plane (that is the record
-//!   `PolicyService.Status` reads). Seen through an etcd watch on the acks
-//!   prefix opened by the benchmark itself, time-stamped when the watch
-//!   response reaches this process, so the figure is not bounded by any
-//!   polling and costs the control plane nothing;
-//! * separately, after those, a few `Put`s timed until `Status` (polled
-//!   every [`STATUS_POLL`]) shows `applied == N`, the operator's view.
+//! Phase 1, nothing polls the control plane:
+//!
+//! * (a) push: until the last of the N agents received the change;
+//! * stamped: until the latest `at_unix_ms` the control plane put on an ack
+//!   of that version: taken when it handles the ack, just before the etcd
+//!   write (wall clock, 1 ms resolution): a lower bound of (b);
+//! * watch: until an etcd watch on the acks prefix, opened by the
+//!   benchmark, delivered the N-th ack of that version to this process:
+//!   an upper bound of (b) that includes etcd's watch delivery.
+//!
+//! Phase 2, the operator's view:
+//!
+//! * (b) recorded: until `PolicyService.Status` shows `applied == N`.
+//!   Status is called again [`STATUS_POLL`] after each answer, so the
+//!   figure is late by up to one Status call plus the poll pause. Status
+//!   reads the acks with a linearizable etcd range, so this is when the
+//!   control plane's record of every ack could be read.
 //!
 //! The next `Put` starts [`PAUSE`] after the previous one converged. The
 //! first [`WARMUP`] `Put`s of a run are not counted.
 //!
 //! Memory: VmRSS of each control-plane process when idle (before any
 //! session), with the sessions open, and at the end of the run, plus VmHWM
-//! (peak) at the end; CPU time of every party over the measured `Put`s.
+//! (peak) at the end; CPU time of every party over phase 1.
 //!
-//! Knobs (environment): `WEIR_BENCH_PUTS` (measured Puts per session count,
-//! default 100), `WEIR_BENCH_STATUS_PUTS` (Puts timed through Status,
-//! default 20), `WEIR_BENCH_SESSIONS` (session counts, default
-//! "100,1000"), `WEIR_BENCH_BUDGET_SECS` (no new Put after this many seconds
-//! of measuring per session count, default 150).
+//! Knobs (environment): `WEIR_BENCH_PUTS` (phase-1 Puts per session count,
+//! default 100), `WEIR_BENCH_STATUS_PUTS` (phase-2 Puts, default 100),
+//! `WEIR_BENCH_SESSIONS` (session counts, default "100,1000"),
+//! `WEIR_BENCH_BUDGET_SECS` (no new phase-1 Put after this many seconds per
+//! session count, default 150), `WEIR_BENCH_RULES` (rules in the policy,
+//! to make it bigger, default 0).
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use tokio::task::JoinSet;
 use weir_client::{
     agent::{Hello, PolicyChange},
-    policy::{AgentPolicyState, Timeout, TrafficPolicy},
+    policy::{AgentPolicyState, EventMatch, Rule, Timeout, TrafficPolicy},
     AgentSession, Client, SessionEvent,
 };
 use weir_tests::{unique_prefix, ControlPlaneProcess, Etcd, EtcdOptions};
@@ -115,6 +129,12 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -139,15 +159,31 @@ impl Summary {
     }
 }
 
-fn policy(version_hint: u32) -> TrafficPolicy {
+/// The benchmark service's policy: a total deadline that differs on each
+/// write, and `rules` per-event-type rules (`WEIR_BENCH_RULES`, default 0)
+/// to make it bigger.
+fn policy(version_hint: u32, rules: usize) -> TrafficPolicy {
     TrafficPolicy {
         namespace: NAMESPACE.into(),
         service: SERVICE.into(),
-        // A real change each time: a different total deadline.
         timeout: Some(Timeout {
             total_ms: 1000 + version_hint,
             shadow: false,
         }),
+        rules: (0..rules)
+            .map(|k| Rule {
+                name: format!("kind-{k}"),
+                r#match: Some(EventMatch {
+                    type_prefix: format!("com.example.orders.kind{k}."),
+                    ..EventMatch::default()
+                }),
+                timeout: Some(Timeout {
+                    total_ms: 500 + version_hint,
+                    shadow: false,
+                }),
+                ..Rule::default()
+            })
+            .collect(),
         ..TrafficPolicy::default()
     }
 }
@@ -301,13 +337,21 @@ impl CpuUse {
 #[derive(Debug, Default)]
 struct Receipts {
     by_version: Mutex<HashMap<u64, Seen>>,
+    /// Snapshots sent to replace changes an agent missed (a subscriber
+    /// that fell behind the hub, or a hub reload).
+    resyncs: AtomicUsize,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Seen {
+    /// Agents that received it, the first and the last at.
     count: usize,
     first: Instant,
     last: Instant,
+    /// Agents whose ack call returned (handed to the session's outbound
+    /// queue), the last at.
+    sent: usize,
+    sent_last: Option<Instant>,
 }
 
 impl Receipts {
@@ -323,7 +367,17 @@ impl Receipts {
                 count: 1,
                 first: at,
                 last: at,
+                sent: 0,
+                sent_last: None,
             });
+    }
+
+    fn record_sent(&self, version: u64, at: Instant) {
+        let mut map = self.by_version.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get_mut(&version) {
+            s.sent += 1;
+            s.sent_last = Some(s.sent_last.map_or(at, |l| l.max(at)));
+        }
     }
 
     fn get(&self, version: u64) -> Option<Seen> {
@@ -343,6 +397,9 @@ async fn run_agent(mut session: AgentSession, receipts: Arc<Receipts>) -> Result
             continue;
         };
         let now = Instant::now();
+        if !update.resync_reason.is_empty() {
+            receipts.resyncs.fetch_add(1, Ordering::Relaxed);
+        }
         let changes: Vec<&PolicyChange> = update
             .changes
             .iter()
@@ -357,6 +414,9 @@ async fn run_agent(mut session: AgentSession, receipts: Arc<Receipts>) -> Result
             session
                 .ack(&c.namespace, &c.service, c.version, Ok(()))
                 .await?;
+            if c.namespace == NAMESPACE && c.service == SERVICE {
+                receipts.record_sent(c.version, Instant::now());
+            }
         }
     }
     bail!("session {} closed by the server", session.node_id())
@@ -375,7 +435,13 @@ struct AcksInner {
     target: usize,
     nodes: HashMap<u64, HashSet<String>>,
     complete: HashMap<u64, Instant>,
+    /// Latest `at_unix_ms` the control plane stamped on an ack of a version
+    /// (taken just before its etcd write).
+    stamped: HashMap<u64, i64>,
     error: Option<String>,
+    /// Watch responses that carried ack events, and the events.
+    responses: usize,
+    events: usize,
 }
 
 impl Acks {
@@ -393,6 +459,16 @@ impl Acks {
 
     fn count(&self, version: u64) -> usize {
         self.lock().nodes.get(&version).map_or(0, HashSet::len)
+    }
+
+    fn stamped(&self, version: u64) -> Option<i64> {
+        self.lock().stamped.get(&version).copied()
+    }
+
+    /// (responses, events) so far.
+    fn counters(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.responses, inner.events)
     }
 }
 
@@ -422,6 +498,10 @@ async fn watch_acks(etcd: &Etcd, prefix: &str, target: usize) -> Result<Arc<Acks
                 return fail(format!("watch canceled: {}", resp.cancel_reason()));
             }
             let mut inner = out.lock();
+            if !resp.events().is_empty() {
+                inner.responses += 1;
+                inner.events += resp.events().len();
+            }
             for ev in resp.events() {
                 if ev.event_type() != etcd_client::EventType::Put {
                     continue;
@@ -433,6 +513,8 @@ async fn watch_acks(etcd: &Etcd, prefix: &str, target: usize) -> Result<Arc<Acks
                 if !state.accepted {
                     continue;
                 }
+                let stamp = inner.stamped.entry(state.version).or_insert(0);
+                *stamp = (*stamp).max(state.at_unix_ms);
                 let target = inner.target;
                 let nodes = inner.nodes.entry(state.version).or_default();
                 nodes.insert(state.node_id);
@@ -448,16 +530,41 @@ async fn watch_acks(etcd: &Etcd, prefix: &str, target: usize) -> Result<Arc<Acks
 // ---------------------------------------------------------------------------
 // One session count
 
+/// What one Put gave; instants are taken from the moment Put returned.
+#[derive(Clone, Copy, Debug)]
+struct PutTiming {
+    rtt: Duration,
+    /// The last agent received the change.
+    push: Duration,
+    /// The last agent's ack call returned.
+    sent: Duration,
+    /// The N-th ack reached etcd (seen by the benchmark's watch).
+    recorded: Duration,
+    /// The latest stamp the control plane put on this version's acks
+    /// (before writing them), ms resolution.
+    stamped: Duration,
+    /// Status first showed applied == N (the Status-timed Puts only), the
+    /// Status calls made, and how long the last one took.
+    status_view: Option<Duration>,
+    status_calls: usize,
+    status_rtt: Duration,
+    /// Some agent had the change before Put returned.
+    early: bool,
+    /// Watch responses / events that carried this version's acks.
+    responses: usize,
+    events: usize,
+}
+
 #[derive(Debug, Default)]
 struct RunResult {
     sessions: usize,
     open_secs: f64,
-    put_rtt: Summary,
-    push: Summary,
-    recorded: Summary,
-    /// Agents that had the change before Put returned (summed over Puts).
-    early: usize,
-    status_view: Summary,
+    measured: Vec<PutTiming>,
+    status_timed: Vec<PutTiming>,
+    /// Median Status call with no session, and with the sessions open.
+    status_call_idle: Duration,
+    status_call_open: Duration,
+    resyncs: usize,
     rss_idle: Vec<f64>,
     rss_open: Vec<f64>,
     rss_end: Vec<f64>,
@@ -469,17 +576,20 @@ struct RunResult {
 }
 
 struct Stand {
-    // Field order is drop order: agents and clients first, then the
-    // replicas, then etcd.
+    // Field order is drop order: agents and the admin client first, then
+    // the replicas, then etcd.
     agents: JoinSet<Result<()>>,
     admin: Client,
     planes: Vec<ControlPlaneProcess>,
     etcd: Etcd,
     prefix: String,
+    receipts: Arc<Receipts>,
+    version: u64,
+    rules: usize,
 }
 
 impl Stand {
-    async fn start() -> Result<Self> {
+    async fn start(rules: usize) -> Result<Self> {
         let etcd = Etcd::start_with(EtcdOptions {
             extra_args: vec![
                 "--auto-compaction-mode=revision".into(),
@@ -500,7 +610,22 @@ impl Stand {
             planes,
             etcd,
             prefix,
+            receipts: Arc::new(Receipts::default()),
+            version: 0,
+            rules,
         })
+    }
+
+    /// Median duration of a few Status calls in a row.
+    async fn status_call(&self) -> Result<Duration> {
+        let mut times = Vec::new();
+        for _ in 0..7 {
+            let call = Instant::now();
+            self.admin.policy_status(NAMESPACE, SERVICE).await?;
+            times.push(call.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Summary::of(times).p50)
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -525,7 +650,7 @@ impl Stand {
 
     /// Opens `n` sessions, [`SESSIONS_PER_CLIENT`] per client, clients
     /// alternating between the replicas.
-    async fn open_sessions(&mut self, n: usize, receipts: &Arc<Receipts>) -> Result<()> {
+    async fn open_sessions(&mut self, n: usize) -> Result<()> {
         let endpoints: Vec<String> = self
             .planes
             .iter()
@@ -549,19 +674,20 @@ impl Stand {
             .try_collect()
             .await?;
         for session in opened {
-            self.agents.spawn(run_agent(session, receipts.clone()));
+            self.agents.spawn(run_agent(session, self.receipts.clone()));
         }
         Ok(())
     }
 
-    /// Waits until Status shows `n` connected agents that applied `version`.
-    async fn wait_applied(&mut self, n: usize, version: u64, deadline: Duration) -> Result<()> {
+    /// Waits until Status shows `n` connected agents that applied the
+    /// current version.
+    async fn wait_applied(&mut self, n: usize, deadline: Duration) -> Result<()> {
         let start = Instant::now();
         loop {
             self.check_agents()?;
             let s = self.admin.policy_status(NAMESPACE, SERVICE).await;
             if let Ok(s) = &s {
-                if s.current_version == version
+                if s.current_version == self.version
                     && s.connected_agents as usize == n
                     && s.applied as usize == n
                 {
@@ -569,10 +695,97 @@ impl Stand {
                 }
             }
             if start.elapsed() > deadline {
-                bail!("{n} agents did not all apply version {version} within {deadline:?}: {s:?}");
+                bail!(
+                    "{n} agents did not all apply version {} within {deadline:?}: {s:?}",
+                    self.version
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// One Put (expected version = the current one) and its convergence
+    /// on `n` sessions; with `poll_status`, Status is polled every
+    /// [`STATUS_POLL`] until it shows `applied == n`.
+    async fn one_put(
+        &mut self,
+        n: usize,
+        acks: &Acks,
+        hint: u32,
+        poll_status: bool,
+    ) -> Result<PutTiming> {
+        let (responses0, events0) = acks.counters();
+        let started = Instant::now();
+        let written = self
+            .admin
+            .put_policy(policy(hint, self.rules), Some(self.version))
+            .await?;
+        let returned = Instant::now();
+        let returned_unix_ms = now_unix_ms();
+        let version = written.version;
+        self.version = version;
+        let (mut status_view, mut status_calls, mut status_rtt) = (None, 0, Duration::ZERO);
+        if poll_status {
+            loop {
+                let call = Instant::now();
+                let s = self.admin.policy_status(NAMESPACE, SERVICE).await?;
+                status_rtt = call.elapsed();
+                status_calls += 1;
+                if s.current_version == version && s.applied as usize == n {
+                    status_view = Some(returned.elapsed());
+                    break;
+                }
+                if returned.elapsed() > CONVERGE_TIMEOUT {
+                    bail!(
+                        "Status did not show {n} applied for version {version}: {} applied",
+                        s.applied
+                    );
+                }
+                tokio::time::sleep(STATUS_POLL).await;
+            }
+        }
+        // The times are taken by the agents and the watch task; this loop
+        // only decides when to look.
+        let (recorded, seen, sent_last) = loop {
+            let seen = self.receipts.get(version);
+            if let (Some(at), Some(seen)) = (acks.complete(version)?, seen) {
+                if let (n_sent, Some(sent_last)) = (seen.sent, seen.sent_last) {
+                    if n_sent == n {
+                        break (at, seen, sent_last);
+                    }
+                }
+            }
+            if returned.elapsed() > CONVERGE_TIMEOUT {
+                bail!(
+                    "version {version}: {} of {n} acks written after {CONVERGE_TIMEOUT:?}; {} agents received it, {} sent their ack",
+                    acks.count(version),
+                    seen.map_or(0, |s| s.count),
+                    seen.map_or(0, |s| s.sent),
+                );
+            }
+            self.check_agents()?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        ensure!(
+            seen.count == n,
+            "version {version}: {} receipts for {n} sessions",
+            seen.count
+        );
+        let (responses1, events1) = acks.counters();
+        let stamp_ms = acks.stamped(version).unwrap_or(0) - returned_unix_ms;
+        Ok(PutTiming {
+            rtt: returned - started,
+            push: seen.last.saturating_duration_since(returned),
+            sent: sent_last.saturating_duration_since(returned),
+            recorded: recorded.saturating_duration_since(returned),
+            stamped: Duration::from_millis(u64::try_from(stamp_ms).unwrap_or(0)),
+            status_view,
+            status_calls,
+            status_rtt,
+            early: seen.first < returned,
+            responses: responses1 - responses0,
+            events: events1 - events0,
+        })
     }
 }
 
@@ -583,23 +796,27 @@ async fn run_sessions(
     budget: Duration,
 ) -> Result<RunResult> {
     let hz = clock_ticks();
-    let mut stand = Stand::start().await?;
+    let rules = usize::try_from(env_num("WEIR_BENCH_RULES", 0))?;
+    let mut stand = Stand::start(rules).await?;
     let etcd_pid = find_etcd();
     let mut result = RunResult {
         sessions: n,
         ..RunResult::default()
     };
-    // Let the replicas settle (store watch, replica keys) before measuring idle memory.
+    // Let the replicas settle (store watch, replica keys) before reading
+    // their idle memory.
     tokio::time::sleep(Duration::from_secs(1)).await;
     result.rss_idle = stand.rss();
 
-    let first = stand.admin.put_policy(policy(0), Some(0)).await?;
-    let receipts = Arc::new(Receipts::default());
+    stand.version = stand
+        .admin
+        .put_policy(policy(0, rules), Some(0))
+        .await?
+        .version;
+    result.status_call_idle = stand.status_call().await?;
     let opening = Instant::now();
-    stand.open_sessions(n, &receipts).await?;
-    stand
-        .wait_applied(n, first.version, Duration::from_secs(120))
-        .await?;
+    stand.open_sessions(n).await?;
+    stand.wait_applied(n, Duration::from_secs(120)).await?;
     result.open_secs = opening.elapsed().as_secs_f64();
     println!(
         "  {n} sessions open and acked the first version in {:.1} s",
@@ -608,12 +825,9 @@ async fn run_sessions(
     let acks = watch_acks(&stand.etcd, &stand.prefix, n).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     result.rss_open = stand.rss();
+    result.status_call_open = stand.status_call().await?;
 
     // Measured Puts.
-    let mut version = first.version;
-    let mut rtts = Vec::new();
-    let mut pushes = Vec::new();
-    let mut records = Vec::new();
     result.load_before = loadavg();
     let pids = stand.pids();
     let mut ticks_start = Ticks::read(&pids, etcd_pid);
@@ -629,77 +843,25 @@ async fn run_sessions(
         }
         stand.check_agents()?;
         let hint = u32::try_from(i + 1).unwrap_or(u32::MAX);
-        let started = Instant::now();
-        let written = stand.admin.put_policy(policy(hint), Some(version)).await?;
-        let returned = Instant::now();
-        version = written.version;
-        let recorded = loop {
-            if let Some(at) = acks.complete(version)? {
-                break at;
-            }
-            if returned.elapsed() > CONVERGE_TIMEOUT {
-                bail!(
-                    "version {version}: {} of {n} acks after {CONVERGE_TIMEOUT:?}, {} agents received it",
-                    acks.count(version),
-                    receipts.get(version).map_or(0, |s| s.count)
-                );
-            }
-            stand.check_agents()?;
-            // Only decides when to look again: the time was taken by the
-            // watch task.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        };
-        let seen = receipts
-            .get(version)
-            .ok_or_else(|| anyhow!("no agent recorded version {version}"))?;
-        ensure!(
-            seen.count == n,
-            "version {version}: {} receipts for {n} sessions (all acks were written first)",
-            seen.count
-        );
+        let timing = stand.one_put(n, &acks, hint, false).await?;
         if i >= WARMUP {
-            rtts.push(returned - started);
-            pushes.push(seen.last.saturating_duration_since(returned));
-            records.push(recorded.saturating_duration_since(returned));
-            if seen.first < returned {
-                // Some agents may get it before the answer reaches us.
-                result.early += 1;
-            }
+            result.measured.push(timing);
         }
         tokio::time::sleep(PAUSE).await;
     }
     let ticks_end = Ticks::read(&pids, etcd_pid);
     result.cpu = CpuUse::between(ticks_start, ticks_end, measure_start.elapsed(), hz);
     result.load_after = loadavg();
-    result.put_rtt = Summary::of(rtts);
-    result.push = Summary::of(pushes);
-    result.recorded = Summary::of(records);
 
-    // Operator view: Status polled until applied == n.
-    let mut views = Vec::new();
+    // The operator's view: Status polled until applied == n.
     for i in 0..status_puts {
         stand.check_agents()?;
         let hint = u32::try_from(10_000 + i).unwrap_or(u32::MAX);
-        let written = stand.admin.put_policy(policy(hint), Some(version)).await?;
-        let returned = Instant::now();
-        version = written.version;
-        loop {
-            let s = stand.admin.policy_status(NAMESPACE, SERVICE).await?;
-            if s.current_version == version && s.applied as usize == n {
-                views.push(returned.elapsed());
-                break;
-            }
-            if returned.elapsed() > CONVERGE_TIMEOUT {
-                bail!(
-                    "Status did not show {n} applied for version {version}: {} applied",
-                    s.applied
-                );
-            }
-            tokio::time::sleep(STATUS_POLL).await;
-        }
+        result
+            .status_timed
+            .push(stand.one_put(n, &acks, hint, true).await?);
         tokio::time::sleep(PAUSE).await;
     }
-    result.status_view = Summary::of(views);
 
     let status = stand.admin.policy_status(NAMESPACE, SERVICE).await?;
     ensure!(
@@ -720,6 +882,7 @@ async fn run_sessions(
         .map(|p| status_mib(p, "VmHWM").unwrap_or(f64::NAN))
         .collect();
     result.etcd_rss_end = etcd_pid.map_or(f64::NAN, rss);
+    result.resyncs = stand.receipts.resyncs.load(Ordering::Relaxed);
     stand.check_agents()?;
     stand.agents.shutdown().await;
     Ok(result)
@@ -733,38 +896,92 @@ fn mib_list(v: &[f64]) -> String {
     format!("{} MiB", parts.join(" + "))
 }
 
+fn summary(timings: &[PutTiming], f: impl Fn(&PutTiming) -> Option<Duration>) -> Summary {
+    Summary::of(timings.iter().filter_map(f).collect())
+}
+
+fn row(name: &str, s: Summary) {
+    println!(
+        "| {name} | {} | {} | {} | {} |",
+        s.n,
+        ms(s.p50),
+        ms(s.p99),
+        ms(s.max)
+    );
+}
+
 fn report(r: &RunResult) {
     let n = r.sessions;
+    let m = &r.measured;
     println!();
     println!("### {n} sessions (2 replicas, {} per replica)", n / 2);
     println!();
-    println!("| figure | samples | p50 | p99 | max |");
+    println!("| figure (from Put returned) | Puts | p50 | p99 | max |");
     println!("|---|---:|---:|---:|---:|");
-    for (name, s) in [
-        ("Put call (client round trip)", r.put_rtt),
-        ("push: Put returned → last agent received", r.push),
-        (
-            "recorded: Put returned → last ack written to etcd",
-            r.recorded,
-        ),
-        (
-            "Status shows applied == N (polled every 2 ms)",
-            r.status_view,
-        ),
-    ] {
-        println!(
-            "| {name} | {} | {} | {} | {} |",
-            s.n,
-            ms(s.p50),
-            ms(s.p99),
-            ms(s.max)
-        );
-    }
+    row(
+        "(a) phase 1: push, last agent received",
+        summary(m, |t| Some(t.push)),
+    );
+    row(
+        "phase 1: last agent's ack handed to its stream",
+        summary(m, |t| Some(t.sent)),
+    );
+    row(
+        "phase 1: stamped, last ack taken in hand by the control plane (before its etcd write; 1 ms resolution)",
+        summary(m, |t| Some(t.stamped)),
+    );
+    row(
+        "phase 1: watch, last ack written to etcd, seen by a watch",
+        summary(m, |t| Some(t.recorded)),
+    );
+    row(
+        "(b) phase 2: Status shows applied == N (polled 2 ms after each answer)",
+        summary(&r.status_timed, |t| t.status_view),
+    );
+    row(
+        "  phase 2: last ack written to etcd, seen by a watch",
+        summary(&r.status_timed, |t| Some(t.recorded)),
+    );
+    row(
+        "  phase 2: duration of the Status call that showed it",
+        summary(&r.status_timed, |t| Some(t.status_rtt)),
+    );
+    row(
+        "phase 1: the Put call itself (client round trip)",
+        summary(m, |t| Some(t.rtt)),
+    );
     println!();
     println!(
-        "Puts where some agent had the change before Put returned: {} of {}",
-        r.early, r.push.n
+        "Status call (median of 7, nothing changing): {} with no session, {} with {n} sessions",
+        ms(r.status_call_idle),
+        ms(r.status_call_open)
     );
+    let calls: usize = r.status_timed.iter().map(|t| t.status_calls).sum();
+    if !r.status_timed.is_empty() {
+        println!(
+            "Status calls per Status-timed Put: {:.1} on average",
+            calls as f64 / r.status_timed.len() as f64
+        );
+    }
+    println!(
+        "Resync snapshots sent to agents during the run (a session fell behind): {}",
+        r.resyncs
+    );
+    let early = m.iter().filter(|t| t.early).count();
+    println!(
+        "Puts where some agent had the change before Put returned: {early} of {}",
+        m.len()
+    );
+    let (resp, ev): (usize, usize) = m
+        .iter()
+        .fold((0, 0), |(a, b), t| (a + t.responses, b + t.events));
+    if !m.is_empty() {
+        println!(
+            "etcd watch responses carrying a phase-1 Put's acks: {:.1} on average ({:.1} events each)",
+            resp as f64 / m.len() as f64,
+            ev as f64 / resp.max(1) as f64
+        );
+    }
     println!(
         "Opening {n} sessions (until all acked the first version): {:.1} s",
         r.open_secs
@@ -779,17 +996,19 @@ fn report(r: &RunResult) {
     );
     let c = &r.cpu;
     println!(
-        "CPU over the measured Puts ({:.1} s wall, 200% = both cores): control planes {:.0}%, etcd {:.0}%, benchmark process {:.0}%, whole machine {:.0}%",
+        "CPU over phase 1 ({:.1} s wall, 200% = both cores): control planes {:.0}%, etcd {:.0}%, benchmark process {:.0}%, whole machine {:.0}%",
         c.wall,
         c.pct(c.planes),
         c.pct(c.etcd),
         c.pct(c.bench),
         c.pct(c.machine)
     );
-    if r.push.n > 0 {
+    if !m.is_empty() {
         println!(
-            "Control-plane CPU per Put: {:.1} ms",
-            1000.0 * c.planes / r.push.n as f64
+            "CPU per Put: control planes (both) {:.1} ms, etcd {:.1} ms, benchmark process {:.1} ms",
+            1000.0 * c.planes / m.len() as f64,
+            1000.0 * c.etcd / m.len() as f64,
+            1000.0 * c.bench / m.len() as f64
         );
     }
     println!(
@@ -800,7 +1019,7 @@ fn report(r: &RunResult) {
 
 async fn run() -> Result<()> {
     let puts = usize::try_from(env_num("WEIR_BENCH_PUTS", 100))?;
-    let status_puts = usize::try_from(env_num("WEIR_BENCH_STATUS_PUTS", 20))?;
+    let status_puts = usize::try_from(env_num("WEIR_BENCH_STATUS_PUTS", 100))?;
     let budget = Duration::from_secs(env_num("WEIR_BENCH_BUDGET_SECS", 150));
     let counts: Vec<usize> = std::env::var("WEIR_BENCH_SESSIONS")
         .unwrap_or_else(|_| "100,1000".into())
@@ -809,8 +1028,14 @@ async fn run() -> Result<()> {
         .collect::<Result<_, _>>()
         .context("WEIR_BENCH_SESSIONS: comma-separated session counts")?;
     println!(
-        "policy propagation: {} CPUs, {puts} measured Puts (+{WARMUP} warm-up) and {status_puts} Status-timed Puts per session count, {SESSIONS_PER_CLIENT} sessions per client connection",
-        std::thread::available_parallelism().map_or(0, usize::from)
+        "policy propagation: {} CPUs, {puts} measured Puts (+{WARMUP} warm-up) and {status_puts} Status-timed Puts per session count, {SESSIONS_PER_CLIENT} sessions per client connection; load average {}",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        loadavg()
+    );
+    let rules = usize::try_from(env_num("WEIR_BENCH_RULES", 0))?;
+    println!(
+        "policy: {rules} rules, {} bytes encoded",
+        policy(1, rules).encoded_len()
     );
     let mut results = Vec::new();
     for n in counts {
@@ -822,24 +1047,32 @@ async fn run() -> Result<()> {
         results.push(r);
     }
     println!();
-    println!("## Summary (Put returned → …)");
+    println!("## Summary (from Put returned)");
     println!();
-    println!("| sessions | push p50 | push p99 | push max | recorded p50 | recorded p99 | recorded max | Status view p50 | Status view p99 | CP RSS with sessions (sum) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| sessions | (a) push p50 | p99 | max | (b) stamped p50 | p99 | (b) watch p50 | p99 | (b) Status p50 | p99 | max | CP RSS, sessions open (sum) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &results {
+        let push = summary(&r.measured, |t| Some(t.push));
+        let stamped = summary(&r.measured, |t| Some(t.stamped));
+        let watch = summary(&r.measured, |t| Some(t.recorded));
+        let view = summary(&r.status_timed, |t| t.status_view);
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} MiB |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} MiB |",
             r.sessions,
-            ms(r.push.p50),
-            ms(r.push.p99),
-            ms(r.push.max),
-            ms(r.recorded.p50),
-            ms(r.recorded.p99),
-            ms(r.recorded.max),
-            ms(r.status_view.p50),
-            ms(r.status_view.p99),
+            ms(push.p50),
+            ms(push.p99),
+            ms(push.max),
+            ms(stamped.p50),
+            ms(stamped.p99),
+            ms(watch.p50),
+            ms(watch.p99),
+            ms(view.p50),
+            ms(view.p99),
+            ms(view.max),
             r.rss_open.iter().sum::<f64>()
         );
     }
+    println!();
+    println!("(b) stamped: phase 1, last ack taken in hand by the control plane (lower bound); watch: phase 1, last ack seen written by an etcd watch (includes watch delivery); Status: phase 2, Status shows applied == N, polled.");
     Ok(())
 }
