@@ -19,8 +19,9 @@ CP_PID=
 KEEPER_PID=
 
 cleanup() {
-  [ -n "$KEEPER_PID" ] && kill "$KEEPER_PID" 2>/dev/null && wait "$KEEPER_PID" 2>/dev/null
-  [ -n "$CP_PID" ] && kill "$CP_PID" 2>/dev/null && wait "$CP_PID" 2>/dev/null
+  set +e
+  # The keeper deregisters its instance on SIGTERM; then the control plane.
+  for pid in $KEEPER_PID $CP_PID; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
   stop_etcd
   [ -n "${LOG_DIR:-}" ] && rm -rf "$LOG_DIR"
   return 0
@@ -64,7 +65,7 @@ http_port=${http##*:}
 weirctl register status-page --host 127.0.0.1 --port "$http_port" --id status-1 --check http:/healthz >/dev/null
 weirctl register legacy --host 127.0.0.1 --port "$(weir_free_port)" --id legacy-1 --check tcp >/dev/null
 # An ephemeral instance on a 6 s lease, renewed in the background by weirctl.
-weirctl register inventory --host 127.0.0.1 --port 8090 --id inventory-1 --ttl 6 --keep-alive \
+"$BIN/weirctl" register inventory --host 127.0.0.1 --port 8090 --id inventory-1 --ttl 6 --keep-alive \
   >/dev/null 2>"$LOG_DIR/keeper.log" &
 KEEPER_PID=$!
 for _ in $(seq 1 50); do
