@@ -2,8 +2,8 @@
 //! and how many checks one control-plane replica keeps up with.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=/work/target-hbench cargo build --release --bins
-//! CARGO_TARGET_DIR=/work/target-hbench cargo bench -p weir-tests --bench health
+//! CARGO_TARGET_DIR=target/bench cargo build --release --bins
+//! CARGO_TARGET_DIR=target/bench cargo bench -p weir-tests --bench health
 //! ```
 //!
 //! Everything runs on loopback: one private etcd (fresh data dir) and a

@@ -3,8 +3,8 @@
 //! recorded every acknowledgement.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=/work/target-pbench cargo build --release --bins
-//! CARGO_TARGET_DIR=/work/target-pbench cargo bench -p weir-tests --bench policy
+//! CARGO_TARGET_DIR=target/bench cargo build --release --bins
+//! CARGO_TARGET_DIR=target/bench cargo bench -p weir-tests --bench policy
 //! ```
 //!
 //! Everything runs on loopback. For each session count (100, then 1,000) a

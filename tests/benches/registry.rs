@@ -1,7 +1,7 @@
 //! Registry benchmark: Weir's control plane next to raw etcd, in one run.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=/work/target-bench cargo bench -p weir-tests --bench registry
+//! CARGO_TARGET_DIR=target/bench cargo bench -p weir-tests --bench registry
 //! ```
 //!
 //! One private etcd (fresh data dir, auto-compaction on) and one real
