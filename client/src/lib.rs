@@ -35,6 +35,7 @@
 
 mod policy_calls;
 mod registration;
+mod renewer;
 mod session;
 mod watch;
 
@@ -163,11 +164,13 @@ struct Target {
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     targets: Vec<Target>,
     /// Index of the replica that answered last.
     current: AtomicUsize,
     config: ClientConfig,
+    /// The shared KeepAlive stream's task, started on first use.
+    renewer: std::sync::OnceLock<tokio::sync::mpsc::Sender<renewer::Renewal>>,
 }
 
 /// A connection to the control plane's registry. Cheap to clone.
@@ -228,6 +231,7 @@ impl Client {
                 targets,
                 current: AtomicUsize::new(0),
                 config,
+                renewer: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -364,6 +368,29 @@ impl Client {
     /// [`Error::NotFound`] means the registration is gone: register again.
     pub async fn heartbeat(&self, instance: &InstanceRef) -> Result<Duration, Error> {
         self.heartbeat_within(instance, self.unary()).await
+    }
+
+    /// Renews through the client's shared `KeepAlive` stream: renewals due
+    /// together go in one message, and none pays for a new HTTP/2 stream.
+    /// Each replica gets at most `bound`. [`Error::NotFound`] means the
+    /// registration is gone. Must be called within a tokio runtime.
+    pub async fn renew(&self, instance: &InstanceRef, bound: Duration) -> Result<Duration, Error> {
+        let renewer = self
+            .inner
+            .renewer
+            .get_or_init(|| renewer::spawn(Arc::downgrade(&self.inner)));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        renewer
+            .send(renewer::Renewal {
+                instance: instance.clone(),
+                bound: bound.min(self.unary()),
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Unavailable("the keep-alive task stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| Error::Unavailable("the keep-alive task stopped".into()))?
     }
 
     /// [`Client::heartbeat`] with each replica given at most `bound`, so a

@@ -1,6 +1,7 @@
 //! Keeping one registration alive in the background.
 //!
-//! The loop renews the lease about every TTL/3, so two renewals in a row can
+//! The loop renews the lease about every TTL/3 (through the client's shared
+//! `KeepAlive` stream), so two renewals in a row can
 //! fail before the lease expires. A failed renewal is retried quickly with a
 //! growing, jittered delay capped at TTL/6 (every try already goes through
 //! each replica the client knows). When the control plane says the
@@ -70,7 +71,7 @@ impl Backend for Client {
         Client::register(self, instance).await
     }
     async fn heartbeat(&self, r: &InstanceRef, bound: Duration) -> Result<Duration, Error> {
-        Client::heartbeat_within(self, r, bound).await
+        Client::renew(self, r, bound).await
     }
     async fn deregister(&self, r: &InstanceRef) -> Result<bool, Error> {
         Ok(Client::deregister(self, r).await?.existed)

@@ -179,6 +179,10 @@ impl RegistryService {
         };
         let revision = written.revision;
         self.last_write.fetch_max(revision, Ordering::AcqRel);
+        // Read-your-writes on this replica: answer once its cache (which
+        // serves reads and watches) has the write; it normally takes well
+        // under a millisecond.
+        self.hub.wait_for(revision, MIN_REVISION_WAIT).await;
         if let Some(prev) = written.prev {
             if prev.lease != 0 && prev.lease != instance.lease_id {
                 self.revoke_quietly(prev.lease).await;
@@ -209,6 +213,7 @@ impl RegistryService {
         let deleted = self.store.delete(&self.keys.instance(&key)).await?;
         self.last_write
             .fetch_max(deleted.revision, Ordering::AcqRel);
+        self.hub.wait_for(deleted.revision, MIN_REVISION_WAIT).await;
         if let Err(e) = self.store.delete(&self.keys.health(&key)).await {
             tracing::warn!(instance = %describe(&key), error = %e, "could not delete the health history");
         }
@@ -286,13 +291,18 @@ impl RegistryService {
                         alive: true,
                         ttl_seconds: ttl,
                         error: String::new(),
+                        code: 0,
                     },
-                    Err(e) => keep_alive_response::Result {
-                        instance: Some(r),
-                        alive: false,
-                        ttl_seconds: 0,
-                        error: e.to_string(),
-                    },
+                    Err(e) => {
+                        let status = Status::from(e);
+                        keep_alive_response::Result {
+                            instance: Some(r),
+                            alive: false,
+                            ttl_seconds: 0,
+                            error: status.message().to_owned(),
+                            code: status.code() as i32,
+                        }
+                    }
                 }
             });
         Ok(KeepAliveResponse {

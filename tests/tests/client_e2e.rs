@@ -113,7 +113,10 @@ async fn heartbeats_continue_through_another_replica_after_kill_9() -> Result<()
         WatchUpdate::Snapshot { .. } => {}
         other => bail!("expected a snapshot first, got {other:?}"),
     }
-    ensure!(view.get("default", "failover", "f-1").is_some());
+    // B may not have applied the registration (made through A) yet.
+    while view.get("default", "failover", "f-1").is_none() {
+        tokio::time::timeout(Duration::from_secs(10), view.next()).await??;
+    }
 
     a.kill()?;
     let killed = Instant::now();
@@ -446,5 +449,44 @@ async fn weirctl_registers_lists_gets_watches_and_deregisters() -> Result<()> {
     let down = weirctl("http://127.0.0.1:1", &["list"]).await?;
     ensure!(!down.status.success());
     ensure!(String::from_utf8_lossy(&down.stderr).contains("unavailable"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn many_registrations_of_one_client_share_its_keep_alive_stream_and_stay() -> Result<()> {
+    init_tracing();
+    let etcd = Etcd::start().await?;
+    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("many"))?;
+    let client = Client::connect([plane.endpoint()]).await?;
+    let mut registrations = Vec::new();
+    for k in 0..200 {
+        registrations.push(
+            client
+                .register_and_keep_alive(ephemeral("many", &format!("m-{k}"), 2))
+                .await?,
+        );
+    }
+    let start = Instant::now();
+    // Three TTLs: every one renewed all along, none lost and made again.
+    while start.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensure!(
+            instances(&client, "many").await?.len() == 200,
+            "an instance expired while its registration was kept alive"
+        );
+    }
+    for r in &registrations {
+        match r.state() {
+            RegistrationState::Alive {
+                reregistrations: 0,
+                renewed_at,
+                ..
+            } => ensure!(
+                renewed_at > start + Duration::from_secs(4),
+                "renewals stopped"
+            ),
+            other => bail!("{:?}: {other:?}", r.instance()),
+        }
+    }
     Ok(())
 }

@@ -778,6 +778,12 @@ async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> 
             .context("stream ended")??;
         let alive: Vec<bool> = reply.results.iter().map(|r| r.alive).collect();
         assert_eq!(alive, vec![true, true, false]);
+        assert_eq!(
+            reply.results[2].code,
+            Code::NotFound as i32,
+            "gone: register again"
+        );
+        assert_eq!(reply.results[0].code, 0);
         assert!(
             reply.results[2].error.contains("gone"),
             "{}",
@@ -797,6 +803,7 @@ async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> 
     .await?;
     let reply = responses.next().await.context("stream ended")??;
     assert!(!reply.results[0].alive);
+    assert_eq!(reply.results[0].code, Code::InvalidArgument as i32);
     assert!(
         reply.results[0].error.contains("instances[0].service"),
         "{}",
