@@ -41,7 +41,10 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
+};
+use weir_tests::bench::{
+    clock_ticks, env_num, loadavg, machine_busy_ticks, now_unix_ms, percentile, run_as_benchmark,
 };
 
 use anyhow::{bail, Context, Result};
@@ -80,17 +83,10 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// instance by more than this many intervals.
 const LATE_FACTOR: f64 = 1.5;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> Result<()> {
     // `cargo bench` passes --bench; `cargo test --benches` does not, and a
     // test run must not take minutes.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !run_as_benchmark() {
         println!("health benchmark: run it with `cargo bench -p weir-tests --bench health`");
         return Ok(());
     }
@@ -105,12 +101,6 @@ fn main() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 // Small helpers
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 fn status(view: &WatchView, service: &str, id: &str) -> Option<HealthStatus> {
     view.get(NAMESPACE, service, id)
@@ -142,15 +132,6 @@ async fn drain(view: &mut WatchView, quiet: Duration) -> Result<()> {
         update?;
     }
     Ok(())
-}
-
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    // Nearest rank.
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn ms(d: Duration) -> String {
@@ -244,19 +225,6 @@ fn find_etcd() -> Option<u32> {
     })
 }
 
-/// Busy ticks of all CPUs (everything but idle and iowait).
-fn machine_busy_ticks() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().next()?.strip_prefix("cpu ")?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest is in user).
-    let all: u64 = fields.iter().take(8).sum();
-    Some(all - fields.get(3)? - fields.get(4)?)
-}
-
 /// Resident memory of a process, MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -268,23 +236,6 @@ fn rss_mib(pid: u32) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kb / 1024.0)
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// CPU seconds used so far by each party.

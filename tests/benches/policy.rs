@@ -63,7 +63,10 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
+};
+use weir_tests::bench::{
+    clock_ticks, env_num, loadavg, machine_busy_ticks, now_unix_ms, percentile, run_as_benchmark,
 };
 
 use anyhow::{bail, ensure, Context, Result};
@@ -92,17 +95,10 @@ const STATUS_POLL: Duration = Duration::from_millis(2);
 /// A Put that has not converged after this fails the run.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> Result<()> {
     // `cargo bench` passes --bench; `cargo test --benches` does not, and a
     // test run must not take minutes.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !run_as_benchmark() {
         println!("policy benchmark: run it with `cargo bench -p weir-tests --bench policy`");
         return Ok(());
     }
@@ -119,21 +115,6 @@ fn main() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 // Small helpers
-
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    // Nearest rank.
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
@@ -231,19 +212,6 @@ fn find_etcd() -> Option<u32> {
     })
 }
 
-/// Busy ticks of all CPUs (everything but idle and iowait).
-fn machine_busy_ticks() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().next()?.strip_prefix("cpu ")?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest is in user).
-    let all: u64 = fields.iter().take(8).sum();
-    Some(all - fields.get(3)? - fields.get(4)?)
-}
-
 /// A `/proc/<pid>/status` figure in kB (VmRSS, VmHWM), as MiB.
 fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -260,23 +228,6 @@ fn status_mib(pid: u32, field: &str) -> Option<f64> {
 
 fn rss(pid: u32) -> f64 {
     status_mib(pid, "VmRSS").unwrap_or(f64::NAN)
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// CPU ticks used so far by each party.

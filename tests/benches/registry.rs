@@ -36,6 +36,7 @@ use std::{
     },
     time::{Duration, Instant},
 };
+use weir_tests::bench::{env_num, loadavg, machine_busy_ticks, percentile, run_as_benchmark};
 
 use anyhow::{bail, Context, Result};
 use etcd_client::{EventType as EtcdEventType, GetOptions, PutOptions, WatchOptions};
@@ -75,17 +76,10 @@ const RAW_ROOT: &str = "/bench-raw";
 /// The whole run (after the build) stops with an error past this.
 const TIME_LIMIT: Duration = Duration::from_secs(600);
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> Result<()> {
     // `cargo bench` passes --bench; `cargo test --benches` does not, and a
     // test run must not take minutes.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !run_as_benchmark() {
         println!("registry benchmark: run it with `cargo bench -p weir-tests --bench registry`");
         return Ok(());
     }
@@ -209,19 +203,6 @@ fn proc_stat(pid: &str) -> Option<(String, u32, u64)> {
     Some((comm, ppid, utime + stime))
 }
 
-/// Busy ticks of all CPUs (everything but idle and iowait).
-fn machine_busy_ticks() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().next()?.strip_prefix("cpu ")?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest is in user).
-    let all: u64 = fields.iter().take(8).sum();
-    Some(all - fields.get(3)? - fields.get(4)?)
-}
-
 impl Cpu {
     /// Finds our etcd and control-plane children.
     fn find() -> Self {
@@ -271,13 +252,6 @@ impl Cpu {
             machine: machine_busy_ticks().map_or(0.0, |t| t as f64 / self.ticks_per_sec),
         }
     }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 async fn weir_clients(endpoint: &str) -> Result<Vec<RegistryClient<Channel>>> {
@@ -762,15 +736,6 @@ async fn watch_latency(
 
 // ---------------------------------------------------------------------------
 // Report
-
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    // Nearest rank.
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 fn fmt_ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)

@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod bench;
 pub mod fixtures;
 
 /// Environment variable naming a shared etcd for tests.
