@@ -46,6 +46,7 @@ use std::{
 use weir_tests::bench::{
     clock_ticks, env_num, loadavg, machine_busy_ticks, now_unix_ms, percentile, run_as_benchmark,
 };
+use weir_tests::{follow, status_in};
 
 use anyhow::{bail, Context, Result};
 use axum::{
@@ -101,30 +102,6 @@ fn main() -> Result<()> {
 
 // ---------------------------------------------------------------------------
 // Small helpers
-
-fn status(view: &WatchView, service: &str, id: &str) -> Option<HealthStatus> {
-    view.get(NAMESPACE, service, id)
-        .map(|i| HealthStatus::try_from(i.status).unwrap_or(HealthStatus::Unknown))
-}
-
-/// Feeds the view until `done` holds; returns when that was seen.
-async fn follow(
-    view: &mut WatchView,
-    deadline: Duration,
-    what: &str,
-    mut done: impl FnMut(&WatchView) -> bool,
-) -> Result<Instant> {
-    let end = tokio::time::Instant::now() + deadline;
-    while !done(view) {
-        match tokio::time::timeout_at(end, view.next()).await {
-            Ok(update) => {
-                update?;
-            }
-            Err(_) => bail!("timed out after {deadline:?} waiting for {what}"),
-        }
-    }
-    Ok(Instant::now())
-}
 
 /// Applies whatever the view has pending, until it is quiet for `quiet`.
 async fn drain(view: &mut WatchView, quiet: Duration) -> Result<()> {
@@ -366,7 +343,7 @@ async fn detect_slot(
             ))
             .await?;
         follow(&mut view, Duration::from_secs(20), "victim PASSING", |v| {
-            status(v, &service, &id) == Some(HealthStatus::Passing)
+            status_in(v, &service, &id) == Some(HealthStatus::Passing)
         })
         .await?;
         // Kill at a random phase of the check cycle.
@@ -376,7 +353,7 @@ async fn detect_slot(
         let killed = Instant::now();
         victim.kill().await?;
         let seen = follow(&mut view, Duration::from_secs(30), "victim CRITICAL", |v| {
-            status(v, &service, &id) == Some(HealthStatus::Critical)
+            status_in(v, &service, &id) == Some(HealthStatus::Critical)
         })
         .await?;
         let detail = view

@@ -320,3 +320,34 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Feeds a [`weir_client::WatchView`] until `done` holds; fails after
+/// `deadline`. Returns when it was seen.
+pub async fn follow(
+    view: &mut weir_client::WatchView,
+    deadline: Duration,
+    what: &str,
+    mut done: impl FnMut(&weir_client::WatchView) -> bool,
+) -> Result<Instant> {
+    let end = tokio::time::Instant::now() + deadline;
+    while !done(view) {
+        match tokio::time::timeout_at(end, view.next()).await {
+            Ok(update) => {
+                update?;
+            }
+            Err(_) => bail!("timed out after {deadline:?} waiting for {what}"),
+        }
+    }
+    Ok(Instant::now())
+}
+
+/// The health status of an instance in a view of the default namespace.
+pub fn status_in(
+    view: &weir_client::WatchView,
+    service: &str,
+    id: &str,
+) -> Option<weir_client::HealthStatus> {
+    view.get("default", service, id).map(|i| {
+        weir_client::HealthStatus::try_from(i.status).unwrap_or(weir_client::HealthStatus::Unknown)
+    })
+}

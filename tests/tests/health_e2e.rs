@@ -5,8 +5,9 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
+use weir_tests::{follow, status_in};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use weir_client::{
@@ -47,30 +48,6 @@ fn http(path: &str) -> health_check::Kind {
     })
 }
 
-fn status(view: &WatchView, service: &str, id: &str) -> Option<HealthStatus> {
-    view.get("default", service, id)
-        .map(|i| HealthStatus::try_from(i.status).unwrap_or(HealthStatus::Unknown))
-}
-
-/// Feeds the view until `done` holds; fails after `deadline`.
-async fn follow(
-    view: &mut WatchView,
-    deadline: Duration,
-    what: &str,
-    mut done: impl FnMut(&WatchView) -> bool,
-) -> Result<Instant> {
-    let end = tokio::time::Instant::now() + deadline;
-    while !done(view) {
-        match tokio::time::timeout_at(end, view.next()).await {
-            Ok(update) => {
-                update?;
-            }
-            Err(_) => bail!("timed out after {deadline:?} waiting for {what}"),
-        }
-    }
-    Ok(Instant::now())
-}
-
 async fn start_one(tag: &str) -> Result<(Etcd, ControlPlaneProcess, Client)> {
     let etcd = Etcd::start().await?;
     let plane = ControlPlaneProcess::start(&etcd, &unique_prefix(tag))?;
@@ -92,14 +69,14 @@ async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_
     client.register(i).await?;
     let mut view = client.watch_view("default", "web");
     follow(&mut view, Duration::from_secs(10), "PASSING", |v| {
-        status(v, "web", "w-1") == Some(HealthStatus::Passing)
+        status_in(v, "web", "w-1") == Some(HealthStatus::Passing)
     })
     .await?;
 
     server.set_status("/healthz", 500);
     let failed = Instant::now();
     let seen = follow(&mut view, Duration::from_secs(10), "CRITICAL", |v| {
-        status(v, "web", "w-1") == Some(HealthStatus::Critical)
+        status_in(v, "web", "w-1") == Some(HealthStatus::Critical)
     })
     .await?;
     let took = seen - failed;
@@ -120,7 +97,7 @@ async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_
     server.set_status("/healthz", 200);
     let recovered = Instant::now();
     follow(&mut view, Duration::from_secs(10), "PASSING again", |v| {
-        status(v, "web", "w-1") == Some(HealthStatus::Passing)
+        status_in(v, "web", "w-1") == Some(HealthStatus::Passing)
     })
     .await?;
     let good = server
@@ -272,14 +249,14 @@ async fn tcp_and_grpc_checks_work_against_real_servers() -> Result<()> {
     let mut tcp_view = client.watch_view("default", "tcp-svc");
     let mut grpc_view = client.watch_view("default", "grpc-svc");
     follow(&mut tcp_view, Duration::from_secs(10), "TCP PASSING", |v| {
-        status(v, "tcp-svc", "t-1") == Some(HealthStatus::Passing)
+        status_in(v, "tcp-svc", "t-1") == Some(HealthStatus::Passing)
     })
     .await?;
     follow(
         &mut grpc_view,
         Duration::from_secs(10),
         "gRPC PASSING",
-        |v| status(v, "grpc-svc", "g-1") == Some(HealthStatus::Passing),
+        |v| status_in(v, "grpc-svc", "g-1") == Some(HealthStatus::Passing),
     )
     .await?;
 
@@ -289,7 +266,7 @@ async fn tcp_and_grpc_checks_work_against_real_servers() -> Result<()> {
         &mut tcp_view,
         Duration::from_secs(10),
         "TCP CRITICAL",
-        |v| status(v, "tcp-svc", "t-1") == Some(HealthStatus::Critical),
+        |v| status_in(v, "tcp-svc", "t-1") == Some(HealthStatus::Critical),
     )
     .await?;
     let reason = tcp_view
@@ -306,7 +283,7 @@ async fn tcp_and_grpc_checks_work_against_real_servers() -> Result<()> {
         &mut grpc_view,
         Duration::from_secs(10),
         "gRPC CRITICAL",
-        |v| status(v, "grpc-svc", "g-1") == Some(HealthStatus::Critical),
+        |v| status_in(v, "grpc-svc", "g-1") == Some(HealthStatus::Critical),
     )
     .await?;
     let reason = grpc_view
@@ -411,7 +388,7 @@ async fn a_persistent_instance_critical_past_its_bound_is_deregistered() -> Resu
     client.register(i).await?;
     let mut view = client.watch_view("default", "gone");
     let critical = follow(&mut view, Duration::from_secs(10), "CRITICAL", |v| {
-        status(v, "gone", "g-1") == Some(HealthStatus::Critical)
+        status_in(v, "gone", "g-1") == Some(HealthStatus::Critical)
     })
     .await?;
     let removed = follow(&mut view, Duration::from_secs(20), "deregistration", |v| {
