@@ -27,3 +27,10 @@ pub mod validate;
 
 pub use config::Config;
 pub use server::{ControlPlane, ServeError};
+
+/// Wall-clock time in unix milliseconds, as records store it.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

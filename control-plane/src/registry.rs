@@ -33,6 +33,7 @@ use crate::{
     health,
     hub::{decode_instance, Filter, Hub},
     keys::{InstanceKey, Keys},
+    now_unix_ms,
     store::{LeaseId, Store},
     validate,
 };
@@ -51,12 +52,6 @@ pub struct RegistryService {
     /// Highest revision this replica has written: registrations wait for the
     /// cache to reach it, so a caller's own earlier writes are seen.
     last_write: Arc<AtomicU64>,
-}
-
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn new_instance_id() -> String {

@@ -25,9 +25,9 @@ use weir_proto::{
 
 use crate::{
     error::RegistryError,
-    health::checker::now_unix_ms,
     hub::{Filter, Hub},
     keys::Keys,
+    now_unix_ms,
     store::{LeaseId, Store},
     validate::{self, ValidationError},
 };
@@ -56,17 +56,13 @@ fn invalid(field: &str, rule: impl Into<String>) -> Status {
 
 fn check_hello(h: &Hello) -> Result<(), Status> {
     validate::instance_id("hello.node_id", &h.node_id).map_err(RegistryError::from)?;
-    for (field, value, max) in [
-        ("hello.zone", &h.zone, 64),
-        ("hello.version", &h.version, 64),
-        ("hello.ingress_address", &h.ingress_address, 255),
-    ] {
-        if value.len() > max || !value.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(invalid(
-                field,
-                format!("must be at most {max} printable ASCII characters without spaces"),
-            ));
-        }
+    validate::short_text("hello.zone", &h.zone).map_err(RegistryError::from)?;
+    validate::short_text("hello.version", &h.version).map_err(RegistryError::from)?;
+    if h.ingress_address.len() > 255 || !h.ingress_address.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "hello.ingress_address",
+            "must be at most 255 printable ASCII characters without spaces",
+        ));
     }
     validate::namespace_filter(&h.namespace).map_err(RegistryError::from)?;
     Ok(())

@@ -46,7 +46,7 @@ pub(crate) fn err(field: impl Into<String>, rule: impl Into<String>) -> Validati
 }
 
 /// Shortens a value for an error message (never echo 64 KiB back).
-fn shown(value: &str) -> String {
+pub(crate) fn shown(value: &str) -> String {
     const MAX: usize = 40;
     if value.chars().count() <= MAX {
         format!("{value:?}")
@@ -121,7 +121,7 @@ fn host(field: &str, value: &str) -> Result<(), ValidationError> {
     }
 }
 
-fn short_text(field: &str, value: &str) -> Result<(), ValidationError> {
+pub(crate) fn short_text(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.len() <= MAX_SHORT_TEXT && value.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
@@ -132,7 +132,7 @@ fn short_text(field: &str, value: &str) -> Result<(), ValidationError> {
     }
 }
 
-fn namespace_or_default(field: &str, value: &str) -> Result<String, ValidationError> {
+pub(crate) fn namespace_or_default(field: &str, value: &str) -> Result<String, ValidationError> {
     if value.is_empty() {
         return Ok(DEFAULT_NAMESPACE.to_owned());
     }

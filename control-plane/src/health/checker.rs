@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -22,7 +22,7 @@ use super::{
     probe::{self, ProbeResult},
     spec::{self, CheckSpec, Probe},
 };
-use crate::keys::InstanceKey;
+use crate::{keys::InstanceKey, now_unix_ms};
 
 /// A status change to record.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,12 +74,6 @@ pub struct Checker {
     checked_by: String,
     running: Mutex<HashMap<InstanceKey, Running>>,
     probes: Arc<AtomicU64>,
-}
-
-pub fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Checker {

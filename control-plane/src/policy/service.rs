@@ -15,9 +15,9 @@ use weir_proto::policy::v1::{
 
 use crate::{
     error::RegistryError,
-    health::checker::now_unix_ms,
     hub::Hub,
     keys::Keys,
+    now_unix_ms,
     store::{CasOutcome, KeyValue, Store},
     validate,
 };

@@ -15,7 +15,7 @@ use weir_proto::policy::v1::{
     EventMatch, LoadBalancer, RateLimit, Retry, RetryOn, Rule, Timeout, TrafficPolicy,
 };
 
-use crate::validate::{dns_label, err, ValidationError, DEFAULT_NAMESPACE};
+use crate::validate::{dns_label, err, namespace_or_default, shown, ValidationError};
 
 /// Largest encoded policy accepted.
 pub const MAX_POLICY_BYTES: usize = 256 * 1024;
@@ -89,11 +89,7 @@ pub fn policy(p: Option<&TrafficPolicy>) -> Result<TrafficPolicy, ValidationErro
         ));
     }
     let mut p = p.clone();
-    if p.namespace.is_empty() {
-        p.namespace = DEFAULT_NAMESPACE.to_owned();
-    } else {
-        dns_label("policy.namespace", &p.namespace)?;
-    }
+    p.namespace = namespace_or_default("policy.namespace", &p.namespace)?;
     if p.service.is_empty() {
         return Err(err(
             "policy.service",
@@ -666,17 +662,6 @@ fn finite(field: &str, value: f64) -> Result<(), ValidationError> {
 /// In (0, 1].
 fn in_unit(value: f64) -> bool {
     value > 0.0 && value <= 1.0
-}
-
-/// Shortens a value for an error message (never echo 256 KiB back).
-fn shown(value: &str) -> String {
-    const MAX: usize = 40;
-    if value.chars().count() <= MAX {
-        format!("{value:?}")
-    } else {
-        let head: String = value.chars().take(MAX).collect();
-        format!("{head:?}…")
-    }
 }
 
 #[cfg(test)]
@@ -1463,7 +1448,7 @@ mod tests {
             ..valid()
         }))
         .expect("valid");
-        assert_eq!(p.namespace, DEFAULT_NAMESPACE);
+        assert_eq!(p.namespace, crate::validate::DEFAULT_NAMESPACE);
         assert_eq!(
             p,
             TrafficPolicy {
