@@ -314,15 +314,20 @@ impl Client {
     }
 
     /// Runs a registry call on the current replica, moving on to the next
-    /// ones while the answer is transient.
-    async fn call<T, F, Fut>(&self, what: &'static str, unary: bool, call: F) -> Result<T, Error>
+    /// ones while the answer is transient; each attempt bounded by `bound`.
+    async fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        bound: Option<Duration>,
+        call: F,
+    ) -> Result<T, Error>
     where
         F: Fn(RegistryClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call_with(
             what,
-            unary.then(|| self.unary()),
+            bound,
             |ch| RegistryClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES),
             call,
         )
@@ -339,7 +344,7 @@ impl Client {
         let request = RegisterRequest {
             instance: Some(instance),
         };
-        self.call("Register", true, |mut c| {
+        self.call("Register", Some(self.unary()), |mut c| {
             let request = request.clone();
             async move { c.register(request).await }
         })
@@ -357,7 +362,7 @@ impl Client {
         let request = DeregisterRequest {
             instance: Some(instance.clone()),
         };
-        self.call("Deregister", true, |mut c| {
+        self.call("Deregister", Some(self.unary()), |mut c| {
             let request = request.clone();
             async move { c.deregister(request).await }
         })
@@ -405,15 +410,10 @@ impl Client {
             instance: Some(instance.clone()),
         };
         let r = self
-            .call_with(
-                "Heartbeat",
-                Some(bound.min(self.unary())),
-                |ch| RegistryClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES),
-                |mut c| {
-                    let request = request.clone();
-                    async move { c.heartbeat(request).await }
-                },
-            )
+            .call("Heartbeat", Some(bound.min(self.unary())), |mut c| {
+                let request = request.clone();
+                async move { c.heartbeat(request).await }
+            })
             .await?;
         Ok(Duration::from_secs(u64::from(r.ttl_seconds)))
     }
@@ -423,7 +423,7 @@ impl Client {
         &self,
         request: GetServiceRequest,
     ) -> Result<GetServiceResponse, Error> {
-        self.call("GetService", true, |mut c| {
+        self.call("GetService", Some(self.unary()), |mut c| {
             let request = request.clone();
             async move { c.get_service(request).await }
         })
@@ -432,7 +432,7 @@ impl Client {
 
     /// Health of a service's instances with their recent transitions.
     pub async fn get_health(&self, request: GetHealthRequest) -> Result<GetHealthResponse, Error> {
-        self.call("GetHealth", true, |mut c| {
+        self.call("GetHealth", Some(self.unary()), |mut c| {
             let request = request.clone();
             async move { c.get_health(request).await }
         })
@@ -444,7 +444,7 @@ impl Client {
         &self,
         request: SetServiceConfigRequest,
     ) -> Result<SetServiceConfigResponse, Error> {
-        self.call("SetServiceConfig", true, |mut c| {
+        self.call("SetServiceConfig", Some(self.unary()), |mut c| {
             let request = request.clone();
             async move { c.set_service_config(request).await }
         })
@@ -456,7 +456,7 @@ impl Client {
         &self,
         request: GetServiceConfigRequest,
     ) -> Result<GetServiceConfigResponse, Error> {
-        self.call("GetServiceConfig", true, |mut c| {
+        self.call("GetServiceConfig", Some(self.unary()), |mut c| {
             let request = request.clone();
             async move { c.get_service_config(request).await }
         })
@@ -468,7 +468,7 @@ impl Client {
         &self,
         request: ListServicesRequest,
     ) -> Result<ListServicesResponse, Error> {
-        self.call("ListServices", true, |mut c| {
+        self.call("ListServices", Some(self.unary()), |mut c| {
             let request = request.clone();
             async move { c.list_services(request).await }
         })
@@ -506,7 +506,7 @@ impl Client {
         &self,
         request: WatchRequest,
     ) -> Result<tonic::Streaming<WatchResponse>, Error> {
-        self.call("Watch", false, |mut c| {
+        self.call("Watch", None, |mut c| {
             let request = request.clone();
             async move { c.watch(request).await }
         })

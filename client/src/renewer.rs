@@ -54,27 +54,40 @@ async fn open(client: &Client, index: usize) -> Result<Stream, Error> {
     })
 }
 
+/// Why an exchange failed.
+enum Failure {
+    /// The stream broke: the next replica can be tried at once.
+    Broken(Error),
+    /// No answer within the bound, which is spent.
+    Silent(Error),
+}
+
 /// Sends one batch on `stream` and waits (bounded) for its answer.
 async fn exchange(
     stream: &mut Stream,
     instances: Vec<InstanceRef>,
     bound: Duration,
-) -> Result<KeepAliveResponse, Error> {
+) -> Result<KeepAliveResponse, Failure> {
     let n = instances.len();
     stream
         .requests
         .send(KeepAliveRequest { instances })
         .await
-        .map_err(|_| Error::Unavailable("keep-alive stream closed".into()))?;
+        .map_err(|_| Failure::Broken(Error::Unavailable("keep-alive stream closed".into())))?;
     let answer = tokio::time::timeout(bound, stream.responses.message())
         .await
-        .map_err(|_| Error::Unavailable(format!("no keep-alive answer within {bound:?}")))??
-        .ok_or_else(|| Error::Unavailable("keep-alive stream ended".into()))?;
+        .map_err(|_| {
+            Failure::Silent(Error::Unavailable(format!(
+                "no keep-alive answer within {bound:?}"
+            )))
+        })?
+        .map_err(|status| Failure::Broken(Error::from(status)))?
+        .ok_or_else(|| Failure::Broken(Error::Unavailable("keep-alive stream ended".into())))?;
     if answer.results.len() != n {
-        return Err(Error::Protocol(format!(
+        return Err(Failure::Broken(Error::Protocol(format!(
             "{} keep-alive results for {n} instances",
             answer.results.len()
-        )));
+        ))));
     }
     Ok(answer)
 }
@@ -126,10 +139,13 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Renewal>) {
                     outcome = Ok(answer);
                     break;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "keep-alive stream failed; trying the next replica");
+                Err(failure) => {
                     stream = None;
-                    let timed_out = matches!(&e, Error::Unavailable(m) if m.starts_with("no keep-alive answer"));
+                    let (e, timed_out) = match failure {
+                        Failure::Broken(e) => (e, false),
+                        Failure::Silent(e) => (e, true),
+                    };
+                    tracing::debug!(error = %e, "keep-alive stream failed; trying the next replica");
                     outcome = Err(e);
                     if timed_out {
                         // The bound is spent: let the caller retry, on the

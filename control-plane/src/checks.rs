@@ -13,7 +13,6 @@ use crate::{
     health::{
         checker::{Checker, SinkError, StatusSink, Transition},
         sharing::{owner, Membership},
-        spec,
     },
     hub::{decode_instance, Hub},
     keys::{InstanceKey, Keys},
@@ -208,9 +207,10 @@ async fn assign(hub: Hub, checker: Arc<Checker>, me: String) {
             replicas.sort();
         }
         let mine: Vec<Arc<Instance>> = if hub.is_ready() {
+            // Instances without an active check are skipped by the checker.
             hub.all_instances()
                 .into_iter()
-                .filter(|i| spec::resolve(i).is_some())
+                .filter(|i| i.health_check.is_some())
                 .filter(|i| owner(&replicas, &key_of(i)) == Some(me.as_str()))
                 .collect()
         } else {
