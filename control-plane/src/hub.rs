@@ -110,6 +110,15 @@ struct State {
 }
 
 impl State {
+    /// The held batches with changes after `revision`, oldest first (a batch
+    /// may also hold older changes: filter them by their own revision).
+    fn batches_after(&self, revision: u64) -> impl Iterator<Item = &Batch> {
+        self.history
+            .iter()
+            .filter(move |b| b.revision() > revision)
+            .map(|b| &**b)
+    }
+
     /// Adds an instance to its service's counts, or removes it.
     fn count(&mut self, i: &Instance, add: bool) {
         let key = (i.namespace.clone(), i.service.clone());
@@ -782,10 +791,8 @@ impl Hub {
         }
         changes.extend(
             state
-                .history
-                .iter()
-                .filter(|b| b.revision() > from)
-                .flat_map(|b| match &**b {
+                .batches_after(from)
+                .flat_map(|b| match b {
                     Batch::Changes { policies, .. } => policies.as_slice(),
                     _ => &[],
                 })
@@ -1100,10 +1107,8 @@ impl Hub {
         }
         events.extend(
             state
-                .history
-                .iter()
-                .filter(|b| b.revision() > from)
-                .flat_map(|b| match &**b {
+                .batches_after(from)
+                .flat_map(|b| match b {
                     Batch::Changes { events, .. } => events.as_slice(),
                     _ => &[],
                 })
