@@ -131,6 +131,19 @@ fn key_of(i: &Instance) -> InstanceKey {
     }
 }
 
+/// How long etcd may take, past a lease's TTL, to notice it expired (its
+/// lessor looks every 500 ms), plus the watch and the share recomputation.
+const EXPIRY_SLACK: Duration = Duration::from_secs(1);
+
+/// The membership lease that lets the others take a dead replica's checks
+/// over within `takeover`: a lease expires up to TTL after the last renewal,
+/// and etcd notices it up to half a second later.
+pub fn lease_for_takeover(takeover: Duration) -> Duration {
+    takeover
+        .saturating_sub(EXPIRY_SLACK)
+        .max(Duration::from_secs(2))
+}
+
 /// This replica's checks: its membership, the checker, and the task that
 /// keeps the checker's set equal to this replica's share.
 #[derive(Debug)]
@@ -158,10 +171,16 @@ impl Checks {
         hub: Hub,
         replica_id: String,
         info: Vec<u8>,
-        ttl: Duration,
+        takeover: Duration,
     ) -> Result<Self, StoreError> {
-        let membership =
-            Membership::start(store.clone(), &keys, replica_id.clone(), info, ttl).await?;
+        let membership = Membership::start(
+            store.clone(),
+            &keys,
+            replica_id.clone(),
+            info,
+            lease_for_takeover(takeover),
+        )
+        .await?;
         let checker = Arc::new(Checker::new(
             Arc::new(StoreSink::new(store, keys)),
             replica_id.clone(),

@@ -40,8 +40,9 @@ pub struct Args {
     /// random). DNS-label characters.
     #[arg(long, env = "WEIR_REPLICA_ID")]
     pub replica_id: Option<String>,
-    /// Lease TTL of this replica's membership, seconds (2-60, default 3): a
-    /// dead replica's checks move to the others within it.
+    /// Seconds within which the other replicas take over a dead replica's
+    /// health checks (3-60, default 3). The membership lease is granted one
+    /// second less, to leave etcd time to notice its expiry.
     #[arg(long, env = "WEIR_REPLICA_TTL_SECONDS")]
     pub replica_ttl_seconds: Option<u32>,
     /// Protection threshold, percent, of services that set none (0-100,
@@ -210,9 +211,9 @@ impl Config {
             .replica_ttl_seconds
             .or(file.replica_ttl_seconds)
             .unwrap_or(defaults.replica_ttl_seconds);
-        if !(2..=60).contains(&replica_ttl_seconds) {
+        if !(3..=60).contains(&replica_ttl_seconds) {
             return Err(ConfigError::Invalid(format!(
-                "replica_ttl_seconds must be 2-60 (got {replica_ttl_seconds})"
+                "replica_ttl_seconds must be 3-60 (got {replica_ttl_seconds})"
             )));
         }
         let protection_threshold_percent = args
