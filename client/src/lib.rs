@@ -173,6 +173,22 @@ pub(crate) struct Inner {
     renewer: std::sync::OnceLock<tokio::sync::mpsc::Sender<renewer::Renewal>>,
 }
 
+impl Inner {
+    fn channel(&self, index: usize) -> Channel {
+        self.targets[index].channel.clone()
+    }
+
+    fn order(&self) -> impl Iterator<Item = usize> {
+        let n = self.targets.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        (0..n).map(move |k| (start + k) % n)
+    }
+
+    fn prefer(&self, index: usize) {
+        self.current.store(index, Ordering::Relaxed);
+    }
+}
+
 /// A connection to the control plane's registry. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -242,7 +258,7 @@ impl Client {
     }
 
     pub(crate) fn channel(&self, index: usize) -> Channel {
-        self.inner.targets[index].channel.clone()
+        self.inner.channel(index)
     }
 
     /// The bound on one attempt of a unary call.
@@ -252,14 +268,12 @@ impl Client {
 
     /// Replica indexes to try, the preferred one first.
     pub(crate) fn order(&self) -> impl Iterator<Item = usize> {
-        let n = self.inner.targets.len();
-        let start = self.inner.current.load(Ordering::Relaxed) % n;
-        (0..n).map(move |k| (start + k) % n)
+        self.inner.order()
     }
 
     /// Makes `index` the replica tried first.
     pub(crate) fn prefer(&self, index: usize) {
-        self.inner.current.store(index, Ordering::Relaxed);
+        self.inner.prefer(index);
     }
 
     /// Runs `call` with a client built by `make` on each replica in turn,
