@@ -13,7 +13,7 @@ exit_after=0
 
 ensure_deps 0   # cargo and protoc; etcd is optional here
 weir_log "building weir-control-plane and weirctl (first build takes a few minutes)"
-cargo build --quiet -p weir-control-plane -p weir-client --bins
+cargo build --quiet -p weir-control-plane -p weirctl --bins
 BIN=target/debug
 CP_PID=
 KEEPER_PID=

@@ -52,6 +52,7 @@ use tonic::{
     transport::{Channel, Endpoint},
     Code, Status,
 };
+use tonic_types::StatusExt as _;
 use weir_proto::registry::v1::registry_client::RegistryClient;
 
 pub use registration::{retry_delay, Registration, RegistrationState};
@@ -85,9 +86,14 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
-    /// The request was rejected; the message names the field and the rule.
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    /// The request was rejected. `violations` names each offending field
+    /// and its rule when the control plane sent them (as
+    /// `google.rpc.BadRequest` details); `message` is its summary.
+    #[error("invalid argument: {message}")]
+    InvalidArgument {
+        message: String,
+        violations: Vec<FieldViolation>,
+    },
     #[error("not found: {0}")]
     NotFound(String),
     /// No replica could serve the call (unreachable, not ready, or its store
@@ -105,7 +111,7 @@ impl Error {
     /// The gRPC code behind the error, if it came from a call.
     pub fn code(&self) -> Option<Code> {
         match self {
-            Error::InvalidArgument(_) => Some(Code::InvalidArgument),
+            Error::InvalidArgument { .. } => Some(Code::InvalidArgument),
             Error::NotFound(_) => Some(Code::NotFound),
             Error::Unavailable(_) => Some(Code::Unavailable),
             Error::Rpc { code, .. } => Some(*code),
@@ -117,13 +123,52 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(self.code(), Some(c) if is_transient(c))
     }
+
+    /// The offending fields of a rejected request; empty for other errors
+    /// and when the control plane sent no field details.
+    pub fn field_violations(&self) -> &[FieldViolation] {
+        match self {
+            Error::InvalidArgument { violations, .. } => violations,
+            _ => &[],
+        }
+    }
+}
+
+/// One offending field of a rejected request: a `google.rpc.BadRequest`
+/// field violation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// The field's path, e.g. `instance.port` or
+    /// `policy.rules[0].retry.attempts`.
+    pub field: String,
+    /// Why the value is refused (the rule it breaks).
+    pub description: String,
 }
 
 impl From<Status> for Error {
     fn from(s: Status) -> Self {
         let message = s.message().to_string();
         match s.code() {
-            Code::InvalidArgument => Error::InvalidArgument(message),
+            Code::InvalidArgument => {
+                // Details that do not decode are ignored: the message still
+                // says what was wrong.
+                let violations = s
+                    .get_details_bad_request()
+                    .map(|bad| {
+                        bad.field_violations
+                            .into_iter()
+                            .map(|v| FieldViolation {
+                                field: v.field,
+                                description: v.description,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Error::InvalidArgument {
+                    message,
+                    violations,
+                }
+            }
             Code::NotFound => Error::NotFound(message),
             Code::Unavailable => Error::Unavailable(message),
             code => Error::Rpc { code, message },
@@ -580,13 +625,47 @@ mod tests {
     #[test]
     fn statuses_map_to_typed_errors() {
         let e: Error = Status::invalid_argument("port: must be 1-65535").into();
-        assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("port")));
+        assert!(matches!(&e, Error::InvalidArgument { message, .. } if message.contains("port")));
+        assert!(e.field_violations().is_empty(), "no details sent");
         assert!(!e.is_transient());
         let e: Error = Status::unavailable("down").into();
         assert!(e.is_transient());
         let e: Error = Status::not_found("gone").into();
         assert_eq!(e.code(), Some(Code::NotFound));
         assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn invalid_arguments_carry_their_field_violations() {
+        let status = Status::with_error_details(
+            Code::InvalidArgument,
+            "instance.port: must be 1-65535 (got 0)",
+            tonic_types::ErrorDetails::with_bad_request(vec![
+                tonic_types::FieldViolation::new("instance.port", "must be 1-65535 (got 0)"),
+                tonic_types::FieldViolation::new("instance.host", "must not be empty"),
+            ]),
+        );
+        let e = Error::from(status);
+        assert_eq!(
+            e.field_violations(),
+            [
+                FieldViolation {
+                    field: "instance.port".into(),
+                    description: "must be 1-65535 (got 0)".into(),
+                },
+                FieldViolation {
+                    field: "instance.host".into(),
+                    description: "must not be empty".into(),
+                },
+            ]
+        );
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: instance.port: must be 1-65535 (got 0)"
+        );
+        assert!(Error::from(Status::not_found("gone"))
+            .field_violations()
+            .is_empty());
     }
 
     #[test]

@@ -549,10 +549,13 @@ mod tests {
             .register_errors
             .lock()
             .expect("lock")
-            .push(Error::InvalidArgument("port: must be 1-65535".into()));
+            .push(Error::InvalidArgument {
+                message: "port: must be 1-65535".into(),
+                violations: Vec::new(),
+            });
         let err = Registration::start(backend.clone(), spec())
             .await
             .expect_err("rejected");
-        assert!(matches!(err, Error::InvalidArgument(m) if m.contains("port")));
+        assert!(matches!(err, Error::InvalidArgument { message, .. } if message.contains("port")));
     }
 }

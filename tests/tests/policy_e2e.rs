@@ -172,7 +172,7 @@ async fn invalid_policies_are_rejected_naming_the_field_and_weirctl_points_at_it
         ..RateLimit::default()
     });
     match client.put_policy(bad, None).await {
-        Err(Error::InvalidArgument(m)) => {
+        Err(Error::InvalidArgument { message: m, .. }) => {
             ensure!(
                 m.starts_with("policy.rate_limit.requests_per_second"),
                 "{m}"
@@ -243,7 +243,7 @@ async fn rollback_restores_a_previous_version_and_pushes_it() -> Result<()> {
     // Rolling back to a version that was never kept is a clear error.
     let missing = client.rollback_policy("default", "inv", 1, None).await;
     ensure!(
-        matches!(&missing, Err(Error::InvalidArgument(m)) if m.contains("to_version")),
+        matches!(&missing, Err(Error::InvalidArgument { message: m, .. }) if m.contains("to_version")),
         "{missing:?}"
     );
     Ok(())

@@ -1,4 +1,5 @@
-//! Tables for people, JSON for programs.
+//! Tables for people, JSON for programs: the formatting every command
+//! shares.
 
 use std::fmt::Write as _;
 
@@ -7,6 +8,13 @@ use weir_client::{
     Event, EventType, GetHealthResponse, HealthDetail, HealthStatus, Instance, Protocol,
     ServiceProtection, ServiceSummary,
 };
+
+/// How a command prints its answer (`-o`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
 
 /// Lays rows out in left-aligned columns separated by two spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {

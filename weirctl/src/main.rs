@@ -1,0 +1,103 @@
+//! `weirctl`: Weir from the command line.
+//!
+//! ```text
+//! weirctl register orders --host 10.0.0.7 --port 8080 --keep-alive
+//! weirctl list
+//! weirctl get orders -o json
+//! weirctl watch orders
+//! weirctl deregister orders orders-1a2b3c4d5e6f
+//! ```
+//!
+//! One module per command under `cmd/` (its clap `Args` and its `run`);
+//! tables and JSON in `output`; how a rejected request is shown in
+//! `rejection`.
+
+mod cmd;
+mod output;
+mod rejection;
+mod signal;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use weir_client::{Client, DEFAULT_ENDPOINT};
+
+use cmd::{deregister, get, health, list, policy, register, service_config, watch};
+use output::Format;
+
+#[derive(Parser, Debug)]
+#[command(name = "weirctl", version, about = "Operate a Weir control plane")]
+struct Cli {
+    /// Control-plane gRPC address(es); several (comma-separated or
+    /// repeated) give failover between replicas.
+    #[arg(
+        long,
+        short = 'e',
+        global = true,
+        env = "WEIR_ENDPOINT",
+        value_delimiter = ',',
+        default_value = DEFAULT_ENDPOINT
+    )]
+    endpoint: Vec<String>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Register an instance (persistent unless --ttl or --keep-alive).
+    Register(Box<register::Args>),
+    /// Remove an instance.
+    Deregister(deregister::Args),
+    /// List services with their instance counts.
+    List(list::Args),
+    /// Show a service's instances.
+    Get(get::Args),
+    /// Traffic policies: get, set -f, delete, list, history, rollback, status.
+    #[command(subcommand)]
+    Policy(policy::Command),
+    /// Health of a service's instances, with their recent transitions.
+    Health(health::Args),
+    /// Show a service's settings, or change them.
+    ServiceConfig(service_config::Args),
+    /// Follow changes live (a snapshot first, then every change).
+    Watch(watch::Args),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", rejection::error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let client = Client::connect(&cli.endpoint).await?;
+    let format = cli.output;
+    match cli.command {
+        Command::Register(args) => register::run(&client, format, *args).await,
+        Command::Deregister(args) => deregister::run(&client, format, args).await,
+        Command::List(args) => list::run(&client, format, args).await,
+        Command::Get(args) => get::run(&client, format, args).await,
+        Command::Policy(command) => policy::run(&client, format, command).await,
+        Command::Health(args) => health::run(&client, format, args).await,
+        Command::ServiceConfig(args) => service_config::run(&client, format, args).await,
+        Command::Watch(args) => watch::run(&client, format, args).await,
+    }
+}
