@@ -7,7 +7,7 @@
 //!   to a [`health::checker::StatusSink`].
 //! - [`validate`]: the [`validate::ValidationError`] every input check
 //!   returns (field path + rule), its helpers, and registration validation.
-//! - [`policy`]: traffic-policy validation and [`policy::resolve`], which
+//! - [`policy`]: traffic-policy validation and [`policy::resolve()`], which
 //!   turns a stored policy into typed, defaulted settings an agent enforces.
 //! - [`keys::InstanceKey`]: the names that identify an instance.
 //! - [`time`] (wall clock as records store it) and [`backoff`] (capped

@@ -2,6 +2,8 @@
 //! what the checker runs, with the documented defaults filled in. The
 //! checks on input (and the filling of defaults into the stored record) are
 //! [`crate::validate::health_check`]'s; the limits are here, shared by both.
+//!
+//! [`HealthCheck`]: weir_proto::registry::v1::HealthCheck
 
 use std::time::Duration;
 

@@ -10,6 +10,8 @@
 //! default, a number out of bounds is clamped into them, and a rate limit
 //! without a positive rate (or a consistent hash without a key) is treated
 //! as absent.
+//!
+//! [`TrafficPolicy`]: pb::TrafficPolicy
 
 use std::time::Duration;
 
