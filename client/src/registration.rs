@@ -18,6 +18,8 @@ use tokio::{
     time::Instant,
 };
 
+use weir_core::backoff;
+
 use crate::{instance_ref, Client, Error, Instance, InstanceRef, RegisterResponse};
 
 /// Where a [`Registration`] stands.
@@ -91,8 +93,7 @@ pub fn renew_interval(ttl: Duration) -> Duration {
 pub fn retry_delay(attempt: u32, ttl: Duration, jitter: f64) -> Duration {
     let base = Duration::from_millis(100);
     let cap = (ttl / 6).clamp(base, Duration::from_secs(5));
-    let grown = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    grown.min(cap).mul_f64(jitter.clamp(0.5, 1.0))
+    backoff::exponential(base, cap, attempt).mul_f64(jitter.clamp(0.5, 1.0))
 }
 
 fn jitter() -> f64 {

@@ -2,9 +2,11 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use weir_core::backoff::{Backoff, Jitter};
+
 use crate::{
-    registration::retry_delay, Client, Error, Event, EventType, Instance, ServiceProtection,
-    WatchKind, WatchRequest, WatchResponse,
+    Client, Error, Event, EventType, Instance, ServiceProtection, WatchKind, WatchRequest,
+    WatchResponse,
 };
 
 /// What one [`WatchView::next`] call changed.
@@ -57,7 +59,9 @@ pub struct WatchView {
     /// A snapshot arriving in several messages.
     staging: Option<BTreeMap<Key, Instance>>,
     revision: u64,
-    failures: u32,
+    /// Between attempts to reopen the stream: 100 ms doubling to 2 s,
+    /// jittered so that many views cut off together spread out.
+    backoff: Backoff,
 }
 
 impl WatchView {
@@ -71,7 +75,8 @@ impl WatchView {
             protected: BTreeMap::new(),
             staging: None,
             revision: 0,
-            failures: 0,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
+                .with_jitter(Jitter::Half),
         }
     }
 
@@ -127,7 +132,7 @@ impl WatchView {
             };
             match stream.message().await {
                 Ok(Some(msg)) => {
-                    self.failures = 0;
+                    self.backoff.reset();
                     if let Some(update) = self.apply(msg)? {
                         return Ok(update);
                     }
@@ -173,13 +178,7 @@ impl WatchView {
     }
 
     async fn backoff(&mut self) {
-        self.failures = self.failures.saturating_add(1);
-        let delay = retry_delay(
-            self.failures,
-            Duration::from_secs(12),
-            rand::random_range(0.5..=1.0),
-        );
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(self.backoff.next_delay()).await;
     }
 
     /// Applies one message; returns the update once a whole one arrived.

@@ -7,15 +7,16 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use prost::Message;
 use tokio::task::JoinHandle;
+use weir_core::{
+    health::checker::{Checker, SinkError, StatusSink, Transition},
+    InstanceKey,
+};
 use weir_proto::registry::v1::{HealthHistory, HealthTransition, Instance};
 
 use crate::{
-    health::{
-        checker::{Checker, SinkError, StatusSink, Transition},
-        sharing::{owner, Membership},
-    },
+    health::sharing::{owner, Membership},
     hub::{decode_instance, Hub},
-    keys::{InstanceKey, Keys},
+    keys::Keys,
     store::{CasOutcome, Store, StoreError},
 };
 

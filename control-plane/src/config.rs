@@ -202,7 +202,7 @@ impl Config {
             .replica_id
             .or(file.replica_id)
             .unwrap_or(defaults.replica_id);
-        if crate::validate::dns_label("replica_id", &replica_id).is_err() {
+        if weir_core::validate::dns_label("replica_id", &replica_id).is_err() {
             return Err(ConfigError::Invalid(format!(
                 "replica_id must be a DNS label: 1-63 characters of a-z, 0-9 and '-' (got {replica_id:?})"
             )));

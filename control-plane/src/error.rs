@@ -1,7 +1,9 @@
 //! The one place where internal errors become gRPC statuses, with a message
 //! a caller can act on and no internals beyond that.
 
-use crate::{store::StoreError, validate::ValidationError};
+use weir_core::validate::ValidationError;
+
+use crate::store::StoreError;
 
 /// Errors of registry operations.
 #[derive(Debug, thiserror::Error)]

@@ -32,8 +32,10 @@ use weir_proto::{
     },
 };
 
+use weir_core::{backoff::Backoff, InstanceKey};
+
 use crate::{
-    keys::{InstanceKey, Keys},
+    keys::Keys,
     store::{EventKind, History, Snapshot, Store, WatchMessage},
 };
 
@@ -358,17 +360,17 @@ impl Hub {
     async fn run(self) {
         let store = self.inner.store.clone();
         let prefix = self.inner.keys.root().to_owned();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match self.sync(store.as_ref(), &prefix).await {
                 Ok(reason) => {
                     tracing::warn!(store = store.kind(), reason = %reason, "store watch ended; reloading");
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                 }
                 Err(e) => {
-                    tracing::warn!(store = store.kind(), error = %e, retry_in = ?backoff, "store watch failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let delay = backoff.next_delay();
+                    tracing::warn!(store = store.kind(), error = %e, retry_in = ?delay, "store watch failed");
+                    tokio::time::sleep(delay).await;
                 }
             }
         }

@@ -16,18 +16,12 @@
 //! service; no '/' in instance ids), and every prefix ends with '/', so the
 //! range of service `a` never includes service `ab`.
 
+use weir_core::InstanceKey;
+
 /// Builds and parses keys under one root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Keys {
     root: String,
-}
-
-/// The three names that identify an instance.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct InstanceKey {
-    pub namespace: String,
-    pub service: String,
-    pub instance_id: String,
 }
 
 impl Keys {

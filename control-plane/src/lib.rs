@@ -9,8 +9,9 @@
 //!
 //! Module map: [`config`] (file/env/flags), [`server`] (wiring),
 //! [`registry`] (the gRPC service), [`hub`] (cache + fan-out), [`store`]
-//! (etcd and embedded), [`keys`] (key layout), [`validate`] (input rules),
-//! [`error`] (mapping to gRPC statuses).
+//! (etcd and embedded), [`keys`] (key layout), [`error`] (mapping to gRPC
+//! statuses). Input validation, health checking, policy validation and the
+//! instance key come from `weir_core`, shared with the agent.
 
 pub mod checks;
 pub mod config;
@@ -23,14 +24,6 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
-pub mod validate;
 
 pub use config::Config;
 pub use server::{ControlPlane, ServeError};
-
-/// Wall-clock time in unix milliseconds, as records store it.
-pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}

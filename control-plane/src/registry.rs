@@ -18,6 +18,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use weir_core::{health, time::now_unix_ms, validate, InstanceKey};
 use weir_proto::registry::v1::{
     keep_alive_response, registry_server::Registry, DeregisterRequest, DeregisterResponse,
     GetHealthRequest, GetHealthResponse, GetServiceConfigRequest, GetServiceConfigResponse,
@@ -30,12 +31,9 @@ use weir_proto::registry::v1::{
 
 use crate::{
     error::RegistryError,
-    health,
     hub::{decode_instance, Filter, Hub},
-    keys::{InstanceKey, Keys},
-    now_unix_ms,
+    keys::Keys,
     store::{LeaseId, Store},
-    validate,
 };
 
 /// How long a read waits for `min_revision`.
@@ -56,10 +54,6 @@ pub struct RegistryService {
 
 fn new_instance_id() -> String {
     format!("{:016x}", rand::random::<u64>())
-}
-
-fn describe(k: &InstanceKey) -> String {
-    format!("{}/{}/{}", k.namespace, k.service, k.instance_id)
 }
 
 /// The caller-settable part of a record, for idempotency checks.
@@ -97,7 +91,7 @@ impl RegistryService {
             Ok(i) => Ok(Some(i)),
             Err(e) => {
                 // A record we cannot read is replaced by the next write.
-                tracing::warn!(instance = %describe(key), error = %e, "undecodable instance record");
+                tracing::warn!(instance = %key, error = %e, "undecodable instance record");
                 Ok(None)
             }
         }
@@ -185,7 +179,7 @@ impl RegistryService {
         }
         instance.revision = revision;
         tracing::info!(
-            instance = %describe(&key),
+            instance = %key,
             host = %instance.host,
             port = instance.port,
             ephemeral = instance.ephemeral,
@@ -210,13 +204,13 @@ impl RegistryService {
             .fetch_max(deleted.revision, Ordering::AcqRel);
         self.hub.wait_for(deleted.revision, MIN_REVISION_WAIT).await;
         if let Err(e) = self.store.delete(&self.keys.health(&key)).await {
-            tracing::warn!(instance = %describe(&key), error = %e, "could not delete the health history");
+            tracing::warn!(instance = %key, error = %e, "could not delete the health history");
         }
         if let Some(lease) = existing.map(|i| i.lease_id).filter(|l| *l != 0) {
             self.revoke_quietly(lease).await;
         }
         if deleted.existed {
-            tracing::info!(instance = %describe(&key), revision = deleted.revision, "deregistered");
+            tracing::info!(instance = %key, revision = deleted.revision, "deregistered");
         }
         Ok((deleted.existed, deleted.revision))
     }
@@ -226,7 +220,7 @@ impl RegistryService {
         let gone = || {
             RegistryError::NotFound(format!(
                 "registration {} is gone (lease expired or deregistered); register it again",
-                describe(key)
+                key
             ))
         };
         let cached = self.hub.instance(key).map(|i| i.lease_id);
@@ -243,7 +237,7 @@ impl RegistryService {
                 field: "instance".into(),
                 rule: format!(
                     "{} is persistent; only ephemeral instances take heartbeats",
-                    describe(key)
+                    key
                 ),
             }));
         }

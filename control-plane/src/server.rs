@@ -4,6 +4,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use weir_core::validate::MAX_REQUEST_BYTES;
 use weir_proto::{
     agent::v1::agent_session_service_server::AgentSessionServiceServer,
     policy::v1::policy_service_server::PolicyServiceServer,
@@ -19,7 +20,6 @@ use crate::{
     registry::RegistryService,
     session::SessionService,
     store::{EmbeddedStore, EmbeddedStoreConfig, EtcdStore, EtcdStoreConfig, Store, StoreError},
-    validate::MAX_REQUEST_BYTES,
 };
 
 /// Largest policy write accepted (a policy is at most 256 KiB encoded).

@@ -23,13 +23,16 @@ use weir_proto::{
     policy::v1::AgentPolicyState,
 };
 
+use weir_core::{
+    time::now_unix_ms,
+    validate::{self, ValidationError},
+};
+
 use crate::{
     error::RegistryError,
     hub::{Filter, Hub},
     keys::Keys,
-    now_unix_ms,
     store::{LeaseId, Store},
-    validate::{self, ValidationError},
 };
 
 /// Session lease TTL.

@@ -372,7 +372,7 @@ fn the_example_policy_in_the_docs_is_valid() -> Result<()> {
         .join("../docs/examples/orders-policy.yaml");
     let text = std::fs::read_to_string(&path)?;
     let parsed: TrafficPolicy = serde_yaml::from_str(&text)?;
-    let valid = weir_control_plane::policy::validate::policy(Some(&parsed))
+    let valid = weir_core::policy::validate::policy(Some(&parsed))
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     ensure!(valid.rules.len() == 2 && valid.service == "orders");
     Ok(())

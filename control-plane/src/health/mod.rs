@@ -1,14 +1,6 @@
-//! Health checking: check specs, probes, hysteresis, and the checker that
-//! runs them.
-//!
-//! The [`checker::Checker`] runs the checks it is given and reports status
-//! transitions to a [`checker::StatusSink`]. It knows nothing of who decides
-//! which instances to check: in the control plane, [`sharing`] assigns each
-//! instance to one live replica by rendezvous hashing; the agent will give
-//! it its node's instances.
+//! Health checking in the control plane: the checker itself (specs,
+//! probes, hysteresis, the check loop) is `weir_core::health`, shared with
+//! the agent; what is the control plane's own is [`sharing`], which assigns
+//! each instance to one live replica by rendezvous hashing.
 
-pub mod checker;
-pub mod hysteresis;
-pub mod probe;
 pub mod sharing;
-pub mod spec;

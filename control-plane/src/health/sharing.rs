@@ -11,9 +11,10 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{sync::watch, task::JoinHandle};
+use weir_core::InstanceKey;
 
 use crate::{
-    keys::{InstanceKey, Keys},
+    keys::Keys,
     store::{LeaseId, Store, StoreError},
 };
 

@@ -1,4 +1,5 @@
-//! Traffic policies: validation and the `weir.policy.v1.PolicyService`.
+//! Traffic policies: the `weir.policy.v1.PolicyService` (validation and
+//! resolution live in `weir_core::policy`).
 //!
 //! A policy lives at `{root}/v1/policies/{namespace}/{service}` as a
 //! `PolicyRecord`: the current policy plus its previous versions (newest
@@ -8,4 +9,3 @@
 //! revision), so concurrent editors cannot overwrite each other silently.
 
 pub mod service;
-pub mod validate;

@@ -5,6 +5,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use prost::Message;
 use tonic::{Request, Response, Status};
+use weir_core::{policy::validate::policy as validate_policy, time::now_unix_ms, validate};
 use weir_proto::policy::v1::{
     policy_service_server::PolicyService, AgentPolicyState, DeletePolicyRequest,
     DeletePolicyResponse, GetPolicyRequest, GetPolicyResponse, ListPoliciesRequest,
@@ -17,9 +18,7 @@ use crate::{
     error::RegistryError,
     hub::Hub,
     keys::Keys,
-    now_unix_ms,
     store::{CasOutcome, KeyValue, Store},
-    validate,
 };
 
 /// Versions kept in a record besides the current one.
@@ -177,7 +176,7 @@ impl PolicyService for PolicyServiceImpl {
         request: Request<PutPolicyRequest>,
     ) -> Result<Response<PutPolicyResponse>, Status> {
         let req = request.into_inner();
-        let policy = super::validate::policy(req.policy.as_ref()).map_err(RegistryError::from)?;
+        let policy = validate_policy(req.policy.as_ref()).map_err(RegistryError::from)?;
         let current = self.write(policy, req.expected_version, 0).await?;
         Ok(Response::new(PutPolicyResponse {
             current: Some(current),
@@ -285,7 +284,7 @@ impl PolicyService for PolicyServiceImpl {
             })?;
         // Restore it as written then; it is validated again (rules may have
         // tightened since).
-        let target = super::validate::policy(Some(&target)).map_err(RegistryError::from)?;
+        let target = validate_policy(Some(&target)).map_err(RegistryError::from)?;
         let expected = Some(req.expected_version.unwrap_or(version));
         let current = self.write(target, expected, req.to_version).await?;
         Ok(Response::new(RollbackPolicyResponse {

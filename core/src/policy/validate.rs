@@ -5,7 +5,8 @@
 //!
 //! Defaults stay implicit: a zero means "the documented default" and is
 //! kept as written, so what is stored is what the caller sent (only the
-//! namespace is filled).
+//! namespace is filled). [`super::resolve()`] applies the defaults, from the
+//! `DEFAULT_*` constants below, for whoever enforces the policy.
 
 use std::collections::HashMap;
 

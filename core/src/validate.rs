@@ -1,12 +1,22 @@
 //! Validation of everything a caller sends. Each check names the field and
 //! the rule it broke, so `InvalidArgument` tells the caller what to fix. The
 //! limits are documented in `registry.proto`; keep the two in step.
+//!
+//! The dependency runs one way: this module uses the health-check limits of
+//! [`crate::health::spec`]; nothing in `health` uses this module.
 
 use std::net::IpAddr;
 
-use weir_proto::registry::v1::{Instance, InstanceRef, Protocol};
+use weir_proto::registry::v1::{health_check::Kind, HealthCheck, Instance, InstanceRef, Protocol};
 
-use crate::keys::InstanceKey;
+use crate::{
+    health::spec::{
+        DEFAULT_FAILURES_BEFORE_CRITICAL, DEFAULT_INTERVAL_MS, DEFAULT_SUCCESSES_BEFORE_PASSING,
+        DEFAULT_TIMEOUT_MS, MAX_DEREGISTER_AFTER_S, MAX_HTTP_PATH, MAX_INTERVAL_MS, MAX_THRESHOLD,
+        MIN_DEREGISTER_AFTER_S, MIN_INTERVAL_MS, MIN_TIMEOUT_MS,
+    },
+    keys::InstanceKey,
+};
 
 pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -38,7 +48,8 @@ pub struct ValidationError {
     pub rule: String,
 }
 
-pub(crate) fn err(field: impl Into<String>, rule: impl Into<String>) -> ValidationError {
+/// A [`ValidationError`] for `field` breaking `rule`.
+pub fn err(field: impl Into<String>, rule: impl Into<String>) -> ValidationError {
     ValidationError {
         field: field.into(),
         rule: rule.into(),
@@ -46,7 +57,7 @@ pub(crate) fn err(field: impl Into<String>, rule: impl Into<String>) -> Validati
 }
 
 /// Shortens a value for an error message (never echo 64 KiB back).
-pub(crate) fn shown(value: &str) -> String {
+pub fn shown(value: &str) -> String {
     const MAX: usize = 40;
     if value.chars().count() <= MAX {
         format!("{value:?}")
@@ -121,7 +132,8 @@ fn host(field: &str, value: &str) -> Result<(), ValidationError> {
     }
 }
 
-pub(crate) fn short_text(field: &str, value: &str) -> Result<(), ValidationError> {
+/// At most 64 printable ASCII characters without spaces (versions, zones).
+pub fn short_text(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.len() <= MAX_SHORT_TEXT && value.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
@@ -132,7 +144,8 @@ pub(crate) fn short_text(field: &str, value: &str) -> Result<(), ValidationError
     }
 }
 
-pub(crate) fn namespace_or_default(field: &str, value: &str) -> Result<String, ValidationError> {
+/// A namespace as a DNS label, or [`DEFAULT_NAMESPACE`] when empty.
+pub fn namespace_or_default(field: &str, value: &str) -> Result<String, ValidationError> {
     if value.is_empty() {
         return Ok(DEFAULT_NAMESPACE.to_owned());
     }
@@ -239,7 +252,7 @@ pub fn registration(instance: Option<&Instance>) -> Result<Instance, ValidationE
     metadata("instance.metadata", &i.metadata)?;
     topics("instance.topics", &i.topics)?;
     if let Some(check) = i.health_check.as_mut() {
-        crate::health::spec::normalize(check, i.ephemeral)?;
+        health_check(check, i.ephemeral)?;
     }
     // Output-only fields are the server's to fill.
     i.status = 0;
@@ -300,6 +313,140 @@ pub fn metadata(
     Ok(())
 }
 
+/// Validates an instance's health check (at registration) and fills its
+/// defaults in place, so the stored record says what runs. `ephemeral` is
+/// the instance's flag. [`crate::health::spec::resolve`] reads
+/// the result.
+pub fn health_check(check: &mut HealthCheck, ephemeral: bool) -> Result<(), ValidationError> {
+    const F: &str = "instance.health_check";
+    let Some(kind) = &mut check.kind else {
+        return Err(err(
+            format!("{F}.kind"),
+            "must be one of http, tcp, grpc or ttl (or leave health_check unset)",
+        ));
+    };
+    match kind {
+        Kind::Http(h) => {
+            if h.path.is_empty() {
+                h.path = "/".into();
+            }
+            if !h.path.starts_with('/')
+                || h.path.len() > MAX_HTTP_PATH
+                || !h.path.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(err(
+                    format!("{F}.http.path"),
+                    format!("must start with '/' and be at most {MAX_HTTP_PATH} printable ASCII characters without spaces"),
+                ));
+            }
+            if h.expected_status_min == 0 && h.expected_status_max == 0 {
+                h.expected_status_min = 200;
+                h.expected_status_max = 399;
+            }
+            if !(100..=599).contains(&h.expected_status_min)
+                || !(h.expected_status_min..=599).contains(&h.expected_status_max)
+            {
+                return Err(err(
+                    format!("{F}.http.expected_status_min"),
+                    format!(
+                        "expected status range must be within 100-599 with min <= max (got {}-{})",
+                        h.expected_status_min, h.expected_status_max
+                    ),
+                ));
+            }
+        }
+        Kind::Tcp(_) => {}
+        Kind::Grpc(g) => {
+            if g.service.len() > 255 || !g.service.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(err(
+                    format!("{F}.grpc.service"),
+                    "must be at most 255 printable ASCII characters without spaces",
+                ));
+            }
+        }
+        Kind::Ttl(_) => {
+            if !ephemeral {
+                return Err(err(
+                    format!("{F}.ttl"),
+                    "a TTL check needs an ephemeral instance (the heartbeat is the check)",
+                ));
+            }
+        }
+    }
+    if check.interval_ms == 0 {
+        check.interval_ms = DEFAULT_INTERVAL_MS;
+    }
+    if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&check.interval_ms) {
+        return Err(err(
+            format!("{F}.interval_ms"),
+            format!("must be {MIN_INTERVAL_MS}-{MAX_INTERVAL_MS} (0 = default {DEFAULT_INTERVAL_MS}) (got {})", check.interval_ms),
+        ));
+    }
+    if check.timeout_ms == 0 {
+        check.timeout_ms = DEFAULT_TIMEOUT_MS.min(check.interval_ms);
+    }
+    if !(MIN_TIMEOUT_MS..=check.interval_ms).contains(&check.timeout_ms) {
+        return Err(err(
+            format!("{F}.timeout_ms"),
+            format!(
+                "must be {MIN_TIMEOUT_MS}-interval_ms ({}) (got {})",
+                check.interval_ms, check.timeout_ms
+            ),
+        ));
+    }
+    for (name, value, default) in [
+        (
+            "failures_before_critical",
+            &mut check.failures_before_critical,
+            DEFAULT_FAILURES_BEFORE_CRITICAL,
+        ),
+        (
+            "successes_before_passing",
+            &mut check.successes_before_passing,
+            DEFAULT_SUCCESSES_BEFORE_PASSING,
+        ),
+    ] {
+        if *value == 0 {
+            *value = default;
+        }
+        if *value > MAX_THRESHOLD {
+            return Err(err(
+                format!("{F}.{name}"),
+                format!("must be 1-{MAX_THRESHOLD} (0 = default {default}) (got {value})"),
+            ));
+        }
+    }
+    if check.deregister_critical_after_seconds != 0 {
+        if ephemeral {
+            return Err(err(
+                format!("{F}.deregister_critical_after_seconds"),
+                "only for persistent instances (an ephemeral one leaves when its lease expires)",
+            ));
+        }
+        if !(MIN_DEREGISTER_AFTER_S..=MAX_DEREGISTER_AFTER_S)
+            .contains(&check.deregister_critical_after_seconds)
+        {
+            return Err(err(
+                format!("{F}.deregister_critical_after_seconds"),
+                format!(
+                    "must be {MIN_DEREGISTER_AFTER_S}-{MAX_DEREGISTER_AFTER_S} (0 = never) (got {})",
+                    check.deregister_critical_after_seconds
+                ),
+            ));
+        }
+    }
+    if check.port > 65_535 {
+        return Err(err(
+            format!("{F}.port"),
+            format!(
+                "must be 1-65535 (0 = the instance's port) (got {})",
+                check.port
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn topics(field: &str, topics: &[String]) -> Result<(), ValidationError> {
     if topics.len() > MAX_TOPICS {
         return Err(err(
@@ -333,7 +480,12 @@ fn topics(field: &str, topics: &[String]) -> Result<(), ValidationError> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use weir_proto::registry::v1::{GrpcCheck, HttpCheck, TtlCheck};
+
     use super::*;
+    use crate::health::spec;
 
     fn valid() -> Instance {
         Instance {
@@ -580,5 +732,141 @@ mod tests {
         }))
         .expect_err("long");
         assert!(e.rule.len() < 300, "{}", e.rule);
+    }
+
+    fn http(path: &str) -> HealthCheck {
+        HealthCheck {
+            kind: Some(Kind::Http(HttpCheck {
+                path: path.into(),
+                ..HttpCheck::default()
+            })),
+            ..HealthCheck::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_and_resolved() {
+        let mut c = http("");
+        health_check(&mut c, false).expect("valid");
+        assert_eq!((c.interval_ms, c.timeout_ms), (1000, 1000));
+        assert_eq!(
+            (c.failures_before_critical, c.successes_before_passing),
+            (2, 2)
+        );
+        let i = Instance {
+            host: "10.0.0.1".into(),
+            port: 8080,
+            health_check: Some(c),
+            ..Instance::default()
+        };
+        let spec = spec::resolve(&i).expect("active check");
+        assert_eq!(
+            spec.probe,
+            spec::Probe::Http {
+                path: "/".into(),
+                expected: (200, 399)
+            }
+        );
+        assert_eq!(spec.port, 8080);
+        assert_eq!(spec.interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases: Vec<(HealthCheck, bool, &str)> = vec![
+            (HealthCheck::default(), false, "health_check.kind"),
+            (http("healthz"), false, "http.path"),
+            (
+                HealthCheck {
+                    kind: Some(Kind::Http(HttpCheck {
+                        path: "/".into(),
+                        expected_status_min: 500,
+                        expected_status_max: 200,
+                    })),
+                    ..HealthCheck::default()
+                },
+                false,
+                "expected_status_min",
+            ),
+            (
+                HealthCheck {
+                    kind: Some(Kind::Ttl(TtlCheck {})),
+                    ..HealthCheck::default()
+                },
+                false,
+                "health_check.ttl",
+            ),
+            (
+                HealthCheck {
+                    interval_ms: 50,
+                    ..http("/")
+                },
+                false,
+                "interval_ms",
+            ),
+            (
+                HealthCheck {
+                    interval_ms: 1000,
+                    timeout_ms: 2000,
+                    ..http("/")
+                },
+                false,
+                "timeout_ms",
+            ),
+            (
+                HealthCheck {
+                    failures_before_critical: 21,
+                    ..http("/")
+                },
+                false,
+                "failures_before_critical",
+            ),
+            (
+                HealthCheck {
+                    successes_before_passing: 99,
+                    ..http("/")
+                },
+                false,
+                "successes_before_passing",
+            ),
+            (
+                HealthCheck {
+                    deregister_critical_after_seconds: 30,
+                    ..http("/")
+                },
+                true,
+                "deregister_critical_after_seconds",
+            ),
+            (
+                HealthCheck {
+                    deregister_critical_after_seconds: 5,
+                    ..http("/")
+                },
+                false,
+                "deregister_critical_after_seconds",
+            ),
+            (
+                HealthCheck {
+                    port: 70_000,
+                    ..http("/")
+                },
+                false,
+                "health_check.port",
+            ),
+            (
+                HealthCheck {
+                    kind: Some(Kind::Grpc(GrpcCheck {
+                        service: "a b".into(),
+                    })),
+                    ..HealthCheck::default()
+                },
+                false,
+                "grpc.service",
+            ),
+        ];
+        for (mut check, ephemeral, field) in cases {
+            let e = health_check(&mut check, ephemeral).expect_err(field);
+            assert!(e.to_string().contains(field), "{e} should name {field}");
+        }
     }
 }

@@ -1,7 +1,11 @@
 //! Running one check: HTTP GET, TCP connect, or gRPC `grpc.health.v1`.
+//!
+//! The checker reaches the network only through a [`Prober`], so its loop
+//! can be tested with a fake; [`NetProber`] is the real one.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
+use async_trait::async_trait;
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -22,6 +26,56 @@ pub struct ProbeResult {
     /// Human-readable, e.g. "HTTP 500 from GET /healthz".
     pub output: String,
     pub latency: Duration,
+}
+
+/// Makes the probe of each check: the seam between the checker loop and
+/// the network.
+pub trait Prober: Send + Sync + fmt::Debug + 'static {
+    /// Called when a check starts (from within the runtime); the probe it
+    /// returns runs every round of that check, so it may keep a connection
+    /// from one round to the next.
+    fn start(&self, spec: &CheckSpec, checked_by: &str) -> Box<dyn CheckProbe>;
+}
+
+/// One check's probe, run once per round.
+#[async_trait]
+pub trait CheckProbe: Send + fmt::Debug {
+    /// Runs the check once, bounded by the spec's timeout.
+    async fn run(&mut self) -> ProbeResult;
+}
+
+/// The real prober: HTTP, TCP and gRPC over the network (see [`run`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetProber;
+
+impl Prober for NetProber {
+    fn start(&self, spec: &CheckSpec, checked_by: &str) -> Box<dyn CheckProbe> {
+        let grpc = match spec.probe {
+            Probe::Grpc { .. } => grpc_channel(spec),
+            _ => None,
+        };
+        Box::new(NetProbe {
+            spec: spec.clone(),
+            checked_by: checked_by.to_owned(),
+            grpc,
+        })
+    }
+}
+
+/// A check's network probe: the spec, and for gRPC checks one channel kept
+/// for the life of the check.
+#[derive(Debug)]
+struct NetProbe {
+    spec: CheckSpec,
+    checked_by: String,
+    grpc: Option<tonic::transport::Channel>,
+}
+
+#[async_trait]
+impl CheckProbe for NetProbe {
+    async fn run(&mut self) -> ProbeResult {
+        run(&self.spec, self.grpc.as_ref(), &self.checked_by).await
+    }
 }
 
 /// Longest output kept (a check's error text can be long).

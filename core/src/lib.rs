@@ -1,0 +1,27 @@
+//! Weir core: what the control plane and the agent both need, free of etcd,
+//! gRPC servers and HTTP frameworks.
+//!
+//! - [`health`]: health-check specs, the probes (HTTP, TCP, gRPC
+//!   `grpc.health.v1`) behind the [`health::probe::Prober`] seam, the
+//!   hysteresis state machine and the checker loop that reports transitions
+//!   to a [`health::checker::StatusSink`].
+//! - [`validate`]: the [`validate::ValidationError`] every input check
+//!   returns (field path + rule), its helpers, and registration validation.
+//! - [`policy`]: traffic-policy validation and [`policy::resolve()`], which
+//!   turns a stored policy into typed, defaulted settings an agent enforces.
+//! - [`keys::InstanceKey`]: the names that identify an instance.
+//! - [`time`] (wall clock as records store it) and [`backoff`] (capped
+//!   exponential backoff with optional jitter).
+//!
+//! The control plane adds the store, the gRPC services and replica
+//! coordination on top; the agent will add its node session and policy
+//! stack. Nothing here opens a listening socket.
+
+pub mod backoff;
+pub mod health;
+pub mod keys;
+pub mod policy;
+pub mod time;
+pub mod validate;
+
+pub use keys::InstanceKey;

@@ -1,0 +1,10 @@
+//! Traffic policies: [`validate::policy`] checks a policy on write (every
+//! bound in `policy.proto`, the bad field named by its full path), and
+//! [`resolve::resolve`] turns a valid policy into the typed, defaulted
+//! settings an agent enforces, with the same `DEFAULT_*` constants the
+//! error messages quote.
+
+pub mod resolve;
+pub mod validate;
+
+pub use resolve::{resolve, ResolvedPolicy};
