@@ -117,9 +117,7 @@ impl ApiError {
     pub fn code(&self) -> Code {
         match self {
             ApiError::Invalid(_) => Code::InvalidArgument,
-            ApiError::NotFound(_) | ApiError::Store(StoreError::LeaseNotFound(_)) => {
-                Code::NotFound
-            }
+            ApiError::NotFound(_) | ApiError::Store(StoreError::LeaseNotFound(_)) => Code::NotFound,
             ApiError::Conflict { .. } => Code::FailedPrecondition,
             ApiError::Aborted(_) => Code::Aborted,
             ApiError::NotReady | ApiError::Unavailable(_) => Code::Unavailable,
@@ -287,7 +285,8 @@ mod tests {
             expected: 3,
         });
         assert!(
-            none.message().starts_with("policy default/cart has no policy,"),
+            none.message()
+                .starts_with("policy default/cart has no policy,"),
             "{}",
             none.message()
         );
@@ -328,7 +327,10 @@ mod tests {
     #[test]
     fn the_other_cases_keep_their_codes() {
         for (e, code) in [
-            (ApiError::NotFound("no policy for a/b".into()), Code::NotFound),
+            (
+                ApiError::NotFound("no policy for a/b".into()),
+                Code::NotFound,
+            ),
             (ApiError::Aborted("retry".into()), Code::Aborted),
             (ApiError::NotReady, Code::Unavailable),
             (ApiError::Unavailable("reconnect"), Code::Unavailable),

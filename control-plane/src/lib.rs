@@ -19,6 +19,7 @@ pub mod health;
 pub mod hub;
 pub mod keys;
 pub mod policy;
+mod readiness;
 pub mod registry;
 pub mod server;
 pub mod session;
@@ -26,7 +27,7 @@ pub mod store;
 pub mod validate;
 
 pub use config::Config;
-pub use server::{ControlPlane, ServeError};
+pub use server::{ControlPlane, ServeError, ServerTask, TaskEnd};
 
 /// Wall-clock time in unix milliseconds, as records store it.
 pub fn now_unix_ms() -> i64 {

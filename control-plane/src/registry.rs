@@ -104,10 +104,7 @@ impl RegistryService {
     }
 
     /// Registers one instance; returns the stored record and the lease TTL.
-    pub async fn register(
-        &self,
-        instance: Option<&Instance>,
-    ) -> Result<(Instance, u32), ApiError> {
+    pub async fn register(&self, instance: Option<&Instance>) -> Result<(Instance, u32), ApiError> {
         let mut instance = validate::registration(instance)?;
         if instance.instance_id.is_empty() {
             instance.instance_id = new_instance_id();
@@ -358,7 +355,6 @@ fn parse_page_token(token: &str) -> Result<(String, String), validate::Validatio
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
 
 /// The reads and config writes behind the trait, typed: `?` turns
 /// validation and store errors into [`ApiError`], and the trait methods
@@ -635,7 +631,9 @@ impl Registry for RegistryService {
         &self,
         request: Request<GetServiceRequest>,
     ) -> Result<Response<GetServiceResponse>, Status> {
-        Ok(Response::new(self.service_view(request.into_inner()).await?))
+        Ok(Response::new(
+            self.service_view(request.into_inner()).await?,
+        ))
     }
 
     async fn get_health(

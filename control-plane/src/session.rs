@@ -193,7 +193,9 @@ impl SessionService {
                             "agent session lease lost; closing the stream"
                         );
                         let _ = out
-                            .send(Err(ApiError::Unavailable("session lease lost; reconnect").into()))
+                            .send(Err(
+                                ApiError::Unavailable("session lease lost; reconnect").into()
+                            ))
                             .await;
                         return;
                     }
@@ -218,7 +220,9 @@ impl SessionService {
                         "hello",
                         "sent once, at the start of the stream",
                     )),
-                    Ok(AgentMessage { kind: None }) => Err(ApiError::invalid("kind", "is required")),
+                    Ok(AgentMessage { kind: None }) => {
+                        Err(ApiError::invalid("kind", "is required"))
+                    }
                     Err(status) => {
                         tracing::debug!(node, error = %status, "agent stream ended");
                         break;

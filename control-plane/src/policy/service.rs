@@ -136,7 +136,11 @@ impl PolicyServiceImpl {
         namespace: &str,
         service: &str,
     ) -> Result<Option<(PolicyRecord, u64)>, ApiError> {
-        match self.store.get(&self.keys.policy(namespace, service)).await? {
+        match self
+            .store
+            .get(&self.keys.policy(namespace, service))
+            .await?
+        {
             Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
             None => Ok(None),
         }

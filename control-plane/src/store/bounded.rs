@@ -184,10 +184,7 @@ mod tests {
             store.keep_alive(7).await,
             Err(StoreError::Timeout(_))
         ));
-        assert!(matches!(
-            store.get("/k").await,
-            Err(StoreError::Timeout(_))
-        ));
+        assert!(matches!(store.get("/k").await, Err(StoreError::Timeout(_))));
     }
 
     #[tokio::test(start_paused = true)]
