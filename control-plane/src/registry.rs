@@ -614,7 +614,10 @@ impl Registry for RegistryService {
                 let reply = match message {
                     Ok(request) => service.keep_alive_batch(request).await.map_err(Into::into),
                     Err(status) => {
+                        // The caller went away, or sent a message that does
+                        // not decode: tell it why (if it still listens).
                         tracing::debug!(error = %status, "keep-alive stream ended by the caller");
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
                 };

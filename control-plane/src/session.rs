@@ -224,7 +224,10 @@ impl SessionService {
                         Err(ApiError::invalid("kind", "is required"))
                     }
                     Err(status) => {
+                        // Gone, or a message that does not decode: tell it
+                        // why (if it still listens).
                         tracing::debug!(node, error = %status, "agent stream ended");
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
