@@ -10,7 +10,8 @@
 //! Module map: [`config`] (file/env/flags), [`server`] (wiring),
 //! [`registry`] (the gRPC service), [`hub`] (cache + fan-out), [`store`]
 //! (etcd and embedded), [`keys`] (key layout), [`validate`] (input rules),
-//! [`error`] (mapping to gRPC statuses).
+//! [`error`] (the one mapping to gRPC statuses), `readiness` (the checks
+//! behind `/readyz` and `grpc.health.v1`).
 
 pub mod checks;
 pub mod config;
