@@ -1,5 +1,34 @@
 use std::{env, path::PathBuf};
 
+use prost_build::{Service, ServiceGenerator};
+
+/// Generates clients with tonic's prost codec and servers with
+/// `weir_proto::codec::RequestCodec`, which answers an undecodable request
+/// with INVALID_ARGUMENT (tonic's codec says INTERNAL, which blames the
+/// server for the caller's bytes). A client decoding a server's answer
+/// keeps tonic's behaviour.
+struct SplitCodecs {
+    clients: Box<dyn ServiceGenerator>,
+    servers: Box<dyn ServiceGenerator>,
+}
+
+impl ServiceGenerator for SplitCodecs {
+    fn generate(&mut self, service: Service, buf: &mut String) {
+        self.clients.generate(service.clone(), buf);
+        self.servers.generate(service, buf);
+    }
+
+    fn finalize(&mut self, buf: &mut String) {
+        self.clients.finalize(buf);
+        self.servers.finalize(buf);
+    }
+
+    fn finalize_package(&mut self, package: &str, buf: &mut String) {
+        self.clients.finalize_package(package, buf);
+        self.servers.finalize_package(package, buf);
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     let protos = [
@@ -8,9 +37,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "weir/agent/v1/agent.proto",
     ];
     let descriptor = out.join("weir_descriptor.bin");
-    tonic_prost_build::configure()
+    let mut config = prost_build::Config::new();
+    config
+        .out_dir(&out)
+        // As tonic-prost-build's own compile_protos does.
+        .type_attribute(".", "#[allow(clippy::all)]")
         .file_descriptor_set_path(&descriptor)
-        .compile_protos(&protos, &["."])?;
+        .service_generator(Box::new(SplitCodecs {
+            clients: tonic_prost_build::configure()
+                .build_server(false)
+                .service_generator(),
+            servers: tonic_prost_build::configure()
+                .build_client(false)
+                .codec_path("crate::codec::RequestCodec")
+                .service_generator(),
+        }));
+    config.compile_protos(&protos, &["."])?;
     // Proto3 JSON (and so YAML) for policies: `weirctl policy set -f`.
     let descriptor_set = std::fs::read(&descriptor)?;
     pbjson_build::Builder::new()

@@ -1312,6 +1312,14 @@ impl Drop for HubTask {
     }
 }
 
+impl HubTask {
+    /// Completes if the watch task ends by itself (only a panic ends it),
+    /// so the server stops rather than serve a frozen cache.
+    pub async fn ended(&mut self) -> Result<(), tokio::task::JoinError> {
+        (&mut self.task).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -9,9 +9,10 @@
 //!
 //! Module map: [`config`] (file/env/flags), [`server`] (wiring),
 //! [`registry`] (the gRPC service), [`hub`] (cache + fan-out), [`store`]
-//! (etcd and embedded), [`keys`] (key layout), [`error`] (mapping to gRPC
-//! statuses). Input validation, health checking, policy validation and the
-//! instance key come from `weir_core`, shared with the agent.
+//! (etcd and embedded), [`keys`] (key layout), [`error`] (the one mapping to
+//! gRPC statuses), `readiness` (the checks behind `/readyz` and
+//! `grpc.health.v1`). Input validation, health checking, policy validation
+//! and the instance key come from `weir_core`, shared with the agent.
 
 pub mod checks;
 pub mod config;
@@ -20,10 +21,11 @@ pub mod health;
 pub mod hub;
 pub mod keys;
 pub mod policy;
+mod readiness;
 pub mod registry;
 pub mod server;
 pub mod session;
 pub mod store;
 
 pub use config::Config;
-pub use server::{ControlPlane, ServeError};
+pub use server::{ControlPlane, ServeError, ServerTask, TaskEnd};

@@ -30,7 +30,7 @@ use weir_proto::registry::v1::{
 };
 
 use crate::{
-    error::RegistryError,
+    error::ApiError,
     hub::{decode_instance, Filter, Hub},
     keys::Keys,
     store::{LeaseId, Store},
@@ -83,7 +83,7 @@ impl RegistryService {
     }
 
     /// Reads the stored record (not the cache): writes decide on the truth.
-    async fn stored(&self, key: &InstanceKey) -> Result<Option<Instance>, RegistryError> {
+    async fn stored(&self, key: &InstanceKey) -> Result<Option<Instance>, ApiError> {
         let Some(kv) = self.store.get(&self.keys.instance(key)).await? else {
             return Ok(None);
         };
@@ -98,10 +98,7 @@ impl RegistryService {
     }
 
     /// Registers one instance; returns the stored record and the lease TTL.
-    pub async fn register(
-        &self,
-        instance: Option<&Instance>,
-    ) -> Result<(Instance, u32), RegistryError> {
+    pub async fn register(&self, instance: Option<&Instance>) -> Result<(Instance, u32), ApiError> {
         let mut instance = validate::registration(instance)?;
         if instance.instance_id.is_empty() {
             instance.instance_id = new_instance_id();
@@ -196,7 +193,7 @@ impl RegistryService {
         }
     }
 
-    pub async fn deregister(&self, r: Option<&InstanceRef>) -> Result<(bool, u64), RegistryError> {
+    pub async fn deregister(&self, r: Option<&InstanceRef>) -> Result<(bool, u64), ApiError> {
         let key = validate::instance_ref("instance", r)?;
         let existing = self.stored(&key).await?;
         let deleted = self.store.delete(&self.keys.instance(&key)).await?;
@@ -216,9 +213,9 @@ impl RegistryService {
     }
 
     /// Renews one registration's lease; returns the TTL.
-    pub async fn heartbeat(&self, key: &InstanceKey) -> Result<u32, RegistryError> {
+    pub async fn heartbeat(&self, key: &InstanceKey) -> Result<u32, ApiError> {
         let gone = || {
-            RegistryError::NotFound(format!(
+            ApiError::NotFound(format!(
                 "registration {} is gone (lease expired or deregistered); register it again",
                 key
             ))
@@ -233,13 +230,13 @@ impl RegistryService {
         // (re-registered through another replica a moment ago): ask the store.
         let stored = self.stored(key).await?.ok_or_else(gone)?;
         if stored.lease_id == 0 {
-            return Err(RegistryError::Invalid(validate::ValidationError {
-                field: "instance".into(),
-                rule: format!(
+            return Err(ApiError::invalid(
+                "instance",
+                format!(
                     "{} is persistent; only ephemeral instances take heartbeats",
                     key
                 ),
-            }));
+            ));
         }
         if cached == Some(stored.lease_id) {
             return Err(gone());
@@ -253,17 +250,16 @@ impl RegistryService {
     async fn keep_alive_batch(
         &self,
         request: KeepAliveRequest,
-    ) -> Result<KeepAliveResponse, RegistryError> {
+    ) -> Result<KeepAliveResponse, ApiError> {
         if request.instances.len() > validate::MAX_KEEPALIVE_BATCH {
-            return Err(validate::ValidationError {
-                field: "instances".into(),
-                rule: format!(
+            return Err(ApiError::invalid(
+                "instances",
+                format!(
                     "at most {} instances per message (got {})",
                     validate::MAX_KEEPALIVE_BATCH,
                     request.instances.len()
                 ),
-            }
-            .into());
+            ));
         }
         let renewals = request
             .instances
@@ -299,12 +295,12 @@ impl RegistryService {
         })
     }
 
-    async fn await_revision(&self, min_revision: u64) -> Result<(), Status> {
+    async fn await_revision(&self, min_revision: u64) -> Result<(), ApiError> {
         if !self.hub.is_ready() {
-            return Err(RegistryError::NotReady.into());
+            return Err(ApiError::NotReady);
         }
         if min_revision > 0 && !self.hub.wait_for(min_revision, MIN_REVISION_WAIT).await {
-            return Err(Status::deadline_exceeded(format!(
+            return Err(ApiError::DeadlineExceeded(format!(
                 "this replica is at revision {} and did not reach min_revision {min_revision} within {}s",
                 self.hub.revision(),
                 MIN_REVISION_WAIT.as_secs()
@@ -354,76 +350,17 @@ fn parse_page_token(token: &str) -> Result<(String, String), validate::Validatio
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Registry for RegistryService {
-    async fn register(
-        &self,
-        request: Request<RegisterRequest>,
-    ) -> Result<Response<RegisterResponse>, Status> {
-        let (instance, ttl_seconds) =
-            RegistryService::register(self, request.get_ref().instance.as_ref()).await?;
-        Ok(Response::new(RegisterResponse {
-            instance: Some(instance),
-            ttl_seconds,
-        }))
+/// The reads and config writes behind the trait, typed: `?` turns
+/// validation and store errors into [`ApiError`], and the trait methods
+/// below convert once.
+impl RegistryService {
+    async fn heartbeat_ref(&self, r: Option<&InstanceRef>) -> Result<u32, ApiError> {
+        let key = validate::instance_ref("instance", r)?;
+        self.heartbeat(&key).await
     }
 
-    async fn deregister(
-        &self,
-        request: Request<DeregisterRequest>,
-    ) -> Result<Response<DeregisterResponse>, Status> {
-        let (existed, revision) =
-            RegistryService::deregister(self, request.get_ref().instance.as_ref()).await?;
-        Ok(Response::new(DeregisterResponse { existed, revision }))
-    }
-
-    async fn heartbeat(
-        &self,
-        request: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, Status> {
-        let key = validate::instance_ref("instance", request.get_ref().instance.as_ref())
-            .map_err(RegistryError::from)?;
-        let ttl_seconds = RegistryService::heartbeat(self, &key).await?;
-        Ok(Response::new(HeartbeatResponse { ttl_seconds }))
-    }
-
-    type KeepAliveStream = BoxStream<KeepAliveResponse>;
-
-    async fn keep_alive(
-        &self,
-        request: Request<Streaming<KeepAliveRequest>>,
-    ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let service = self.clone();
-        tokio::spawn(async move {
-            while let Some(message) = inbound.next().await {
-                let reply = match message {
-                    Ok(request) => service
-                        .keep_alive_batch(request)
-                        .await
-                        .map_err(Status::from),
-                    Err(status) => {
-                        tracing::debug!(error = %status, "keep-alive stream ended by the caller");
-                        return;
-                    }
-                };
-                let fatal = reply.is_err();
-                if tx.send(reply).await.is_err() || fatal {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn get_service(
-        &self,
-        request: Request<GetServiceRequest>,
-    ) -> Result<Response<GetServiceResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) =
-            validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+    async fn service_view(&self, req: GetServiceRequest) -> Result<GetServiceResponse, ApiError> {
+        let (namespace, service) = validate::service_name(&req.namespace, &req.service)?;
         self.await_revision(req.min_revision).await?;
         let (instances, revision) = self.hub.service(&namespace, &service);
         let protection = self.hub.protection(&namespace, &service);
@@ -435,7 +372,7 @@ impl Registry for RegistryService {
             .filter(|i| !only_healthy || is_healthy(i))
             .map(|i| (*i).clone())
             .collect();
-        Ok(Response::new(GetServiceResponse {
+        Ok(GetServiceResponse {
             service: Some(Service {
                 namespace,
                 name: service,
@@ -443,26 +380,20 @@ impl Registry for RegistryService {
                 protection: Some(protection),
             }),
             revision,
-        }))
+        })
     }
 
-    async fn get_health(
-        &self,
-        request: Request<GetHealthRequest>,
-    ) -> Result<Response<GetHealthResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) =
-            validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+    async fn health_view(&self, req: GetHealthRequest) -> Result<GetHealthResponse, ApiError> {
+        let (namespace, service) = validate::service_name(&req.namespace, &req.service)?;
         if !req.instance_id.is_empty() {
-            validate::instance_id("instance_id", &req.instance_id).map_err(RegistryError::from)?;
+            validate::instance_id("instance_id", &req.instance_id)?;
         }
         self.await_revision(0).await?;
         let (instances, revision) = self.hub.service(&namespace, &service);
         let histories = self
             .store
             .range(&self.keys.health_prefix(&namespace, &service))
-            .await
-            .map_err(RegistryError::from)?;
+            .await?;
         let mut by_id: std::collections::HashMap<String, HealthHistory> = histories
             .kvs
             .into_iter()
@@ -486,55 +417,43 @@ impl Registry for RegistryService {
                     .unwrap_or_default(),
             })
             .collect();
-        Ok(Response::new(GetHealthResponse {
+        Ok(GetHealthResponse {
             instances,
             protection: Some(self.hub.protection(&namespace, &service)),
             revision,
-        }))
+        })
     }
 
-    async fn set_service_config(
+    async fn set_config(
         &self,
-        request: Request<SetServiceConfigRequest>,
-    ) -> Result<Response<SetServiceConfigResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) =
-            validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+        req: SetServiceConfigRequest,
+    ) -> Result<SetServiceConfigResponse, ApiError> {
+        let (namespace, service) = validate::service_name(&req.namespace, &req.service)?;
         let config = req.config.unwrap_or_default();
         if let Some(t) = config.protection_threshold_percent {
             if t > 100 {
-                return Err(RegistryError::from(validate::ValidationError {
-                    field: "config.protection_threshold_percent".into(),
-                    rule: format!("must be 0-100 (0 disables protection) (got {t})"),
-                })
-                .into());
+                return Err(ApiError::invalid(
+                    "config.protection_threshold_percent",
+                    format!("must be 0-100 (0 disables protection) (got {t})"),
+                ));
             }
         }
         let key = self.keys.service_config(&namespace, &service);
         let revision = if config == ServiceConfig::default() {
-            self.store
-                .delete(&key)
-                .await
-                .map_err(RegistryError::from)?
-                .revision
+            self.store.delete(&key).await?.revision
         } else {
-            self.store
-                .put(&key, config.encode_to_vec(), None)
-                .await
-                .map_err(RegistryError::from)?
+            self.store.put(&key, config.encode_to_vec(), None).await?
         };
         self.last_write.fetch_max(revision, Ordering::AcqRel);
         tracing::info!(namespace, service, ?config, revision, "service config set");
-        Ok(Response::new(SetServiceConfigResponse { revision }))
+        Ok(SetServiceConfigResponse { revision })
     }
 
-    async fn get_service_config(
+    async fn config_view(
         &self,
-        request: Request<GetServiceConfigRequest>,
-    ) -> Result<Response<GetServiceConfigResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) =
-            validate::service_name(&req.namespace, &req.service).map_err(RegistryError::from)?;
+        req: GetServiceConfigRequest,
+    ) -> Result<GetServiceConfigResponse, ApiError> {
+        let (namespace, service) = validate::service_name(&req.namespace, &req.service)?;
         self.await_revision(0).await?;
         let config = self
             .hub
@@ -543,41 +462,35 @@ impl Registry for RegistryService {
         let effective = config
             .protection_threshold_percent
             .unwrap_or_else(|| self.hub.default_protection_threshold());
-        Ok(Response::new(GetServiceConfigResponse {
+        Ok(GetServiceConfigResponse {
             config: Some(config),
             effective_protection_threshold_percent: effective,
-        }))
+        })
     }
 
-    async fn list_services(
-        &self,
-        request: Request<ListServicesRequest>,
-    ) -> Result<Response<ListServicesResponse>, Status> {
-        let req = request.into_inner();
-        validate::namespace_filter(&req.namespace).map_err(RegistryError::from)?;
+    async fn list(&self, req: ListServicesRequest) -> Result<ListServicesResponse, ApiError> {
+        validate::namespace_filter(&req.namespace)?;
         if req.name_prefix.len() > 63 {
-            return Err(RegistryError::from(validate::ValidationError {
-                field: "name_prefix".into(),
-                rule: "must be at most 63 characters".into(),
-            })
-            .into());
+            return Err(ApiError::invalid(
+                "name_prefix",
+                "must be at most 63 characters",
+            ));
         }
-        validate::metadata("metadata", &req.metadata).map_err(RegistryError::from)?;
+        validate::metadata("metadata", &req.metadata)?;
         let page_size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n <= MAX_PAGE_SIZE => n,
             n => {
-                return Err(RegistryError::from(validate::ValidationError {
-                    field: "page_size".into(),
-                    rule: format!("must be 0-{MAX_PAGE_SIZE} (got {n})"),
-                })
-                .into())
+                return Err(ApiError::invalid(
+                    "page_size",
+                    format!("must be 0-{MAX_PAGE_SIZE} (got {n})"),
+                ))
             }
         };
         let after = if req.page_token.is_empty() {
             None
         } else {
-            Some(parse_page_token(&req.page_token).map_err(RegistryError::from)?)
+            Some(parse_page_token(&req.page_token)?)
         };
         self.await_revision(0).await?;
         let (services, more, revision) = self.hub.services(
@@ -623,12 +536,129 @@ impl Registry for RegistryService {
                 },
             })
             .collect();
-        Ok(Response::new(ListServicesResponse {
+        Ok(ListServicesResponse {
             services,
             summaries,
             next_page_token,
             revision,
+        })
+    }
+
+    fn watch_filter(req: &WatchRequest) -> Result<Filter, ApiError> {
+        validate::namespace_filter(&req.namespace)?;
+        let mut filter = Filter {
+            namespace: req.namespace.clone(),
+            service: String::new(),
+        };
+        if !req.service.is_empty() {
+            validate::dns_label("service", &req.service)?;
+            if filter.namespace.is_empty() {
+                filter.namespace = validate::DEFAULT_NAMESPACE.to_owned();
+            }
+            filter.service = req.service.clone();
+        }
+        Ok(filter)
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let (instance, ttl_seconds) =
+            RegistryService::register(self, request.get_ref().instance.as_ref()).await?;
+        Ok(Response::new(RegisterResponse {
+            instance: Some(instance),
+            ttl_seconds,
         }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let (existed, revision) =
+            RegistryService::deregister(self, request.get_ref().instance.as_ref()).await?;
+        Ok(Response::new(DeregisterResponse { existed, revision }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let ttl_seconds = self
+            .heartbeat_ref(request.get_ref().instance.as_ref())
+            .await?;
+        Ok(Response::new(HeartbeatResponse { ttl_seconds }))
+    }
+
+    type KeepAliveStream = BoxStream<KeepAliveResponse>;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                let reply = match message {
+                    Ok(request) => service.keep_alive_batch(request).await.map_err(Into::into),
+                    Err(status) => {
+                        // The caller went away, or sent a message that does
+                        // not decode: tell it why (if it still listens).
+                        tracing::debug!(error = %status, "keep-alive stream ended by the caller");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let fatal = reply.is_err();
+                if tx.send(reply).await.is_err() || fatal {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_service(
+        &self,
+        request: Request<GetServiceRequest>,
+    ) -> Result<Response<GetServiceResponse>, Status> {
+        Ok(Response::new(
+            self.service_view(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_health(
+        &self,
+        request: Request<GetHealthRequest>,
+    ) -> Result<Response<GetHealthResponse>, Status> {
+        Ok(Response::new(self.health_view(request.into_inner()).await?))
+    }
+
+    async fn set_service_config(
+        &self,
+        request: Request<SetServiceConfigRequest>,
+    ) -> Result<Response<SetServiceConfigResponse>, Status> {
+        Ok(Response::new(self.set_config(request.into_inner()).await?))
+    }
+
+    async fn get_service_config(
+        &self,
+        request: Request<GetServiceConfigRequest>,
+    ) -> Result<Response<GetServiceConfigResponse>, Status> {
+        Ok(Response::new(self.config_view(request.into_inner()).await?))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
     }
 
     type WatchStream = BoxStream<WatchResponse>;
@@ -638,18 +668,7 @@ impl Registry for RegistryService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let req = request.into_inner();
-        validate::namespace_filter(&req.namespace).map_err(RegistryError::from)?;
-        let mut filter = Filter {
-            namespace: req.namespace,
-            service: String::new(),
-        };
-        if !req.service.is_empty() {
-            validate::dns_label("service", &req.service).map_err(RegistryError::from)?;
-            if filter.namespace.is_empty() {
-                filter.namespace = validate::DEFAULT_NAMESPACE.to_owned();
-            }
-            filter.service = req.service;
-        }
+        let filter = Self::watch_filter(&req)?;
         let rx = self.hub.subscribe(filter, req.start_revision);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }

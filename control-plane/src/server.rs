@@ -1,9 +1,19 @@
 //! Wires a replica together: store, hub, gRPC services, HTTP probes.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{fmt, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use axum::{
+    extract::{RawQuery, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use tokio::{
+    net::TcpListener,
+    sync::watch,
+    task::{JoinError, JoinHandle},
+};
 use weir_core::validate::MAX_REQUEST_BYTES;
 use weir_proto::{
     agent::v1::agent_session_service_server::AgentSessionServiceServer,
@@ -17,16 +27,56 @@ use crate::{
     hub::{Hub, HubConfig, HubTask},
     keys::Keys,
     policy::service::PolicyServiceImpl,
+    readiness::{Readiness, StoreProbe, PROBE_EVERY, PROBE_TIMEOUT},
     registry::RegistryService,
     session::SessionService,
-    store::{EmbeddedStore, EmbeddedStoreConfig, EtcdStore, EtcdStoreConfig, Store, StoreError},
+    store::{
+        BoundedStore, EmbeddedStore, EmbeddedStoreConfig, EtcdStore, EtcdStoreConfig, Store,
+        StoreError,
+    },
 };
 
 /// Largest policy write accepted (a policy is at most 256 KiB encoded).
 const MAX_POLICY_REQUEST_BYTES: usize = 512 * 1024;
 
 /// How long a graceful shutdown waits for open gRPC calls.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one store call made for a request may take (see
+/// [`BoundedStore`]).
+pub const STORE_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A task a replica cannot serve without.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerTask {
+    Grpc,
+    Http,
+    /// The hub's store watch, which feeds every read and watch.
+    Hub,
+}
+
+impl fmt::Display for ServerTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerTask::Grpc => "gRPC server",
+            ServerTask::Http => "HTTP server",
+            ServerTask::Hub => "store watch (hub)",
+        })
+    }
+}
+
+/// How a [`ServerTask`] ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskEnd {
+    #[error("it stopped although no shutdown was asked")]
+    Returned,
+    #[error("{0}")]
+    Grpc(#[source] tonic::transport::Error),
+    #[error("{0}")]
+    Http(#[source] std::io::Error),
+    #[error("it panicked or was cancelled: {0}")]
+    Join(#[source] tokio::task::JoinError),
+}
 
 /// Why a replica could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -39,15 +89,18 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("gRPC server failed: {0}")]
-    Grpc(#[from] tonic::transport::Error),
-    #[error("HTTP server failed: {0}")]
-    Http(#[source] std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("server task panicked or was cancelled: {0}")]
-    Join(#[from] tokio::task::JoinError),
+    /// A server task failed, while serving or while draining.
+    #[error("the {task} task failed: {end}")]
+    Task {
+        task: ServerTask,
+        #[source]
+        end: TaskEnd,
+    },
 }
+
+type ServerHandle = JoinHandle<Result<(), TaskEnd>>;
 
 /// A running replica.
 #[derive(Debug)]
@@ -56,15 +109,17 @@ pub struct ControlPlane {
     http_addr: SocketAddr,
     store_kind: &'static str,
     shutdown: watch::Sender<bool>,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
-    http: JoinHandle<std::io::Result<()>>,
+    grpc: ServerHandle,
+    http: ServerHandle,
     checks: Checks,
-    _hub_task: HubTask,
+    hub_task: HubTask,
+    _probe: StoreProbe,
 }
 
 #[derive(Clone, Debug)]
 struct HttpState {
     hub: Hub,
+    readiness: Readiness,
     store_kind: &'static str,
 }
 
@@ -72,21 +127,43 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(s): State<HttpState>) -> (StatusCode, Json<serde_json_shim::Ready>) {
-    let ready = s.hub.is_ready();
+/// `/readyz`: 200 when every check passes, else 503. `?verbose` lists the
+/// checks as kube-apiserver does; otherwise a short JSON object.
+async fn readyz(State(s): State<HttpState>, RawQuery(query): RawQuery) -> Response {
+    let ready = s.readiness.is_ready();
     let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let verbose = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv.split('=').next() == Some("verbose"))
+    });
+    if verbose {
+        return (code, s.readiness.verbose()).into_response();
+    }
+    let checks = s
+        .readiness
+        .checks()
+        .iter()
+        .map(|c| {
+            let state = c
+                .failure
+                .map_or_else(|| "ok".to_owned(), |r| format!("failed: {r}"));
+            (c.name, state)
+        })
+        .collect();
     (
         code,
         Json(serde_json_shim::Ready {
             ready,
             store: s.store_kind,
             revision: s.hub.revision(),
+            checks,
         }),
     )
+        .into_response()
 }
 
 mod serde_json_shim {
@@ -95,6 +172,35 @@ mod serde_json_shim {
         pub ready: bool,
         pub store: &'static str,
         pub revision: u64,
+        /// Check name -> "ok" or "failed: <short reason>".
+        pub checks: std::collections::BTreeMap<&'static str, String>,
+    }
+}
+
+/// Sets the overall and the registry's `grpc.health.v1` status.
+async fn set_serving(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    // The overall status first: a caller that saw the registry SERVING
+    // then finds the server SERVING too.
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <RegistryServer<RegistryService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// How a server task's join ended, for a task that was not asked to stop.
+fn ended(joined: Result<Result<(), TaskEnd>, JoinError>) -> TaskEnd {
+    match joined {
+        Ok(Ok(())) => TaskEnd::Returned,
+        Ok(Err(end)) => end,
+        Err(e) => TaskEnd::Join(e),
     }
 }
 
@@ -167,6 +273,16 @@ impl ControlPlane {
         )
         .await?;
         let (shutdown, _) = watch::channel(false);
+        // The background probe reads the store directly; calls made for a
+        // request go through the bound.
+        let (probe, store_check) = StoreProbe::start(
+            store.clone(),
+            keys.root().to_owned(),
+            PROBE_EVERY,
+            PROBE_TIMEOUT,
+        );
+        let readiness = Readiness::new(store_check, hub.clone());
+        let store: Arc<dyn Store> = Arc::new(BoundedStore::new(store, STORE_CALL_TIMEOUT));
         let policies = PolicyServiceServer::new(PolicyServiceImpl::new(
             store.clone(),
             hub.clone(),
@@ -184,27 +300,26 @@ impl ControlPlane {
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let (health, health_service) = tonic_health::server::health_reporter();
         {
-            // Serving once the cache has loaded; NOT_SERVING while draining.
-            let hub = hub.clone();
+            // SERVING exactly when /readyz passes (store reachable, cache
+            // loaded); NOT_SERVING while draining. Reading the checks costs
+            // no store call.
+            let readiness = readiness.clone();
             let mut stop = shutdown.subscribe();
             tokio::spawn(async move {
-                let mut revisions = tokio::time::interval(std::time::Duration::from_millis(50));
-                while !hub.is_ready() {
-                    revisions.tick().await;
+                let mut every = tokio::time::interval(Duration::from_millis(100));
+                let mut serving = None;
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        _ = every.tick() => {}
+                    }
+                    let ready = readiness.is_ready();
+                    if serving != Some(ready) {
+                        set_serving(&health, ready).await;
+                        serving = Some(ready);
+                    }
                 }
-                health
-                    .set_serving::<RegistryServer<RegistryService>>()
-                    .await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
-                let _ = stop.wait_for(|s| *s).await;
-                health
-                    .set_not_serving::<RegistryServer<RegistryService>>()
-                    .await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                set_serving(&health, false).await;
             });
         }
         // Both reflection versions: grpcurl and most tools still ask v1alpha.
@@ -217,31 +332,30 @@ impl ControlPlane {
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let mut stop = shutdown.subscribe();
-        let grpc = tokio::spawn(
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-                .add_service(registry)
-                .add_service(policies)
-                .add_service(sessions)
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                // TCP_NODELAY on every accepted connection: without it small
-                // answers wait for the client's delayed ACK (~40 ms).
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(grpc_listener)
-                        .with_nodelay(Some(true)),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                ),
-        );
+        let grpc_server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .add_service(registry)
+            .add_service(policies)
+            .add_service(sessions)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            // TCP_NODELAY on every accepted connection: without it small
+            // answers wait for the client's delayed ACK (~40 ms).
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            );
+        let grpc = tokio::spawn(async move { grpc_server.await.map_err(TaskEnd::Grpc) });
         let app = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state(HttpState {
                 hub: hub.clone(),
+                readiness,
                 store_kind,
             });
         let mut stop = shutdown.subscribe();
@@ -251,6 +365,7 @@ impl ControlPlane {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await
+                .map_err(TaskEnd::Http)
         });
         tracing::info!(grpc = %grpc_addr, http = %http_addr, store = store_kind, "control plane listening");
         Ok(Self {
@@ -261,7 +376,8 @@ impl ControlPlane {
             grpc,
             http,
             checks,
-            _hub_task: hub_task,
+            hub_task,
+            _probe: probe,
         })
     }
 
@@ -283,29 +399,173 @@ impl ControlPlane {
     }
 
     /// Serves until `signal` completes, then drains: stops accepting, lets
-    /// open calls finish, ends watch streams.
-    pub async fn serve_until(self, signal: impl Future<Output = ()>) -> Result<(), ServeError> {
-        signal.await;
-        self.shutdown().await
+    /// open calls finish, ends watch streams. Ends early, with
+    /// [`ServeError::Task`], if the gRPC server, the HTTP server or the
+    /// hub's store watch ends by itself: a replica missing one of them must
+    /// exit (and be restarted), not linger until SIGTERM.
+    pub async fn serve_until(mut self, signal: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let died = tokio::select! {
+            () = signal => None,
+            joined = &mut self.grpc => Some((ServerTask::Grpc, ended(joined))),
+            joined = &mut self.http => Some((ServerTask::Http, ended(joined))),
+            joined = self.hub_task.ended() => {
+                Some((ServerTask::Hub, joined.map_or_else(TaskEnd::Join, |()| TaskEnd::Returned)))
+            }
+        };
+        let Some((task, end)) = died else {
+            return self.drain(None).await;
+        };
+        tracing::error!(task = %task, error = %end, "a server task ended; stopping the replica");
+        if let Err(e) = self.drain(Some(task)).await {
+            tracing::warn!(error = %e, "draining after the failure failed too");
+        }
+        Err(ServeError::Task { task, end })
     }
 
     /// Graceful shutdown.
     pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.drain(None).await
+    }
+
+    /// Stops every task; `dead` has already ended (its handle is spent).
+    async fn drain(self, dead: Option<ServerTask>) -> Result<(), ServeError> {
         tracing::info!("control plane shutting down");
         self.shutdown.send_replace(true);
         self.checks.stop().await;
         // Watch streams end with the hub; KeepAlive streams end when their
         // callers go, which a drain cannot wait for forever.
-        drop(self._hub_task);
-        let mut grpc = self.grpc;
-        match tokio::time::timeout(DRAIN_TIMEOUT, &mut grpc).await {
-            Ok(joined) => joined??,
-            Err(_) => {
-                tracing::warn!(timeout = ?DRAIN_TIMEOUT, "gRPC drain timed out; closing remaining streams");
-                grpc.abort();
+        drop(self.hub_task);
+        drop(self._probe);
+        let mut result = Ok(());
+        for (task, mut handle) in [(ServerTask::Grpc, self.grpc), (ServerTask::Http, self.http)] {
+            if dead == Some(task) {
+                continue;
+            }
+            match tokio::time::timeout(DRAIN_TIMEOUT, &mut handle).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(joined) => {
+                    if result.is_ok() {
+                        result = Err(ServeError::Task {
+                            task,
+                            end: ended(joined),
+                        });
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(%task, timeout = ?DRAIN_TIMEOUT, "drain timed out; closing what is left");
+                    handle.abort();
+                }
             }
         }
-        self.http.await?.map_err(ServeError::Http)?;
-        Ok(())
+        result
+    }
+
+    /// Test seam: replaces a server task by `with`, as if the task had
+    /// become `with` (e.g. one that fails at once).
+    #[cfg(test)]
+    fn replace_task(
+        &mut self,
+        task: ServerTask,
+        with: impl Future<Output = Result<(), TaskEnd>> + Send + 'static,
+    ) {
+        let slot = match task {
+            ServerTask::Grpc => &mut self.grpc,
+            ServerTask::Http => &mut self.http,
+            ServerTask::Hub => panic!("the hub's task belongs to the hub"),
+        };
+        slot.abort();
+        *slot = tokio::spawn(with);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn replica() -> ControlPlane {
+        let config = Config {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            store: StoreConfig::Embedded,
+            ..Config::default()
+        };
+        ControlPlane::start(config).await.expect("replica starts")
+    }
+
+    /// serve_until with a signal that never comes, bounded.
+    async fn serve(plane: ControlPlane) -> Result<(), ServeError> {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            plane.serve_until(std::future::pending()),
+        )
+        .await
+        .expect("serve_until ended without a signal")
+    }
+
+    #[tokio::test]
+    async fn a_grpc_task_that_dies_ends_serve_until_with_an_error() {
+        let mut plane = replica().await;
+        plane.replace_task(ServerTask::Grpc, async { panic!("injected gRPC failure") });
+        let err = serve(plane)
+            .await
+            .expect_err("a dead gRPC task is an error");
+        assert!(
+            matches!(
+                &err,
+                ServeError::Task {
+                    task: ServerTask::Grpc,
+                    end: TaskEnd::Join(j),
+                } if j.is_panic()
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("gRPC server"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_http_task_that_returns_or_fails_ends_serve_until_with_an_error() {
+        let mut plane = replica().await;
+        plane.replace_task(ServerTask::Http, async { Ok(()) });
+        let err = serve(plane).await.expect_err("a returned HTTP task");
+        assert!(
+            matches!(
+                err,
+                ServeError::Task {
+                    task: ServerTask::Http,
+                    end: TaskEnd::Returned,
+                }
+            ),
+            "{err:?}"
+        );
+
+        let mut plane = replica().await;
+        plane.replace_task(ServerTask::Http, async {
+            Err(TaskEnd::Http(std::io::Error::other(
+                "injected accept failure",
+            )))
+        });
+        let err = serve(plane).await.expect_err("a failed HTTP task");
+        assert!(
+            matches!(
+                err,
+                ServeError::Task {
+                    task: ServerTask::Http,
+                    end: TaskEnd::Http(_),
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_signal_drains_cleanly() {
+        let plane = replica().await;
+        let grpc = plane.grpc_addr();
+        tokio::time::timeout(Duration::from_secs(20), plane.serve_until(async {}))
+            .await
+            .expect("drains in time")
+            .expect("a clean drain");
+        // The listener is closed after the drain.
+        assert!(tokio::net::TcpStream::connect(grpc).await.is_err());
     }
 }

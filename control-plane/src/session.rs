@@ -23,13 +23,10 @@ use weir_proto::{
     policy::v1::AgentPolicyState,
 };
 
-use weir_core::{
-    time::now_unix_ms,
-    validate::{self, ValidationError},
-};
+use weir_core::{time::now_unix_ms, validate};
 
 use crate::{
-    error::RegistryError,
+    error::ApiError,
     hub::{Filter, Hub},
     keys::Keys,
     store::{LeaseId, Store},
@@ -49,25 +46,17 @@ pub struct SessionService {
     replica_id: String,
 }
 
-fn invalid(field: &str, rule: impl Into<String>) -> Status {
-    RegistryError::from(ValidationError {
-        field: field.to_owned(),
-        rule: rule.into(),
-    })
-    .into()
-}
-
-fn check_hello(h: &Hello) -> Result<(), Status> {
-    validate::instance_id("hello.node_id", &h.node_id).map_err(RegistryError::from)?;
-    validate::short_text("hello.zone", &h.zone).map_err(RegistryError::from)?;
-    validate::short_text("hello.version", &h.version).map_err(RegistryError::from)?;
+fn check_hello(h: &Hello) -> Result<(), ApiError> {
+    validate::instance_id("hello.node_id", &h.node_id)?;
+    validate::short_text("hello.zone", &h.zone)?;
+    validate::short_text("hello.version", &h.version)?;
     if h.ingress_address.len() > 255 || !h.ingress_address.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid(
+        return Err(ApiError::invalid(
             "hello.ingress_address",
             "must be at most 255 printable ASCII characters without spaces",
         ));
     }
-    validate::namespace_filter(&h.namespace).map_err(RegistryError::from)?;
+    validate::namespace_filter(&h.namespace)?;
     Ok(())
 }
 
@@ -83,7 +72,7 @@ impl SessionService {
 
     /// Takes over the node's live lease, or grants a new one. Returns the
     /// lease and whether it was taken over.
-    async fn lease_for(&self, node: &str) -> Result<(LeaseId, bool), RegistryError> {
+    async fn lease_for(&self, node: &str) -> Result<(LeaseId, bool), ApiError> {
         if let Some(kv) = self.store.get(&self.keys.agent(node)).await? {
             if kv.lease != 0 && self.store.keep_alive(kv.lease).await?.is_some() {
                 return Ok((kv.lease, true));
@@ -92,11 +81,10 @@ impl SessionService {
         Ok((self.store.grant_lease(SESSION_TTL).await?.id, false))
     }
 
-    async fn record_ack(&self, node: &str, lease: LeaseId, ack: Ack) -> Result<(), Status> {
-        let (namespace, service) =
-            validate::service_name(&ack.namespace, &ack.service).map_err(RegistryError::from)?;
+    async fn record_ack(&self, node: &str, lease: LeaseId, ack: Ack) -> Result<(), ApiError> {
+        let (namespace, service) = validate::service_name(&ack.namespace, &ack.service)?;
         if ack.error.len() > MAX_ERROR_LEN {
-            return Err(invalid(
+            return Err(ApiError::invalid(
                 "ack.error",
                 format!("at most {MAX_ERROR_LEN} bytes"),
             ));
@@ -114,8 +102,7 @@ impl SessionService {
                 state.encode_to_vec(),
                 Some(lease),
             )
-            .await
-            .map_err(RegistryError::from)?;
+            .await?;
         if !state.accepted {
             tracing::warn!(node, %namespace, %service, version = state.version, error = %state.error, "agent rejected a policy");
         }
@@ -129,28 +116,19 @@ fn message(kind: control_message::Kind) -> Result<ControlMessage, Status> {
     Ok(ControlMessage { kind: Some(kind) })
 }
 
-#[tonic::async_trait]
-impl AgentSessionService for SessionService {
-    type SessionStream = BoxStream<ControlMessage>;
+type Outbound = mpsc::Receiver<Result<ControlMessage, Status>>;
 
-    async fn session(
+impl SessionService {
+    /// Opens the session of an agent that said Hello: takes over or grants
+    /// its lease, records it, and starts the tasks that feed the stream.
+    async fn open(
         &self,
-        request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
-        let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
-            .await
-            .map_err(|_| invalid("hello", format!("must be sent within {HELLO_TIMEOUT:?}")))?;
-        let hello = match first {
-            Some(Ok(AgentMessage {
-                kind: Some(agent_message::Kind::Hello(h)),
-            })) => h,
-            Some(Err(status)) => return Err(status),
-            _ => return Err(invalid("hello", "the first message must be a Hello")),
-        };
+        hello: Hello,
+        mut inbound: Streaming<AgentMessage>,
+    ) -> Result<Outbound, ApiError> {
         check_hello(&hello)?;
         if !self.hub.is_ready() {
-            return Err(RegistryError::NotReady.into());
+            return Err(ApiError::NotReady);
         }
         let node = hello.node_id.clone();
         let (lease, resumed) = self.lease_for(&node).await?;
@@ -160,8 +138,7 @@ impl AgentSessionService for SessionService {
         );
         self.store
             .put(&self.keys.agent(&node), info.into_bytes(), Some(lease))
-            .await
-            .map_err(RegistryError::from)?;
+            .await?;
         tracing::info!(node, resumed, lease, "agent session opened");
 
         let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(64);
@@ -171,7 +148,7 @@ impl AgentSessionService for SessionService {
             resumed_session: resumed,
         })))
         .await
-        .map_err(|_| Status::cancelled("agent left"))?;
+        .map_err(|_| ApiError::Cancelled("agent left"))?;
 
         // Registry and policy streams, multiplexed onto the one response.
         let mut registry = self.hub.subscribe(
@@ -216,7 +193,9 @@ impl AgentSessionService for SessionService {
                             "agent session lease lost; closing the stream"
                         );
                         let _ = out
-                            .send(Err(Status::unavailable("session lease lost; reconnect")))
+                            .send(Err(
+                                ApiError::Unavailable("session lease lost; reconnect").into()
+                            ))
                             .await;
                         return;
                     }
@@ -237,15 +216,23 @@ impl AgentSessionService for SessionService {
                     }) => service.record_ack(&node, lease, ack).await,
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Hello(_)),
-                    }) => Err(invalid("hello", "sent once, at the start of the stream")),
-                    Ok(AgentMessage { kind: None }) => Err(invalid("kind", "is required")),
+                    }) => Err(ApiError::invalid(
+                        "hello",
+                        "sent once, at the start of the stream",
+                    )),
+                    Ok(AgentMessage { kind: None }) => {
+                        Err(ApiError::invalid("kind", "is required"))
+                    }
                     Err(status) => {
+                        // Gone, or a message that does not decode: tell it
+                        // why (if it still listens).
                         tracing::debug!(node, error = %status, "agent stream ended");
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
-                if let Err(status) = outcome {
-                    let _ = tx.send(Err(status)).await;
+                if let Err(e) = outcome {
+                    let _ = tx.send(Err(e.into())).await;
                     break;
                 }
             }
@@ -254,6 +241,38 @@ impl AgentSessionService for SessionService {
                 "agent session stream closed; the lease expires unless it reconnects"
             );
         });
+        Ok(rx)
+    }
+}
+
+#[tonic::async_trait]
+impl AgentSessionService for SessionService {
+    type SessionStream = BoxStream<ControlMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(AgentMessage {
+                kind: Some(agent_message::Kind::Hello(h)),
+            }))) => h,
+            // The stream's own failure (e.g. an undecodable message), as
+            // tonic reported it.
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(_) => {
+                return Err(ApiError::invalid("hello", "the first message must be a Hello").into())
+            }
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "hello",
+                    format!("must be sent within {HELLO_TIMEOUT:?}"),
+                )
+                .into())
+            }
+        };
+        let rx = self.open(hello, inbound).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

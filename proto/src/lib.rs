@@ -4,6 +4,8 @@
 //! [`registry::v1`]). [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
 #![allow(missing_debug_implementations, clippy::all)]
 
+pub mod codec;
+
 /// Encoded `FileDescriptorSet` of every Weir proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("weir_descriptor");
 

@@ -149,6 +149,12 @@ impl Etcd {
         &self.endpoints
     }
 
+    /// Process id of a private etcd (None for the shared one, which a test
+    /// must never stop), e.g. to SIGSTOP it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// A client of this etcd.
     pub async fn client(&self) -> Result<etcd_client::Client> {
         Ok(etcd_client::Client::connect(&self.endpoints, None).await?)

@@ -15,7 +15,7 @@ use weir_proto::policy::v1::{
 };
 
 use crate::{
-    error::RegistryError,
+    error::ApiError,
     hub::Hub,
     keys::Keys,
     store::{CasOutcome, KeyValue, Store},
@@ -33,20 +33,22 @@ pub struct PolicyServiceImpl {
     keys: Keys,
 }
 
-fn conflict(namespace: &str, service: &str, current: u64, expected: u64) -> Status {
-    let now = if current == 0 {
-        "has no policy".to_owned()
-    } else {
-        format!("is at version {current}")
-    };
-    Status::failed_precondition(format!(
-        "policy {namespace}/{service} {now}, not the expected version {expected}; read it again and retry (current_version={current})"
-    ))
+fn conflict(namespace: &str, service: &str, current: u64, expected: u64) -> ApiError {
+    ApiError::Conflict {
+        kind: "policy",
+        name: format!("{namespace}/{service}"),
+        current,
+        expected,
+    }
 }
 
-fn decode(kv: &KeyValue) -> Result<PolicyRecord, Status> {
-    PolicyRecord::decode(kv.value.as_slice())
-        .map_err(|e| Status::internal(format!("stored policy {} does not decode: {e}", kv.key)))
+fn decode(kv: &KeyValue) -> Result<PolicyRecord, ApiError> {
+    PolicyRecord::decode(kv.value.as_slice()).map_err(|e| {
+        ApiError::internal(
+            "a stored policy record cannot be read",
+            format!("stored policy {} does not decode: {e}", kv.key),
+        )
+    })
 }
 
 fn current_version(record: &PolicyRecord, version: u64) -> PolicyVersion {
@@ -70,11 +72,11 @@ impl PolicyServiceImpl {
         policy: TrafficPolicy,
         expected: Option<u64>,
         restored_from: u64,
-    ) -> Result<PolicyVersion, Status> {
+    ) -> Result<PolicyVersion, ApiError> {
         let key = self.keys.policy(&policy.namespace, &policy.service);
         // Unconditional writes retry a lost race; conditional ones report it.
         for _ in 0..5 {
-            let existing = self.store.get(&key).await.map_err(RegistryError::from)?;
+            let existing = self.store.get(&key).await?;
             let current = existing.as_ref().map_or(0, |kv| kv.mod_revision);
             if let Some(expected) = expected {
                 if expected != current {
@@ -102,8 +104,7 @@ impl PolicyServiceImpl {
             match self
                 .store
                 .put_if(&key, record.encode_to_vec(), None, current)
-                .await
-                .map_err(RegistryError::from)?
+                .await?
             {
                 CasOutcome::Written { revision } => {
                     tracing::info!(
@@ -123,7 +124,7 @@ impl PolicyServiceImpl {
                 }
             }
         }
-        Err(Status::aborted(format!(
+        Err(ApiError::Aborted(format!(
             "policy {}/{} kept changing under this write; retry",
             policy.namespace, policy.service
         )))
@@ -133,12 +134,11 @@ impl PolicyServiceImpl {
         &self,
         namespace: &str,
         service: &str,
-    ) -> Result<Option<(PolicyRecord, u64)>, Status> {
+    ) -> Result<Option<(PolicyRecord, u64)>, ApiError> {
         match self
             .store
             .get(&self.keys.policy(namespace, service))
-            .await
-            .map_err(RegistryError::from)?
+            .await?
         {
             Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
             None => Ok(None),
@@ -146,49 +146,47 @@ impl PolicyServiceImpl {
     }
 }
 
-fn names(namespace: &str, service: &str) -> Result<(String, String), Status> {
-    Ok(validate::service_name(namespace, service).map_err(RegistryError::from)?)
+fn not_found(namespace: &str, service: &str) -> ApiError {
+    ApiError::NotFound(format!("no policy for {namespace}/{service}"))
 }
 
-fn not_found(namespace: &str, service: &str) -> Status {
-    Status::not_found(format!("no policy for {namespace}/{service}"))
-}
-
-#[tonic::async_trait]
-impl PolicyService for PolicyServiceImpl {
-    async fn get(
+/// The calls behind the trait, typed: `?` turns validation and store
+/// errors into [`ApiError`], and the trait methods below convert once.
+impl PolicyServiceImpl {
+    /// The current record of a policy that must exist.
+    async fn existing(
         &self,
-        request: Request<GetPolicyRequest>,
-    ) -> Result<Response<GetPolicyResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) = names(&req.namespace, &req.service)?;
+        namespace: &str,
+        service: &str,
+    ) -> Result<(String, String, PolicyRecord, u64), ApiError> {
+        let (namespace, service) = validate::service_name(namespace, service)?;
         let (record, version) = self
             .stored(&namespace, &service)
             .await?
             .ok_or_else(|| not_found(&namespace, &service))?;
-        Ok(Response::new(GetPolicyResponse {
+        Ok((namespace, service, record, version))
+    }
+
+    async fn get_policy(&self, req: GetPolicyRequest) -> Result<GetPolicyResponse, ApiError> {
+        let (_, _, record, version) = self.existing(&req.namespace, &req.service).await?;
+        Ok(GetPolicyResponse {
             current: Some(current_version(&record, version)),
-        }))
+        })
     }
 
-    async fn put(
-        &self,
-        request: Request<PutPolicyRequest>,
-    ) -> Result<Response<PutPolicyResponse>, Status> {
-        let req = request.into_inner();
-        let policy = validate_policy(req.policy.as_ref()).map_err(RegistryError::from)?;
+    async fn put_policy(&self, req: PutPolicyRequest) -> Result<PutPolicyResponse, ApiError> {
+        let policy = validate_policy(req.policy.as_ref())?;
         let current = self.write(policy, req.expected_version, 0).await?;
-        Ok(Response::new(PutPolicyResponse {
+        Ok(PutPolicyResponse {
             current: Some(current),
-        }))
+        })
     }
 
-    async fn delete(
+    async fn delete_policy(
         &self,
-        request: Request<DeletePolicyRequest>,
-    ) -> Result<Response<DeletePolicyResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) = names(&req.namespace, &req.service)?;
+        req: DeletePolicyRequest,
+    ) -> Result<DeletePolicyResponse, ApiError> {
+        let (namespace, service) = validate::service_name(&req.namespace, &req.service)?;
         if let Some(expected) = req.expected_version {
             let current = self
                 .stored(&namespace, &service)
@@ -201,28 +199,23 @@ impl PolicyService for PolicyServiceImpl {
         let deleted = self
             .store
             .delete(&self.keys.policy(&namespace, &service))
-            .await
-            .map_err(RegistryError::from)?;
+            .await?;
         if deleted.existed {
             tracing::info!(%namespace, %service, revision = deleted.revision, "policy deleted");
         }
-        Ok(Response::new(DeletePolicyResponse {
+        Ok(DeletePolicyResponse {
             existed: deleted.existed,
             revision: deleted.revision,
-        }))
+        })
     }
 
-    async fn list(
-        &self,
-        request: Request<ListPoliciesRequest>,
-    ) -> Result<Response<ListPoliciesResponse>, Status> {
-        let req = request.into_inner();
-        validate::namespace_filter(&req.namespace).map_err(RegistryError::from)?;
+    fn list_policies(&self, req: ListPoliciesRequest) -> Result<ListPoliciesResponse, ApiError> {
+        validate::namespace_filter(&req.namespace)?;
         if !self.hub.is_ready() {
-            return Err(RegistryError::NotReady.into());
+            return Err(ApiError::NotReady);
         }
         let (policies, revision) = self.hub.policies(&req.namespace);
-        Ok(Response::new(ListPoliciesResponse {
+        Ok(ListPoliciesResponse {
             policies: policies
                 .iter()
                 .map(|p| PolicyVersion {
@@ -232,38 +225,30 @@ impl PolicyService for PolicyServiceImpl {
                 })
                 .collect(),
             revision,
-        }))
+        })
     }
 
-    async fn history(
+    async fn policy_history(
         &self,
-        request: Request<PolicyHistoryRequest>,
-    ) -> Result<Response<PolicyHistoryResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) = names(&req.namespace, &req.service)?;
-        let (record, version) = self
-            .stored(&namespace, &service)
-            .await?
-            .ok_or_else(|| not_found(&namespace, &service))?;
+        req: PolicyHistoryRequest,
+    ) -> Result<PolicyHistoryResponse, ApiError> {
+        let (_, _, record, version) = self.existing(&req.namespace, &req.service).await?;
         let mut versions = vec![current_version(&record, version)];
         versions.extend(record.previous);
-        Ok(Response::new(PolicyHistoryResponse { versions }))
+        Ok(PolicyHistoryResponse { versions })
     }
 
-    async fn rollback(
+    async fn rollback_policy(
         &self,
-        request: Request<RollbackPolicyRequest>,
-    ) -> Result<Response<RollbackPolicyResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) = names(&req.namespace, &req.service)?;
-        let (record, version) = self
-            .stored(&namespace, &service)
-            .await?
-            .ok_or_else(|| not_found(&namespace, &service))?;
+        req: RollbackPolicyRequest,
+    ) -> Result<RollbackPolicyResponse, ApiError> {
+        let (namespace, service, record, version) =
+            self.existing(&req.namespace, &req.service).await?;
         if req.to_version == version {
-            return Err(Status::invalid_argument(format!(
-                "to_version: {version} is already the current version"
-            )));
+            return Err(ApiError::invalid(
+                "to_version",
+                format!("{version} is already the current version"),
+            ));
         }
         let target = record
             .previous
@@ -276,28 +261,30 @@ impl PolicyService for PolicyServiceImpl {
                     .iter()
                     .map(|v| v.version.to_string())
                     .collect();
-                Status::invalid_argument(format!(
-                    "to_version: {} is not among the kept versions of {namespace}/{service} ({})",
-                    req.to_version,
-                    kept.join(", ")
-                ))
+                ApiError::invalid(
+                    "to_version",
+                    format!(
+                        "{} is not among the kept versions of {namespace}/{service} ({})",
+                        req.to_version,
+                        kept.join(", ")
+                    ),
+                )
             })?;
         // Restore it as written then; it is validated again (rules may have
         // tightened since).
-        let target = validate_policy(Some(&target)).map_err(RegistryError::from)?;
+        let target = validate_policy(Some(&target))?;
         let expected = Some(req.expected_version.unwrap_or(version));
         let current = self.write(target, expected, req.to_version).await?;
-        Ok(Response::new(RollbackPolicyResponse {
+        Ok(RollbackPolicyResponse {
             current: Some(current),
-        }))
+        })
     }
 
-    async fn status(
+    async fn policy_status(
         &self,
-        request: Request<PolicyStatusRequest>,
-    ) -> Result<Response<PolicyStatusResponse>, Status> {
-        let req = request.into_inner();
-        let (namespace, service) = names(&req.namespace, &req.service)?;
+        req: PolicyStatusRequest,
+    ) -> Result<PolicyStatusResponse, ApiError> {
+        let (namespace, service) = validate::service_name(&req.namespace, &req.service)?;
         let current_version = self
             .hub
             .policy(&namespace, &service)
@@ -306,8 +293,7 @@ impl PolicyService for PolicyServiceImpl {
         let acks = self
             .store
             .range(&self.keys.acks_prefix(&namespace, &service))
-            .await
-            .map_err(RegistryError::from)?;
+            .await?;
         let mut states: HashMap<String, AgentPolicyState> = HashMap::new();
         for kv in acks.kvs {
             if let Ok(state) = AgentPolicyState::decode(kv.value.as_slice()) {
@@ -339,13 +325,73 @@ impl PolicyService for PolicyServiceImpl {
                 }
             }
         }
-        Ok(Response::new(PolicyStatusResponse {
+        Ok(PolicyStatusResponse {
             current_version,
             connected_agents: u32::try_from(connected.len()).unwrap_or(u32::MAX),
             applied,
             rejected,
             pending,
             agents,
-        }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl PolicyService for PolicyServiceImpl {
+    async fn get(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<GetPolicyResponse>, Status> {
+        Ok(Response::new(self.get_policy(request.into_inner()).await?))
+    }
+
+    async fn put(
+        &self,
+        request: Request<PutPolicyRequest>,
+    ) -> Result<Response<PutPolicyResponse>, Status> {
+        Ok(Response::new(self.put_policy(request.into_inner()).await?))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeletePolicyRequest>,
+    ) -> Result<Response<DeletePolicyResponse>, Status> {
+        Ok(Response::new(
+            self.delete_policy(request.into_inner()).await?,
+        ))
+    }
+
+    async fn list(
+        &self,
+        request: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        Ok(Response::new(self.list_policies(request.into_inner())?))
+    }
+
+    async fn history(
+        &self,
+        request: Request<PolicyHistoryRequest>,
+    ) -> Result<Response<PolicyHistoryResponse>, Status> {
+        Ok(Response::new(
+            self.policy_history(request.into_inner()).await?,
+        ))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackPolicyRequest>,
+    ) -> Result<Response<RollbackPolicyResponse>, Status> {
+        Ok(Response::new(
+            self.rollback_policy(request.into_inner()).await?,
+        ))
+    }
+
+    async fn status(
+        &self,
+        request: Request<PolicyStatusRequest>,
+    ) -> Result<Response<PolicyStatusResponse>, Status> {
+        Ok(Response::new(
+            self.policy_status(request.into_inner()).await?,
+        ))
     }
 }

@@ -173,16 +173,23 @@ impl EtcdStore {
     async fn renew(&self, lease: LeaseId) -> Result<Option<Duration>, etcd_client::Error> {
         let slot = self.slot(lease);
         let mut guard = slot.lock().await;
-        if let Some(keeper) = guard.as_mut() {
+        // Out of the slot while in use: a renewal abandoned half-way (its
+        // caller's time bound ran out) drops the stream with it, rather than
+        // leave an answer behind that the next renewal would take for its own.
+        if let Some(mut keeper) = guard.take() {
             keeper.last_used = Instant::now();
             keeper.keeper.keep_alive().await?;
-            return match keeper.responses.message().await? {
-                Some(resp) if resp.ttl() > 0 => Ok(Some(Duration::from_secs(to_u64(resp.ttl())))),
-                Some(_) => Ok(None),
-                None => Err(etcd_client::Error::LeaseKeepAliveError(
-                    "keep-alive stream closed".into(),
-                )),
+            let ttl = match keeper.responses.message().await? {
+                Some(resp) if resp.ttl() > 0 => Some(Duration::from_secs(to_u64(resp.ttl()))),
+                Some(_) => None,
+                None => {
+                    return Err(etcd_client::Error::LeaseKeepAliveError(
+                        "keep-alive stream closed".into(),
+                    ))
+                }
             };
+            *guard = Some(keeper);
+            return Ok(ttl);
         }
         // Opening the stream sends the first renewal and reads its answer.
         let (keeper, responses) = match self.client.lease_client().keep_alive(lease).await {

@@ -9,6 +9,7 @@
 //! `mod_revision` is the revision of its last write. A watch from revision R
 //! delivers every change with a revision greater than R, in order.
 
+mod bounded;
 mod embedded;
 mod etcd;
 
@@ -17,6 +18,7 @@ use std::{fmt, pin::Pin, time::Duration};
 use async_trait::async_trait;
 use futures::Stream;
 
+pub use bounded::BoundedStore;
 pub use embedded::{EmbeddedStore, EmbeddedStoreConfig};
 pub use etcd::{EtcdStore, EtcdStoreConfig};
 
@@ -130,6 +132,10 @@ pub enum StoreError {
     LeaseNotFound(LeaseId),
     #[error("store answered with something unexpected: {0}")]
     Protocol(String),
+    /// The call did not finish within its bound ([`BoundedStore`]); a write
+    /// may or may not have been applied.
+    #[error("store did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// The registry's storage contract. See the module docs.
