@@ -447,3 +447,348 @@ impl State {
         (out, more)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use weir_proto::policy::v1::{PolicyRecord, TrafficPolicy};
+
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::new("/t")
+    }
+
+    fn instance_key(service: &str, id: &str) -> String {
+        keys().instance(&InstanceKey {
+            namespace: "ns".into(),
+            service: service.into(),
+            instance_id: id.into(),
+        })
+    }
+
+    fn record(critical: bool) -> Vec<u8> {
+        Instance {
+            host: "127.0.0.1".into(),
+            port: 80,
+            status: if critical {
+                HealthStatus::Critical as i32
+            } else {
+                HealthStatus::Passing as i32
+            },
+            ..Instance::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn kv(key: &str, value: Vec<u8>, revision: u64) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value,
+            create_revision: revision,
+            mod_revision: revision,
+            lease: 0,
+        }
+    }
+
+    fn put(key: &str, value: Vec<u8>, revision: u64) -> WatchEvent {
+        WatchEvent {
+            kind: EventKind::Put,
+            kv: kv(key, value, revision),
+        }
+    }
+
+    fn delete(key: &str, revision: u64) -> WatchEvent {
+        WatchEvent {
+            kind: EventKind::Delete,
+            kv: kv(key, Vec::new(), revision),
+        }
+    }
+
+    fn loaded(revision: u64, history_batches: usize) -> State {
+        let mut state = State::new(50, history_batches);
+        state.finish_load(revision);
+        state
+    }
+
+    /// (events, protection flips) of an applied batch.
+    fn changes(applied: &Applied) -> (Vec<(i32, String, u64)>, Vec<ServiceProtection>) {
+        match applied.batch.as_deref() {
+            Some(Batch::Changes {
+                events, protection, ..
+            }) => (
+                events
+                    .iter()
+                    .map(|e| {
+                        let i = e.instance.as_ref().unwrap();
+                        (e.r#type, i.instance_id.clone(), e.revision)
+                    })
+                    .collect(),
+                protection.clone(),
+            ),
+            other => panic!("expected a change batch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn puts_deletes_and_status_changes_keep_counts_and_flip_protection() {
+        let keys = keys();
+        let mut state = loaded(1, 100);
+        let put_all = (0..4)
+            .map(|n| {
+                put(
+                    &instance_key("svc", &format!("i-{n}")),
+                    record(false),
+                    2 + n,
+                )
+            })
+            .collect();
+        let applied = state.apply(&keys, put_all);
+        let (events, flips) = changes(&applied);
+        assert_eq!(events.len(), 4);
+        assert!(events.iter().all(|e| e.0 == EventType::Put as i32));
+        assert!(flips.is_empty());
+        assert!(applied.topology);
+        assert_eq!((applied.revision, state.revision), (5, 5));
+        let p = state.protection("ns", "svc");
+        assert_eq!((p.healthy, p.total, p.active), (4, 4, false));
+
+        // 2 of 4 critical: exactly 50% healthy, not below the threshold.
+        let applied = state.apply(
+            &keys,
+            vec![
+                put(&instance_key("svc", "i-0"), record(true), 6),
+                put(&instance_key("svc", "i-1"), record(true), 6),
+            ],
+        );
+        assert!(changes(&applied).1.is_empty());
+        // The third flips it, once.
+        let applied = state.apply(
+            &keys,
+            vec![put(&instance_key("svc", "i-2"), record(true), 7)],
+        );
+        let flips = changes(&applied).1;
+        assert_eq!(flips.len(), 1);
+        assert!(flips[0].active && flips[0].healthy == 1 && flips[0].total == 4);
+        assert!(state.protected.contains_key(&("ns".into(), "svc".into())));
+        // A replaced record counts once and flips nothing.
+        let applied = state.apply(
+            &keys,
+            vec![put(&instance_key("svc", "i-2"), record(true), 8)],
+        );
+        assert!(changes(&applied).1.is_empty());
+        assert_eq!(state.protection("ns", "svc").total, 4);
+
+        // Deleting two critical ones releases it (1 of 2 healthy).
+        let applied = state.apply(
+            &keys,
+            vec![
+                delete(&instance_key("svc", "i-0"), 9),
+                delete(&instance_key("svc", "i-1"), 9),
+            ],
+        );
+        let (events, flips) = changes(&applied);
+        assert_eq!(
+            events,
+            vec![
+                (EventType::Delete as i32, "i-0".into(), 9),
+                (EventType::Delete as i32, "i-1".into(), 9)
+            ]
+        );
+        assert!(!flips[0].active && flips[0].healthy == 1 && flips[0].total == 2);
+        assert!(state.protected.is_empty());
+
+        // Deleting what is not there changes nothing anyone follows.
+        let applied = state.apply(&keys, vec![delete(&instance_key("svc", "gone"), 10)]);
+        assert!(applied.batch.is_none() && !applied.topology);
+        assert_eq!(state.revision, 10);
+
+        // A service's own threshold counts: 1 of 2 is below 100%.
+        let config = ServiceConfig {
+            protection_threshold_percent: Some(100),
+            ..ServiceConfig::default()
+        };
+        let applied = state.apply(
+            &keys,
+            vec![put(
+                &keys.service_config("ns", "svc"),
+                config.encode_to_vec(),
+                11,
+            )],
+        );
+        let flips = changes(&applied).1;
+        assert!(flips[0].active && flips[0].threshold_percent == 100);
+        // Counts go when the last instance goes.
+        state.apply(
+            &keys,
+            vec![
+                delete(&instance_key("svc", "i-2"), 12),
+                delete(&instance_key("svc", "i-3"), 12),
+            ],
+        );
+        assert!(state.counts.is_empty() && state.instances.is_empty());
+    }
+
+    #[test]
+    fn policies_replicas_and_agents_follow_their_keys() {
+        let keys = keys();
+        let mut state = loaded(1, 100);
+        let policy = PolicyRecord {
+            policy: Some(TrafficPolicy::default()),
+            ..PolicyRecord::default()
+        };
+        let applied = state.apply(
+            &keys,
+            vec![
+                put(&keys.policy("ns", "svc"), policy.encode_to_vec(), 2),
+                put(&keys.replica("r1"), Vec::new(), 2),
+                put(&keys.agent("node-1"), Vec::new(), 2),
+            ],
+        );
+        assert!(applied.topology, "a new replica is a topology change");
+        match applied.batch.as_deref() {
+            Some(Batch::Changes { policies, .. }) => {
+                assert_eq!(policies.len(), 1);
+                assert_eq!(policies[0].version, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(state.policies.len(), 1);
+        assert!(state.replicas.contains("r1") && state.agents.contains("node-1"));
+        // An agent leaving is nothing a subscriber follows.
+        let applied = state.apply(&keys, vec![delete(&keys.agent("node-1"), 3)]);
+        assert!(applied.batch.is_none() && !applied.topology);
+        assert!(state.agents.is_empty());
+        // A deleted policy reaches subscribers as a change without a policy.
+        let applied = state.apply(&keys, vec![delete(&keys.policy("ns", "svc"), 4)]);
+        match applied.batch.as_deref() {
+            Some(Batch::Changes { policies, .. }) => {
+                assert!(policies[0].policy.is_none() && policies[0].version == 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(state.policies.is_empty());
+    }
+
+    #[test]
+    fn history_keeps_the_last_batches_and_its_floor_follows() {
+        let keys = keys();
+        let mut state = loaded(10, 3);
+        assert_eq!(state.history_floor, 10);
+        // Nothing followed changed: the floor moves with the revision while
+        // the history is empty.
+        state.apply(&keys, vec![put(&keys.agent("n"), Vec::new(), 11)]);
+        assert_eq!(state.history_floor, 11);
+        assert!(state.progress(12));
+        assert_eq!((state.revision, state.history_floor), (12, 12));
+        assert!(!state.progress(12), "progress never goes back");
+
+        for rev in 13..=17 {
+            state.apply(
+                &keys,
+                vec![put(&instance_key("svc", "i"), record(false), rev)],
+            );
+        }
+        // Three batches held (15, 16, 17); the floor is the last dropped.
+        assert_eq!(state.history.len(), 3);
+        assert_eq!(state.history_floor, 14);
+        let after = |r| -> Vec<u64> { state.batches_after(r).map(Batch::revision).collect() };
+        assert_eq!(after(14), vec![15, 16, 17]);
+        assert_eq!(after(16), vec![17]);
+        assert!(after(17).is_empty());
+
+        // With a history, unfollowed writes and progress leave the floor.
+        state.apply(&keys, vec![put(&keys.agent("n"), Vec::new(), 18)]);
+        assert!(state.progress(20));
+        assert_eq!((state.revision, state.history_floor), (20, 14));
+
+        // A reload starts the history over at the snapshot's revision.
+        state.finish_load(30);
+        assert!(state.history.is_empty() && state.history_floor == 30);
+    }
+
+    #[test]
+    fn a_load_sorts_records_by_kind_and_skips_undecodable_ones() {
+        let keys = keys();
+        let mut state = State::new(50, 100);
+        let config = ServiceConfig {
+            protection_threshold_percent: Some(75),
+            ..ServiceConfig::default()
+        };
+        let policy = PolicyRecord {
+            policy: Some(TrafficPolicy::default()),
+            ..PolicyRecord::default()
+        };
+        let health = keys.health(&InstanceKey {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            instance_id: "a".into(),
+        });
+        for kv in [
+            kv(&instance_key("svc", "a"), record(false), 2),
+            kv(&instance_key("svc", "b"), record(true), 3),
+            kv(&instance_key("svc", "c"), record(false), 4),
+            kv(&instance_key("svc", "d"), record(true), 4),
+            kv(&instance_key("svc", "broken"), vec![0xff, 0xff], 5),
+            kv(&keys.service_config("ns", "svc"), config.encode_to_vec(), 6),
+            kv(&keys.policy("ns", "svc"), policy.encode_to_vec(), 7),
+            kv(&keys.policy("ns", "bad"), vec![0xff], 7),
+            kv(&keys.replica("r1"), Vec::new(), 8),
+            kv(&keys.agent("node-1"), Vec::new(), 8),
+            kv(&health, vec![1, 2, 3], 8),
+        ] {
+            state.load(&keys, kv);
+        }
+        assert!(!state.loaded);
+        state.finish_load(9);
+        assert!(state.loaded);
+        assert_eq!((state.revision, state.history_floor), (9, 9));
+        let ids: Vec<&str> = state
+            .service_instances("ns", "svc")
+            .map(|i| i.instance_id.as_str())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c", "d"]);
+        // The key names the instance and its revision is the key's.
+        let b = state.service_instances("ns", "svc").nth(1).unwrap();
+        assert_eq!(
+            (b.namespace.as_str(), b.service.as_str(), b.revision),
+            ("ns", "svc", 3)
+        );
+        // 2 of 4 healthy is below the service's 75%: protected from the start.
+        let p = state.protection("ns", "svc");
+        assert_eq!((p.healthy, p.total, p.threshold_percent), (2, 4, 75));
+        assert!(p.active && state.protected.contains_key(&("ns".into(), "svc".into())));
+        assert_eq!(state.policies.len(), 1);
+        assert_eq!(state.policies[&("ns".into(), "svc".into())].version, 7);
+        assert!(state.replicas.contains("r1") && state.agents.contains("node-1"));
+    }
+
+    #[test]
+    fn services_page_in_name_order() {
+        let keys = keys();
+        let mut state = State::new(50, 100);
+        for (svc, n) in [("a", 2), ("b", 1), ("c", 3)] {
+            for i in 0..n {
+                state.load(
+                    &keys,
+                    kv(&instance_key(svc, &format!("{i}")), record(false), 2),
+                );
+            }
+        }
+        state.finish_load(2);
+        let names = |page: &[ServiceInstances]| -> Vec<(String, usize)> {
+            page.iter().map(|(_, s, i)| (s.clone(), i.len())).collect()
+        };
+        let (page, more) = state.services("ns", None, 2, |_, _, i| Some(i));
+        assert_eq!(names(&page), [("a".into(), 2), ("b".into(), 1)]);
+        assert!(more);
+        let (page, more) = state.services("ns", Some(("ns", "b")), 2, |_, _, i| Some(i));
+        assert_eq!(names(&page), [("c".into(), 3)]);
+        assert!(!more);
+        // A skipped service does not count towards the limit.
+        let (page, _) = state.services("ns", None, 2, |_, s, i| (s != "b").then_some(i));
+        assert_eq!(names(&page), [("a".into(), 2), ("c".into(), 3)]);
+        let (page, more) = state.services("other", None, 10, |_, _, i| Some(i));
+        assert!(page.is_empty() && !more);
+    }
+}

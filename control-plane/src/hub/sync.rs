@@ -216,3 +216,241 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    };
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::{
+        hub::{tests::record, HubConfig},
+        keys::{InstanceKey, Keys},
+        store::{
+            CasOutcome, Deleted, EmbeddedStore, EmbeddedStoreConfig, History, KeyValue, Lease,
+            LeaseId, Replaced, Snapshot,
+        },
+    };
+
+    /// An embedded store whose loads can fail, whose watches end after
+    /// `watch_for` (at once when zero), that can compact the revision of a
+    /// load in progress, and that records when each load starts.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: EmbeddedStore,
+        /// Loads that fail before any succeeds.
+        failing_loads: usize,
+        watch_for: Duration,
+        compact_mid_load: AtomicBool,
+        loads: Mutex<Vec<Instant>>,
+    }
+
+    impl Flaky {
+        fn new(failing_loads: usize, watch_for: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                inner: EmbeddedStore::new(EmbeddedStoreConfig::default()),
+                failing_loads,
+                watch_for,
+                compact_mid_load: AtomicBool::new(false),
+                loads: Mutex::default(),
+            })
+        }
+
+        fn loads(&self) -> Vec<Instant> {
+            self.loads.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl Store for Flaky {
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+
+        async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.get(key).await
+        }
+
+        async fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
+            self.inner.range(prefix).await
+        }
+
+        async fn range_page(
+            &self,
+            prefix: &str,
+            revision: u64,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<PageRead, StoreError> {
+            if revision == 0 {
+                let n = {
+                    let mut loads = self.loads.lock().unwrap();
+                    loads.push(Instant::now());
+                    loads.len()
+                };
+                if n > 1000 {
+                    // A tight loop: park it, so paused time can advance
+                    // and the test fails on the count instead of hanging.
+                    std::future::pending::<()>().await;
+                }
+                if n <= self.failing_loads {
+                    return Err(StoreError::Protocol("injected failure".into()));
+                }
+            } else if self.compact_mid_load.swap(false, Ordering::SeqCst) {
+                let revision = self.inner.put("/t/v1/agents/x", Vec::new(), None).await?;
+                self.inner.compact(revision).await?;
+            }
+            self.inner.range_page(prefix, revision, after, limit).await
+        }
+
+        async fn replace(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            lease: Option<LeaseId>,
+        ) -> Result<Replaced, StoreError> {
+            self.inner.replace(key, value, lease).await
+        }
+
+        async fn put_if(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            lease: Option<LeaseId>,
+            expected: u64,
+        ) -> Result<CasOutcome, StoreError> {
+            self.inner.put_if(key, value, lease, expected).await
+        }
+
+        async fn delete(&self, key: &str) -> Result<Deleted, StoreError> {
+            self.inner.delete(key).await
+        }
+
+        async fn grant_lease(&self, ttl: Duration) -> Result<Lease, StoreError> {
+            self.inner.grant_lease(ttl).await
+        }
+
+        async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>, StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+
+        async fn revoke_lease(&self, lease: LeaseId) -> Result<bool, StoreError> {
+            self.inner.revoke_lease(lease).await
+        }
+
+        async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {
+            if self.watch_for.is_zero() {
+                return Ok(Box::pin(futures::stream::empty()));
+            }
+            let stream = self.inner.watch(prefix, after).await?;
+            Ok(Box::pin(
+                stream.take_until(tokio::time::sleep(self.watch_for)),
+            ))
+        }
+
+        async fn history(
+            &self,
+            prefix: &str,
+            after: u64,
+            until: u64,
+        ) -> Result<History, StoreError> {
+            self.inner.history(prefix, after, until).await
+        }
+
+        async fn compact(&self, revision: u64) -> Result<(), StoreError> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    fn gaps(loads: &[Instant]) -> Vec<Duration> {
+        loads.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// `gap` is `want`, give or take the timer's millisecond rounding.
+    fn about(gap: Duration, want: Duration) -> bool {
+        gap >= want && gap <= want + Duration::from_millis(5)
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<u128> = (0..6).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_keeps_failing_or_ending_watches_is_retried_with_backoff() {
+        // Three failed loads, then loads whose watch ends at once: one
+        // backoff across both kinds of retry.
+        let store = Flaky::new(3, Duration::ZERO);
+        let (hub, _task) = Hub::start(store.clone(), Keys::new("/t"), HubConfig::default());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(hub.is_ready());
+        let loads = store.loads();
+        // 0, 0.1, 0.3, 0.7, 1.5, 3.1, 6.3 s, then every 5 s up to 56.3 s.
+        assert!((16..=17).contains(&loads.len()), "{} loads", loads.len());
+        let want = [100, 200, 400, 800, 1600, 3200]
+            .map(Duration::from_millis)
+            .into_iter()
+            .chain(std::iter::repeat(RETRY_MAX));
+        for (n, (gap, want)) in gaps(&loads).into_iter().zip(want).enumerate() {
+            assert!(about(gap, want), "retry {n}: {gap:?}, expected {want:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_watch_starts_the_backoff_over() {
+        let store = Flaky::new(0, Duration::from_secs(30));
+        let (_hub, _task) = Hub::start(store.clone(), Keys::new("/t"), HubConfig::default());
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        let loads = store.loads();
+        assert!(loads.len() >= 6, "{} loads", loads.len());
+        // Each watch ran 30 s, so each retry waits the first delay again.
+        for gap in gaps(&loads) {
+            assert!(
+                about(gap, Duration::from_secs(30) + RETRY_INITIAL),
+                "{gap:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_load_pages_and_restarts_when_its_revision_is_compacted() {
+        let store = Flaky::new(0, Duration::from_secs(3600));
+        let keys = Keys::new("/t");
+        for n in 0..5 {
+            let id = format!("i-{n}");
+            let key = keys.instance(&InstanceKey {
+                namespace: "ns".into(),
+                service: "svc".into(),
+                instance_id: id.clone(),
+            });
+            store.put(&key, record(&id, 80), None).await.unwrap();
+        }
+        store.compact_mid_load.store(true, Ordering::SeqCst);
+        let config = HubConfig {
+            load_page_keys: 2,
+            ..HubConfig::default()
+        };
+        let (hub, _task) = Hub::start(store.clone(), keys, config);
+        let mut ready = hub.inner.loaded.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+            .await
+            .unwrap()
+            .unwrap();
+        // The first load was cut short by the compaction; the second read
+        // all five instances in three pages, and the write made meanwhile.
+        let loads = store.loads();
+        assert_eq!(loads.len(), 2);
+        assert!(about(loads[1] - loads[0], RETRY_INITIAL));
+        assert_eq!(hub.all_instances().len(), 5);
+        assert!(hub.agents().contains("x"));
+    }
+}
