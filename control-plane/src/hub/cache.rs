@@ -606,7 +606,6 @@ mod tests {
         // A service's own threshold counts: 1 of 2 is below 100%.
         let config = ServiceConfig {
             protection_threshold_percent: Some(100),
-            ..ServiceConfig::default()
         };
         let applied = state.apply(
             &keys,
@@ -713,7 +712,6 @@ mod tests {
         let mut state = State::new(50, 100);
         let config = ServiceConfig {
             protection_threshold_percent: Some(75),
-            ..ServiceConfig::default()
         };
         let policy = PolicyRecord {
             policy: Some(TrafficPolicy::default()),
