@@ -128,6 +128,7 @@ impl Hub {
         let mut revision = 0;
         let mut after: Option<String> = None;
         let mut pages = 0u64;
+        let started = Instant::now();
         loop {
             let page = match store
                 .range_page(prefix, revision, after.as_deref(), config.load_page_keys)
@@ -154,6 +155,7 @@ impl Hub {
             revision,
             pages,
             instances = state.instances.len(),
+            took = ?started.elapsed(),
             "registry cache loaded"
         );
         Ok(Ok(state))
