@@ -652,4 +652,88 @@ mod tests {
         let m = next(&mut rx).await;
         assert!(m.events.is_empty() && m.snapshot_complete);
     }
+
+    #[tokio::test]
+    async fn policy_resume_uses_the_same_history_then_store_then_resync_path() {
+        use prost::Message;
+        use weir_proto::policy::v1::{PolicyRecord, TrafficPolicy};
+
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
+        let keys = Keys::new("/t");
+        let config = HubConfig {
+            history_batches: 3,
+            ..HubConfig::default()
+        };
+        let (hub, _task) = Hub::start(store.clone(), keys.clone(), config);
+        let record = PolicyRecord {
+            policy: Some(TrafficPolicy::default()),
+            ..PolicyRecord::default()
+        }
+        .encode_to_vec();
+        let mut versions = Vec::new();
+        for n in 0..8 {
+            let rev = store
+                .put(&keys.policy("ns", &format!("s{n}")), record.clone(), None)
+                .await
+                .unwrap();
+            assert!(hub.wait_for(rev, Duration::from_secs(5)).await);
+            versions.push(rev);
+        }
+        // A deletion is a change too.
+        let deleted = store
+            .delete(&keys.policy("ns", "s0"))
+            .await
+            .unwrap()
+            .revision;
+        assert!(hub.wait_for(deleted, Duration::from_secs(5)).await);
+
+        let first = recv_one(&mut hub.subscribe_policies(0)).await;
+        assert_eq!(first.kind, policy_update::Kind::Snapshot as i32);
+        assert_eq!((first.changes.len(), first.revision), (7, deleted));
+        assert!(first.resync_reason.is_empty());
+
+        // Within the hub's history (the last three batches).
+        let m = recv_one(&mut hub.subscribe_policies(versions[6])).await;
+        assert_eq!(m.kind, policy_update::Kind::Changes as i32);
+        let got: Vec<(u64, bool)> = m
+            .changes
+            .iter()
+            .map(|c| (c.version, c.policy.is_some()))
+            .collect();
+        assert_eq!(got, [(versions[7], true), (deleted, false)]);
+        // Older: the gap comes from the store's history.
+        let m = recv_one(&mut hub.subscribe_policies(versions[1])).await;
+        assert_eq!(m.kind, policy_update::Kind::Changes as i32);
+        let got: Vec<u64> = m.changes.iter().map(|c| c.version).collect();
+        assert_eq!(got, [&versions[2..], &[deleted]].concat());
+        assert_eq!(m.revision, deleted);
+        // Current: nothing until the next change.
+        let mut rx = hub.subscribe_policies(deleted);
+        let next = store
+            .put(&keys.policy("ns", "s9"), record, None)
+            .await
+            .unwrap();
+        let m = recv_one(&mut rx).await;
+        assert_eq!(m.kind, policy_update::Kind::Changes as i32);
+        assert_eq!(m.changes[0].version, next);
+        // Compacted in the store: a snapshot that says so.
+        store.compact(versions[4]).await.unwrap();
+        let m = recv_one(&mut hub.subscribe_policies(versions[1])).await;
+        assert_eq!(m.kind, policy_update::Kind::Snapshot as i32);
+        assert!(
+            m.resync_reason.starts_with(&format!(
+                "revision {} was compacted (up to {})",
+                versions[1], versions[4]
+            )),
+            "{}",
+            m.resync_reason
+        );
+    }
+
+    async fn recv_one(rx: &mut mpsc::Receiver<PolicyUpdate>) -> PolicyUpdate {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
 }

@@ -455,4 +455,31 @@ mod tests {
         assert_eq!(hub.all_instances().len(), 5);
         assert!(hub.agents().contains("x"));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_before_the_first_load_gets_the_loaded_snapshot() {
+        use weir_proto::registry::v1::watch_response::Kind;
+
+        // Two failed loads: the replica loads after 300 ms.
+        let store = Flaky::new(2, Duration::from_secs(3600));
+        let keys = Keys::new("/t");
+        let key = keys.instance(&InstanceKey {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            instance_id: "i-0".into(),
+        });
+        store.put(&key, record("i-0", 80), None).await.unwrap();
+        let (hub, _task) = Hub::start(store.clone(), keys, HubConfig::default());
+        let mut watch = hub.subscribe(crate::hub::Filter::default(), 0);
+        let mut policies = hub.subscribe_policies(0);
+        assert!(!hub.is_ready());
+        let m = crate::hub::tests::next(&mut watch).await;
+        assert!(hub.is_ready());
+        assert_eq!(store.loads().len(), 3);
+        assert_eq!(m.kind, Kind::Snapshot as i32);
+        assert!(m.snapshot_complete && m.resync_reason.is_empty());
+        assert_eq!(m.events.len(), 1);
+        let p = policies.recv().await.unwrap();
+        assert!(p.resync_reason.is_empty() && p.revision == m.revision);
+    }
 }
