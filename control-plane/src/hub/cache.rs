@@ -1,6 +1,6 @@
 //! The hub's cache: what a replica knows of the store, kept from one
 //! snapshot plus the watched changes after it. Pure: no store calls, no
-//! tokio; [`super::sync`] feeds it and [`super::feed`] reads it.
+//! tokio; `sync` feeds it and `feed` reads it.
 //!
 //! Besides the records (instances, service configs, policies, replicas,
 //! agents) it keeps, per service, the count of instances that are not

@@ -1,16 +1,16 @@
 //! The watch hub: one store watch per replica, fanned out to every
 //! subscriber through an in-memory cache.
 //!
-//! - [`cache`]: the cache itself (instances with per-service health counts
+//! - `cache`: the cache itself (instances with per-service health counts
 //!   and protection, service configs, policies, replicas, agents, and a
 //!   bounded history of change batches). Pure, unit-tested without a store.
-//! - [`sync`]: loads the cache from the store page by page at one revision,
+//! - `sync`: loads the cache from the store page by page at one revision,
 //!   then follows the store's watch; reloads with backoff when it ends.
-//! - [`feed`]: the one snapshot / resume / resync algorithm, behind a
+//! - `feed`: the one snapshot / resume / resync algorithm, behind a
 //!   `View` for the registry `Watch` stream and one for the agents' policy
 //!   stream.
-//! - [`chunk`]: splits watch messages below 1 MiB with safe resume points.
-//! - [`record`]: decoding stored records.
+//! - `chunk`: splits watch messages below 1 MiB with safe resume points.
+//! - `record`: decoding stored records.
 //!
 //! Every batch is applied to the cache and broadcast while the cache's write
 //! lock is held, so a subscriber that reads a snapshot at revision S under

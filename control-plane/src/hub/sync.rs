@@ -53,6 +53,15 @@ impl Backoff {
     }
 }
 
+/// What a load read.
+#[derive(Debug)]
+enum Load {
+    /// Every key, as of the first page's revision.
+    Done(Box<State>),
+    /// That revision was compacted before the last page was read.
+    Compacted { revision: u64 },
+}
+
 /// How one sync attempt ended.
 #[derive(Debug)]
 struct SyncEnd {
@@ -93,8 +102,8 @@ impl Hub {
             watched: Duration::ZERO,
         };
         let state = match self.load(store, prefix).await {
-            Ok(Ok(state)) => state,
-            Ok(Err(revision)) => {
+            Ok(Load::Done(state)) => state,
+            Ok(Load::Compacted { revision }) => {
                 return failed(Ok(format!(
                     "the store compacted revision {revision} while it was being loaded"
                 )))
@@ -105,7 +114,7 @@ impl Hub {
             Ok(stream) => stream,
             Err(e) => return failed(Err(e)),
         };
-        self.reset(state);
+        self.reset(*state);
         let since = Instant::now();
         let outcome = self.follow(&mut stream).await;
         SyncEnd {
@@ -115,13 +124,8 @@ impl Hub {
     }
 
     /// Reads every key under `prefix` into a fresh cache, page by page at
-    /// the first page's revision. `Ok(Err(revision))`: that revision was
-    /// compacted before the last page was read.
-    async fn load(
-        &self,
-        store: &dyn Store,
-        prefix: &str,
-    ) -> Result<Result<State, u64>, StoreError> {
+    /// the first page's revision.
+    async fn load(&self, store: &dyn Store, prefix: &str) -> Result<Load, StoreError> {
         let config = &self.inner.config;
         let keys = &self.inner.keys;
         let mut state = State::new(config.protection_threshold_percent, config.history_batches);
@@ -135,7 +139,7 @@ impl Hub {
                 .await?
             {
                 PageRead::Page(page) => page,
-                PageRead::Compacted => return Ok(Err(revision)),
+                PageRead::Compacted => return Ok(Load::Compacted { revision }),
             };
             pages += 1;
             revision = page.revision;
@@ -158,7 +162,7 @@ impl Hub {
             took = ?started.elapsed(),
             "registry cache loaded"
         );
-        Ok(Ok(state))
+        Ok(Load::Done(Box::new(state)))
     }
 
     /// Applies the watch until it ends; returns why it ended.
