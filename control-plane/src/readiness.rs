@@ -170,7 +170,7 @@ mod tests {
         keys::Keys,
         store::{
             CasOutcome, Deleted, EmbeddedStore, EmbeddedStoreConfig, History, KeyValue, Lease,
-            LeaseId, Replaced, Snapshot, StoreError, WatchStream,
+            LeaseId, PageRead, Replaced, Snapshot, StoreError, WatchStream,
         },
     };
 
@@ -199,6 +199,15 @@ mod tests {
         }
         async fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
             self.inner.range(prefix).await
+        }
+        async fn range_page(
+            &self,
+            prefix: &str,
+            revision: u64,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<PageRead, StoreError> {
+            self.inner.range_page(prefix, revision, after, limit).await
         }
         async fn replace(
             &self,

@@ -26,7 +26,8 @@ use futures::StreamExt;
 use tokio::time::{timeout, timeout_at, Instant};
 use weir_control_plane::store::{
     CasOutcome, EmbeddedStore, EmbeddedStoreConfig, EtcdStore, EtcdStoreConfig, EventKind, History,
-    KeyValue, LeaseId, Replaced, Store, StoreError, WatchEvent, WatchMessage, WatchStream,
+    KeyValue, LeaseId, Page, PageRead, Replaced, Store, StoreError, WatchEvent, WatchMessage,
+    WatchStream,
 };
 use weir_tests::{unique_prefix, wait_until, Etcd, EtcdOptions};
 
@@ -423,6 +424,130 @@ async fn check_range_consistency(store: Arc<dyn Store>, prefix: &str) -> Result<
 }
 
 /// delete: existed, revision, key gone, only the exact key, fresh life after.
+/// One page of `range_page` that must not be `Compacted`.
+async fn page(
+    store: &Arc<dyn Store>,
+    prefix: &str,
+    revision: u64,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Page> {
+    match store.range_page(prefix, revision, after, limit).await? {
+        PageRead::Page(page) => Ok(page),
+        PageRead::Compacted => bail!("a page at revision {revision} came back Compacted"),
+    }
+}
+
+/// Every key under `prefix` at `revision`, `limit` keys a page.
+async fn all_pages(
+    store: &Arc<dyn Store>,
+    prefix: &str,
+    revision: u64,
+    limit: usize,
+) -> Result<(Vec<KeyValue>, u64)> {
+    let mut kvs: Vec<KeyValue> = Vec::new();
+    let mut at = revision;
+    loop {
+        let after = kvs.last().map(|kv| kv.key.clone());
+        let p = page(store, prefix, at, after.as_deref(), limit).await?;
+        ensure!(
+            p.kvs.len() <= limit,
+            "a page of {} keys > limit {limit}",
+            p.kvs.len()
+        );
+        if at == 0 {
+            at = p.revision;
+        }
+        ensure_eq!(
+            p.revision,
+            at,
+            "a later page is read at the first page's revision"
+        );
+        kvs.extend(p.kvs);
+        if !p.more {
+            return Ok((kvs, at));
+        }
+    }
+}
+
+async fn check_range_page(store: Arc<dyn Store>, prefix: &str) -> Result<()> {
+    let dir = format!("{prefix}p/");
+    // Neighbours that share the prefix's bytes but are outside it.
+    store
+        .put(&format!("{prefix}p"), b"x".to_vec(), None)
+        .await?;
+    store
+        .put(&format!("{prefix}q/a"), b"x".to_vec(), None)
+        .await?;
+    for name in ["a", "b", "c", "d", "e"] {
+        store
+            .put(&format!("{dir}{name}"), name.as_bytes().to_vec(), None)
+            .await?;
+    }
+    let before = store.range(&dir).await?;
+
+    // The first page is at the current revision and says more follow.
+    let first = page(&store, &dir, 0, None, 2).await?;
+    ensure_eq!(
+        first.kvs,
+        before.kvs[..2].to_vec(),
+        "the first page holds the first two keys"
+    );
+    ensure!(first.more, "a first page of 2 of 5 keys says more follow");
+    ensure!(
+        first.revision >= before.revision,
+        "the first page's revision {} is older than the range before it ({})",
+        first.revision,
+        before.revision
+    );
+    let at = first.revision;
+
+    // Changes after the first page: an update, a delete, a key inserted
+    // before the cursor, one after it.
+    store.put(&format!("{dir}b"), b"b2".to_vec(), None).await?;
+    store.delete(&format!("{dir}c")).await?;
+    store.put(&format!("{dir}aa"), b"aa".to_vec(), None).await?;
+    store.put(&format!("{dir}f"), b"f".to_vec(), None).await?;
+
+    // The rest, at the first page's revision: the keys as they were then.
+    let (then, revision) = all_pages(&store, &dir, at, 2).await?;
+    ensure_eq!(revision, at, "pages at a fixed revision");
+    ensure_eq!(then, before.kvs, "every page at the first page's revision");
+    let cursor = format!("{dir}b");
+    let rest = page(&store, &dir, at, Some(&cursor), 2).await?;
+    ensure_eq!(
+        rest.kvs,
+        before.kvs[2..4].to_vec(),
+        "a page after a key: later keys as they were (c still there)"
+    );
+    ensure!(rest.more, "e follows d");
+
+    // A fresh read by pages is the current state.
+    let now = store.range(&dir).await?;
+    let (current, revision) = all_pages(&store, &dir, 0, 2).await?;
+    ensure_eq!(current, now.kvs, "pages at the current revision");
+    ensure!(revision >= now.revision, "a fresh first page is current");
+    let (single, _) = all_pages(&store, &dir, 0, 1).await?;
+    ensure_eq!(single, now.kvs, "pages of one key");
+    let whole = page(&store, &dir, 0, None, 1000).await?;
+    ensure_eq!(whole.kvs, now.kvs, "one page holding everything");
+    ensure!(!whole.more, "nothing follows the whole range");
+    let past = page(&store, &dir, at, Some(&format!("{dir}z")), 10).await?;
+    ensure!(
+        past.kvs.is_empty() && !past.more,
+        "a page after the last key is empty"
+    );
+
+    ensure!(
+        store
+            .range_page(&dir, revision + 1000, None, 10)
+            .await
+            .is_err(),
+        "a page at a future revision must fail"
+    );
+    Ok(())
+}
+
 async fn check_delete(store: Arc<dyn Store>, prefix: &str) -> Result<()> {
     let key = format!("{prefix}k");
     let child = format!("{prefix}k/child");
@@ -1082,7 +1207,7 @@ async fn check_compaction(store: Arc<dyn Store>, prefix: &str) -> Result<()> {
     ];
     let r1 = store.put(&a, b"a1".to_vec(), None).await?;
     store.put(&b, b"b1".to_vec(), None).await?;
-    store.put(&a, b"a2".to_vec(), None).await?;
+    let r3 = store.put(&a, b"a2".to_vec(), None).await?;
     let r4 = store.delete(&b).await?.revision;
     let r5 = store.put(&c, b"c1".to_vec(), None).await?;
     let mut caught_up = store.watch(&dir, r5).await?;
@@ -1126,6 +1251,20 @@ async fn check_compaction(store: Arc<dyn Store>, prefix: &str) -> Result<()> {
             "a watch {name} gets later writes"
         );
     }
+
+    // Pages: from the compaction revision on they read the past; before it
+    // they say Compacted.
+    ensure_eq!(
+        store.range_page(&dir, r1, None, 10).await?,
+        PageRead::Compacted,
+        "a page at a compacted revision"
+    );
+    let at_compaction = page(&store, &dir, r4, None, 10).await?;
+    ensure_eq!(
+        at_compaction.kvs,
+        vec![kv(&a, b"a2", r1, r3, 0)],
+        "a page at the compaction revision"
+    );
 
     // History (last: etcd's history writes a fence key under the prefix).
     ensure_eq!(
@@ -1178,6 +1317,7 @@ macro_rules! conformance {
 conformance! {
     put_get_range => check_put_get_range on Shared;
     range_consistency => check_range_consistency on Shared;
+    range_page => check_range_page on Shared;
     delete => check_delete on Shared;
     replace => check_replace on Shared;
     put_if => check_put_if on Shared;

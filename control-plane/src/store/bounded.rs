@@ -10,8 +10,8 @@ use std::{future::Future, sync::Arc, time::Duration};
 use async_trait::async_trait;
 
 use super::{
-    CasOutcome, Deleted, History, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store, StoreError,
-    WatchStream,
+    CasOutcome, Deleted, History, KeyValue, Lease, LeaseId, PageRead, Replaced, Snapshot, Store,
+    StoreError, WatchStream,
 };
 
 /// Wraps a store so each call fails with [`StoreError::Timeout`] after
@@ -49,6 +49,17 @@ impl Store for BoundedStore {
 
     async fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
         self.bound(self.inner.range(prefix)).await
+    }
+
+    async fn range_page(
+        &self,
+        prefix: &str,
+        revision: u64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<PageRead, StoreError> {
+        self.bound(self.inner.range_page(prefix, revision, after, limit))
+            .await
     }
 
     async fn put(
@@ -127,6 +138,15 @@ mod tests {
             std::future::pending().await
         }
         async fn range(&self, _: &str) -> Result<Snapshot, StoreError> {
+            std::future::pending().await
+        }
+        async fn range_page(
+            &self,
+            _: &str,
+            _: u64,
+            _: Option<&str>,
+            _: usize,
+        ) -> Result<PageRead, StoreError> {
             std::future::pending().await
         }
         async fn replace(

@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    ops::Bound,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -17,8 +18,8 @@ use tokio::{
 };
 
 use super::{
-    CasOutcome, Deleted, EventKind, History, KeyValue, Lease, LeaseId, Replaced, Snapshot, Store,
-    StoreError, WatchEvent, WatchMessage, WatchStream,
+    CasOutcome, Deleted, EventKind, History, KeyValue, Lease, LeaseId, Page, PageRead, Replaced,
+    Snapshot, Store, StoreError, WatchEvent, WatchMessage, WatchStream,
 };
 
 /// Settings of the embedded store.
@@ -50,11 +51,12 @@ struct LeaseState {
     keys: BTreeSet<String>,
 }
 
-/// A change in the history, with the value a delete removed.
+/// A change in the history, with the key as it was before it (what a
+/// delete removed, and what a read at an older revision sees).
 #[derive(Debug)]
 struct Logged {
     event: WatchEvent,
-    removed: Vec<u8>,
+    prev: Option<KeyValue>,
 }
 
 impl Logged {
@@ -149,13 +151,13 @@ impl Shared {
                         mod_revision: rev,
                         lease,
                     };
-                    state.kvs.insert(key, kv.clone());
+                    let prev = state.kvs.insert(key, kv.clone());
                     state.history.push_back(Logged {
                         event: WatchEvent {
                             kind: EventKind::Put,
                             kv,
                         },
-                        removed: Vec::new(),
+                        prev,
                     });
                 }
                 None => {
@@ -176,7 +178,7 @@ impl Shared {
                                     lease: 0,
                                 },
                             },
-                            removed: old.value,
+                            prev: Some(old),
                         });
                     }
                 }
@@ -263,10 +265,7 @@ impl Store for EmbeddedStore {
         let state = self.lock();
         let kvs = state
             .kvs
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            ))
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(_, v)| v.clone())
             .collect();
@@ -274,6 +273,80 @@ impl Store for EmbeddedStore {
             kvs,
             revision: state.revision,
         })
+    }
+
+    async fn range_page(
+        &self,
+        prefix: &str,
+        revision: u64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<PageRead, StoreError> {
+        let state = self.lock();
+        let at = if revision == 0 {
+            state.revision
+        } else {
+            revision
+        };
+        if at > state.revision {
+            return Err(StoreError::Protocol(format!(
+                "range revision {at} is in the future (current {})",
+                state.revision
+            )));
+        }
+        // Every change after `compacted` is in the history, so the keys as
+        // they were at any revision from there on can be rebuilt.
+        if at < state.compacted {
+            return Ok(PageRead::Compacted);
+        }
+        let limit = limit.max(1);
+        let lower = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let wanted = |key: &str| {
+            key.starts_with(prefix)
+                && match lower {
+                    Bound::Excluded(after) => key > after,
+                    _ => true,
+                }
+        };
+        // Keys changed after `at`, as they were at `at` (None: absent). The
+        // oldest change after `at` holds that state, so walking newest first,
+        // the last one written wins.
+        let mut then: BTreeMap<&str, Option<&KeyValue>> = BTreeMap::new();
+        for logged in state.history.iter().rev() {
+            if logged.revision() <= at {
+                break;
+            }
+            let key = logged.event.kv.key.as_str();
+            if wanted(key) {
+                then.insert(key, logged.prev.as_ref());
+            }
+        }
+        let unchanged = state
+            .kvs
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| !then.contains_key(k.as_str()))
+            .map(|(_, kv)| kv)
+            .take(limit + 1);
+        let mut kvs: Vec<KeyValue> = then
+            .values()
+            .flatten()
+            .copied()
+            .take(limit + 1)
+            .chain(unchanged)
+            .cloned()
+            .collect();
+        kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        let more = kvs.len() > limit;
+        kvs.truncate(limit);
+        Ok(PageRead::Page(Page {
+            kvs,
+            revision: at,
+            more,
+        }))
     }
 
     async fn replace(
@@ -419,7 +492,9 @@ impl Store for EmbeddedStore {
             .map(|ev| {
                 let mut event = ev.event.clone();
                 if event.kind == EventKind::Delete {
-                    event.kv.value.clone_from(&ev.removed);
+                    if let Some(prev) = &ev.prev {
+                        event.kv.value.clone_from(&prev.value);
+                    }
                 }
                 event
             })

@@ -21,8 +21,8 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use super::{
-    prefix_end, CasOutcome, Deleted, EventKind, History, KeyValue, Lease, LeaseId, Replaced,
-    Snapshot, Store, StoreError, WatchEvent, WatchMessage, WatchStream,
+    prefix_end, CasOutcome, Deleted, EventKind, History, KeyValue, Lease, LeaseId, Page, PageRead,
+    Replaced, Snapshot, Store, StoreError, WatchEvent, WatchMessage, WatchStream,
 };
 
 /// Settings of the etcd store.
@@ -119,6 +119,18 @@ fn convert_event(
         }
     };
     Ok(Some(WatchEvent { kind, kv }))
+}
+
+/// etcd's answer to a read at a compacted revision.
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.message().contains("required revision has been compacted"))
+}
+
+/// The client refused an answer larger than its decoding limit (4 MiB).
+fn is_too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large"))
 }
 
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
@@ -266,6 +278,62 @@ impl Store for EtcdStore {
         let revision = resp.header().map_or(0, |h| to_u64(h.revision()));
         let kvs = resp.kvs().iter().map(convert).collect::<Result<_, _>>()?;
         Ok(Snapshot { kvs, revision })
+    }
+
+    async fn range_page(
+        &self,
+        prefix: &str,
+        revision: u64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<PageRead, StoreError> {
+        // The smallest key greater than `after` is `after` + NUL.
+        let start = match after {
+            Some(after) if after >= prefix => {
+                let mut start = after.as_bytes().to_vec();
+                start.push(0);
+                start
+            }
+            _ => prefix.as_bytes().to_vec(),
+        };
+        // A count bound keeps typical pages small, but a few large records
+        // can still pass the client's 4 MiB answer limit: then the same page
+        // is asked again with half the keys.
+        let mut limit = limit.max(1);
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(prefix_end(prefix))
+                .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+            if revision > 0 {
+                options = options.with_revision(to_i64(revision));
+            }
+            let resp = match self
+                .client
+                .kv_client()
+                .get(start.clone(), Some(options))
+                .await
+            {
+                Ok(resp) => resp,
+                Err(e) if is_compacted(&e) => return Ok(PageRead::Compacted),
+                Err(e) if is_too_large(&e) && limit > 1 => {
+                    limit /= 2;
+                    tracing::debug!(prefix, limit, "range page too large; asking for fewer keys");
+                    continue;
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            let revision = if revision > 0 {
+                revision
+            } else {
+                resp.header().map_or(0, |h| to_u64(h.revision()))
+            };
+            let kvs = resp.kvs().iter().map(convert).collect::<Result<_, _>>()?;
+            return Ok(PageRead::Page(Page {
+                kvs,
+                revision,
+                more: resp.more(),
+            }));
+        }
     }
 
     async fn replace(

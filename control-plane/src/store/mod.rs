@@ -47,6 +47,27 @@ pub struct Snapshot {
     pub revision: u64,
 }
 
+/// One page of a prefix read at a fixed revision (see [`Store::range_page`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Keys in byte-wise order, each greater than the `after` key asked for.
+    pub kvs: Vec<KeyValue>,
+    /// Revision the page was read at: the one asked for, or the current one
+    /// when 0 was asked.
+    pub revision: u64,
+    /// Whether keys follow the last one of this page.
+    pub more: bool,
+}
+
+/// Outcome of [`Store::range_page`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageRead {
+    Page(Page),
+    /// The revision asked for is older than what the store still holds:
+    /// start again from a first page at the current revision.
+    Compacted,
+}
+
 /// What a watched change did to its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
@@ -149,6 +170,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Reads every key starting with `prefix`, at one revision.
     async fn range(&self, prefix: &str) -> Result<Snapshot, StoreError>;
+
+    /// Reads up to `limit` (at least 1) keys starting with `prefix` and
+    /// greater than `after` (from the first key when None), as they were at
+    /// `revision` (0 = the current revision; the page says which). Reading a
+    /// prefix page by page at the first page's revision yields one
+    /// consistent snapshot, however large, unless that revision is
+    /// compacted meanwhile ([`PageRead::Compacted`]). A revision in the
+    /// future is an error.
+    async fn range_page(
+        &self,
+        prefix: &str,
+        revision: u64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<PageRead, StoreError>;
 
     /// Writes a key, attached to `lease` when given (detached otherwise).
     /// Returns the revision of the write.
