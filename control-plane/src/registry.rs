@@ -197,9 +197,14 @@ impl RegistryService {
         let key = validate::instance_ref("instance", r)?;
         let existing = self.stored(&key).await?;
         let deleted = self.store.delete(&self.keys.instance(&key)).await?;
-        self.last_write
-            .fetch_max(deleted.revision, Ordering::AcqRel);
-        self.hub.wait_for(deleted.revision, MIN_REVISION_WAIT).await;
+        // A delete that removed nothing reports the store's current
+        // revision, which may belong to keys outside this replica's watch
+        // (a shared etcd): only a real deletion is worth waiting for.
+        if deleted.existed {
+            self.last_write
+                .fetch_max(deleted.revision, Ordering::AcqRel);
+            self.hub.wait_for(deleted.revision, MIN_REVISION_WAIT).await;
+        }
         if let Err(e) = self.store.delete(&self.keys.health(&key)).await {
             tracing::warn!(instance = %key, error = %e, "could not delete the health history");
         }
