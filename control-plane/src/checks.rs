@@ -1,6 +1,6 @@
 //! The health checks this replica runs: its share of every instance with an
 //! active check, by rendezvous hashing over the live replicas
-//! ([`crate::health::sharing`]), with verdicts written to the store.
+//! ([`crate::replicas`]), with verdicts written to the store.
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,9 +14,9 @@ use weir_core::{
 use weir_proto::registry::v1::{HealthHistory, HealthTransition, Instance};
 
 use crate::{
-    health::sharing::{owner, Membership},
     hub::{decode_instance, Hub},
     keys::Keys,
+    replicas::{owner, Membership},
     store::{CasOutcome, Store, StoreError},
 };
 
@@ -177,7 +177,7 @@ impl Checks {
         let membership = Membership::start(
             store.clone(),
             &keys,
-            replica_id.clone(),
+            &replica_id,
             info,
             lease_for_takeover(takeover),
         )
@@ -197,11 +197,6 @@ impl Checks {
     /// Instances this replica checks now.
     pub fn checking(&self) -> usize {
         self.checker.len()
-    }
-
-    /// Checks run by this replica so far.
-    pub fn probes(&self) -> u64 {
-        self.checker.probes()
     }
 
     /// Stops checking and leaves the replica set at once, so the others

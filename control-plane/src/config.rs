@@ -136,16 +136,6 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Dev-mode config on loopback with free ports, for tests and embedding.
-    pub fn dev() -> Self {
-        Self {
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            store: StoreConfig::Embedded,
-            ..Self::default()
-        }
-    }
-
     /// Resolves flags (which already folded in the environment) over the
     /// config file over the defaults.
     pub fn resolve(args: Args) -> Result<Self, ConfigError> {

@@ -37,10 +37,6 @@ impl Keys {
         &self.root
     }
 
-    pub fn instances_prefix(&self) -> String {
-        format!("{}instances/", self.root)
-    }
-
     pub fn instance(&self, k: &InstanceKey) -> String {
         format!(
             "{}instances/{}/{}/{}",

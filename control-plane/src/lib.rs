@@ -7,24 +7,35 @@
 //! it out to its watchers through the [`hub::Hub`] cache, which also serves
 //! reads. Replicas are stateless: any number can share one etcd.
 //!
-//! Module map: [`config`] (file/env/flags), [`server`] (wiring),
-//! [`registry`] (the gRPC service), [`hub`] (cache + fan-out), [`store`]
-//! (etcd and embedded), [`keys`] (key layout), [`error`] (the one mapping to
-//! gRPC statuses), `readiness` (the checks behind `/readyz` and
-//! `grpc.health.v1`). Input validation, health checking, policy validation
-//! and the instance key come from `weir_core`, shared with the agent.
+//! Modules by feature:
+//! - `registry`: the `weir.registry.v1.Registry` service. Writes go to the
+//!   store; reads come from the hub's cache.
+//! - `policy`: `weir.policy.v1.PolicyService` (validation and resolution
+//!   are `weir_core::policy`).
+//! - `agents`: `weir.agent.v1.AgentSessionService`, one stream per agent.
+//! - `checks`: this replica's share of the active health checks (the
+//!   checker itself is `weir_core::health`), verdicts written to the store.
+//! - `replicas`: membership under a lease and rendezvous sharing of checks.
+//!
+//! And what they stand on: `hub` (one store watch per replica, the cache,
+//! the fan-out to watchers and agents), [`store`] (the contract, etcd and
+//! the embedded dev store), [`keys`] (the key layout), `error` (the one
+//! mapping to gRPC statuses), `readiness` (`/readyz` and `grpc.health.v1`),
+//! [`config`] (file/env/flags) and `server` (wiring a replica together).
+//! Input validation, health checking, policy validation and the instance
+//! key come from `weir_core`, shared with the agent.
 
-pub mod checks;
+mod agents;
+mod checks;
 pub mod config;
-pub mod error;
-pub mod health;
-pub mod hub;
+mod error;
+mod hub;
 pub mod keys;
-pub mod policy;
+mod policy;
 mod readiness;
-pub mod registry;
-pub mod server;
-pub mod session;
+mod registry;
+mod replicas;
+mod server;
 pub mod store;
 
 pub use config::Config;

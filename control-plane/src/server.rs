@@ -22,14 +22,14 @@ use weir_proto::{
 };
 
 use crate::{
+    agents::SessionService,
     checks::Checks,
     config::{Config, StoreConfig},
     hub::{Hub, HubConfig, HubTask},
     keys::Keys,
-    policy::service::PolicyServiceImpl,
+    policy::PolicyServiceImpl,
     readiness::{Readiness, StoreProbe, PROBE_EVERY, PROBE_TIMEOUT},
     registry::RegistryService,
-    session::SessionService,
     store::{
         BoundedStore, EmbeddedStore, EmbeddedStoreConfig, EtcdStore, EtcdStoreConfig, Store,
         StoreError,

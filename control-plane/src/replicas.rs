@@ -1,4 +1,4 @@
-//! Sharing checks across control-plane replicas.
+//! Control-plane replicas: membership, and how they share health checks.
 //!
 //! Each replica announces itself under `{root}/v1/replicas/{id}`, held by a
 //! lease it renews every TTL/3 ([`Membership`]). Every replica sees the same
@@ -59,7 +59,6 @@ pub fn owner<'a>(replicas: &'a [String], key: &InstanceKey) -> Option<&'a str> {
 /// This replica's announcement in the store.
 #[derive(Debug)]
 pub struct Membership {
-    id: String,
     task: JoinHandle<()>,
     store: Arc<dyn Store>,
     lease: watch::Receiver<LeaseId>,
@@ -71,24 +70,19 @@ impl Membership {
     pub async fn start(
         store: Arc<dyn Store>,
         keys: &Keys,
-        id: String,
+        id: &str,
         info: Vec<u8>,
         ttl: Duration,
     ) -> Result<Self, StoreError> {
-        let key = keys.replica(&id);
+        let key = keys.replica(id);
         let lease = announce(store.as_ref(), &key, &info, ttl).await?;
         let (tx, rx) = watch::channel(lease);
         let task = tokio::spawn(renew(store.clone(), key, info, ttl, lease, tx));
         Ok(Self {
-            id,
             task,
             store,
             lease: rx,
         })
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
     }
 
     /// Leaves at once (revokes the lease) so others take over without
