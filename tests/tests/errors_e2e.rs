@@ -17,7 +17,10 @@ use tonic_health::pb::{
 };
 use tonic_types::StatusExt;
 use weir_proto::registry::v1::{registry_client::RegistryClient, Instance, RegisterRequest};
-use weir_tests::{init_tracing, unique_prefix, wait_until, ControlPlaneProcess, Etcd, EtcdOptions};
+use weir_tests::{
+    init_tracing, unique_prefix, wait_until, workspace_binary, ControlPlaneProcess, Etcd,
+    EtcdOptions,
+};
 
 fn instance(service: &str, id: &str) -> Instance {
     Instance {
@@ -66,6 +69,21 @@ async fn an_invalid_registration_carries_bad_request_details_naming_the_field() 
         bad.field_violations[0].description.contains("20000"),
         "{:?}",
         bad.field_violations
+    );
+
+    // weirctl names the field it read from those details (its unit tests
+    // show it reads the details, not the message text).
+    let out = tokio::process::Command::new(workspace_binary("weirctl")?)
+        .args(["--endpoint", &plane.endpoint(), "register", "svc"])
+        .args(["--host", "127.0.0.1", "--port", "8080", "--weight", "20000"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "weirctl accepted weight 20000");
+    assert!(
+        stderr.contains("invalid argument: instance.weight: must be 0-10000"),
+        "{stderr}"
     );
     Ok(())
 }
