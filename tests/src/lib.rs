@@ -149,6 +149,11 @@ impl Etcd {
         &self.endpoints
     }
 
+    /// Process id of a private etcd (none for a shared one).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// A client of this etcd.
     pub async fn client(&self) -> Result<etcd_client::Client> {
         Ok(etcd_client::Client::connect(&self.endpoints, None).await?)
@@ -219,7 +224,13 @@ impl ControlPlaneProcess {
 
     /// Starts a replica with these flags (listen addresses are added).
     pub fn start_args(args: &[String]) -> Result<Self> {
-        let mut child = Command::new(workspace_binary("weir-control-plane")?)
+        Self::start_binary(&workspace_binary("weir-control-plane")?, args)
+    }
+
+    /// Starts this control-plane binary (e.g. another revision's, for a
+    /// benchmark) with these flags (listen addresses are added).
+    pub fn start_binary(binary: &std::path::Path, args: &[String]) -> Result<Self> {
+        let mut child = Command::new(binary)
             .args(args)
             .arg("--grpc-addr=127.0.0.1:0")
             .arg("--http-addr=127.0.0.1:0")
