@@ -50,7 +50,7 @@ use std::{
 };
 use weir_tests::bench::{
     self, clock_ticks, env_counts, env_num, loadavg, now_unix_ms, percentile, private_etcd,
-    rss_mib, start_plane, CpuMeter, CpuSecs, Figure, Plan, Rounds,
+    rss_mib, start_plane, CpuMeter, CpuSecs, Figure,
 };
 use weir_tests::{follow, status_in};
 
@@ -91,19 +91,17 @@ const SETTLE: Duration = Duration::from_secs(3);
 const LATE_FACTOR: f64 = 1.5;
 
 fn main() -> Result<()> {
-    bench::main("health", run)
-}
-
-/// Every run: this checkout's replica under test, or base and this in
-/// interleaved rounds; each run on a fresh etcd and replicas.
-async fn run(plan: Plan) -> Result<()> {
-    let mut rounds = Rounds::new(&plan);
-    for r in plan.runs() {
-        r.announce();
-        rounds.record(&r, run_once(r.binary(), &plan.this.binary).await?);
-    }
-    rounds.print();
-    Ok(())
+    // Each run (this checkout's replica under test, or base and this in
+    // interleaved rounds) on a fresh etcd and replicas; the victims are
+    // always this checkout's binary.
+    bench::main("health", |plan| async move {
+        let victim = plan.this.binary.clone();
+        plan.measure(|r| {
+            let victim = victim.clone();
+            async move { run_once(r.binary(), &victim).await }
+        })
+        .await
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -71,7 +71,7 @@ use std::{
 };
 use weir_tests::bench::{
     self, env_counts, env_num, loadavg, now_unix_ms, percentile, private_etcd, rss_mib,
-    start_plane, status_mib, CpuMeter, CpuSecs, Figure, Plan, Rounds,
+    start_plane, status_mib, CpuMeter, CpuSecs, Figure,
 };
 
 use anyhow::{bail, ensure, Context, Result};
@@ -101,20 +101,12 @@ const STATUS_POLL: Duration = Duration::from_millis(2);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> Result<()> {
-    bench::main("policy", run)
-}
-
-/// Every run: this checkout's control planes, or base and this in
-/// interleaved rounds; each session count of a run on a fresh etcd and
-/// replicas.
-async fn run(plan: Plan) -> Result<()> {
-    let mut rounds = Rounds::new(&plan);
-    for r in plan.runs() {
-        r.announce();
-        rounds.record(&r, run_once(r.binary()).await?);
-    }
-    rounds.print();
-    Ok(())
+    // Each run (this checkout's control planes, or base and this in
+    // interleaved rounds) on a fresh etcd and replicas per session count.
+    bench::main("policy", |plan| async move {
+        plan.measure(|r| async move { run_once(r.binary()).await })
+            .await
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -43,7 +43,7 @@ use std::{
 };
 use weir_tests::bench::{
     self, env_num, loadavg, percentile, private_etcd, start_plane, Better, CpuMeter, CpuSecs,
-    Figure, Plan, Rounds,
+    Figure,
 };
 
 use anyhow::{bail, Context, Result};
@@ -85,24 +85,18 @@ const RAW_ROOT: &str = "/bench-raw";
 const TIME_LIMIT: Duration = Duration::from_secs(600);
 
 fn main() -> Result<()> {
-    bench::main("registry", run)
-}
-
-/// Every run: this checkout's control plane, or base and this in
-/// interleaved rounds; each run on a fresh etcd and control plane.
-async fn run(plan: Plan) -> Result<()> {
-    let mut rounds = Rounds::new(&plan);
-    for r in plan.runs() {
-        r.announce();
-        let figures = tokio::time::timeout(TIME_LIMIT, run_once(r.binary()))
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!("the benchmark took more than {TIME_LIMIT:?}; stopped")
-            })??;
-        rounds.record(&r, figures);
-    }
-    rounds.print();
-    Ok(())
+    // Each run (this checkout's control plane, or base and this in
+    // interleaved rounds) on a fresh etcd and control plane.
+    bench::main("registry", |plan| async move {
+        plan.measure(|r| async move {
+            tokio::time::timeout(TIME_LIMIT, run_once(r.binary()))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("the benchmark took more than {TIME_LIMIT:?}; stopped")
+                })?
+        })
+        .await
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -100,6 +101,25 @@ impl Plan {
             None if self.rounds > 1 => format!("{} rounds of {this}", self.rounds),
             None => this,
         }
+    }
+
+    /// Runs `once` on every run in order ([`Plan::runs`]), each under a
+    /// heading when there are several, then prints the comparison
+    /// ([`Rounds::print`]). `once` measures one binary, prints its own
+    /// tables and returns its figures.
+    pub async fn measure<F, Fut>(&self, mut once: F) -> Result<()>
+    where
+        F: FnMut(Run) -> Fut,
+        Fut: Future<Output = Result<Vec<Figure>>>,
+    {
+        let mut rounds = Rounds::new(self);
+        for run in self.runs() {
+            run.announce();
+            let figures = once(run.clone()).await?;
+            rounds.record(&run, figures);
+        }
+        rounds.print();
+        Ok(())
     }
 
     /// The runs in order: base, this, base, this, ... (or this alone).

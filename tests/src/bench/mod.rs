@@ -4,22 +4,15 @@
 //! binary being measured, and interleaved A/B rounds of two
 //! `weir-control-plane` binaries. How to run them: `docs/benchmarks.md`.
 //!
-//! A benchmark's `main` is [`main`]; its `run` measures one binary at a
-//! time and returns [`Figure`]s:
+//! A benchmark's `main` is [`main`]; its `run_once` measures one binary,
+//! prints its usual tables and returns its [`Figure`]s, and
+//! [`Plan::measure`] calls it once, or for each run of an A/B comparison:
 //!
 //! ```text
 //! fn main() -> Result<()> {
-//!     bench::main("name", run)
-//! }
-//!
-//! async fn run(plan: Plan) -> Result<()> {
-//!     let mut rounds = Rounds::new(&plan);
-//!     for r in plan.runs() {
-//!         r.announce();
-//!         rounds.record(&r, measure(r.binary()).await?);   // prints its tables too
-//!     }
-//!     rounds.print();   // the A/B table; nothing for a single run
-//!     Ok(())
+//!     bench::main("name", |plan| async move {
+//!         plan.measure(|run| async move { run_once(run.binary()).await }).await
+//!     })
 //! }
 //! ```
 
