@@ -397,17 +397,25 @@ impl Rounds {
     }
 }
 
-/// A figure with as many decimals as its size deserves, thousands
-/// separated.
-fn fmt_num(x: f64) -> String {
+/// Decimals for a figure of this size: 0 from 100, 1 from 10, else 2.
+fn decimals(x: f64) -> usize {
     let a = x.abs();
-    let decimals = if a >= 100.0 {
+    if a >= 100.0 {
         0
     } else if a >= 10.0 {
         1
     } else {
         2
-    };
+    }
+}
+
+/// A figure with as many decimals as its size deserves, thousands
+/// separated.
+fn fmt_num(x: f64) -> String {
+    fmt_fixed(x, decimals(x))
+}
+
+fn fmt_fixed(x: f64, decimals: usize) -> String {
     let s = format!("{x:.decimals$}");
     let (int, frac) = s
         .split_once('.')
@@ -426,8 +434,10 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
+/// `min–max`, both ends with the decimals of the larger one.
 fn fmt_range(s: &Spread) -> String {
-    format!("{}–{}", fmt_num(s.min), fmt_num(s.max))
+    let d = decimals(s.min.abs().max(s.max.abs()));
+    format!("{}–{}", fmt_fixed(s.min, d), fmt_fixed(s.max, d))
 }
 
 #[cfg(test)]
@@ -517,5 +527,6 @@ mod tests {
         assert_eq!(fmt_num(12.345), "12.3");
         assert_eq!(fmt_num(0.061), "0.06");
         assert_eq!(fmt_num(100.0), "100");
+        assert_eq!(fmt_range(&Spread::of(&[9.5, 20.0]).unwrap()), "9.5–20.0");
     }
 }
