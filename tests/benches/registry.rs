@@ -641,10 +641,11 @@ fn throughput_row(metric: &str, weir: f64, raw: Option<f64>, target: Target) -> 
         ),
         _ => ("—".to_owned(), String::new()),
     };
-    let mut figures = vec![Figure::higher(metric, "ops/s", weir)];
-    if let Some(x) = ratio {
-        figures.push(Figure::higher(format!("{metric}: ratio to raw"), "×", x));
-    }
+    // The rates themselves come from the loads (several rows share one).
+    let figures = ratio
+        .map(|x| Figure::higher(format!("{metric}: ratio weir/raw"), "×", x))
+        .into_iter()
+        .collect();
     Row {
         metric: metric.to_owned(),
         weir: fmt_rate(weir),
@@ -1248,6 +1249,7 @@ async fn run_once(binary: &Path) -> Result<Vec<Figure>> {
     let mut figures: Vec<Figure> = rows.into_iter().flat_map(|r| r.figures).collect();
     for (name, l) in &loads {
         if name.starts_with("weir") {
+            figures.push(Figure::higher(*name, "ops/s", l.rate(1.0)));
             let per_op = l.cpu.plane / (l.ops.max(1) as f64) * 1e6;
             figures.push(Figure::lower(
                 format!("{name}: control-plane CPU per op"),

@@ -271,7 +271,7 @@ impl Verdict {
         match self {
             Self::Better => "better",
             Self::Worse => "WORSE",
-            Self::WithinSpread => "≈ (ranges overlap)",
+            Self::WithinSpread => "≈",
         }
     }
 }
@@ -337,7 +337,7 @@ impl Rounds {
                 println!(
                     "Median of the rounds; spread is min–max over the rounds; this/base is \
                      the ratio of the medians. Verdict: better or WORSE only when the two \
-                     min–max ranges do not overlap."
+                     min–max ranges do not overlap, else ≈ (within the rounds' spread)."
                 );
                 println!();
                 println!(
