@@ -367,7 +367,12 @@ impl Rounds {
                         fmt_range(&b),
                         fmt_num(t.median),
                         fmt_range(&t),
-                        Verdict::of(s.better, &b, &t).text(),
+                        // One round has no spread to judge by.
+                        if b.n < 2 || t.n < 2 {
+                            "— (one round)"
+                        } else {
+                            Verdict::of(s.better, &b, &t).text()
+                        },
                     );
                 }
             }
