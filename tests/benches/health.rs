@@ -2,13 +2,16 @@
 //! and how many checks one control-plane replica keeps up with.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=target/bench cargo build --release --bins
 //! CARGO_TARGET_DIR=target/bench cargo bench -p weir-tests --bench health
 //! ```
 //!
 //! Everything runs on loopback: one private etcd (fresh data dir) and a
 //! real `weir-control-plane` process on it (the replica under test, release
-//! build found next to this benchmark's `deps/` directory).
+//! build, built by the bench toolkit next to this benchmark's `deps/`
+//! directory). With `WEIR_BENCH_BASE=<git rev>` the whole run is repeated
+//! in interleaved rounds with that revision's replica under test and this
+//! checkout's (see `weir_tests::bench`); the victims are always this
+//! checkout's binary, so only the replica under test differs.
 //!
 //! 1. Detection. Each victim is a separate process: another
 //!    `weir-control-plane --dev`, whose HTTP `/healthz` is the check. It is
@@ -31,7 +34,9 @@
 //! default 30), `WEIR_BENCH_STEPS` (instance counts, default
 //! "500,1000,2000,4000,6000,8000,12000,16000"), `WEIR_BENCH_WINDOW_SECS`
 //! (capacity window, default 5), `WEIR_BENCH_BUDGET_SECS` (no new capacity
-//! step after this many seconds of capacity measuring, default 180).
+//! step after this many seconds of capacity measuring, default 180), and
+//! the toolkit's `WEIR_BENCH_SKIP_BUILD`, `WEIR_BENCH_BASE`,
+//! `WEIR_BENCH_ROUNDS`.
 
 use std::{
     net::SocketAddr,
@@ -44,7 +49,8 @@ use std::{
     time::{Duration, Instant},
 };
 use weir_tests::bench::{
-    clock_ticks, env_num, loadavg, machine_busy_ticks, now_unix_ms, percentile, run_as_benchmark,
+    self, clock_ticks, env_counts, env_num, loadavg, now_unix_ms, percentile, private_etcd,
+    rss_mib, start_plane, CpuMeter, CpuSecs, Figure,
 };
 use weir_tests::{follow, status_in};
 
@@ -65,7 +71,7 @@ use weir_client::{
     health_check, Client, GetServiceRequest, HealthCheck, HealthStatus, HttpCheck, Instance,
     InstanceRef, WatchView,
 };
-use weir_tests::{unique_prefix, workspace_binary, ControlPlaneProcess, Etcd, EtcdOptions};
+use weir_tests::unique_prefix;
 
 const NAMESPACE: &str = "default";
 /// Detection configurations: (interval ms, failures_before_critical).
@@ -85,19 +91,17 @@ const SETTLE: Duration = Duration::from_secs(3);
 const LATE_FACTOR: f64 = 1.5;
 
 fn main() -> Result<()> {
-    // `cargo bench` passes --bench; `cargo test --benches` does not, and a
-    // test run must not take minutes.
-    if !run_as_benchmark() {
-        println!("health benchmark: run it with `cargo bench -p weir-tests --bench health`");
-        return Ok(());
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    // Every process started here is killed when its handle drops (etcd and
-    // the control plane by the harness, victims by `kill_on_drop`), which
-    // happens on every way out of `run`, error or panic included.
-    runtime.block_on(run())
+    // Each run (this checkout's replica under test, or base and this in
+    // interleaved rounds) on a fresh etcd and replicas; the victims are
+    // always this checkout's binary.
+    bench::main("health", |plan| async move {
+        let victim = plan.this.binary.clone();
+        plan.measure(|r| {
+            let victim = victim.clone();
+            async move { run_once(r.binary(), &victim).await }
+        })
+        .await
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -158,94 +162,6 @@ async fn wait_ready(client: &Client) -> Result<()> {
                 bail!("control plane not ready after 30 s: {e}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// CPU and memory from /proc
-
-/// (utime, stime) of a process, in ticks.
-fn proc_ticks(pid: &str) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let close = text.rfind(')')?;
-    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    // After the comm: state(3) ppid(4) ... utime(14) stime(15).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime, stime))
-}
-
-/// (comm, ppid) of a process.
-fn proc_parent(pid: &str) -> Option<(String, u32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text.get(open + 1..close)?.to_owned();
-    let ppid = text
-        .get(close + 1..)?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some((comm, ppid))
-}
-
-/// Our etcd child, found by name and parent.
-fn find_etcd() -> Option<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let pid: u32 = name.parse().ok()?;
-        let (comm, ppid) = proc_parent(&name)?;
-        (comm == "etcd" && ppid == me).then_some(pid)
-    })
-}
-
-/// Resident memory of a process, MiB.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
-/// CPU seconds used so far by each party.
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuSecs {
-    plane: f64,
-    /// Of `plane`, in the kernel (stime).
-    plane_sys: f64,
-    etcd: f64,
-    bench: f64,
-    machine: f64,
-}
-
-impl CpuSecs {
-    fn read(plane: u32, etcd: Option<u32>, ticks: f64) -> Self {
-        let secs = |pid: &str| proc_ticks(pid).map_or(0.0, |(u, s)| (u + s) as f64 / ticks);
-        let plane_sys = proc_ticks(&plane.to_string()).map_or(0.0, |(_, s)| s as f64 / ticks);
-        Self {
-            plane: secs(&plane.to_string()),
-            plane_sys,
-            etcd: etcd.map_or(0.0, |p| secs(&p.to_string())),
-            bench: secs("self"),
-            machine: machine_busy_ticks().map_or(0.0, |t| t as f64 / ticks),
-        }
-    }
-
-    fn minus(self, earlier: Self) -> Self {
-        Self {
-            plane: self.plane - earlier.plane,
-            plane_sys: self.plane_sys - earlier.plane_sys,
-            etcd: self.etcd - earlier.etcd,
-            bench: self.bench - earlier.bench,
-            machine: self.machine - earlier.machine,
         }
     }
 }
@@ -622,6 +538,7 @@ const CAPACITY_SERVICE: &str = "fleet";
 
 async fn capacity(
     client: &Client,
+    cpu: &CpuMeter,
     plane_pid: u32,
     steps: &[usize],
     window: Duration,
@@ -630,8 +547,6 @@ async fn capacity(
     let most = steps.iter().copied().max().unwrap_or(0);
     let counters = Arc::new(Counters::new(most));
     let servers = Servers::start(&counters).await?;
-    let etcd = find_etcd();
-    let ticks = clock_ticks();
     let mut view = client.watch_view(NAMESPACE, CAPACITY_SERVICE);
     let mut rows = Vec::new();
     let mut registered = 0;
@@ -646,7 +561,7 @@ async fn capacity(
             break;
         }
         let step_start = Instant::now();
-        let ramp_before = CpuSecs::read(plane_pid, etcd, ticks);
+        let ramp_before = cpu.read();
         let ports = &servers.ports;
         let passing = |v: &WatchView| {
             v.instances()
@@ -686,9 +601,7 @@ async fn capacity(
         }
         registered = n;
         let to_passing = step_start.elapsed();
-        let ramp_cpu = CpuSecs::read(plane_pid, etcd, ticks)
-            .minus(ramp_before)
-            .plane;
+        let ramp_cpu = cpu.read().minus(ramp_before).plane;
         tokio::time::sleep(SETTLE).await;
         drain(&mut view, Duration::from_millis(100)).await?;
 
@@ -697,11 +610,11 @@ async fn capacity(
         let total_before = counters.total.load(Ordering::Relaxed);
         let late_before = counters.late.load(Ordering::Relaxed);
         counters.max_gap_us.store(0, Ordering::Relaxed);
-        let cpu_before = CpuSecs::read(plane_pid, etcd, ticks);
+        let cpu_before = cpu.read();
         let t0 = Instant::now();
         tokio::time::sleep(window).await;
         let elapsed = t0.elapsed();
-        let cpu = CpuSecs::read(plane_pid, etcd, ticks).minus(cpu_before);
+        let used = cpu.read().minus(cpu_before);
         let received = counters.total.load(Ordering::Relaxed) - total_before;
         let late = counters.late.load(Ordering::Relaxed) - late_before;
         let max_gap = Duration::from_micros(counters.max_gap_us.load(Ordering::Relaxed));
@@ -726,7 +639,7 @@ async fn capacity(
             late,
             max_gap,
             per_instance,
-            cpu,
+            cpu: used,
             rss_mib: rss_mib(plane_pid).unwrap_or(0.0),
             not_passing,
         };
@@ -802,21 +715,17 @@ fn print_capacity(rows: &[CapacityRow], failed: Option<&str>) {
 
 // ---------------------------------------------------------------------------
 
-async fn run() -> Result<()> {
+/// One run with `binary` as the replica under test (victims: `victim`):
+/// prints its tables and returns its figures.
+async fn run_once(binary: &Path, victim: &Path) -> Result<Vec<Figure>> {
     let kills = usize::try_from(env_num("WEIR_BENCH_KILLS", 30).max(1))?;
     let window = Duration::from_secs(env_num("WEIR_BENCH_WINDOW_SECS", 5).max(1));
     let budget = Duration::from_secs(env_num("WEIR_BENCH_BUDGET_SECS", 180));
-    let steps: Vec<usize> = std::env::var("WEIR_BENCH_STEPS")
-        .unwrap_or_else(|_| "500,1000,2000,4000,6000,8000,12000,16000".into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .context("WEIR_BENCH_STEPS: comma-separated counts")
-        })
-        .collect::<Result<_>>()?;
+    let steps = env_counts(
+        "WEIR_BENCH_STEPS",
+        "500,1000,2000,4000,6000,8000,12000,16000",
+    )?;
 
-    let binary = workspace_binary("weir-control-plane")?;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     eprintln!(
         "health benchmark: control plane {}; {cpus} CPUs (shared by etcd, the control plane, \
@@ -825,23 +734,16 @@ async fn run() -> Result<()> {
         clock_ticks(),
         loadavg()
     );
-    let etcd = Etcd::start_with(EtcdOptions {
-        extra_args: vec![
-            "--auto-compaction-mode=revision".into(),
-            "--auto-compaction-retention=10000".into(),
-        ],
-        private: true,
-    })
-    .await?;
+    let etcd = private_etcd().await?;
 
     // 1. Detection, on its own replica.
     let mut rows = Vec::new();
     {
-        let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("hbench-detect"))?;
+        let plane = start_plane(binary, &etcd, &unique_prefix("hbench-detect"))?;
         let client = Client::connect([plane.endpoint()]).await?;
         wait_ready(&client).await?;
         for (interval_ms, failures) in DETECTION {
-            let row = detection(&client, &binary, interval_ms, failures, kills).await?;
+            let row = detection(&client, victim, interval_ms, failures, kills).await?;
             eprintln!(
                 "  detection {interval_ms} ms × {failures}: {} kills in {:.0} s",
                 row.kills.len(),
@@ -853,15 +755,84 @@ async fn run() -> Result<()> {
     print_detection(&rows);
 
     // 2. Capacity, on a fresh replica (new prefix, nothing else to check).
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("hbench-capacity"))?;
+    let plane = start_plane(binary, &etcd, &unique_prefix("hbench-capacity"))?;
     let client = Client::connect([plane.endpoint()]).await?;
     wait_ready(&client).await?;
-    let (capacity_rows, failed) = capacity(&client, plane.pid(), &steps, window, budget).await?;
+    let cpu = CpuMeter::new(vec![plane.pid()], etcd.pid());
+    let (capacity_rows, failed) =
+        capacity(&client, &cpu, plane.pid(), &steps, window, budget).await?;
     print_capacity(&capacity_rows, failed.as_deref());
     println!();
     println!(
         "{cpus} CPUs shared by etcd, the control plane and the load side; load average at the end {}",
         loadavg()
     );
-    Ok(())
+    Ok(figures(&rows, &capacity_rows))
+}
+
+/// What a run gives for comparing two control-plane binaries.
+fn figures(detection: &[DetectionRow], capacity: &[CapacityRow]) -> Vec<Figure> {
+    let mut out = Vec::new();
+    for row in detection {
+        let config = format!("{} ms × {}", row.interval_ms, row.failures);
+        let mut seen: Vec<Duration> = row.kills.iter().map(|k| k.seen).collect();
+        seen.sort();
+        let mut decided: Vec<Duration> = row.kills.iter().map(|k| k.decided).collect();
+        decided.sort();
+        out.push(Figure::ms(
+            format!("detection {config}: kill → CRITICAL on a watch, p50"),
+            percentile(&seen, 0.5),
+        ));
+        out.push(Figure::ms(
+            format!("detection {config}: kill → CRITICAL on a watch, p99"),
+            percentile(&seen, 0.99),
+        ));
+        out.push(Figure::ms(
+            format!("detection {config}: kill → verdict, p50"),
+            percentile(&decided, 0.5),
+        ));
+    }
+    for r in capacity {
+        let n = r.instances;
+        let rate = r.rate();
+        out.push(Figure::higher(
+            format!("capacity {n}: received checks/s (target {:.0})", r.target()),
+            "checks/s",
+            rate,
+        ));
+        if rate > 0.0 {
+            out.push(Figure::lower(
+                format!("capacity {n}: control plane, % of a core per 1,000 checks/s"),
+                "%",
+                r.cores(r.cpu.plane) * 100.0 / (rate / 1000.0),
+            ));
+        }
+        out.push(Figure::lower(
+            format!("capacity {n}: control plane RSS"),
+            "MiB",
+            r.rss_mib,
+        ));
+        out.push(Figure::lower(
+            format!("capacity {n}: new instances → all PASSING"),
+            "s",
+            r.to_passing.as_secs_f64(),
+        ));
+        out.push(Figure::lower(
+            format!("capacity {n}: control plane CPU during that ramp"),
+            "CPU-s",
+            r.ramp_cpu,
+        ));
+    }
+    let kept_up = capacity
+        .iter()
+        .filter(|r| !r.behind())
+        .map(|r| r.instances)
+        .max()
+        .unwrap_or(0);
+    out.push(Figure::higher(
+        "capacity: most instances kept up with (steps tried)",
+        "instances",
+        kept_up as f64,
+    ));
+    out
 }

@@ -3,14 +3,16 @@
 //! recorded every acknowledgement.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=target/bench cargo build --release --bins
 //! CARGO_TARGET_DIR=target/bench cargo bench -p weir-tests --bench policy
 //! ```
 //!
 //! Everything runs on loopback. For each session count (100, then 1,000) a
 //! fresh private etcd (fresh data dir, auto-compaction on) and two real
-//! `weir-control-plane` processes on it (release build, found next to this
-//! benchmark's `deps/` directory) are started; the sessions are spread
+//! `weir-control-plane` processes on it (release build, built by the bench
+//! toolkit next to this benchmark's `deps/` directory) are started. With
+//! `WEIR_BENCH_BASE=<git rev>` the whole run is repeated in interleaved
+//! rounds on that revision's control planes and this checkout's (see
+//! `weir_tests::bench`). The sessions are spread
 //! evenly over the two replicas, [`SESSIONS_PER_CLIENT`] sessions per
 //! `Client` (one HTTP/2 connection each, all of a client's sessions on the
 //! same replica).
@@ -55,10 +57,12 @@
 //! `WEIR_BENCH_SESSIONS` (session counts, default "100,1000"),
 //! `WEIR_BENCH_BUDGET_SECS` (no new phase-1 Put after this many seconds per
 //! session count, default 150), `WEIR_BENCH_RULES` (rules in the policy,
-//! to make it bigger, default 0).
+//! to make it bigger, default 0), and the toolkit's `WEIR_BENCH_SKIP_BUILD`,
+//! `WEIR_BENCH_BASE`, `WEIR_BENCH_ROUNDS`.
 
 use std::{
     collections::{HashMap, HashSet},
+    path::Path,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -66,7 +70,8 @@ use std::{
     time::{Duration, Instant},
 };
 use weir_tests::bench::{
-    clock_ticks, env_num, loadavg, machine_busy_ticks, now_unix_ms, percentile, run_as_benchmark,
+    self, env_counts, env_num, loadavg, now_unix_ms, percentile, private_etcd, rss_mib,
+    start_plane, status_mib, CpuMeter, CpuSecs, Figure,
 };
 
 use anyhow::{bail, ensure, Context, Result};
@@ -78,7 +83,7 @@ use weir_client::{
     policy::{AgentPolicyState, EventMatch, Rule, Timeout, TrafficPolicy},
     AgentSession, Client, SessionEvent,
 };
-use weir_tests::{unique_prefix, ControlPlaneProcess, Etcd, EtcdOptions};
+use weir_tests::{unique_prefix, ControlPlaneProcess, Etcd};
 
 const NAMESPACE: &str = "default";
 const SERVICE: &str = "orders";
@@ -96,21 +101,12 @@ const STATUS_POLL: Duration = Duration::from_millis(2);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> Result<()> {
-    // `cargo bench` passes --bench; `cargo test --benches` does not, and a
-    // test run must not take minutes.
-    if !run_as_benchmark() {
-        println!("policy benchmark: run it with `cargo bench -p weir-tests --bench policy`");
-        return Ok(());
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    // etcd and the control planes are killed when their harness handles
-    // drop, which happens on every way out of `run` (error or panic
-    // included); agent tasks die with the runtime.
-    let result = runtime.block_on(run());
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    result
+    // Each run (this checkout's control planes, or base and this in
+    // interleaved rounds) on a fresh etcd and replicas per session count.
+    bench::main("policy", |plan| async move {
+        plan.measure(|r| async move { run_once(r.binary()).await })
+            .await
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -180,105 +176,10 @@ fn hello(node: &str) -> Hello {
 }
 
 // ---------------------------------------------------------------------------
-// CPU and memory from /proc
-
-/// utime + stime of a process, in ticks.
-fn proc_ticks(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let close = text.rfind(')')?;
-    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    // After the comm: state(3) ppid(4) ... utime(14) stime(15).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// Our etcd child, found by name and parent.
-fn find_etcd() -> Option<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let open = text.find('(')?;
-        let close = text.rfind(')')?;
-        let comm = text.get(open + 1..close)?;
-        let ppid: u32 = text
-            .get(close + 1..)?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        (comm == "etcd" && ppid == me).then_some(pid)
-    })
-}
-
-/// A `/proc/<pid>/status` figure in kB (VmRSS, VmHWM), as MiB.
-fn status_mib(pid: u32, field: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .trim_start_matches(':')
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
+// Memory from /proc
 
 fn rss(pid: u32) -> f64 {
-    status_mib(pid, "VmRSS").unwrap_or(f64::NAN)
-}
-
-/// CPU ticks used so far by each party.
-#[derive(Clone, Copy, Debug, Default)]
-struct Ticks {
-    planes: u64,
-    etcd: u64,
-    bench: u64,
-    machine: u64,
-}
-
-impl Ticks {
-    fn read(planes: &[u32], etcd: Option<u32>) -> Self {
-        Self {
-            planes: planes.iter().filter_map(|p| proc_ticks(*p)).sum(),
-            etcd: etcd.and_then(proc_ticks).unwrap_or(0),
-            bench: proc_ticks(std::process::id()).unwrap_or(0),
-            machine: machine_busy_ticks().unwrap_or(0),
-        }
-    }
-}
-
-/// CPU seconds each party used between two readings.
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuUse {
-    planes: f64,
-    etcd: f64,
-    bench: f64,
-    machine: f64,
-    wall: f64,
-}
-
-impl CpuUse {
-    fn between(a: Ticks, b: Ticks, wall: Duration, hz: f64) -> Self {
-        let secs = |x: u64, y: u64| y.saturating_sub(x) as f64 / hz;
-        Self {
-            planes: secs(a.planes, b.planes),
-            etcd: secs(a.etcd, b.etcd),
-            bench: secs(a.bench, b.bench),
-            machine: secs(a.machine, b.machine),
-            wall: wall.as_secs_f64(),
-        }
-    }
-
-    /// Share of the machine's two cores, percent.
-    fn pct(&self, secs: f64) -> f64 {
-        if self.wall == 0.0 {
-            return 0.0;
-        }
-        100.0 * secs / self.wall
-    }
+    rss_mib(pid).unwrap_or(f64::NAN)
 }
 
 // ---------------------------------------------------------------------------
@@ -521,7 +422,9 @@ struct RunResult {
     rss_end: Vec<f64>,
     hwm_end: Vec<f64>,
     etcd_rss_end: f64,
-    cpu: CpuUse,
+    /// CPU seconds of each party over phase 1, and its wall time.
+    cpu: CpuSecs,
+    wall: f64,
     load_before: String,
     load_after: String,
 }
@@ -540,19 +443,12 @@ struct Stand {
 }
 
 impl Stand {
-    async fn start(rules: usize) -> Result<Self> {
-        let etcd = Etcd::start_with(EtcdOptions {
-            extra_args: vec![
-                "--auto-compaction-mode=revision".into(),
-                "--auto-compaction-retention=10000".into(),
-            ],
-            private: true,
-        })
-        .await?;
+    async fn start(binary: &Path, rules: usize) -> Result<Self> {
+        let etcd = private_etcd().await?;
         let prefix = unique_prefix("pbench");
         let planes = vec![
-            ControlPlaneProcess::start(&etcd, &prefix)?,
-            ControlPlaneProcess::start(&etcd, &prefix)?,
+            start_plane(binary, &etcd, &prefix)?,
+            start_plane(binary, &etcd, &prefix)?,
         ];
         let admin = Client::connect([planes[0].endpoint()]).await?;
         Ok(Self {
@@ -741,15 +637,15 @@ impl Stand {
 }
 
 async fn run_sessions(
+    binary: &Path,
     n: usize,
     puts: usize,
     status_puts: usize,
     budget: Duration,
 ) -> Result<RunResult> {
-    let hz = clock_ticks();
     let rules = usize::try_from(env_num("WEIR_BENCH_RULES", 0))?;
-    let mut stand = Stand::start(rules).await?;
-    let etcd_pid = find_etcd();
+    let mut stand = Stand::start(binary, rules).await?;
+    let etcd_pid = stand.etcd.pid();
     let mut result = RunResult {
         sessions: n,
         ..RunResult::default()
@@ -780,12 +676,12 @@ async fn run_sessions(
 
     // Measured Puts.
     result.load_before = loadavg();
-    let pids = stand.pids();
-    let mut ticks_start = Ticks::read(&pids, etcd_pid);
+    let cpu = CpuMeter::new(stand.pids(), etcd_pid);
+    let mut cpu_start = cpu.read();
     let mut measure_start = Instant::now();
     for i in 0..WARMUP + puts {
         if i == WARMUP {
-            ticks_start = Ticks::read(&pids, etcd_pid);
+            cpu_start = cpu.read();
             measure_start = Instant::now();
         }
         if i > WARMUP && measure_start.elapsed() > budget {
@@ -800,8 +696,8 @@ async fn run_sessions(
         }
         tokio::time::sleep(PAUSE).await;
     }
-    let ticks_end = Ticks::read(&pids, etcd_pid);
-    result.cpu = CpuUse::between(ticks_start, ticks_end, measure_start.elapsed(), hz);
+    result.cpu = cpu.read().minus(cpu_start);
+    result.wall = measure_start.elapsed().as_secs_f64();
     result.load_after = loadavg();
 
     // The operator's view: Status polled until applied == n.
@@ -946,18 +842,26 @@ fn report(r: &RunResult) {
         r.etcd_rss_end
     );
     let c = &r.cpu;
+    // Share of the machine's cores, percent.
+    let pct = |secs: f64| {
+        if r.wall == 0.0 {
+            0.0
+        } else {
+            100.0 * secs / r.wall
+        }
+    };
     println!(
         "CPU over phase 1 ({:.1} s wall, 200% = both cores): control planes {:.0}%, etcd {:.0}%, benchmark process {:.0}%, whole machine {:.0}%",
-        c.wall,
-        c.pct(c.planes),
-        c.pct(c.etcd),
-        c.pct(c.bench),
-        c.pct(c.machine)
+        r.wall,
+        pct(c.plane),
+        pct(c.etcd),
+        pct(c.bench),
+        pct(c.machine)
     );
     if !m.is_empty() {
         println!(
             "CPU per Put: control planes (both) {:.1} ms, etcd {:.1} ms, benchmark process {:.1} ms",
-            1000.0 * c.planes / m.len() as f64,
+            1000.0 * c.plane / m.len() as f64,
             1000.0 * c.etcd / m.len() as f64,
             1000.0 * c.bench / m.len() as f64
         );
@@ -968,16 +872,12 @@ fn report(r: &RunResult) {
     );
 }
 
-async fn run() -> Result<()> {
+/// One run on `binary`: prints its tables and returns its figures.
+async fn run_once(binary: &Path) -> Result<Vec<Figure>> {
     let puts = usize::try_from(env_num("WEIR_BENCH_PUTS", 100))?;
     let status_puts = usize::try_from(env_num("WEIR_BENCH_STATUS_PUTS", 100))?;
     let budget = Duration::from_secs(env_num("WEIR_BENCH_BUDGET_SECS", 150));
-    let counts: Vec<usize> = std::env::var("WEIR_BENCH_SESSIONS")
-        .unwrap_or_else(|_| "100,1000".into())
-        .split(',')
-        .map(|s| s.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .context("WEIR_BENCH_SESSIONS: comma-separated session counts")?;
+    let counts = env_counts("WEIR_BENCH_SESSIONS", "100,1000")?;
     println!(
         "policy propagation: {} CPUs, {puts} measured Puts (+{WARMUP} warm-up) and {status_puts} Status-timed Puts per session count, {SESSIONS_PER_CLIENT} sessions per client connection; load average {}",
         std::thread::available_parallelism().map_or(0, usize::from),
@@ -991,7 +891,7 @@ async fn run() -> Result<()> {
     let mut results = Vec::new();
     for n in counts {
         println!("{n} sessions ...");
-        let r = run_sessions(n, puts, status_puts, budget)
+        let r = run_sessions(binary, n, puts, status_puts, budget)
             .await
             .with_context(|| format!("run with {n} sessions"))?;
         report(&r);
@@ -1025,5 +925,60 @@ async fn run() -> Result<()> {
     }
     println!();
     println!("(b) stamped: phase 1, last ack taken in hand by the control plane (lower bound); watch: phase 1, last ack seen written by an etcd watch (includes watch delivery); Status: phase 2, Status shows applied == N, polled.");
-    Ok(())
+    Ok(results.iter().flat_map(figures).collect())
+}
+
+/// What one session count gives for comparing two control-plane binaries.
+fn figures(r: &RunResult) -> Vec<Figure> {
+    let n = r.sessions;
+    let mut out = Vec::new();
+    let mut latency = |what: &str, s: Summary| {
+        out.push(Figure::ms(format!("{n} sessions: {what}, p50"), s.p50));
+        out.push(Figure::ms(format!("{n} sessions: {what}, p99"), s.p99));
+    };
+    latency(
+        "(a) push, last agent received",
+        summary(&r.measured, |t| Some(t.push)),
+    );
+    latency(
+        "stamped, last ack taken in hand",
+        summary(&r.measured, |t| Some(t.stamped)),
+    );
+    latency(
+        "watch, last ack seen written to etcd",
+        summary(&r.measured, |t| Some(t.recorded)),
+    );
+    latency(
+        "(b) Status shows applied == N",
+        summary(&r.status_timed, |t| t.status_view),
+    );
+    latency("Put call", summary(&r.measured, |t| Some(t.rtt)));
+    out.push(Figure::ms(
+        format!("{n} sessions: Status call with the sessions open, median"),
+        r.status_call_open,
+    ));
+    out.push(Figure::lower(
+        format!("{n} sessions: control-plane RSS, sessions open (sum)"),
+        "MiB",
+        r.rss_open.iter().sum(),
+    ));
+    out.push(Figure::lower(
+        format!("{n} sessions: control-plane peak RSS (VmHWM, sum)"),
+        "MiB",
+        r.hwm_end.iter().sum(),
+    ));
+    if !r.measured.is_empty() {
+        let puts = r.measured.len() as f64;
+        out.push(Figure::lower(
+            format!("{n} sessions: control-plane CPU per Put (both)"),
+            "ms",
+            1000.0 * r.cpu.plane / puts,
+        ));
+        out.push(Figure::lower(
+            format!("{n} sessions: etcd CPU per Put"),
+            "ms",
+            1000.0 * r.cpu.etcd / puts,
+        ));
+    }
+    out
 }

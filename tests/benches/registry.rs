@@ -5,8 +5,12 @@
 //! ```
 //!
 //! One private etcd (fresh data dir, auto-compaction on) and one real
-//! `weir-control-plane` process (release build, rebuilt by this benchmark
-//! into the same target dir before it starts), all on loopback.
+//! `weir-control-plane` process (release build, built by the bench toolkit
+//! into the same target dir before it starts), all on loopback. With
+//! `WEIR_BENCH_BASE=<git rev>` the whole run is repeated in interleaved
+//! rounds on that revision's control plane and this checkout's (see
+//! `weir_tests::bench`), each round on a fresh etcd, and the Weir figures
+//! of both are compared at the end.
 //!
 //! Throughput: Weir and raw etcd at the same concurrency, [`CONCURRENCY`]
 //! operations in flight, spread round-robin over [`CHANNELS`] gRPC
@@ -22,8 +26,9 @@
 //!
 //! Knobs (environment): `WEIR_BENCH_SECS` (measured seconds per throughput
 //! figure, default 4), `WEIR_BENCH_SAMPLES` (sequential writes per latency
-//! figure, default 300), `WEIR_BENCH_WATCHERS` (default 1000),
-//! `WEIR_BENCH_SKIP_BUILD=1` (use the control-plane binary already built).
+//! figure, default 300), `WEIR_BENCH_WATCHERS` (default 1000), and the
+//! toolkit's `WEIR_BENCH_SKIP_BUILD=1` (use the binaries already built),
+//! `WEIR_BENCH_BASE`, `WEIR_BENCH_ROUNDS`.
 
 use std::{
     future::Future,
@@ -36,7 +41,10 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use weir_tests::bench::{env_num, loadavg, machine_busy_ticks, percentile, run_as_benchmark};
+use weir_tests::bench::{
+    self, env_num, loadavg, percentile, private_etcd, start_plane, Better, CpuMeter, CpuSecs,
+    Figure,
+};
 
 use anyhow::{bail, Context, Result};
 use etcd_client::{EventType as EtcdEventType, GetOptions, PutOptions, WatchOptions};
@@ -50,7 +58,7 @@ use weir_proto::registry::v1::{
     HealthStatus, HeartbeatRequest, Instance, InstanceRef, KeepAliveRequest, KeepAliveResponse,
     RegisterRequest, WatchRequest,
 };
-use weir_tests::{unique_prefix, workspace_binary, ControlPlaneProcess, Etcd, EtcdOptions};
+use weir_tests::{unique_prefix, Etcd};
 
 /// Operations in flight during a throughput figure (Weir and raw etcd alike).
 const CONCURRENCY: usize = 64;
@@ -73,186 +81,26 @@ const KEEPALIVE_BATCH: usize = 16;
 const NAMESPACE: &str = "default";
 /// Root of the raw etcd keys (outside the control plane's prefix).
 const RAW_ROOT: &str = "/bench-raw";
-/// The whole run (after the build) stops with an error past this.
+/// A run (one binary, after the build) stops with an error past this.
 const TIME_LIMIT: Duration = Duration::from_secs(600);
 
 fn main() -> Result<()> {
-    // `cargo bench` passes --bench; `cargo test --benches` does not, and a
-    // test run must not take minutes.
-    if !run_as_benchmark() {
-        println!("registry benchmark: run it with `cargo bench -p weir-tests --bench registry`");
-        return Ok(());
-    }
-    build_control_plane()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    // etcd and the control plane are killed when their handles drop, which
-    // happens on every way out of `run`: success, error, panic, the overall
-    // time limit, or Ctrl-C (each drops the `run` future).
-    runtime.block_on(async {
-        tokio::select! {
-            done = tokio::time::timeout(TIME_LIMIT, run()) => {
-                done.map_err(|_| anyhow::anyhow!("the benchmark took more than {TIME_LIMIT:?}; stopped"))?
-            }
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-        }
+    // Each run (this checkout's control plane, or base and this in
+    // interleaved rounds) on a fresh etcd and control plane.
+    bench::main("registry", |plan| async move {
+        plan.measure(|r| async move {
+            tokio::time::timeout(TIME_LIMIT, run_once(r.binary()))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("the benchmark took more than {TIME_LIMIT:?}; stopped")
+                })?
+        })
+        .await
     })
 }
 
 // ---------------------------------------------------------------------------
 // Setup
-
-/// Builds `weir-control-plane` with the profile and target dir of this
-/// benchmark, so `workspace_binary` (which looks next to the running
-/// executable's `deps/`) finds a current release binary.
-fn build_control_plane() -> Result<()> {
-    if std::env::var_os("WEIR_BENCH_SKIP_BUILD").is_some() {
-        return Ok(());
-    }
-    let exe = std::env::current_exe()?;
-    // <target>/<profile>/deps/<bench>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("unexpected benchmark executable location")?;
-    let target_dir = profile_dir
-        .parent()
-        .context("unexpected benchmark executable location")?;
-    let release = profile_dir.file_name().is_some_and(|n| n == "release");
-    if !release {
-        eprintln!(
-            "warning: not a release build ({}); figures are not representative",
-            profile_dir.display()
-        );
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let mut command = Command::new(cargo);
-    command
-        .arg("build")
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(target_dir)
-        .args(["-p", "weir-control-plane", "--bin", "weir-control-plane"]);
-    if release {
-        command.arg("--release");
-    }
-    let status = command.status().context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("building weir-control-plane failed ({status})");
-    }
-    Ok(())
-}
-
-/// CPU time of etcd, the control plane, this process and the whole machine,
-/// from /proc.
-struct Cpu {
-    etcd: Option<u32>,
-    plane: Option<u32>,
-    ticks_per_sec: f64,
-}
-
-/// CPU seconds used so far, or (as a difference) over a span.
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuSecs {
-    etcd: f64,
-    plane: f64,
-    bench: f64,
-    /// Every process on the machine (busy time of all CPUs).
-    machine: f64,
-}
-
-impl CpuSecs {
-    fn minus(self, earlier: Self) -> Self {
-        Self {
-            etcd: self.etcd - earlier.etcd,
-            plane: self.plane - earlier.plane,
-            bench: self.bench - earlier.bench,
-            machine: self.machine - earlier.machine,
-        }
-    }
-
-    fn plus(self, other: Self) -> Self {
-        Self {
-            etcd: self.etcd + other.etcd,
-            plane: self.plane + other.plane,
-            bench: self.bench + other.bench,
-            machine: self.machine + other.machine,
-        }
-    }
-
-    /// Processes other than ours (e.g. compilers of a concurrent build).
-    fn other(self) -> f64 {
-        (self.machine - self.etcd - self.plane - self.bench).max(0.0)
-    }
-}
-
-/// (comm, ppid, utime + stime in ticks) of a process.
-fn proc_stat(pid: &str) -> Option<(String, u32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text.get(open + 1..close)?.to_owned();
-    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    // After the comm: state(3) ppid(4) ... utime(14) stime(15).
-    let ppid = fields.get(1)?.parse().ok()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((comm, ppid, utime + stime))
-}
-
-impl Cpu {
-    /// Finds our etcd and control-plane children.
-    fn find() -> Self {
-        let me = std::process::id();
-        let mut etcd = None;
-        let mut plane = None;
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let Ok(pid) = name.parse::<u32>() else {
-                    continue;
-                };
-                let Some((comm, ppid, _)) = proc_stat(&name) else {
-                    continue;
-                };
-                if ppid != me {
-                    continue;
-                }
-                if comm == "etcd" {
-                    etcd = Some(pid);
-                } else if comm.starts_with("weir-control") {
-                    plane = Some(pid);
-                }
-            }
-        }
-        let ticks_per_sec = Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0);
-        Self {
-            etcd,
-            plane,
-            ticks_per_sec,
-        }
-    }
-
-    fn now(&self) -> CpuSecs {
-        let secs =
-            |pid: &str| proc_stat(pid).map_or(0.0, |(_, _, t)| t as f64 / self.ticks_per_sec);
-        CpuSecs {
-            etcd: self.etcd.map_or(0.0, |p| secs(&p.to_string())),
-            plane: self.plane.map_or(0.0, |p| secs(&p.to_string())),
-            bench: secs("self"),
-            machine: machine_busy_ticks().map_or(0.0, |t| t as f64 / self.ticks_per_sec),
-        }
-    }
-}
 
 async fn weir_clients(endpoint: &str) -> Result<Vec<RegistryClient<Channel>>> {
     let mut clients = Vec::new();
@@ -369,8 +217,8 @@ impl Load {
 /// `CONCURRENCY` workers each run `op` back to back until `duration` is up;
 /// the rate counts every operation that completed, over the time until the
 /// last one did.
-async fn run_load(duration: Duration, op: &Op, cpu: &Cpu) -> Result<Load> {
-    let before = cpu.now();
+async fn run_load(duration: Duration, op: &Op, cpu: &CpuMeter) -> Result<Load> {
+    let before = cpu.read();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
@@ -406,7 +254,7 @@ async fn run_load(duration: Duration, op: &Op, cpu: &Cpu) -> Result<Load> {
         }
     }
     load.secs = start.elapsed().as_secs_f64();
-    load.cpu = cpu.now().minus(before);
+    load.cpu = cpu.read().minus(before);
     Ok(load)
 }
 
@@ -414,7 +262,12 @@ async fn run_load(duration: Duration, op: &Op, cpu: &Cpu) -> Result<Load> {
 /// warm-up, then `ROUNDS` rounds run every operation for `total / ROUNDS`
 /// in turn, so load from outside the benchmark that comes and goes hits
 /// Weir and raw etcd alike.
-async fn compare(group: &str, ops: &[(&str, Op)], total: Duration, cpu: &Cpu) -> Result<Vec<Load>> {
+async fn compare(
+    group: &str,
+    ops: &[(&str, Op)],
+    total: Duration,
+    cpu: &CpuMeter,
+) -> Result<Vec<Load>> {
     eprintln!("{group}:");
     for (name, op) in ops {
         let warm = run_load(WARMUP, op, cpu).await?;
@@ -761,6 +614,8 @@ struct Row {
     ratio: String,
     target: String,
     verdict: String,
+    /// What the row gives for comparing two control-plane binaries.
+    figures: Vec<Figure>,
 }
 
 enum Target {
@@ -786,6 +641,11 @@ fn throughput_row(metric: &str, weir: f64, raw: Option<f64>, target: Target) -> 
         ),
         _ => ("—".to_owned(), String::new()),
     };
+    // The rates themselves come from the loads (several rows share one).
+    let figures = ratio
+        .map(|x| Figure::higher(format!("{metric}: ratio weir/raw"), "×", x))
+        .into_iter()
+        .collect();
     Row {
         metric: metric.to_owned(),
         weir: fmt_rate(weir),
@@ -793,6 +653,7 @@ fn throughput_row(metric: &str, weir: f64, raw: Option<f64>, target: Target) -> 
         ratio: ratio.map_or_else(|| "—".to_owned(), |x| format!("{x:.2}")),
         target,
         verdict,
+        figures,
     }
 }
 
@@ -817,6 +678,7 @@ fn latency_row(metric: &str, weir: Duration, raw: Duration, target: Target) -> R
         ratio,
         target,
         verdict,
+        figures: vec![Figure::ms(metric, weir)],
     }
 }
 
@@ -828,6 +690,7 @@ fn print_table(rows: &[Row]) {
         ratio: "ratio".into(),
         target: "target".into(),
         verdict: "verdict".into(),
+        figures: Vec::new(),
     };
     let cells = |r: &Row| {
         [
@@ -882,23 +745,16 @@ fn print_table(rows: &[Row]) {
 // ---------------------------------------------------------------------------
 // The run
 
-async fn run() -> Result<()> {
+/// One run on `binary`: prints its tables and returns its figures.
+async fn run_once(binary: &Path) -> Result<Vec<Figure>> {
     let secs = Duration::from_secs(env_num("WEIR_BENCH_SECS", 4).max(1));
     let samples = env_num("WEIR_BENCH_SAMPLES", 300).max(1);
     let many = usize::try_from(env_num("WEIR_BENCH_WATCHERS", 1000).max(1))?;
 
-    let binary = workspace_binary("weir-control-plane")?;
-    let etcd = Etcd::start_with(EtcdOptions {
-        extra_args: vec![
-            "--auto-compaction-mode=revision".into(),
-            "--auto-compaction-retention=10000".into(),
-        ],
-        private: true,
-    })
-    .await?;
+    let etcd = private_etcd().await?;
     let prefix = unique_prefix("bench");
-    let plane = ControlPlaneProcess::start(&etcd, &prefix)?;
-    let cpu = Cpu::find();
+    let plane = start_plane(binary, &etcd, &prefix)?;
+    let cpu = CpuMeter::new(vec![plane.pid()], etcd.pid());
     let etcd_version = Command::new("etcd")
         .arg("--version")
         .output()
@@ -912,9 +768,9 @@ async fn run() -> Result<()> {
         "registry benchmark: {etcd_version}; control plane {} (pid {:?}) at {}; etcd pid {:?}; \
          {cpus} CPUs, load average {load_at_start}",
         binary.display(),
-        cpu.plane,
+        plane.pid(),
         plane.endpoint(),
-        cpu.etcd,
+        etcd.pid(),
     );
 
     let weir = Arc::new(weir_clients(&plane.endpoint()).await?);
@@ -1390,5 +1246,25 @@ async fn run() -> Result<()> {
     );
     drop(plane);
     drop(etcd);
-    Ok(())
+    let mut figures: Vec<Figure> = rows.into_iter().flat_map(|r| r.figures).collect();
+    for (name, l) in &loads {
+        if name.starts_with("weir") {
+            figures.push(Figure::higher(*name, "ops/s", l.rate(1.0)));
+            let per_op = l.cpu.plane / (l.ops.max(1) as f64) * 1e6;
+            figures.push(Figure::lower(
+                format!("{name}: control-plane CPU per op"),
+                "µs",
+                per_op,
+            ));
+        } else {
+            // Raw etcd is the same in every run: its spread is the noise.
+            figures.push(Figure::new(
+                format!("{name} (reference)"),
+                "ops/s",
+                l.rate(1.0),
+                Better::Neither,
+            ));
+        }
+    }
+    Ok(figures)
 }

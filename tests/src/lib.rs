@@ -225,7 +225,13 @@ impl ControlPlaneProcess {
 
     /// Starts a replica with these flags (listen addresses are added).
     pub fn start_args(args: &[String]) -> Result<Self> {
-        let mut child = Command::new(workspace_binary("weir-control-plane")?)
+        Self::start_binary(&workspace_binary("weir-control-plane")?, args)
+    }
+
+    /// Starts this control-plane binary (e.g. another revision's, for a
+    /// benchmark) with these flags (listen addresses are added).
+    pub fn start_binary(binary: &std::path::Path, args: &[String]) -> Result<Self> {
+        let mut child = Command::new(binary)
             .args(args)
             .arg("--grpc-addr=127.0.0.1:0")
             .arg("--http-addr=127.0.0.1:0")
