@@ -12,6 +12,7 @@
 //! - [`keys::InstanceKey`]: the names that identify an instance.
 //! - [`time`] (wall clock as records store it) and [`backoff`] (capped
 //!   exponential backoff with optional jitter).
+//! - [`signal::shutdown_signal`]: Ctrl-C or SIGTERM, for every binary.
 //!
 //! The control plane adds the store, the gRPC services and replica
 //! coordination on top; the agent will add its node session and policy
@@ -21,6 +22,7 @@ pub mod backoff;
 pub mod health;
 pub mod keys;
 pub mod policy;
+pub mod signal;
 pub mod time;
 pub mod validate;
 

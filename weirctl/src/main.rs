@@ -15,7 +15,6 @@
 mod cmd;
 mod output;
 mod rejection;
-mod signal;
 
 use std::process::ExitCode;
 

@@ -3,20 +3,20 @@
 use anyhow::{bail, Result};
 use weir_client::{Client, InstanceRef};
 
+use super::ServiceArg;
 use crate::output::Format;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    service: String,
+    #[command(flatten)]
+    target: ServiceArg,
     instance_id: String,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
 }
 
 pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
     let r = InstanceRef {
-        namespace: args.namespace,
-        service: args.service,
+        namespace: args.target.namespace,
+        service: args.target.service,
         instance_id: args.instance_id,
     };
     let resp = client.deregister(&r).await?;

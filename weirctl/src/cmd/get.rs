@@ -3,13 +3,13 @@
 use anyhow::Result;
 use weir_client::{Client, GetServiceRequest};
 
+use super::ServiceArg;
 use crate::output::{instance_json, instance_row, table, Format, INSTANCE_HEADER};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    service: String,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
+    #[command(flatten)]
+    target: ServiceArg,
     /// Only instances that are passing.
     #[arg(long)]
     healthy: bool,
@@ -17,8 +17,7 @@ pub struct Args {
 
 pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
     let Args {
-        service,
-        namespace,
+        target: ServiceArg { service, namespace },
         healthy,
     } = args;
     let resp = client

@@ -3,17 +3,13 @@
 use anyhow::Result;
 use weir_client::{Client, GetHealthRequest};
 
+use crate::cmd::ServiceArg;
 use crate::output::{health_json, health_table, Format};
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    service: String,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
-}
+pub type Args = ServiceArg;
 
 pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
-    let Args { service, namespace } = args;
+    let ServiceArg { service, namespace } = args;
     let resp = client
         .get_health(GetHealthRequest {
             namespace: namespace.clone(),

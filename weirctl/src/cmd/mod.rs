@@ -9,10 +9,44 @@ pub mod register;
 pub mod service_config;
 pub mod watch;
 
+// Every command that names one service takes it the same way: SERVICE, then
+// `--namespace/-n` (default "default"). Flattened into each command's Args.
+#[derive(clap::Args, Debug)]
+pub struct ServiceArg {
+    pub service: String,
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
+}
+
 /// Parses a `key=value` argument.
 pub fn parse_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cmd {
+        #[command(flatten)]
+        target: ServiceArg,
+    }
+
+    #[test]
+    fn a_service_is_in_the_default_namespace_unless_named() {
+        let c = Cmd::try_parse_from(["t", "orders"]).expect("parses");
+        assert_eq!(
+            (c.target.service.as_str(), c.target.namespace.as_str()),
+            ("orders", "default")
+        );
+        let c = Cmd::try_parse_from(["t", "orders", "-n", "shop"]).expect("parses");
+        assert_eq!(c.target.namespace, "shop");
+        assert!(Cmd::try_parse_from(["t"]).is_err(), "SERVICE is required");
     }
 }

@@ -9,17 +9,15 @@ use weir_client::{
     health_check, Client, GrpcCheck, HealthCheck, HttpCheck, Instance, Protocol, RegistrationState,
     TcpCheck, TtlCheck,
 };
+use weir_core::signal::shutdown_signal;
 
-use crate::{
-    output::{instance_json, instance_row, table, Format, INSTANCE_HEADER},
-    signal,
-};
+use super::ServiceArg;
+use crate::output::{instance_json, instance_row, table, Format, INSTANCE_HEADER};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    service: String,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
+    #[command(flatten)]
+    target: ServiceArg,
     /// Instance id; generated when absent (and printed).
     #[arg(long)]
     id: Option<String>,
@@ -103,8 +101,8 @@ fn instance(args: Args) -> Instance {
         (None, false) => None,
     };
     Instance {
-        namespace: args.namespace,
-        service: args.service,
+        namespace: args.target.namespace,
+        service: args.target.service,
         instance_id: args.id.unwrap_or_default(),
         host: args.host,
         port: u32::from(args.port),
@@ -156,7 +154,7 @@ pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
     let mut was_alive = true;
     loop {
         tokio::select! {
-            _ = signal::shutdown() => break,
+            _ = shutdown_signal() => break,
             changed = states.changed() => {
                 if changed.is_err() { break; }
                 let state = states.borrow_and_update().clone();

@@ -4,13 +4,13 @@
 use anyhow::{Context, Result};
 use weir_client::{Client, GetServiceConfigRequest, ServiceConfig, SetServiceConfigRequest};
 
+use super::ServiceArg;
 use crate::output::Format;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    service: String,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
+    #[command(flatten)]
+    target: ServiceArg,
     /// Protection threshold in percent (0 disables; "default" unsets).
     #[arg(long)]
     protection_threshold: Option<String>,
@@ -18,8 +18,7 @@ pub struct Args {
 
 pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
     let Args {
-        service,
-        namespace,
+        target: ServiceArg { service, namespace },
         protection_threshold,
     } = args;
     if let Some(t) = protection_threshold {

@@ -4,10 +4,10 @@ use std::io::Write as _;
 
 use anyhow::Result;
 use weir_client::{Client, Event, EventType, WatchUpdate};
+use weir_core::signal::shutdown_signal;
 
-use crate::{
-    output::{event_json, event_line, instance_json, protection_json, protection_line, Format},
-    signal,
+use crate::output::{
+    event_json, event_line, instance_json, protection_json, protection_line, Format,
 };
 
 #[derive(clap::Args, Debug)]
@@ -33,7 +33,7 @@ pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
     let mut out = std::io::stdout();
     while args.count.is_none_or(|c| seen < c) {
         let update = tokio::select! {
-            _ = signal::shutdown() => return Ok(()),
+            _ = shutdown_signal() => return Ok(()),
             u = view.next() => u?,
         };
         seen += 1;
@@ -88,19 +88,14 @@ pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
                 },
                 Format::Json,
             ) => {
-                for e in events {
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({"kind": "change", "event": event_json(e)})
-                    )?;
-                }
-                for p in protection {
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({"kind": "protection", "protection": protection_json(p)})
-                    )?;
+                let changes = events
+                    .iter()
+                    .map(|e| serde_json::json!({"kind": "change", "event": event_json(e)}));
+                let protection = protection.iter().map(
+                    |p| serde_json::json!({"kind": "protection", "protection": protection_json(p)}),
+                );
+                for line in changes.chain(protection) {
+                    writeln!(out, "{line}")?;
                 }
             }
             (

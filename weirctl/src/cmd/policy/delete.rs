@@ -3,23 +3,20 @@
 use anyhow::{bail, Result};
 use weir_client::Client;
 
+use crate::cmd::ServiceArg;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    service: String,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
+    #[command(flatten)]
+    target: ServiceArg,
     #[arg(long)]
     expect_version: Option<u64>,
 }
 
 pub async fn run(client: &Client, args: Args) -> Result<()> {
-    let Args {
-        service,
-        namespace,
-        expect_version,
-    } = args;
+    let ServiceArg { service, namespace } = args.target;
     let r = client
-        .delete_policy(&namespace, &service, expect_version)
+        .delete_policy(&namespace, &service, args.expect_version)
         .await?;
     if !r.existed {
         bail!("{namespace}/{service} has no policy");

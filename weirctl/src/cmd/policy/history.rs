@@ -5,14 +5,10 @@ use serde_json::json;
 use weir_client::Client;
 
 use super::version_json;
+use crate::cmd::ServiceArg;
 use crate::output::{table, Format};
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    service: String,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
-}
+pub type Args = ServiceArg;
 
 pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
     let versions = client

@@ -4,26 +4,23 @@
 use anyhow::Result;
 use weir_client::Client;
 
+use crate::cmd::ServiceArg;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    service: String,
+    #[command(flatten)]
+    target: ServiceArg,
     /// The version to restore (see `history`).
     version: u64,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
     #[arg(long)]
     expect_version: Option<u64>,
 }
 
 pub async fn run(client: &Client, args: Args) -> Result<()> {
-    let Args {
-        service,
-        version,
-        namespace,
-        expect_version,
-    } = args;
+    let ServiceArg { service, namespace } = args.target;
+    let version = args.version;
     let v = client
-        .rollback_policy(&namespace, &service, version, expect_version)
+        .rollback_policy(&namespace, &service, version, args.expect_version)
         .await?;
     println!(
         "{namespace}/{service}: version {version} restored as version {}",

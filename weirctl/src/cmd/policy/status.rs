@@ -5,17 +5,13 @@ use anyhow::Result;
 use serde_json::json;
 use weir_client::Client;
 
+use crate::cmd::ServiceArg;
 use crate::output::{table, Format};
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    service: String,
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
-}
+pub type Args = ServiceArg;
 
 pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
-    let Args { service, namespace } = args;
+    let ServiceArg { service, namespace } = args;
     let s = client.policy_status(&namespace, &service).await?;
     match format {
         Format::Json => println!(
