@@ -162,13 +162,11 @@ impl StoreProbe {
 mod tests {
     use std::sync::atomic::{AtomicU8, Ordering};
 
-    use futures::future::BoxFuture;
-
     use super::*;
     use crate::{
         hub::HubConfig,
         keys::Keys,
-        store::{EmbeddedStore, EmbeddedStoreConfig, Layer, Layered, Op, StoreError},
+        store::{Call, EmbeddedStore, EmbeddedStoreConfig, Layer, Layered, Op, StoreError},
     };
 
     const OK: u8 = 0;
@@ -182,11 +180,7 @@ mod tests {
     }
 
     impl Layer for Switchable {
-        fn around<'a, T: Send + 'a>(
-            &'a self,
-            op: Op<'a>,
-            call: BoxFuture<'a, Result<T, StoreError>>,
-        ) -> BoxFuture<'a, Result<T, StoreError>> {
+        fn around<'a, T: Send + 'a>(&'a self, op: Op<'a>, call: Call<'a, T>) -> Call<'a, T> {
             if !matches!(op, Op::Get { .. }) {
                 return call;
             }

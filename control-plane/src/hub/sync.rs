@@ -203,15 +203,13 @@ mod tests {
         Mutex,
     };
 
-    use futures::future::BoxFuture;
-
     use weir_core::InstanceKey;
 
     use super::*;
     use crate::{
         hub::{tests::record, HubConfig},
         keys::Keys,
-        store::{EmbeddedStore, EmbeddedStoreConfig, Layer, Layered, Op},
+        store::{Call, EmbeddedStore, EmbeddedStoreConfig, Layer, Layered, Op},
     };
 
     /// Makes the loads of the store it wraps fail, its watches end after
@@ -247,11 +245,7 @@ mod tests {
     }
 
     impl Layer for Flaky {
-        fn around<'a, T: Send + 'a>(
-            &'a self,
-            op: Op<'a>,
-            call: BoxFuture<'a, Result<T, StoreError>>,
-        ) -> BoxFuture<'a, Result<T, StoreError>> {
+        fn around<'a, T: Send + 'a>(&'a self, op: Op<'a>, call: Call<'a, T>) -> Call<'a, T> {
             let Op::RangePage { revision, .. } = op else {
                 return call;
             };

@@ -7,10 +7,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::future::BoxFuture;
-
 use super::{
-    layer::{Layer, Layered, Op},
+    layer::{Call, Layer, Layered, Op},
     Store, StoreError,
 };
 
@@ -31,11 +29,7 @@ pub struct Bound {
 }
 
 impl Layer for Bound {
-    fn around<'a, T: Send + 'a>(
-        &'a self,
-        _: Op<'a>,
-        call: BoxFuture<'a, Result<T, StoreError>>,
-    ) -> BoxFuture<'a, Result<T, StoreError>> {
+    fn around<'a, T: Send + 'a>(&'a self, _: Op<'a>, call: Call<'a, T>) -> Call<'a, T> {
         let limit = self.limit;
         Box::pin(async move {
             tokio::time::timeout(limit, call)
@@ -55,11 +49,7 @@ mod tests {
     struct Hung;
 
     impl Layer for Hung {
-        fn around<'a, T: Send + 'a>(
-            &'a self,
-            _: Op<'a>,
-            _: BoxFuture<'a, Result<T, StoreError>>,
-        ) -> BoxFuture<'a, Result<T, StoreError>> {
+        fn around<'a, T: Send + 'a>(&'a self, _: Op<'a>, _: Call<'a, T>) -> Call<'a, T> {
             Box::pin(std::future::pending())
         }
     }

@@ -67,15 +67,14 @@ pub enum Op<'a> {
     },
 }
 
+/// A store call in flight, as a [`Layer`] gets and returns it.
+pub type Call<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
 /// What a [`Layered`] store does around the calls of its inner store.
 pub trait Layer: Send + Sync + fmt::Debug + 'static {
     /// Runs `call`, the inner store's answer to `op`, or answers without
     /// it. The inner call does nothing until polled.
-    fn around<'a, T: Send + 'a>(
-        &'a self,
-        op: Op<'a>,
-        call: BoxFuture<'a, Result<T, StoreError>>,
-    ) -> BoxFuture<'a, Result<T, StoreError>>;
+    fn around<'a, T: Send + 'a>(&'a self, op: Op<'a>, call: Call<'a, T>) -> Call<'a, T>;
 
     /// The stream of a watch the inner store opened (unchanged by default).
     fn watch_stream(&self, stream: WatchStream) -> WatchStream {
@@ -218,5 +217,65 @@ impl<L: Layer> Store for Layered<L> {
     async fn compact(&self, revision: u64) -> Result<(), StoreError> {
         let op = Op::Compact { revision };
         self.layer.around(op, self.inner.compact(revision)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Mutex;
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::store::{EmbeddedStore, EmbeddedStoreConfig, WatchMessage};
+
+    /// Records the ops it sees and refuses `delete`.
+    #[derive(Debug, Default)]
+    struct Recording {
+        ops: Mutex<Vec<String>>,
+    }
+
+    impl Layer for Recording {
+        fn around<'a, T: Send + 'a>(&'a self, op: Op<'a>, call: Call<'a, T>) -> Call<'a, T> {
+            self.ops.lock().unwrap().push(format!("{op:?}"));
+            if let Op::Delete { .. } = op {
+                return Box::pin(async { Err(StoreError::Protocol("refused".into())) });
+            }
+            call
+        }
+
+        fn watch_stream(&self, stream: WatchStream) -> WatchStream {
+            Box::pin(stream.take(1))
+        }
+    }
+
+    #[tokio::test]
+    async fn every_call_goes_through_the_layer() {
+        let inner = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
+        let store = Layered::wrap(inner.clone(), Recording::default());
+        let revision = store.put("/p/a", b"1".to_vec(), None).await.unwrap();
+        assert_eq!(store.get("/p/a").await.unwrap().unwrap().value, b"1");
+        assert!(matches!(
+            store.delete("/p/a").await,
+            Err(StoreError::Protocol(_))
+        ));
+        assert!(inner.get("/p/a").await.unwrap().is_some(), "delete refused");
+        let mut watch = store.watch("/p/", revision - 1).await.unwrap();
+        assert!(matches!(
+            watch.next().await,
+            Some(Ok(WatchMessage::Events(_)))
+        ));
+        assert!(watch.next().await.is_none(), "the layer's stream ends");
+        assert_eq!(store.kind(), "embedded");
+        assert_eq!(
+            *store.layer().ops.lock().unwrap(),
+            [
+                r#"Put { key: "/p/a", lease: None }"#,
+                r#"Get { key: "/p/a" }"#,
+                r#"Delete { key: "/p/a" }"#,
+                r#"Watch { prefix: "/p/", after_revision: 0 }"#,
+            ]
+        );
     }
 }

@@ -22,7 +22,7 @@ use futures::Stream;
 pub use bounded::{Bound, BoundedStore};
 pub use embedded::{EmbeddedStore, EmbeddedStoreConfig};
 pub use etcd::{EtcdStore, EtcdStoreConfig};
-pub use layer::{Layer, Layered, Op};
+pub use layer::{Call, Layer, Layered, Op};
 
 /// An etcd lease id. 0 means "no lease".
 pub type LeaseId = i64;
