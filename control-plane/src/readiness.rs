@@ -162,95 +162,35 @@ impl StoreProbe {
 mod tests {
     use std::sync::atomic::{AtomicU8, Ordering};
 
-    use async_trait::async_trait;
-
     use super::*;
     use crate::{
         hub::HubConfig,
         keys::Keys,
-        store::{
-            CasOutcome, Deleted, EmbeddedStore, EmbeddedStoreConfig, History, KeyValue, Lease,
-            LeaseId, PageRead, Replaced, Snapshot, StoreError, WatchStream,
-        },
+        store::{Call, EmbeddedStore, EmbeddedStoreConfig, Layer, Layered, Op, StoreError},
     };
 
     const OK: u8 = 0;
     const FAILING: u8 = 1;
     const HUNG: u8 = 2;
 
-    /// The embedded store whose `get` can be made to fail or hang.
+    /// Makes the `get` of the store it wraps fail or hang.
     #[derive(Debug)]
     struct Switchable {
-        inner: EmbeddedStore,
         mode: AtomicU8,
     }
 
-    #[async_trait]
-    impl Store for Switchable {
-        fn kind(&self) -> &'static str {
-            "switchable"
-        }
-        async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-            match self.mode.load(Ordering::SeqCst) {
-                OK => self.inner.get(key).await,
-                FAILING => Err(StoreError::Unavailable("connection refused".into())),
-                _ => std::future::pending().await,
+    impl Layer for Switchable {
+        fn around<'a, T: Send + 'a>(&'a self, op: Op<'a>, call: Call<'a, T>) -> Call<'a, T> {
+            if !matches!(op, Op::Get { .. }) {
+                return call;
             }
-        }
-        async fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
-            self.inner.range(prefix).await
-        }
-        async fn range_page(
-            &self,
-            prefix: &str,
-            revision: u64,
-            after: Option<&str>,
-            limit: usize,
-        ) -> Result<PageRead, StoreError> {
-            self.inner.range_page(prefix, revision, after, limit).await
-        }
-        async fn replace(
-            &self,
-            key: &str,
-            value: Vec<u8>,
-            lease: Option<LeaseId>,
-        ) -> Result<Replaced, StoreError> {
-            self.inner.replace(key, value, lease).await
-        }
-        async fn put_if(
-            &self,
-            key: &str,
-            value: Vec<u8>,
-            lease: Option<LeaseId>,
-            expected: u64,
-        ) -> Result<CasOutcome, StoreError> {
-            self.inner.put_if(key, value, lease, expected).await
-        }
-        async fn delete(&self, key: &str) -> Result<Deleted, StoreError> {
-            self.inner.delete(key).await
-        }
-        async fn grant_lease(&self, ttl: Duration) -> Result<Lease, StoreError> {
-            self.inner.grant_lease(ttl).await
-        }
-        async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>, StoreError> {
-            self.inner.keep_alive(lease).await
-        }
-        async fn revoke_lease(&self, lease: LeaseId) -> Result<bool, StoreError> {
-            self.inner.revoke_lease(lease).await
-        }
-        async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {
-            self.inner.watch(prefix, after).await
-        }
-        async fn history(
-            &self,
-            prefix: &str,
-            after: u64,
-            until: u64,
-        ) -> Result<History, StoreError> {
-            self.inner.history(prefix, after, until).await
-        }
-        async fn compact(&self, revision: u64) -> Result<(), StoreError> {
-            self.inner.compact(revision).await
+            match self.mode.load(Ordering::SeqCst) {
+                OK => call,
+                FAILING => {
+                    Box::pin(async { Err(StoreError::Unavailable("connection refused".into())) })
+                }
+                _ => Box::pin(std::future::pending()),
+            }
         }
     }
 
@@ -263,10 +203,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_store_check_follows_the_probe_and_the_cache_check_the_hub() {
-        let store = Arc::new(Switchable {
-            inner: EmbeddedStore::new(EmbeddedStoreConfig::default()),
-            mode: AtomicU8::new(OK),
-        });
+        let store = Arc::new(Layered::wrap(
+            Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default())),
+            Switchable {
+                mode: AtomicU8::new(OK),
+            },
+        ));
         let (hub, _hub_task) = Hub::start(store.clone(), Keys::new("/t"), HubConfig::default());
         let (_probe, mut rx) =
             StoreProbe::start(store.clone(), "/t/probe".into(), PROBE_EVERY, PROBE_TIMEOUT);
@@ -285,7 +227,7 @@ mod tests {
             "[+]store ok\n[+]cache ok\nreadyz check passed\n"
         );
 
-        store.mode.store(FAILING, Ordering::SeqCst);
+        store.layer().mode.store(FAILING, Ordering::SeqCst);
         settle(&mut rx, StoreCheck::Unreachable).await;
         assert!(!readiness.is_ready());
         assert_eq!(
@@ -293,13 +235,13 @@ mod tests {
             "[-]store failed: unreachable\n[+]cache ok\nreadyz check failed\n"
         );
 
-        store.mode.store(HUNG, Ordering::SeqCst);
+        store.layer().mode.store(HUNG, Ordering::SeqCst);
         let started = tokio::time::Instant::now();
         settle(&mut rx, StoreCheck::TimedOut).await;
         assert!(started.elapsed() <= PROBE_EVERY + PROBE_TIMEOUT);
         assert!(!readiness.is_ready());
 
-        store.mode.store(OK, Ordering::SeqCst);
+        store.layer().mode.store(OK, Ordering::SeqCst);
         settle(&mut rx, StoreCheck::Ok).await;
         assert!(readiness.is_ready());
     }

@@ -54,6 +54,27 @@ where
     }
 }
 
+/// GETs `path` over plain HTTP/1.1 from `addr`: the whole response, status
+/// line and headers included. Fails after 5 s without the full answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
+    Ok(out)
+}
+
+/// The status code [`http_get`] answers with.
+pub async fn http_status(addr: SocketAddr, path: &str) -> Result<u16> {
+    let out = http_get(addr, path).await?;
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status in {out:?}"))
+}
+
 /// An etcd for a test: shared (from the environment) or private.
 #[derive(Debug)]
 pub struct Etcd {

@@ -18,7 +18,7 @@ use tonic_health::pb::{
 use tonic_types::StatusExt;
 use weir_proto::registry::v1::{registry_client::RegistryClient, Instance, RegisterRequest};
 use weir_tests::{
-    init_tracing, unique_prefix, wait_until, workspace_binary, ControlPlaneProcess, Etcd,
+    http_get, init_tracing, unique_prefix, wait_until, workspace_binary, ControlPlaneProcess, Etcd,
     EtcdOptions,
 };
 
@@ -211,16 +211,6 @@ async fn random_bytes_as_a_request_get_invalid_argument() -> Result<()> {
     })
     .await?;
     Ok(())
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
-    Ok(out)
 }
 
 async fn overall_health(channel: Channel) -> Option<i32> {

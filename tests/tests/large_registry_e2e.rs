@@ -15,7 +15,7 @@ use weir_proto::registry::v1::{
     registry_client::RegistryClient, GetServiceRequest, HealthStatus, Instance,
     ListServicesRequest, WatchRequest,
 };
-use weir_tests::{init_tracing, unique_prefix, ControlPlaneProcess, Etcd};
+use weir_tests::{http_status, init_tracing, unique_prefix, ControlPlaneProcess, Etcd};
 
 const SERVICES: usize = 1_000;
 const PER_SERVICE: usize = 100;
@@ -77,20 +77,6 @@ async fn write_instances(client: &etcd_client::Client, keys: &Keys) -> Result<()
         .buffer_unordered(WRITERS)
         .try_for_each(|_| async { Ok(()) })
         .await
-}
-
-/// GET over plain HTTP; the status code.
-async fn http_status(addr: std::net::SocketAddr, path: &str) -> Result<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("no status in {out:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -14,7 +14,7 @@ use weir_proto::registry::v1::{
     GetServiceRequest, HeartbeatRequest, Instance, InstanceRef, ListServicesRequest,
     RegisterRequest, WatchRequest, WatchResponse,
 };
-use weir_tests::{init_tracing, unique_prefix, wait_until, ControlPlaneProcess, Etcd};
+use weir_tests::{http_get, init_tracing, unique_prefix, wait_until, ControlPlaneProcess, Etcd};
 
 async fn client(plane: &ControlPlaneProcess) -> Result<RegistryClient<Channel>> {
     Ok(RegistryClient::connect(plane.endpoint()).await?)
@@ -728,16 +728,6 @@ async fn dev_mode_serves_the_registry_on_the_embedded_store() -> Result<()> {
     let ready = http_get(plane.http_addr(), "/readyz").await?;
     assert!(ready.contains("\"store\":\"embedded\""), "{ready}");
     Ok(())
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
-    Ok(out)
 }
 
 #[tokio::test]

@@ -203,25 +203,21 @@ mod tests {
         Mutex,
     };
 
-    use async_trait::async_trait;
-
     use weir_core::InstanceKey;
 
     use super::*;
     use crate::{
         hub::{tests::record, HubConfig},
         keys::Keys,
-        store::{
-            CasOutcome, Deleted, EmbeddedStore, EmbeddedStoreConfig, History, KeyValue, Lease,
-            LeaseId, Replaced, Snapshot,
-        },
+        store::{Call, EmbeddedStore, EmbeddedStoreConfig, Layer, Layered, Op},
     };
 
-    /// An embedded store whose loads can fail, whose watches end after
-    /// `watch_for` (at once when zero), that can compact the revision of a
-    /// load in progress, and that records when each load starts.
+    /// Makes the loads of the store it wraps fail, its watches end after
+    /// `watch_for` (at once when zero), can compact the revision of a load
+    /// in progress, and records when each load starts.
     #[derive(Debug)]
     struct Flaky {
+        /// The store it wraps, to write and compact mid-load.
         inner: EmbeddedStore,
         /// Loads that fail before any succeeds.
         failing_loads: usize,
@@ -231,14 +227,16 @@ mod tests {
     }
 
     impl Flaky {
-        fn new(failing_loads: usize, watch_for: Duration) -> Arc<Self> {
-            Arc::new(Self {
-                inner: EmbeddedStore::new(EmbeddedStoreConfig::default()),
+        fn new(failing_loads: usize, watch_for: Duration) -> Arc<Layered<Self>> {
+            let inner = EmbeddedStore::new(EmbeddedStoreConfig::default());
+            let flaky = Self {
+                inner: inner.clone(),
                 failing_loads,
                 watch_for,
                 compact_mid_load: AtomicBool::new(false),
                 loads: Mutex::default(),
-            })
+            };
+            Arc::new(Layered::wrap(Arc::new(inner), flaky))
         }
 
         fn loads(&self) -> Vec<Instant> {
@@ -246,104 +244,39 @@ mod tests {
         }
     }
 
-    #[async_trait]
-    impl Store for Flaky {
-        fn kind(&self) -> &'static str {
-            "flaky"
-        }
-
-        async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-            self.inner.get(key).await
-        }
-
-        async fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
-            self.inner.range(prefix).await
-        }
-
-        async fn range_page(
-            &self,
-            prefix: &str,
-            revision: u64,
-            after: Option<&str>,
-            limit: usize,
-        ) -> Result<PageRead, StoreError> {
-            if revision == 0 {
-                let n = {
-                    let mut loads = self.loads.lock().unwrap();
-                    loads.push(Instant::now());
-                    loads.len()
-                };
-                if n > 1000 {
-                    // A tight loop: park it, so paused time can advance
-                    // and the test fails on the count instead of hanging.
-                    std::future::pending::<()>().await;
+    impl Layer for Flaky {
+        fn around<'a, T: Send + 'a>(&'a self, op: Op<'a>, call: Call<'a, T>) -> Call<'a, T> {
+            let Op::RangePage { revision, .. } = op else {
+                return call;
+            };
+            Box::pin(async move {
+                if revision == 0 {
+                    let n = {
+                        let mut loads = self.loads.lock().unwrap();
+                        loads.push(Instant::now());
+                        loads.len()
+                    };
+                    if n > 1000 {
+                        // A tight loop: park it, so paused time can advance
+                        // and the test fails on the count instead of hanging.
+                        std::future::pending::<()>().await;
+                    }
+                    if n <= self.failing_loads {
+                        return Err(StoreError::Protocol("injected failure".into()));
+                    }
+                } else if self.compact_mid_load.swap(false, Ordering::SeqCst) {
+                    let revision = self.inner.put("/t/v1/agents/x", Vec::new(), None).await?;
+                    self.inner.compact(revision).await?;
                 }
-                if n <= self.failing_loads {
-                    return Err(StoreError::Protocol("injected failure".into()));
-                }
-            } else if self.compact_mid_load.swap(false, Ordering::SeqCst) {
-                let revision = self.inner.put("/t/v1/agents/x", Vec::new(), None).await?;
-                self.inner.compact(revision).await?;
-            }
-            self.inner.range_page(prefix, revision, after, limit).await
+                call.await
+            })
         }
 
-        async fn replace(
-            &self,
-            key: &str,
-            value: Vec<u8>,
-            lease: Option<LeaseId>,
-        ) -> Result<Replaced, StoreError> {
-            self.inner.replace(key, value, lease).await
-        }
-
-        async fn put_if(
-            &self,
-            key: &str,
-            value: Vec<u8>,
-            lease: Option<LeaseId>,
-            expected: u64,
-        ) -> Result<CasOutcome, StoreError> {
-            self.inner.put_if(key, value, lease, expected).await
-        }
-
-        async fn delete(&self, key: &str) -> Result<Deleted, StoreError> {
-            self.inner.delete(key).await
-        }
-
-        async fn grant_lease(&self, ttl: Duration) -> Result<Lease, StoreError> {
-            self.inner.grant_lease(ttl).await
-        }
-
-        async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>, StoreError> {
-            self.inner.keep_alive(lease).await
-        }
-
-        async fn revoke_lease(&self, lease: LeaseId) -> Result<bool, StoreError> {
-            self.inner.revoke_lease(lease).await
-        }
-
-        async fn watch(&self, prefix: &str, after: u64) -> Result<WatchStream, StoreError> {
+        fn watch_stream(&self, stream: WatchStream) -> WatchStream {
             if self.watch_for.is_zero() {
-                return Ok(Box::pin(futures::stream::empty()));
+                return Box::pin(futures::stream::empty());
             }
-            let stream = self.inner.watch(prefix, after).await?;
-            Ok(Box::pin(
-                stream.take_until(tokio::time::sleep(self.watch_for)),
-            ))
-        }
-
-        async fn history(
-            &self,
-            prefix: &str,
-            after: u64,
-            until: u64,
-        ) -> Result<History, StoreError> {
-            self.inner.history(prefix, after, until).await
-        }
-
-        async fn compact(&self, revision: u64) -> Result<(), StoreError> {
-            self.inner.compact(revision).await
+            Box::pin(stream.take_until(tokio::time::sleep(self.watch_for)))
         }
     }
 
@@ -364,7 +297,7 @@ mod tests {
         let (hub, _task) = Hub::start(store.clone(), Keys::new("/t"), HubConfig::default());
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(hub.is_ready());
-        let loads = store.loads();
+        let loads = store.layer().loads();
         // 0, 0.1, 0.3, 0.7, 1.5, 3.1, 6.3 s, then every 5 s up to 56.3 s.
         assert!((16..=17).contains(&loads.len()), "{} loads", loads.len());
         let want = [100, 200, 400, 800, 1600, 3200]
@@ -381,7 +314,7 @@ mod tests {
         let store = Flaky::new(0, Duration::from_secs(30));
         let (_hub, _task) = Hub::start(store.clone(), Keys::new("/t"), HubConfig::default());
         tokio::time::sleep(Duration::from_secs(200)).await;
-        let loads = store.loads();
+        let loads = store.layer().loads();
         assert!(loads.len() >= 6, "{} loads", loads.len());
         // Each watch ran 30 s, so each retry waits the first delay again.
         for gap in gaps(&loads) {
@@ -405,7 +338,7 @@ mod tests {
             });
             store.put(&key, record(&id, 80), None).await.unwrap();
         }
-        store.compact_mid_load.store(true, Ordering::SeqCst);
+        store.layer().compact_mid_load.store(true, Ordering::SeqCst);
         let config = HubConfig {
             load_page_keys: 2,
             ..HubConfig::default()
@@ -418,7 +351,7 @@ mod tests {
             .unwrap();
         // The first load was cut short by the compaction; the second read
         // all five instances in three pages, and the write made meanwhile.
-        let loads = store.loads();
+        let loads = store.layer().loads();
         assert_eq!(loads.len(), 2);
         assert!(about(loads[1] - loads[0], RETRY_INITIAL));
         assert_eq!(hub.all_instances().len(), 5);
@@ -444,7 +377,7 @@ mod tests {
         assert!(!hub.is_ready());
         let m = crate::hub::tests::next(&mut watch).await;
         assert!(hub.is_ready());
-        assert_eq!(store.loads().len(), 3);
+        assert_eq!(store.layer().loads().len(), 3);
         assert_eq!(m.kind, Kind::Snapshot as i32);
         assert!(m.snapshot_complete && m.resync_reason.is_empty());
         assert_eq!(m.events.len(), 1);

@@ -5,118 +5,37 @@
 //!
 //! Watches are bounded only while they open; their stream lives on.
 
-use std::{future::Future, sync::Arc, time::Duration};
-
-use async_trait::async_trait;
+use std::{sync::Arc, time::Duration};
 
 use super::{
-    CasOutcome, Deleted, History, KeyValue, Lease, LeaseId, PageRead, Replaced, Snapshot, Store,
-    StoreError, WatchStream,
+    layer::{Call, Layer, Layered, Op},
+    Store, StoreError,
 };
 
 /// Wraps a store so each call fails with [`StoreError::Timeout`] after
 /// `limit`.
-#[derive(Debug, Clone)]
-pub struct BoundedStore {
-    inner: Arc<dyn Store>,
-    limit: Duration,
-}
+pub type BoundedStore = Layered<Bound>;
 
 impl BoundedStore {
     pub fn new(inner: Arc<dyn Store>, limit: Duration) -> Self {
-        Self { inner, limit }
-    }
-
-    async fn bound<T>(
-        &self,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.limit, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(self.limit)))
+        Layered::wrap(inner, Bound { limit })
     }
 }
 
-#[async_trait]
-impl Store for BoundedStore {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
+/// The [`Layer`] of a [`BoundedStore`]: a timeout on each call.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    limit: Duration,
+}
 
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.bound(self.inner.get(key)).await
-    }
-
-    async fn range(&self, prefix: &str) -> Result<Snapshot, StoreError> {
-        self.bound(self.inner.range(prefix)).await
-    }
-
-    async fn range_page(
-        &self,
-        prefix: &str,
-        revision: u64,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<PageRead, StoreError> {
-        self.bound(self.inner.range_page(prefix, revision, after, limit))
-            .await
-    }
-
-    async fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<u64, StoreError> {
-        self.bound(self.inner.put(key, value, lease)).await
-    }
-
-    async fn replace(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<Replaced, StoreError> {
-        self.bound(self.inner.replace(key, value, lease)).await
-    }
-
-    async fn put_if(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-        expected: u64,
-    ) -> Result<CasOutcome, StoreError> {
-        self.bound(self.inner.put_if(key, value, lease, expected))
-            .await
-    }
-
-    async fn delete(&self, key: &str) -> Result<Deleted, StoreError> {
-        self.bound(self.inner.delete(key)).await
-    }
-
-    async fn grant_lease(&self, ttl: Duration) -> Result<Lease, StoreError> {
-        self.bound(self.inner.grant_lease(ttl)).await
-    }
-
-    async fn keep_alive(&self, lease: LeaseId) -> Result<Option<Duration>, StoreError> {
-        self.bound(self.inner.keep_alive(lease)).await
-    }
-
-    async fn revoke_lease(&self, lease: LeaseId) -> Result<bool, StoreError> {
-        self.bound(self.inner.revoke_lease(lease)).await
-    }
-
-    async fn watch(&self, prefix: &str, after_revision: u64) -> Result<WatchStream, StoreError> {
-        self.bound(self.inner.watch(prefix, after_revision)).await
-    }
-
-    async fn history(&self, prefix: &str, after: u64, until: u64) -> Result<History, StoreError> {
-        self.bound(self.inner.history(prefix, after, until)).await
-    }
-
-    async fn compact(&self, revision: u64) -> Result<(), StoreError> {
-        self.bound(self.inner.compact(revision)).await
+impl Layer for Bound {
+    fn around<'a, T: Send + 'a>(&'a self, _: Op<'a>, call: Call<'a, T>) -> Call<'a, T> {
+        let limit = self.limit;
+        Box::pin(async move {
+            tokio::time::timeout(limit, call)
+                .await
+                .unwrap_or(Err(StoreError::Timeout(limit)))
+        })
     }
 }
 
@@ -125,74 +44,25 @@ mod tests {
     use super::*;
     use crate::store::{EmbeddedStore, EmbeddedStoreConfig};
 
-    /// A store that never answers.
+    /// Makes every call of the store it wraps hang.
     #[derive(Debug)]
     struct Hung;
 
-    #[async_trait]
-    impl Store for Hung {
-        fn kind(&self) -> &'static str {
-            "hung"
+    impl Layer for Hung {
+        fn around<'a, T: Send + 'a>(&'a self, _: Op<'a>, _: Call<'a, T>) -> Call<'a, T> {
+            Box::pin(std::future::pending())
         }
-        async fn get(&self, _: &str) -> Result<Option<KeyValue>, StoreError> {
-            std::future::pending().await
-        }
-        async fn range(&self, _: &str) -> Result<Snapshot, StoreError> {
-            std::future::pending().await
-        }
-        async fn range_page(
-            &self,
-            _: &str,
-            _: u64,
-            _: Option<&str>,
-            _: usize,
-        ) -> Result<PageRead, StoreError> {
-            std::future::pending().await
-        }
-        async fn replace(
-            &self,
-            _: &str,
-            _: Vec<u8>,
-            _: Option<LeaseId>,
-        ) -> Result<Replaced, StoreError> {
-            std::future::pending().await
-        }
-        async fn put_if(
-            &self,
-            _: &str,
-            _: Vec<u8>,
-            _: Option<LeaseId>,
-            _: u64,
-        ) -> Result<CasOutcome, StoreError> {
-            std::future::pending().await
-        }
-        async fn delete(&self, _: &str) -> Result<Deleted, StoreError> {
-            std::future::pending().await
-        }
-        async fn grant_lease(&self, _: Duration) -> Result<Lease, StoreError> {
-            std::future::pending().await
-        }
-        async fn keep_alive(&self, _: LeaseId) -> Result<Option<Duration>, StoreError> {
-            std::future::pending().await
-        }
-        async fn revoke_lease(&self, _: LeaseId) -> Result<bool, StoreError> {
-            std::future::pending().await
-        }
-        async fn watch(&self, _: &str, _: u64) -> Result<WatchStream, StoreError> {
-            std::future::pending().await
-        }
-        async fn history(&self, _: &str, _: u64, _: u64) -> Result<History, StoreError> {
-            std::future::pending().await
-        }
-        async fn compact(&self, _: u64) -> Result<(), StoreError> {
-            std::future::pending().await
-        }
+    }
+
+    fn embedded() -> Arc<dyn Store> {
+        Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()))
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_hung_store_times_out_at_the_bound() {
         let limit = Duration::from_secs(3);
-        let store = BoundedStore::new(Arc::new(Hung), limit);
+        let hung = Arc::new(Layered::wrap(embedded(), Hung));
+        let store = BoundedStore::new(hung, limit);
         let started = tokio::time::Instant::now();
         let put = store.put("/k", b"v".to_vec(), None).await;
         assert!(
@@ -209,10 +79,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_healthy_store_answers_through_the_bound() {
-        let store = BoundedStore::new(
-            Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default())),
-            Duration::from_secs(3),
-        );
+        let store = BoundedStore::new(embedded(), Duration::from_secs(3));
         let revision = store.put("/k", b"v".to_vec(), None).await.expect("put");
         let kv = store.get("/k").await.expect("get").expect("present");
         assert_eq!(kv.value, b"v");

@@ -12,15 +12,17 @@
 mod bounded;
 mod embedded;
 mod etcd;
+mod layer;
 
 use std::{fmt, pin::Pin, time::Duration};
 
 use async_trait::async_trait;
 use futures::Stream;
 
-pub use bounded::BoundedStore;
+pub use bounded::{Bound, BoundedStore};
 pub use embedded::{EmbeddedStore, EmbeddedStoreConfig};
 pub use etcd::{EtcdStore, EtcdStoreConfig};
+pub use layer::{Call, Layer, Layered, Op};
 
 /// An etcd lease id. 0 means "no lease".
 pub type LeaseId = i64;
