@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use weir_client::{
     health_check, Client, GetHealthRequest, GetServiceRequest, GrpcCheck, HealthCheck,
-    HealthStatus, HttpCheck, Instance, TcpCheck, WatchView,
+    HealthStatus, HttpCheck, Instance, InstanceHealth, TcpCheck, WatchView,
 };
 use weir_tests::{
     fixtures::{instance, HttpInstance},
@@ -57,6 +57,36 @@ async fn until_status(
         status_in(v, service, id) == Some(status)
     })
     .await
+}
+
+/// The health record of the first instance of `default/service`.
+async fn first_health(client: &Client, service: &str) -> Result<InstanceHealth> {
+    client
+        .get_health(GetHealthRequest {
+            namespace: "default".into(),
+            service: service.into(),
+            ..GetHealthRequest::default()
+        })
+        .await?
+        .instances
+        .into_iter()
+        .next()
+        .context("instance")
+}
+
+/// Feeds `view` until `default/service/id` is CRITICAL, then checks that
+/// the reason given mentions `cause`.
+async fn critical_because(
+    view: &mut WatchView,
+    service: &str,
+    id: &str,
+    cause: &str,
+    what: &str,
+) -> Result<()> {
+    until_status(view, service, id, HealthStatus::Critical, what).await?;
+    let reason = reason_in(view, service, id);
+    ensure!(reason.contains(cause), "{what}: reason {reason:?}");
+    Ok(())
 }
 
 /// Registers instances `{tag}-0` to `{tag}-{n-1}` of `service`, each
@@ -141,17 +171,8 @@ async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_
     let transitions = || {
         let client = client.clone();
         async move {
-            let health = client
-                .get_health(GetHealthRequest {
-                    namespace: "default".into(),
-                    service: "web".into(),
-                    ..GetHealthRequest::default()
-                })
-                .await?;
-            let moves: Vec<(i32, i32)> = health
-                .instances
-                .first()
-                .context("instance")?
+            let moves: Vec<(i32, i32)> = first_health(&client, "web")
+                .await?
                 .transitions
                 .iter()
                 .map(|t| (t.from, t.to))
@@ -199,14 +220,7 @@ async fn a_flapping_instance_is_held_out_not_bounced() -> Result<()> {
         async move { n >= 30 }
     })
     .await?;
-    let health = client
-        .get_health(GetHealthRequest {
-            namespace: "default".into(),
-            service: "flappy".into(),
-            ..GetHealthRequest::default()
-        })
-        .await?;
-    let i = health.instances.first().context("instance")?;
+    let i = first_health(&client, "flappy").await?;
     // UNKNOWN -> PASSING on the first good check, -> CRITICAL once two of
     // three failed; then it can never pass twice in a row: held out.
     ensure!(
@@ -286,30 +300,19 @@ async fn tcp_and_grpc_checks_work_against_real_servers() -> Result<()> {
 
     acceptor.abort();
     let _ = acceptor.await;
-    until_status(
-        &mut tcp_view,
-        "tcp-svc",
-        "t-1",
-        HealthStatus::Critical,
-        "TCP CRITICAL",
-    )
-    .await?;
-    let reason = reason_in(&tcp_view, "tcp-svc", "t-1");
-    ensure!(reason.contains("connect"), "TCP reason {reason:?}");
+    critical_because(&mut tcp_view, "tcp-svc", "t-1", "connect", "TCP CRITICAL").await?;
 
     reporter
         .set_service_status("orders.v1.Orders", tonic_health::ServingStatus::NotServing)
         .await;
-    until_status(
+    critical_because(
         &mut grpc_view,
         "grpc-svc",
         "g-1",
-        HealthStatus::Critical,
+        "NOT_SERVING",
         "gRPC CRITICAL",
     )
     .await?;
-    let reason = reason_in(&grpc_view, "grpc-svc", "g-1");
-    ensure!(reason.contains("NOT_SERVING"), "gRPC reason {reason:?}");
     grpc_server.abort();
     Ok(())
 }

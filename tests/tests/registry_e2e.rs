@@ -296,6 +296,14 @@ async fn heartbeats_keep_an_ephemeral_instance_for_as_long_as_they_come() -> Res
     Ok(())
 }
 
+/// Registers instance `i-{n:04}` of service `svc-{n % 10}` in namespace
+/// "order" on `port`; returns its revision.
+async fn register_order(c: &mut RegistryClient<Channel>, n: u32, port: u32) -> Result<u64> {
+    let service = format!("svc-{}", n % 10);
+    let stored = registered(c, instance("order", &service, &format!("i-{n:04}"), port)).await?;
+    Ok(stored.revision)
+}
+
 #[tokio::test]
 async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_resume_is_exact(
 ) -> Result<()> {
@@ -326,18 +334,7 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
                 if n % 16 != t {
                     continue;
                 }
-                let resp = c
-                    .register(RegisterRequest {
-                        instance: Some(instance(
-                            "order",
-                            &format!("svc-{}", n % 10),
-                            &format!("i-{n:04}"),
-                            1000 + n,
-                        )),
-                    })
-                    .await?
-                    .into_inner();
-                revisions.push(resp.instance.map(|i| i.revision).unwrap_or_default());
+                revisions.push(register_order(&mut c, n, 1000 + n).await?);
             }
             anyhow::Ok(revisions)
         }));
@@ -393,18 +390,7 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
         expected.push((EventType::Delete as i32, format!("i-{n:04}"), resp.revision));
     }
     for n in 0..50u32 {
-        let resp = ca
-            .register(RegisterRequest {
-                instance: Some(instance(
-                    "order",
-                    &format!("svc-{}", n % 10),
-                    &format!("i-{n:04}"),
-                    2000 + n,
-                )),
-            })
-            .await?
-            .into_inner();
-        let revision = resp.instance.map(|i| i.revision).unwrap_or_default();
+        let revision = register_order(&mut ca, n, 2000 + n).await?;
         expected.push((EventType::Put as i32, format!("i-{n:04}"), revision));
     }
     let mut resumed = Watcher::open(&mut cb, "order", "", r).await?;
