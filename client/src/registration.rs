@@ -430,6 +430,13 @@ mod tests {
         }
     }
 
+    /// A registration of [`spec`] on `backend`, which must take it.
+    async fn started(backend: &Scripted) -> Registration {
+        Registration::start(backend.clone(), spec())
+            .await
+            .expect("registered")
+    }
+
     async fn wait_for(
         rx: &mut watch::Receiver<RegistrationState>,
         what: impl Fn(&RegistrationState) -> bool,
@@ -444,9 +451,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn renews_every_third_of_the_ttl() {
         let backend = Scripted::default();
-        let reg = Registration::start(backend.clone(), spec())
-            .await
-            .expect("registered");
+        let reg = started(&backend).await;
         assert!(reg.state().is_alive());
         assert!(reg.instance().instance_id.starts_with("orders-"));
         tokio::time::sleep(Duration::from_millis(10_500)).await;
@@ -465,9 +470,7 @@ mod tests {
             .lock()
             .expect("lock")
             .push(Error::NotFound("lease expired".into()));
-        let reg = Registration::start(backend.clone(), spec())
-            .await
-            .expect("registered");
+        let reg = started(&backend).await;
         let mut rx = reg.subscribe();
         // The Retrying { lease_lost: true } state in between is too short to
         // observe here: registering again starts without delay.
@@ -500,9 +503,7 @@ mod tests {
                 errors.push(Error::Unavailable("connection refused".into()));
             }
         }
-        let reg = Registration::start(backend.clone(), spec())
-            .await
-            .expect("registered");
+        let reg = started(&backend).await;
         let mut rx = reg.subscribe();
         let failing = wait_for(&mut rx, |s| {
             matches!(s, RegistrationState::Retrying { attempt: 5, .. })
@@ -533,9 +534,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn dropping_the_handle_stops_renewals() {
         let backend = Scripted::default();
-        let reg = Registration::start(backend.clone(), spec())
-            .await
-            .expect("registered");
+        let reg = started(&backend).await;
         tokio::time::sleep(Duration::from_millis(2_500)).await;
         drop(reg);
         tokio::time::sleep(Duration::from_secs(10)).await;

@@ -50,33 +50,13 @@ impl Client {
             })
             .await
             .map_err(|_| Error::Protocol("session channel closed".into()))?;
-            let mut raw = AgentSessionServiceClient::new(self.channel(index));
-            let mut inbound = match raw.session(ReceiverStream::new(rx)).await {
-                Ok(r) => r.into_inner(),
-                Err(status) => {
-                    let e = Error::from(status);
-                    if e.is_transient() {
-                        last = e;
-                        continue;
-                    }
-                    return Err(e);
+            let (inbound, welcome) = match self.handshake(index, rx).await {
+                Ok(opened) => opened,
+                Err(e) if e.is_transient() => {
+                    last = e;
+                    continue;
                 }
-            };
-            let welcome = match inbound.message().await {
-                Ok(Some(ControlMessage {
-                    kind: Some(control_message::Kind::Welcome(w)),
-                })) => w,
-                Ok(other) => {
-                    return Err(Error::Protocol(format!("expected Welcome, got {other:?}")))
-                }
-                Err(status) => {
-                    let e = Error::from(status);
-                    if e.is_transient() {
-                        last = e;
-                        continue;
-                    }
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             };
             self.prefer(index);
             return Ok(AgentSession {
@@ -90,6 +70,23 @@ impl Client {
             });
         }
         Err(last)
+    }
+
+    /// Opens the session stream on replica `index`, sending what `rx`
+    /// yields, and reads the Welcome it must start with.
+    async fn handshake(
+        &self,
+        index: usize,
+        rx: mpsc::Receiver<AgentMessage>,
+    ) -> Result<(tonic::Streaming<ControlMessage>, Welcome), Error> {
+        let mut raw = AgentSessionServiceClient::new(self.channel(index));
+        let mut inbound = raw.session(ReceiverStream::new(rx)).await?.into_inner();
+        match inbound.message().await? {
+            Some(ControlMessage {
+                kind: Some(control_message::Kind::Welcome(w)),
+            }) => Ok((inbound, w)),
+            other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! Sample instances for health tests: a real HTTP server whose answers the
-//! test controls and which records every request it gets.
+//! Sample instances: registry records to register, and for health tests a
+//! real HTTP server whose answers the test controls and which records every
+//! request it gets.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -11,6 +12,28 @@ use std::{
 use anyhow::Result;
 use axum::{extract::State, http::HeaderMap, http::StatusCode, http::Uri, Router};
 use tokio::{net::TcpListener, task::JoinHandle};
+use weir_proto::registry::v1::Instance;
+
+/// A persistent instance at `127.0.0.1:port`.
+pub fn instance(namespace: &str, service: &str, id: &str, port: u32) -> Instance {
+    Instance {
+        namespace: namespace.into(),
+        service: service.into(),
+        instance_id: id.into(),
+        host: "127.0.0.1".into(),
+        port,
+        ..Instance::default()
+    }
+}
+
+/// An ephemeral instance at `127.0.0.1:8080` with a lease of `ttl` seconds.
+pub fn ephemeral(namespace: &str, service: &str, id: &str, ttl: u32) -> Instance {
+    Instance {
+        ephemeral: true,
+        ttl_seconds: ttl,
+        ..instance(namespace, service, id, 8080)
+    }
+}
 
 /// One request a [`HttpInstance`] answered.
 #[derive(Clone, Debug)]

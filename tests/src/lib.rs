@@ -354,6 +354,29 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Installs tracing, then starts (or joins) etcd and `N` control-plane
+/// replicas sharing one new prefix tagged `tag`.
+pub async fn start_replicas<const N: usize>(tag: &str) -> Result<(Etcd, [ControlPlaneProcess; N])> {
+    init_tracing();
+    let etcd = Etcd::start().await?;
+    let prefix = unique_prefix(tag);
+    let mut planes = Vec::with_capacity(N);
+    for _ in 0..N {
+        planes.push(ControlPlaneProcess::start(&etcd, &prefix)?);
+    }
+    let planes = planes
+        .try_into()
+        .map_err(|_| anyhow!("started a different number of replicas than {N}"))?;
+    Ok((etcd, planes))
+}
+
+/// [`start_replicas`] with one replica, and a client of it.
+pub async fn start_one(tag: &str) -> Result<(Etcd, ControlPlaneProcess, weir_client::Client)> {
+    let (etcd, [plane]) = start_replicas(tag).await?;
+    let client = weir_client::Client::connect([plane.endpoint()]).await?;
+    Ok((etcd, plane, client))
+}
+
 /// Feeds a [`weir_client::WatchView`] until `done` holds; fails after
 /// `deadline`. Returns when it was seen.
 pub async fn follow(
@@ -383,4 +406,13 @@ pub fn status_in(
     view.get("default", service, id).map(|i| {
         weir_client::HealthStatus::try_from(i.status).unwrap_or(weir_client::HealthStatus::Unknown)
     })
+}
+
+/// The reason of the last health decision on an instance in a view of the
+/// default namespace (empty when there is none).
+pub fn reason_in(view: &weir_client::WatchView, service: &str, id: &str) -> String {
+    view.get("default", service, id)
+        .and_then(|i| i.health.as_ref())
+        .map(|h| h.reason.clone())
+        .unwrap_or_default()
 }

@@ -14,31 +14,15 @@ use tokio::{
     time::Instant,
 };
 use weir_client::{
-    Client, GetServiceRequest, Instance, InstanceRef, RegistrationState, WatchUpdate,
+    Client, GetServiceRequest, Instance, InstanceRef, RegistrationState, WatchUpdate, WatchView,
 };
 use weir_tests::{
-    init_tracing, unique_prefix, wait_until, workspace_binary, ControlPlaneProcess, Etcd,
+    fixtures::{ephemeral, instance},
+    start_one, start_replicas, wait_until, workspace_binary,
 };
 
-fn ephemeral(service: &str, id: &str, ttl: u32) -> Instance {
-    Instance {
-        namespace: "default".into(),
-        service: service.into(),
-        instance_id: id.into(),
-        host: "127.0.0.1".into(),
-        port: 8080,
-        ephemeral: true,
-        ttl_seconds: ttl,
-        ..Instance::default()
-    }
-}
-
 fn persistent(service: &str, id: &str) -> Instance {
-    Instance {
-        ephemeral: false,
-        ttl_seconds: 0,
-        ..ephemeral(service, id, 0)
-    }
+    instance("default", service, id, 8080)
 }
 
 async fn instances(client: &Client, service: &str) -> Result<Vec<Instance>> {
@@ -87,15 +71,11 @@ async fn never_removed(
 
 #[tokio::test]
 async fn heartbeats_continue_through_another_replica_after_kill_9() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let prefix = unique_prefix("failover");
-    let mut a = ControlPlaneProcess::start(&etcd, &prefix)?;
-    let b = ControlPlaneProcess::start(&etcd, &prefix)?;
+    let (_etcd, [mut a, b]) = start_replicas("failover").await?;
     // The client knows both replicas and uses the first (A) until it fails.
     let client = Client::connect([a.endpoint(), b.endpoint()]).await?;
     let registration = client
-        .register_and_keep_alive(ephemeral("failover", "f-1", 3))
+        .register_and_keep_alive(ephemeral("default", "failover", "f-1", 3))
         .await?;
     let lease = match registration.state() {
         RegistrationState::Alive { instance, ttl, .. } => {
@@ -150,14 +130,11 @@ async fn heartbeats_continue_through_another_replica_after_kill_9() -> Result<()
 
 #[tokio::test]
 async fn a_lost_registration_is_made_again_under_the_same_id() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("relost"))?;
-    let client = Client::connect([plane.endpoint()]).await?;
+    let (_etcd, _plane, client) = start_one("relost").await?;
     let registration = client
         .register_and_keep_alive(Instance {
             instance_id: String::new(),
-            ..ephemeral("relost", "", 3)
+            ..ephemeral("default", "relost", "", 3)
         })
         .await?;
     let id = registration.instance().instance_id.clone();
@@ -197,46 +174,49 @@ async fn a_lost_registration_is_made_again_under_the_same_id() -> Result<()> {
     Ok(())
 }
 
+/// What a watch view delivered: snapshots, and the revision of every change.
+#[derive(Default)]
+struct Tally {
+    snapshots: usize,
+    seen: Vec<u64>,
+}
+
+impl Tally {
+    /// Feeds the next update of `view`, failing if none comes within `each`.
+    async fn step(&mut self, view: &mut WatchView, each: Duration) -> Result<()> {
+        match tokio::time::timeout(each, view.next()).await?? {
+            WatchUpdate::Snapshot { .. } => self.snapshots += 1,
+            WatchUpdate::Changes { events, .. } => {
+                self.seen.extend(events.iter().map(|e| e.revision));
+            }
+            WatchUpdate::Progress { .. } => {}
+        }
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn a_watch_view_resumes_on_another_replica_without_gaps_or_repeats() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let prefix = unique_prefix("viewfail");
-    let mut a = ControlPlaneProcess::start(&etcd, &prefix)?;
-    let b = ControlPlaneProcess::start(&etcd, &prefix)?;
+    let (_etcd, [mut a, b]) = start_replicas("viewfail").await?;
     let writer = Client::connect([b.endpoint()]).await?;
     let watcher = Client::connect([a.endpoint(), b.endpoint()]).await?;
     let mut view = watcher.watch_view("default", "vf");
-    let mut snapshots = 0;
-    let mut seen: Vec<u64> = Vec::new();
-    let mut step = |update: WatchUpdate, snapshots: &mut usize| match update {
-        WatchUpdate::Snapshot { .. } => *snapshots += 1,
-        WatchUpdate::Changes { events, .. } => seen.extend(events.iter().map(|e| e.revision)),
-        WatchUpdate::Progress { .. } => {}
-    };
-    step(
-        tokio::time::timeout(Duration::from_secs(10), view.next()).await??,
-        &mut snapshots,
-    );
+    let mut tally = Tally::default();
+    tally.step(&mut view, Duration::from_secs(10)).await?;
     for k in 0..50 {
         writer.register(persistent("vf", &format!("v-{k}"))).await?;
     }
     while view.instances().count() < 50 {
-        step(
-            tokio::time::timeout(Duration::from_secs(10), view.next()).await??,
-            &mut snapshots,
-        );
+        tally.step(&mut view, Duration::from_secs(10)).await?;
     }
     a.kill()?;
     for k in 50..100 {
         writer.register(persistent("vf", &format!("v-{k}"))).await?;
     }
     while view.instances().count() < 100 {
-        step(
-            tokio::time::timeout(Duration::from_secs(20), view.next()).await??,
-            &mut snapshots,
-        );
+        tally.step(&mut view, Duration::from_secs(20)).await?;
     }
+    let Tally { snapshots, seen } = tally;
     ensure!(
         snapshots == 1,
         "resumed, not resynced: {snapshots} snapshots"
@@ -275,31 +255,34 @@ async fn weirctl_ok(endpoint: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// `weirctl register orders` at 127.0.0.1:`port` under `id`, then `extra`.
+fn register_orders<'a>(port: &'a str, id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "register",
+        "orders",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--id",
+        id,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 #[tokio::test]
 async fn weirctl_registers_lists_gets_watches_and_deregisters() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("ctl"))?;
+    let (_etcd, [plane]) = start_replicas("ctl").await?;
     let ep = plane.endpoint();
 
     let out = weirctl_ok(
         &ep,
-        &[
-            "register",
-            "orders",
-            "--host",
-            "127.0.0.1",
-            "--port",
+        &register_orders(
             "9001",
-            "--id",
             "o-1",
-            "--meta",
-            "env=prod",
-            "--version",
-            "1.2.0",
-            "-o",
-            "json",
-        ],
+            &["--meta", "env=prod", "--version", "1.2.0", "-o", "json"],
+        ),
     )
     .await?;
     let stored: serde_json::Value = serde_json::from_str(&out)?;
@@ -353,20 +336,7 @@ async fn weirctl_registers_lists_gets_watches_and_deregisters() -> Result<()> {
         snapshot["kind"] == "snapshot" && snapshot["instances"][0]["instance_id"] == "o-1",
         "{snapshot}"
     );
-    weirctl_ok(
-        &ep,
-        &[
-            "register",
-            "orders",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "9002",
-            "--id",
-            "o-2",
-        ],
-    )
-    .await?;
+    weirctl_ok(&ep, &register_orders("9002", "o-2", &[])).await?;
     let second = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
         .await??
         .context("no change line")?;
@@ -380,21 +350,12 @@ async fn weirctl_registers_lists_gets_watches_and_deregisters() -> Result<()> {
 
     // register --keep-alive outlives its TTL, and deregisters on SIGTERM.
     let mut keeper = Command::new(workspace_binary("weirctl")?)
-        .args([
-            "--endpoint",
-            &ep,
-            "register",
-            "orders",
-            "--host",
-            "127.0.0.1",
-            "--port",
+        .args(["--endpoint", &ep])
+        .args(register_orders(
             "9003",
-            "--id",
             "o-3",
-            "--ttl",
-            "2",
-            "--keep-alive",
-        ])
+            &["--ttl", "2", "--keep-alive"],
+        ))
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
@@ -454,15 +415,12 @@ async fn weirctl_registers_lists_gets_watches_and_deregisters() -> Result<()> {
 
 #[tokio::test]
 async fn many_registrations_of_one_client_share_its_keep_alive_stream_and_stay() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("many"))?;
-    let client = Client::connect([plane.endpoint()]).await?;
+    let (_etcd, _plane, client) = start_one("many").await?;
     let mut registrations = Vec::new();
     for k in 0..200 {
         registrations.push(
             client
-                .register_and_keep_alive(ephemeral("many", &format!("m-{k}"), 2))
+                .register_and_keep_alive(ephemeral("default", "many", &format!("m-{k}"), 2))
                 .await?,
         );
     }

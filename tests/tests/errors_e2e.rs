@@ -2,7 +2,10 @@
 //! details, undecodable requests, and readiness while its etcd is stopped.
 //! Real `weir-control-plane` processes on loopback.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, ensure, Context, Result};
 use prost::bytes::{Buf, BufMut};
@@ -18,32 +21,19 @@ use tonic_health::pb::{
 use tonic_types::StatusExt;
 use weir_proto::registry::v1::{registry_client::RegistryClient, Instance, RegisterRequest};
 use weir_tests::{
-    http_get, init_tracing, unique_prefix, wait_until, workspace_binary, ControlPlaneProcess, Etcd,
-    EtcdOptions,
+    fixtures::instance, http_get, init_tracing, start_replicas, unique_prefix, wait_until,
+    workspace_binary, ControlPlaneProcess, Etcd, EtcdOptions,
 };
-
-fn instance(service: &str, id: &str) -> Instance {
-    Instance {
-        namespace: "default".into(),
-        service: service.into(),
-        instance_id: id.into(),
-        host: "127.0.0.1".into(),
-        port: 8080,
-        ..Instance::default()
-    }
-}
 
 #[tokio::test]
 async fn an_invalid_registration_carries_bad_request_details_naming_the_field() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("badreq"))?;
+    let (_etcd, [plane]) = start_replicas("badreq").await?;
     let mut c = RegistryClient::connect(plane.endpoint()).await?;
     let status = c
         .register(RegisterRequest {
             instance: Some(Instance {
                 weight: 20_000,
-                ..instance("svc", "i-1")
+                ..instance("default", "svc", "i-1", 8080)
             }),
         })
         .await
@@ -135,9 +125,7 @@ impl Decoder for Raw {
 
 #[tokio::test]
 async fn random_bytes_as_a_request_get_invalid_argument() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("garbage"))?;
+    let (_etcd, [plane]) = start_replicas("garbage").await?;
     let channel = Channel::from_shared(plane.endpoint())?.connect().await?;
     let mut grpc = tonic::client::Grpc::new(channel.clone());
 
@@ -207,7 +195,7 @@ async fn random_bytes_as_a_request_get_invalid_argument() -> Result<()> {
     // The replica still serves well-formed calls.
     let mut c = RegistryClient::new(channel);
     c.register(RegisterRequest {
-        instance: Some(instance("svc", "still-fine")),
+        instance: Some(instance("default", "svc", "still-fine", 8080)),
     })
     .await?;
     Ok(())
@@ -225,6 +213,32 @@ async fn overall_health(channel: Channel) -> Option<i32> {
     .ok()?
     .ok()?;
     Some(reply.into_inner().status)
+}
+
+/// Waits up to `deadline` for `/readyz` on `http` to answer `status`.
+async fn readyz_becomes(
+    http: SocketAddr,
+    status: u16,
+    deadline: Duration,
+    what: &str,
+) -> Result<()> {
+    let line = format!("HTTP/1.1 {status}");
+    wait_until(deadline, what, || async {
+        http_get(http, "/readyz")
+            .await
+            .is_ok_and(|r| r.starts_with(&line))
+    })
+    .await
+}
+
+/// Waits up to 5 s (grpc.health polls every 100 ms) for the overall
+/// grpc.health status on `channel` to be `status`.
+async fn health_becomes(channel: &Channel, status: ServingStatus, what: &str) -> Result<()> {
+    wait_until(Duration::from_secs(5), what, || {
+        let channel = channel.clone();
+        async move { overall_health(channel).await == Some(status as i32) }
+    })
+    .await
 }
 
 fn signal(pid: u32, signal: &str) -> Result<()> {
@@ -258,33 +272,19 @@ async fn readyz_fails_while_etcd_is_stopped_and_recovers_after() -> Result<()> {
     let http = plane.http_addr();
     let channel = Channel::from_shared(plane.endpoint())?.connect().await?;
 
-    wait_until(Duration::from_secs(10), "/readyz 200", || async {
-        http_get(http, "/readyz")
-            .await
-            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-    })
-    .await?;
+    readyz_becomes(http, 200, Duration::from_secs(10), "/readyz 200").await?;
     let verbose = http_get(http, "/readyz?verbose").await?;
     assert!(verbose.starts_with("HTTP/1.1 200"), "{verbose}");
     assert!(verbose.contains("[+]store ok\n"), "{verbose}");
     assert!(verbose.contains("[+]cache ok\n"), "{verbose}");
     assert!(verbose.contains("readyz check passed"), "{verbose}");
     // grpc.health follows the same checks (within its 100 ms poll).
-    wait_until(Duration::from_secs(5), "grpc.health SERVING", || {
-        let channel = channel.clone();
-        async move { overall_health(channel).await == Some(ServingStatus::Serving as i32) }
-    })
-    .await?;
+    health_becomes(&channel, ServingStatus::Serving, "grpc.health SERVING").await?;
 
     // etcd hangs: the process is there, its sockets accept, nothing answers.
     signal(pid, "STOP")?;
     let resume = Resume(pid);
-    wait_until(Duration::from_secs(10), "/readyz 503", || async {
-        http_get(http, "/readyz")
-            .await
-            .is_ok_and(|r| r.starts_with("HTTP/1.1 503"))
-    })
-    .await?;
+    readyz_becomes(http, 503, Duration::from_secs(10), "/readyz 503").await?;
     let plain = http_get(http, "/readyz").await?;
     assert!(plain.contains("\"ready\":false"), "{plain}");
     assert!(plain.contains("\"store\":\"etcd\""), "{plain}");
@@ -297,10 +297,11 @@ async fn readyz_fails_while_etcd_is_stopped_and_recovers_after() -> Result<()> {
     assert!(http_get(http, "/healthz")
         .await?
         .starts_with("HTTP/1.1 200"));
-    wait_until(Duration::from_secs(5), "grpc.health NOT_SERVING", || {
-        let channel = channel.clone();
-        async move { overall_health(channel).await == Some(ServingStatus::NotServing as i32) }
-    })
+    health_becomes(
+        &channel,
+        ServingStatus::NotServing,
+        "grpc.health NOT_SERVING",
+    )
     .await?;
 
     // A write is answered within the store call bound, with the replica's
@@ -309,7 +310,7 @@ async fn readyz_fails_while_etcd_is_stopped_and_recovers_after() -> Result<()> {
     let started = Instant::now();
     let status = c
         .register(RegisterRequest {
-            instance: Some(instance("svc", "during-outage")),
+            instance: Some(instance("default", "svc", "during-outage", 8080)),
         })
         .await
         .expect_err("no write succeeds while etcd is stopped");
@@ -334,24 +335,15 @@ async fn readyz_fails_while_etcd_is_stopped_and_recovers_after() -> Result<()> {
 
     // etcd resumes: the replica is ready again and writes succeed.
     drop(resume);
-    wait_until(Duration::from_secs(30), "/readyz 200 again", || async {
-        http_get(http, "/readyz")
-            .await
-            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-    })
-    .await?;
+    readyz_becomes(http, 200, Duration::from_secs(30), "/readyz 200 again").await?;
     let verbose = http_get(http, "/readyz?verbose").await?;
     assert!(verbose.contains("readyz check passed"), "{verbose}");
-    wait_until(Duration::from_secs(5), "grpc.health SERVING", || {
-        let channel = channel.clone();
-        async move { overall_health(channel).await == Some(ServingStatus::Serving as i32) }
-    })
-    .await?;
+    health_becomes(&channel, ServingStatus::Serving, "grpc.health SERVING").await?;
     wait_until(Duration::from_secs(20), "a write after recovery", || {
         let mut c = c.clone();
         async move {
             c.register(RegisterRequest {
-                instance: Some(instance("svc", "after-outage")),
+                instance: Some(instance("default", "svc", "after-outage", 8080)),
             })
             .await
             .is_ok()

@@ -5,18 +5,19 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
-use weir_tests::{follow, status_in};
+use weir_tests::{follow, reason_in, status_in};
 
 use anyhow::{ensure, Context, Result};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use weir_client::{
     health_check, Client, GetHealthRequest, GetServiceRequest, GrpcCheck, HealthCheck,
-    HealthStatus, HttpCheck, Instance, TcpCheck, WatchView,
+    HealthStatus, HttpCheck, Instance, InstanceHealth, TcpCheck, WatchView,
 };
 use weir_tests::{
-    fixtures::HttpInstance, init_tracing, unique_prefix, wait_until, workspace_binary,
-    ControlPlaneProcess, Etcd,
+    fixtures::{instance, HttpInstance},
+    init_tracing, start_one, unique_prefix, wait_until, workspace_binary, ControlPlaneProcess,
+    Etcd,
 };
 
 fn checked(
@@ -27,17 +28,12 @@ fn checked(
     interval_ms: u32,
 ) -> Instance {
     Instance {
-        namespace: "default".into(),
-        service: service.into(),
-        instance_id: id.into(),
-        host: "127.0.0.1".into(),
-        port: u32::from(port),
         health_check: Some(HealthCheck {
             kind: Some(kind),
             interval_ms,
             ..HealthCheck::default()
         }),
-        ..Instance::default()
+        ..instance("default", service, id, u32::from(port))
     }
 }
 
@@ -48,17 +44,74 @@ fn http(path: &str) -> health_check::Kind {
     })
 }
 
-async fn start_one(tag: &str) -> Result<(Etcd, ControlPlaneProcess, Client)> {
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix(tag))?;
-    let client = Client::connect([plane.endpoint()]).await?;
-    Ok((etcd, plane, client))
+/// Feeds `view` until `default/service/id` has `status`; fails after 10 s.
+/// Returns when it was seen.
+async fn until_status(
+    view: &mut WatchView,
+    service: &str,
+    id: &str,
+    status: HealthStatus,
+    what: &str,
+) -> Result<Instant> {
+    follow(view, Duration::from_secs(10), what, |v| {
+        status_in(v, service, id) == Some(status)
+    })
+    .await
+}
+
+/// The health record of the first instance of `default/service`.
+async fn first_health(client: &Client, service: &str) -> Result<InstanceHealth> {
+    client
+        .get_health(GetHealthRequest {
+            namespace: "default".into(),
+            service: service.into(),
+            ..GetHealthRequest::default()
+        })
+        .await?
+        .instances
+        .into_iter()
+        .next()
+        .context("instance")
+}
+
+/// Feeds `view` until `default/service/id` is CRITICAL, then checks that
+/// the reason given mentions `cause`.
+async fn critical_because(
+    view: &mut WatchView,
+    service: &str,
+    id: &str,
+    cause: &str,
+    what: &str,
+) -> Result<()> {
+    until_status(view, service, id, HealthStatus::Critical, what).await?;
+    let reason = reason_in(view, service, id);
+    ensure!(reason.contains(cause), "{what}: reason {reason:?}");
+    Ok(())
+}
+
+/// Registers instances `{tag}-0` to `{tag}-{n-1}` of `service`, each
+/// checked every `interval_ms` on its own path `/{tag}-k` of `server`.
+async fn register_each(
+    client: &Client,
+    server: &HttpInstance,
+    service: &str,
+    tag: &str,
+    n: usize,
+    interval_ms: u32,
+) -> Result<()> {
+    for k in 0..n {
+        let id = format!("{tag}-{k}");
+        let check = http(&format!("/{id}"));
+        client
+            .register(checked(service, &id, server.port(), check, interval_ms))
+            .await?;
+    }
+    Ok(())
 }
 
 #[tokio::test]
 async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_successes(
 ) -> Result<()> {
-    init_tracing();
     let (_etcd, _plane, client) = start_one("http500").await?;
     let server = HttpInstance::start().await?;
     let mut i = checked("web", "w-1", server.port(), http("/healthz"), 1000);
@@ -68,17 +121,11 @@ async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_
     }
     client.register(i).await?;
     let mut view = client.watch_view("default", "web");
-    follow(&mut view, Duration::from_secs(10), "PASSING", |v| {
-        status_in(v, "web", "w-1") == Some(HealthStatus::Passing)
-    })
-    .await?;
+    until_status(&mut view, "web", "w-1", HealthStatus::Passing, "PASSING").await?;
 
     server.set_status("/healthz", 500);
     let failed = Instant::now();
-    let seen = follow(&mut view, Duration::from_secs(10), "CRITICAL", |v| {
-        status_in(v, "web", "w-1") == Some(HealthStatus::Critical)
-    })
-    .await?;
+    let seen = until_status(&mut view, "web", "w-1", HealthStatus::Critical, "CRITICAL").await?;
     let took = seen - failed;
     // interval x failures_before_critical + 1 s.
     ensure!(took <= Duration::from_secs(3), "CRITICAL after {took:?}");
@@ -96,9 +143,13 @@ async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_
 
     server.set_status("/healthz", 200);
     let recovered = Instant::now();
-    follow(&mut view, Duration::from_secs(10), "PASSING again", |v| {
-        status_in(v, "web", "w-1") == Some(HealthStatus::Passing)
-    })
+    until_status(
+        &mut view,
+        "web",
+        "w-1",
+        HealthStatus::Passing,
+        "PASSING again",
+    )
     .await?;
     let good = server
         .hits_since("/healthz", recovered)
@@ -120,17 +171,8 @@ async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_
     let transitions = || {
         let client = client.clone();
         async move {
-            let health = client
-                .get_health(GetHealthRequest {
-                    namespace: "default".into(),
-                    service: "web".into(),
-                    ..GetHealthRequest::default()
-                })
-                .await?;
-            let moves: Vec<(i32, i32)> = health
-                .instances
-                .first()
-                .context("instance")?
+            let moves: Vec<(i32, i32)> = first_health(&client, "web")
+                .await?
                 .transitions
                 .iter()
                 .map(|t| (t.from, t.to))
@@ -166,7 +208,6 @@ async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_
 
 #[tokio::test]
 async fn a_flapping_instance_is_held_out_not_bounced() -> Result<()> {
-    init_tracing();
     let (_etcd, _plane, client) = start_one("flap").await?;
     let server = HttpInstance::start().await?;
     server.flap("/flap");
@@ -179,14 +220,7 @@ async fn a_flapping_instance_is_held_out_not_bounced() -> Result<()> {
         async move { n >= 30 }
     })
     .await?;
-    let health = client
-        .get_health(GetHealthRequest {
-            namespace: "default".into(),
-            service: "flappy".into(),
-            ..GetHealthRequest::default()
-        })
-        .await?;
-    let i = health.instances.first().context("instance")?;
+    let i = first_health(&client, "flappy").await?;
     // UNKNOWN -> PASSING on the first good check, -> CRITICAL once two of
     // three failed; then it can never pass twice in a row: held out.
     ensure!(
@@ -201,7 +235,6 @@ async fn a_flapping_instance_is_held_out_not_bounced() -> Result<()> {
 
 #[tokio::test]
 async fn tcp_and_grpc_checks_work_against_real_servers() -> Result<()> {
-    init_tracing();
     let (_etcd, _plane, client) = start_one("tcpgrpc").await?;
 
     // TCP: a listener that accepts; then it goes away.
@@ -248,70 +281,47 @@ async fn tcp_and_grpc_checks_work_against_real_servers() -> Result<()> {
 
     let mut tcp_view = client.watch_view("default", "tcp-svc");
     let mut grpc_view = client.watch_view("default", "grpc-svc");
-    follow(&mut tcp_view, Duration::from_secs(10), "TCP PASSING", |v| {
-        status_in(v, "tcp-svc", "t-1") == Some(HealthStatus::Passing)
-    })
+    until_status(
+        &mut tcp_view,
+        "tcp-svc",
+        "t-1",
+        HealthStatus::Passing,
+        "TCP PASSING",
+    )
     .await?;
-    follow(
+    until_status(
         &mut grpc_view,
-        Duration::from_secs(10),
+        "grpc-svc",
+        "g-1",
+        HealthStatus::Passing,
         "gRPC PASSING",
-        |v| status_in(v, "grpc-svc", "g-1") == Some(HealthStatus::Passing),
     )
     .await?;
 
     acceptor.abort();
     let _ = acceptor.await;
-    follow(
-        &mut tcp_view,
-        Duration::from_secs(10),
-        "TCP CRITICAL",
-        |v| status_in(v, "tcp-svc", "t-1") == Some(HealthStatus::Critical),
-    )
-    .await?;
-    let reason = tcp_view
-        .get("default", "tcp-svc", "t-1")
-        .and_then(|i| i.health.clone())
-        .map(|h| h.reason)
-        .unwrap_or_default();
-    ensure!(reason.contains("connect"), "TCP reason {reason:?}");
+    critical_because(&mut tcp_view, "tcp-svc", "t-1", "connect", "TCP CRITICAL").await?;
 
     reporter
         .set_service_status("orders.v1.Orders", tonic_health::ServingStatus::NotServing)
         .await;
-    follow(
+    critical_because(
         &mut grpc_view,
-        Duration::from_secs(10),
+        "grpc-svc",
+        "g-1",
+        "NOT_SERVING",
         "gRPC CRITICAL",
-        |v| status_in(v, "grpc-svc", "g-1") == Some(HealthStatus::Critical),
     )
     .await?;
-    let reason = grpc_view
-        .get("default", "grpc-svc", "g-1")
-        .and_then(|i| i.health.clone())
-        .map(|h| h.reason)
-        .unwrap_or_default();
-    ensure!(reason.contains("NOT_SERVING"), "gRPC reason {reason:?}");
     grpc_server.abort();
     Ok(())
 }
 
 #[tokio::test]
 async fn protection_is_announced_on_the_watch_when_too_few_are_healthy() -> Result<()> {
-    init_tracing();
     let (_etcd, _plane, client) = start_one("protect").await?;
     let server = HttpInstance::start().await?;
-    for k in 0..10 {
-        client
-            .register(checked(
-                "shop",
-                &format!("s-{k}"),
-                server.port(),
-                http(&format!("/s-{k}")),
-                200,
-            ))
-            .await?;
-    }
+    register_each(&client, &server, "shop", "s", 10, 200).await?;
     let mut view = client.watch_view("default", "shop");
     let count =
         |v: &WatchView, s: HealthStatus| v.instances().filter(|i| i.status == s as i32).count();
@@ -377,7 +387,6 @@ async fn protection_is_announced_on_the_watch_when_too_few_are_healthy() -> Resu
 
 #[tokio::test]
 async fn a_persistent_instance_critical_past_its_bound_is_deregistered() -> Result<()> {
-    init_tracing();
     let (_etcd, _plane, client) = start_one("dereg").await?;
     let server = HttpInstance::start().await?;
     server.set_status("/down", 500);
@@ -387,10 +396,8 @@ async fn a_persistent_instance_critical_past_its_bound_is_deregistered() -> Resu
     }
     client.register(i).await?;
     let mut view = client.watch_view("default", "gone");
-    let critical = follow(&mut view, Duration::from_secs(10), "CRITICAL", |v| {
-        status_in(v, "gone", "g-1") == Some(HealthStatus::Critical)
-    })
-    .await?;
+    let critical =
+        until_status(&mut view, "gone", "g-1", HealthStatus::Critical, "CRITICAL").await?;
     let removed = follow(&mut view, Duration::from_secs(20), "deregistration", |v| {
         v.revision() > 0 && v.get("default", "gone", "g-1").is_none()
     })
@@ -423,17 +430,7 @@ async fn three_replicas_share_the_checks_and_take_over_a_dead_ones_within_its_le
     let client = Client::connect([a.endpoint(), c.endpoint()]).await?;
     let server = HttpInstance::start().await?;
     let n = 30;
-    for k in 0..n {
-        client
-            .register(checked(
-                "fleet",
-                &format!("f-{k}"),
-                server.port(),
-                http(&format!("/f-{k}")),
-                300,
-            ))
-            .await?;
-    }
+    register_each(&client, &server, "fleet", "f", n, 300).await?;
     let mut view = client.watch_view("default", "fleet");
     follow(&mut view, Duration::from_secs(15), "all PASSING", |v| {
         v.instances()

@@ -8,12 +8,10 @@ use anyhow::{bail, ensure, Context, Result};
 use tokio::task::JoinSet;
 use weir_client::{
     agent::{policy_update, Hello},
-    policy::{rate_limit, RateLimit, Retry, TrafficPolicy},
+    policy::{self, rate_limit, RateLimit, Retry, TrafficPolicy},
     AgentSession, Client, Error, Instance, SessionEvent,
 };
-use weir_tests::{
-    init_tracing, unique_prefix, wait_until, workspace_binary, ControlPlaneProcess, Etcd,
-};
+use weir_tests::{start_one, start_replicas, wait_until, workspace_binary};
 
 fn policy(service: &str, attempts: u32) -> TrafficPolicy {
     TrafficPolicy {
@@ -62,13 +60,30 @@ async fn next_policies(session: &mut AgentSession) -> Result<weir_client::agent:
     }
 }
 
+/// Waits up to 10 s until the policy status of `default/service` on
+/// `client` satisfies `done`.
+async fn status_until(
+    client: &Client,
+    service: &str,
+    what: &str,
+    done: impl Fn(&policy::PolicyStatusResponse) -> bool,
+) -> Result<()> {
+    let done = &done;
+    wait_until(Duration::from_secs(10), what, || {
+        let client = client.clone();
+        async move {
+            client
+                .policy_status("default", service)
+                .await
+                .is_ok_and(|s| done(&s))
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_policy_change_reaches_100_sessions_and_all_acknowledge_it() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let prefix = unique_prefix("push");
-    let a = ControlPlaneProcess::start(&etcd, &prefix)?;
-    let b = ControlPlaneProcess::start(&etcd, &prefix)?;
+    let (_etcd, [a, b]) = start_replicas("push").await?;
     let client = Client::connect([a.endpoint()]).await?;
     let mut agents = JoinSet::new();
     for k in 0..100 {
@@ -82,25 +97,13 @@ async fn a_policy_change_reaches_100_sessions_and_all_acknowledge_it() -> Result
         let session = c.open_session(hello(&format!("node-{k}"))).await?;
         agents.spawn(run_agent(session));
     }
-    wait_until(Duration::from_secs(10), "100 sessions connected", || {
-        let client = client.clone();
-        async move {
-            client
-                .policy_status("default", "orders")
-                .await
-                .is_ok_and(|s| s.connected_agents == 100)
-        }
+    status_until(&client, "orders", "100 sessions connected", |s| {
+        s.connected_agents == 100
     })
     .await?;
     let v = client.put_policy(policy("orders", 3), None).await?;
-    wait_until(Duration::from_secs(10), "every agent applied it", || {
-        let client = client.clone();
-        async move {
-            client
-                .policy_status("default", "orders")
-                .await
-                .is_ok_and(|s| s.applied == 100)
-        }
+    status_until(&client, "orders", "every agent applied it", |s| {
+        s.applied == 100
     })
     .await?;
     let status = client.policy_status("default", "orders").await?;
@@ -116,10 +119,7 @@ async fn a_policy_change_reaches_100_sessions_and_all_acknowledge_it() -> Result
 
 #[tokio::test]
 async fn concurrent_puts_with_the_same_expected_version_let_exactly_one_win() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("cas"))?;
-    let client = Client::connect([plane.endpoint()]).await?;
+    let (_etcd, _plane, client) = start_one("cas").await?;
     let first = client.put_policy(policy("cart", 2), Some(0)).await?;
     // Creating again "only if none exists" fails.
     let again = client.put_policy(policy("cart", 2), Some(0)).await;
@@ -161,10 +161,7 @@ async fn concurrent_puts_with_the_same_expected_version_let_exactly_one_win() ->
 
 #[tokio::test]
 async fn invalid_policies_are_rejected_naming_the_field_and_weirctl_points_at_it() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("badpol"))?;
-    let client = Client::connect([plane.endpoint()]).await?;
+    let (_etcd, plane, client) = start_one("badpol").await?;
     let mut bad = policy("pay", 3);
     bad.rate_limit = Some(RateLimit {
         requests_per_second: -5.0,
@@ -205,10 +202,7 @@ async fn invalid_policies_are_rejected_naming_the_field_and_weirctl_points_at_it
 
 #[tokio::test]
 async fn rollback_restores_a_previous_version_and_pushes_it() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("rollback"))?;
-    let client = Client::connect([plane.endpoint()]).await?;
+    let (_etcd, _plane, client) = start_one("rollback").await?;
     let v1 = client.put_policy(policy("inv", 2), None).await?;
     let v2 = client
         .put_policy(policy("inv", 7), Some(v1.version))
@@ -252,11 +246,7 @@ async fn rollback_restores_a_previous_version_and_pushes_it() -> Result<()> {
 #[tokio::test]
 async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanwhile() -> Result<()>
 {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let prefix = unique_prefix("resume");
-    let a = ControlPlaneProcess::start(&etcd, &prefix)?;
-    let b = ControlPlaneProcess::start(&etcd, &prefix)?;
+    let (_etcd, [a, b]) = start_replicas("resume").await?;
     let on_a = Client::connect([a.endpoint()]).await?;
     let on_b = Client::connect([b.endpoint()]).await?;
     let p1 = on_a.put_policy(policy("one", 2), None).await?;
@@ -295,15 +285,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
             .ack(&c.namespace, &c.service, c.version, Ok(()))
             .await?;
     }
-    wait_until(Duration::from_secs(10), "acks recorded", || {
-        let c = on_a.clone();
-        async move {
-            c.policy_status("default", "two")
-                .await
-                .is_ok_and(|s| s.applied == 1)
-        }
-    })
-    .await?;
+    status_until(&on_a, "two", "acks recorded", |s| s.applied == 1).await?;
 
     // The agent goes away; meanwhile one policy changes, one is deleted,
     // one is created.
@@ -349,13 +331,8 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
             Err("retry.attempts 5 is over this node's cap".into()),
         )
         .await?;
-    wait_until(Duration::from_secs(10), "the rejection is reported", || {
-        let c = on_b.clone();
-        async move {
-            c.policy_status("default", "one")
-                .await
-                .is_ok_and(|s| s.rejected == 1)
-        }
+    status_until(&on_b, "one", "the rejection is reported", |s| {
+        s.rejected == 1
     })
     .await?;
     let one = on_b.policy_status("default", "one").await?;

@@ -14,21 +14,13 @@ use weir_proto::registry::v1::{
     GetServiceRequest, HeartbeatRequest, Instance, InstanceRef, ListServicesRequest,
     RegisterRequest, WatchRequest, WatchResponse,
 };
-use weir_tests::{http_get, init_tracing, unique_prefix, wait_until, ControlPlaneProcess, Etcd};
+use weir_tests::{
+    fixtures::{ephemeral, instance},
+    http_get, init_tracing, start_replicas, unique_prefix, wait_until, ControlPlaneProcess, Etcd,
+};
 
 async fn client(plane: &ControlPlaneProcess) -> Result<RegistryClient<Channel>> {
     Ok(RegistryClient::connect(plane.endpoint()).await?)
-}
-
-fn instance(namespace: &str, service: &str, id: &str, port: u32) -> Instance {
-    Instance {
-        namespace: namespace.into(),
-        service: service.into(),
-        instance_id: id.into(),
-        host: "127.0.0.1".into(),
-        port,
-        ..Instance::default()
-    }
 }
 
 /// Registers and returns the stored record.
@@ -40,14 +32,6 @@ async fn registered(c: &mut RegistryClient<Channel>, instance: Instance) -> Resu
     .into_inner()
     .instance
     .context("no instance in RegisterResponse")
-}
-
-fn ephemeral(namespace: &str, service: &str, id: &str, ttl: u32) -> Instance {
-    Instance {
-        ephemeral: true,
-        ttl_seconds: ttl,
-        ..instance(namespace, service, id, 8080)
-    }
 }
 
 async fn instance_ids(
@@ -67,6 +51,24 @@ async fn instance_ids(
         .service
         .map(|s| s.instances.into_iter().map(|i| i.instance_id).collect())
         .unwrap_or_default())
+}
+
+/// Waits up to `deadline` until `default/service` has no instances.
+async fn until_empty(
+    c: &RegistryClient<Channel>,
+    service: &str,
+    deadline: Duration,
+    what: &str,
+) -> Result<()> {
+    wait_until(deadline, what, || {
+        let mut c = c.clone();
+        async move {
+            instance_ids(&mut c, "default", service)
+                .await
+                .is_ok_and(|ids| ids.is_empty())
+        }
+    })
+    .await
 }
 
 async fn listed(c: &mut RegistryClient<Channel>, namespace: &str, service: &str) -> Result<bool> {
@@ -179,9 +181,7 @@ impl Watcher {
 
 #[tokio::test]
 async fn ephemeral_instance_without_heartbeats_is_gone_within_ttl_plus_one_second() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("ttl"))?;
+    let (_etcd, [plane]) = start_replicas("ttl").await?;
     let mut c = client(&plane).await?;
     let mut watcher = Watcher::open(&mut c, "default", "ttl-svc", 0).await?;
     watcher
@@ -254,9 +254,7 @@ async fn ephemeral_instance_without_heartbeats_is_gone_within_ttl_plus_one_secon
 
 #[tokio::test]
 async fn heartbeats_keep_an_ephemeral_instance_for_as_long_as_they_come() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("hb"))?;
+    let (_etcd, [plane]) = start_replicas("hb").await?;
     let mut c = client(&plane).await?;
     c.register(RegisterRequest {
         instance: Some(ephemeral("default", "hb-svc", "i-1", 3)),
@@ -287,31 +285,29 @@ async fn heartbeats_keep_an_ephemeral_instance_for_as_long_as_they_come() -> Res
     }
     // Heartbeats stop: gone within TTL + 1 s.
     let stopped = Instant::now();
-    wait_until(
+    until_empty(
+        &c,
+        "hb-svc",
         Duration::from_secs(4),
         "expiry after heartbeats stop",
-        || {
-            let mut c = c.clone();
-            async move {
-                instance_ids(&mut c, "default", "hb-svc")
-                    .await
-                    .is_ok_and(|ids| ids.is_empty())
-            }
-        },
     )
     .await?;
     assert!(stopped.elapsed() >= Duration::from_secs(2));
     Ok(())
 }
 
+/// Registers instance `i-{n:04}` of service `svc-{n % 10}` in namespace
+/// "order" on `port`; returns its revision.
+async fn register_order(c: &mut RegistryClient<Channel>, n: u32, port: u32) -> Result<u64> {
+    let service = format!("svc-{}", n % 10);
+    let stored = registered(c, instance("order", &service, &format!("i-{n:04}"), port)).await?;
+    Ok(stored.revision)
+}
+
 #[tokio::test]
 async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_resume_is_exact(
 ) -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let prefix = unique_prefix("order");
-    let a = ControlPlaneProcess::start(&etcd, &prefix)?;
-    let b = ControlPlaneProcess::start(&etcd, &prefix)?;
+    let (_etcd, [a, b]) = start_replicas("order").await?;
     let mut ca = client(&a).await?;
     let mut cb = client(&b).await?;
 
@@ -338,18 +334,7 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
                 if n % 16 != t {
                     continue;
                 }
-                let resp = c
-                    .register(RegisterRequest {
-                        instance: Some(instance(
-                            "order",
-                            &format!("svc-{}", n % 10),
-                            &format!("i-{n:04}"),
-                            1000 + n,
-                        )),
-                    })
-                    .await?
-                    .into_inner();
-                revisions.push(resp.instance.map(|i| i.revision).unwrap_or_default());
+                revisions.push(register_order(&mut c, n, 1000 + n).await?);
             }
             anyhow::Ok(revisions)
         }));
@@ -405,18 +390,7 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
         expected.push((EventType::Delete as i32, format!("i-{n:04}"), resp.revision));
     }
     for n in 0..50u32 {
-        let resp = ca
-            .register(RegisterRequest {
-                instance: Some(instance(
-                    "order",
-                    &format!("svc-{}", n % 10),
-                    &format!("i-{n:04}"),
-                    2000 + n,
-                )),
-            })
-            .await?
-            .into_inner();
-        let revision = resp.instance.map(|i| i.revision).unwrap_or_default();
+        let revision = register_order(&mut ca, n, 2000 + n).await?;
         expected.push((EventType::Put as i32, format!("i-{n:04}"), revision));
     }
     let mut resumed = Watcher::open(&mut cb, "order", "", r).await?;
@@ -447,9 +421,7 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
 
 #[tokio::test]
 async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("bad"))?;
+    let (_etcd, [plane]) = start_replicas("bad").await?;
     let mut c = client(&plane).await?;
     let edited = |edit: fn(&mut Instance)| {
         let mut i = instance("default", "svc", "i", 1);
@@ -539,9 +511,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
 
 #[tokio::test]
 async fn reregistering_is_idempotent_and_list_paginates_and_filters() -> Result<()> {
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("idem"))?;
+    let (_etcd, [plane]) = start_replicas("idem").await?;
     let mut c = client(&plane).await?;
     let first = registered(&mut c, ephemeral("shop", "cart", "c-1", 10)).await?;
     let again = registered(&mut c, ephemeral("shop", "cart", "c-1", 10)).await?;
@@ -643,9 +613,7 @@ async fn health_and_reflection_are_served_and_sigterm_drains() -> Result<()> {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
         ServerReflectionRequest,
     };
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let mut plane = ControlPlaneProcess::start(&etcd, &unique_prefix("health"))?;
+    let (_etcd, [mut plane]) = start_replicas("health").await?;
     let channel = Channel::from_shared(plane.endpoint())?.connect().await?;
 
     let mut health = HealthClient::new(channel.clone());
@@ -733,9 +701,7 @@ async fn dev_mode_serves_the_registry_on_the_embedded_store() -> Result<()> {
 #[tokio::test]
 async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> Result<()> {
     use weir_proto::registry::v1::KeepAliveRequest;
-    init_tracing();
-    let etcd = Etcd::start().await?;
-    let plane = ControlPlaneProcess::start(&etcd, &unique_prefix("ka"))?;
+    let (_etcd, [plane]) = start_replicas("ka").await?;
     let mut c = client(&plane).await?;
     let refs: Vec<InstanceRef> = (0..3)
         .map(|n| InstanceRef {
@@ -801,17 +767,11 @@ async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> 
     );
     drop(tx);
     // Stream closed by us: the renewals stop and both expire.
-    wait_until(
+    until_empty(
+        &c,
+        "ka-svc",
         Duration::from_secs(5),
         "expiry after the stream closed",
-        || {
-            let mut c = c.clone();
-            async move {
-                instance_ids(&mut c, "default", "ka-svc")
-                    .await
-                    .is_ok_and(|ids| ids.is_empty())
-            }
-        },
     )
     .await?;
     Ok(())
