@@ -57,7 +57,7 @@ use weir_proto::registry::v1::registry_client::RegistryClient;
 
 pub use registration::{retry_delay, Registration, RegistrationState};
 pub use session::{AgentSession, SessionEvent};
-pub use watch::{WatchUpdate, WatchView};
+pub use watch::{RegistryMirror, WatchUpdate, WatchView};
 pub use weir_proto::registry::v1::{
     health_check, watch_response::Kind as WatchKind, DeregisterRequest, DeregisterResponse, Event,
     EventType, GetHealthRequest, GetHealthResponse, GetServiceConfigRequest,

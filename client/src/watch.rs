@@ -42,6 +42,20 @@ fn key_of(i: &Instance) -> Key {
     )
 }
 
+/// A copy of the registry (or part of it) built from `WatchResponse`
+/// messages, whatever stream they come from: the `Watch` RPC
+/// ([`WatchView`]) or an agent session ([`crate::AgentSession`]). Pure: it
+/// applies messages and answers lookups; it opens no stream.
+#[derive(Debug, Default, Clone)]
+pub struct RegistryMirror {
+    instances: BTreeMap<Key, Instance>,
+    /// Services in protection.
+    protected: BTreeMap<(String, String), ServiceProtection>,
+    /// A snapshot arriving in several messages.
+    staging: Option<BTreeMap<Key, Instance>>,
+    revision: u64,
+}
+
 /// A view of the instances of a namespace (or one service) kept current by
 /// the `Watch` stream. When the stream breaks the view reconnects, to any
 /// replica, and resumes from the last revision it applied, so no change is
@@ -53,12 +67,7 @@ pub struct WatchView {
     namespace: String,
     service: String,
     stream: Option<tonic::Streaming<WatchResponse>>,
-    instances: BTreeMap<Key, Instance>,
-    /// Services in protection.
-    protected: BTreeMap<(String, String), ServiceProtection>,
-    /// A snapshot arriving in several messages.
-    staging: Option<BTreeMap<Key, Instance>>,
-    revision: u64,
+    mirror: RegistryMirror,
     /// Between attempts to reopen the stream: 100 ms doubling to 2 s,
     /// jittered so that many views cut off together spread out.
     backoff: Backoff,
@@ -71,10 +80,7 @@ impl WatchView {
             namespace: namespace.to_string(),
             service: service.to_string(),
             stream: None,
-            instances: BTreeMap::new(),
-            protected: BTreeMap::new(),
-            staging: None,
-            revision: 0,
+            mirror: RegistryMirror::default(),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
                 .with_jitter(Jitter::Half),
         }
@@ -83,11 +89,109 @@ impl WatchView {
     /// Starts from `revision` instead of a snapshot: the first updates are
     /// the changes after it. The view holds only what those changes carry.
     pub fn resume_from(mut self, revision: u64) -> Self {
-        self.revision = revision;
+        self.mirror.revision = revision;
         self
     }
 
+    /// What the view holds.
+    pub fn mirror(&self) -> &RegistryMirror {
+        &self.mirror
+    }
+
     /// The revision the view is current up to (0 before the first update).
+    pub fn revision(&self) -> u64 {
+        self.mirror.revision
+    }
+
+    /// The instances, ordered by namespace, service and id.
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.mirror.instances()
+    }
+
+    /// Whether a service is in protection (route to all its instances).
+    pub fn in_protection(&self, namespace: &str, service: &str) -> bool {
+        self.mirror.in_protection(namespace, service)
+    }
+
+    /// Looks one instance up.
+    pub fn get(&self, namespace: &str, service: &str, instance_id: &str) -> Option<&Instance> {
+        self.mirror.get(namespace, service, instance_id)
+    }
+
+    /// Waits for the next change and applies it. Transient failures
+    /// (a replica going away, the store being unavailable) are retried
+    /// here, with a capped backoff; other errors (a bad namespace, say) are
+    /// returned.
+    pub async fn next(&mut self) -> Result<WatchUpdate, Error> {
+        loop {
+            let Some(stream) = self.stream.as_mut() else {
+                self.open().await?;
+                continue;
+            };
+            match stream.message().await {
+                Ok(Some(msg)) => {
+                    self.backoff.reset();
+                    if let Some(update) = self.mirror.apply(msg)? {
+                        return Ok(update);
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!(
+                        revision = self.mirror.revision,
+                        "watch stream ended; resuming"
+                    );
+                    self.stream = None;
+                }
+                Err(status) => {
+                    let e = Error::from(status);
+                    if !e.is_transient() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, revision = self.mirror.revision, "watch stream broke; resuming");
+                    self.stream = None;
+                    self.backoff().await;
+                }
+            }
+        }
+    }
+
+    async fn open(&mut self) -> Result<(), Error> {
+        loop {
+            let request = WatchRequest {
+                namespace: self.namespace.clone(),
+                service: self.service.clone(),
+                start_revision: self.mirror.revision,
+            };
+            match self.client.watch(request).await {
+                Ok(stream) => {
+                    self.stream = Some(stream);
+                    self.mirror.drop_partial_snapshot();
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "cannot open the watch; retrying");
+                    self.backoff().await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn backoff(&mut self) {
+        tokio::time::sleep(self.backoff.next_delay()).await;
+    }
+}
+
+impl RegistryMirror {
+    /// An empty mirror that takes changes after `revision`.
+    pub fn at(revision: u64) -> Self {
+        Self {
+            revision,
+            ..Self::default()
+        }
+    }
+
+    /// The revision the mirror is current up to (0 before the first update).
     pub fn revision(&self) -> u64 {
         self.revision
     }
@@ -120,69 +224,36 @@ impl WatchView {
             .get(&(namespace.into(), service.into(), instance_id.into()))
     }
 
-    /// Waits for the next change and applies it. Transient failures
-    /// (a replica going away, the store being unavailable) are retried
-    /// here, with a capped backoff; other errors (a bad namespace, say) are
-    /// returned.
-    pub async fn next(&mut self) -> Result<WatchUpdate, Error> {
-        loop {
-            let Some(stream) = self.stream.as_mut() else {
-                self.open().await?;
-                continue;
-            };
-            match stream.message().await {
-                Ok(Some(msg)) => {
-                    self.backoff.reset();
-                    if let Some(update) = self.apply(msg)? {
-                        return Ok(update);
-                    }
-                }
-                Ok(None) => {
-                    tracing::info!(revision = self.revision, "watch stream ended; resuming");
-                    self.stream = None;
-                }
-                Err(status) => {
-                    let e = Error::from(status);
-                    if !e.is_transient() {
-                        return Err(e);
-                    }
-                    tracing::warn!(error = %e, revision = self.revision, "watch stream broke; resuming");
-                    self.stream = None;
-                    self.backoff().await;
-                }
-            }
-        }
+    /// The instances of one service, ordered by id.
+    pub fn service<'a>(
+        &'a self,
+        namespace: &str,
+        service: &str,
+    ) -> impl Iterator<Item = &'a Instance> + 'a {
+        let from = (namespace.to_owned(), service.to_owned(), String::new());
+        let (ns, svc) = (namespace.to_owned(), service.to_owned());
+        self.instances
+            .range(from..)
+            .take_while(move |(k, _)| k.0 == ns && k.1 == svc)
+            .map(|(_, i)| i)
     }
 
-    async fn open(&mut self) -> Result<(), Error> {
-        loop {
-            let request = WatchRequest {
-                namespace: self.namespace.clone(),
-                service: self.service.clone(),
-                start_revision: self.revision,
-            };
-            match self.client.watch(request).await {
-                Ok(stream) => {
-                    self.stream = Some(stream);
-                    // A half-received snapshot is void on a new stream.
-                    self.staging = None;
-                    return Ok(());
-                }
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, "cannot open the watch; retrying");
-                    self.backoff().await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+    /// Keeps the contents but forgets the revision, so the next stream
+    /// opened from [`RegistryMirror::revision`] starts with a snapshot
+    /// (after the mirror disagreed with its stream, say).
+    pub fn forget_revision(&mut self) {
+        self.revision = 0;
+        self.staging = None;
     }
 
-    async fn backoff(&mut self) {
-        tokio::time::sleep(self.backoff.next_delay()).await;
+    /// A half-received snapshot is void once its stream is gone: call this
+    /// when a new stream opens.
+    pub fn drop_partial_snapshot(&mut self) {
+        self.staging = None;
     }
 
     /// Applies one message; returns the update once a whole one arrived.
-    fn apply(&mut self, msg: WatchResponse) -> Result<Option<WatchUpdate>, Error> {
+    pub fn apply(&mut self, msg: WatchResponse) -> Result<Option<WatchUpdate>, Error> {
         let kind = WatchKind::try_from(msg.kind)
             .map_err(|_| Error::Protocol(format!("unknown watch message kind {}", msg.kind)))?;
         match kind {
@@ -305,9 +376,12 @@ mod tests {
                 Vec::new()
             },
         };
-        assert_eq!(v.apply(part(&["a", "b"], false, 7)).expect("ok"), None);
+        assert_eq!(
+            v.mirror.apply(part(&["a", "b"], false, 7)).expect("ok"),
+            None
+        );
         assert!(ids(&v).is_empty(), "a partial snapshot is not shown");
-        assert!(v.apply(part(&["c"], true, 7)).expect("ok").is_some());
+        assert!(v.mirror.apply(part(&["c"], true, 7)).expect("ok").is_some());
         assert_eq!(ids(&v), ["a", "b", "c"]);
         assert_eq!(v.revision(), 7);
         assert!(v.in_protection("default", "orders"));
@@ -323,13 +397,13 @@ mod tests {
             ..WatchResponse::default()
         };
         assert!(matches!(
-            v.apply(changes.clone()).expect("ok"),
+            v.mirror.apply(changes.clone()).expect("ok"),
             Some(WatchUpdate::Changes { revision: 9, .. })
         ));
         assert_eq!(ids(&v), ["a", "c", "d"]);
         assert!(!v.in_protection("default", "orders"), "released");
         assert!(
-            matches!(v.apply(changes), Err(Error::Protocol(_))),
+            matches!(v.mirror.apply(changes), Err(Error::Protocol(_))),
             "a replayed change is a protocol error"
         );
 
@@ -338,7 +412,7 @@ mod tests {
             ..part(&["z"], true, 20)
         };
         assert_eq!(
-            v.apply(resync).expect("ok"),
+            v.mirror.apply(resync).expect("ok"),
             Some(WatchUpdate::Snapshot {
                 revision: 20,
                 resync_reason: Some("fell behind".into()),
@@ -356,6 +430,6 @@ mod tests {
             kind: 42,
             ..WatchResponse::default()
         };
-        assert!(matches!(v.apply(bad), Err(Error::Protocol(_))));
+        assert!(matches!(v.mirror.apply(bad), Err(Error::Protocol(_))));
     }
 }

@@ -51,13 +51,7 @@ pub struct Args {
     pub protection_threshold_percent: Option<u32>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use weir_core::logging::LogFormat;
 
 /// The TOML file: every field optional.
 #[derive(Debug, Default, Deserialize)]

@@ -2,9 +2,8 @@
 //! and runs a replica from the library.
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use weir_control_plane::{
-    config::{Args, LogFormat, StoreConfig},
+    config::{Args, StoreConfig},
     Config, ControlPlane,
 };
 use weir_core::signal::shutdown_signal;
@@ -12,18 +11,7 @@ use weir_core::signal::shutdown_signal;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::resolve(Args::parse())?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-    }
+    weir_core::logging::init(config.log_format);
     match &config.store {
         StoreConfig::Embedded => {
             tracing::warn!("dev mode: embedded in-process store, single node, nothing persists")

@@ -13,6 +13,8 @@
 //! - [`time`] (wall clock as records store it) and [`backoff`] (capped
 //!   exponential backoff with optional jitter).
 //! - [`signal::shutdown_signal`]: Ctrl-C or SIGTERM, for every binary.
+//! - `logging` (feature `cli`): the log format switch and set-up the
+//!   binaries share.
 //!
 //! The control plane adds the store, the gRPC services and replica
 //! coordination on top; the agent will add its node session and policy
@@ -21,6 +23,8 @@
 pub mod backoff;
 pub mod health;
 pub mod keys;
+#[cfg(feature = "cli")]
+pub mod logging;
 pub mod policy;
 pub mod signal;
 pub mod time;

@@ -1,0 +1,83 @@
+//! The admin API (loopback by default): what the agent knows and does.
+//!
+//! - `GET /healthz`: the process answers.
+//! - `GET /readyz`: 200 once the agent can route (it has a registry view),
+//!   503 with the reason before.
+//! - `GET /v1/state`: the session (replica, degraded, revisions, policy
+//!   versions acknowledged) and every route with its endpoints and
+//!   requests in flight, as JSON.
+//! - `GET /metrics`: Prometheus text (see `docs/metrics.md`).
+
+use std::sync::{atomic::Ordering, Arc, OnceLock};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::{ingress::Ingress, session::SessionState, view::RouteState};
+
+/// The process-wide Prometheus recorder, installed by the first agent.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!(
+                "a metrics recorder was already installed; /metrics shows only what reaches it"
+            );
+        }
+        handle
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub node_id: String,
+    pub session: watch::Receiver<SessionState>,
+    pub ingress: Arc<Ingress>,
+}
+
+#[derive(Serialize)]
+struct StateBody {
+    node_id: String,
+    session: SessionState,
+    in_flight: usize,
+    routes: Vec<RouteState>,
+}
+
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/state", get(state))
+        .route("/metrics", get(|| async { prometheus().render() }))
+        .with_state(admin)
+}
+
+async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
+    if a.session.borrow().view_loaded {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no registry view yet (waiting for the control plane)\n".to_owned(),
+        )
+    }
+}
+
+async fn state(State(a): State<Admin>) -> Json<StateBody> {
+    Json(StateBody {
+        node_id: a.node_id.clone(),
+        session: a.session.borrow().clone(),
+        in_flight: a.ingress.in_flight.load(Ordering::Relaxed),
+        routes: a
+            .ingress
+            .routes
+            .all()
+            .iter()
+            .map(|r| RouteState::from(&**r))
+            .collect(),
+    })
+}

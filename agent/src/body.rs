@@ -1,0 +1,67 @@
+//! The one body type the agent's HTTP paths use, both ways: a streamed
+//! body passed through untouched, bytes the agent holds (a structured
+//! event, a rejection), or nothing. An enum, not a boxed trait object, so
+//! proxying a request costs no allocation for its body.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+#[derive(Debug, Default)]
+pub enum Body {
+    /// A body streamed from a peer.
+    Stream(Incoming),
+    /// Bytes in hand (taken once).
+    Full(Option<Bytes>),
+    #[default]
+    Empty,
+}
+
+impl Body {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self::Full(Some(bytes.into()))
+    }
+}
+
+impl From<Incoming> for Body {
+    fn from(b: Incoming) -> Self {
+        Self::Stream(b)
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Stream(b) => Pin::new(b).poll_frame(cx),
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Stream(b) => b.is_end_stream(),
+            Body::Full(b) => b.is_none(),
+            Body::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Stream(b) => b.size_hint(),
+            Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Body::Full(None) | Body::Empty => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Configuration: defaults, then a TOML file, then environment variables,
+//! then command-line flags (each later source wins), as the control plane.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+use weir_core::logging::LogFormat;
+
+/// Command-line flags; each also reads a `WEIR_AGENT_*` environment variable.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "weir-agent",
+    version,
+    about = "Weir agent: carries a node's event traffic to the instances the registry names"
+)]
+pub struct Args {
+    /// TOML config file (keys as the long flags, with '_' for '-').
+    #[arg(long, env = "WEIR_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's stable id (default: the host name).
+    #[arg(long, env = "WEIR_AGENT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// The node's failure domain.
+    #[arg(long, env = "WEIR_AGENT_ZONE")]
+    pub zone: Option<String>,
+    /// Control-plane gRPC endpoints, comma separated.
+    #[arg(long, env = "WEIR_AGENT_CONTROL_PLANE", value_delimiter = ',')]
+    pub control_plane: Option<Vec<String>>,
+    /// Namespace of services addressed without one.
+    #[arg(long, env = "WEIR_AGENT_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Event ingress (HTTP/1.1 and h2c). Loopback by default: an agent open
+    /// to the network is an open relay.
+    #[arg(long, env = "WEIR_AGENT_INGRESS_ADDR")]
+    pub ingress_addr: Option<SocketAddr>,
+    /// Admin API: state, /healthz, /readyz, /metrics.
+    #[arg(long, env = "WEIR_AGENT_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Largest event body the agent reads whole (structured and batch
+    /// CloudEvents), in bytes.
+    #[arg(long, env = "WEIR_AGENT_MAX_EVENT_BYTES")]
+    pub max_event_bytes: Option<usize>,
+    /// Log format: text or json.
+    #[arg(long, env = "WEIR_AGENT_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The TOML file: every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<String>,
+    pub zone: Option<String>,
+    pub control_plane: Option<Vec<String>>,
+    pub namespace: Option<String>,
+    pub ingress_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub max_event_bytes: Option<usize>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: String,
+    pub zone: String,
+    pub control_plane: Vec<String>,
+    pub namespace: String,
+    pub ingress_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub max_event_bytes: usize,
+    pub log_format: LogFormat,
+}
+
+/// Why the configuration could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Largest `max_event_bytes` accepted: events are read whole into memory.
+const MAX_EVENT_BYTES_CAP: usize = 64 * 1024 * 1024;
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: host_name(),
+            zone: String::new(),
+            control_plane: vec![weir_client::DEFAULT_ENDPOINT.to_owned()],
+            namespace: "default".to_owned(),
+            ingress_addr: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 7081)),
+            max_event_bytes: 1024 * 1024,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// The host name, as a node id (`node` when it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| weir_core::validate::instance_id("node_id", h).is_ok())
+        .unwrap_or_else(|| "node".to_owned())
+}
+
+impl Config {
+    /// Resolves flags (which already folded in the environment) over the
+    /// config file over the defaults.
+    pub fn resolve(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    fn merge(args: Args, file: FileConfig) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let invalid = |e: weir_core::validate::ValidationError| ConfigError::Invalid(e.to_string());
+        let node_id = args.node_id.or(file.node_id).unwrap_or(d.node_id);
+        weir_core::validate::instance_id("node_id", &node_id).map_err(invalid)?;
+        let zone = args.zone.or(file.zone).unwrap_or(d.zone);
+        weir_core::validate::short_text("zone", &zone).map_err(invalid)?;
+        let control_plane: Vec<String> = args
+            .control_plane
+            .or(file.control_plane)
+            .unwrap_or(d.control_plane)
+            .into_iter()
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if control_plane.is_empty() {
+            return Err(ConfigError::Invalid("control_plane is empty".into()));
+        }
+        let namespace = args.namespace.or(file.namespace).unwrap_or(d.namespace);
+        weir_core::validate::dns_label("namespace", &namespace).map_err(invalid)?;
+        let max_event_bytes = args
+            .max_event_bytes
+            .or(file.max_event_bytes)
+            .unwrap_or(d.max_event_bytes);
+        if !(1024..=MAX_EVENT_BYTES_CAP).contains(&max_event_bytes) {
+            return Err(ConfigError::Invalid(format!(
+                "max_event_bytes must be 1024-{MAX_EVENT_BYTES_CAP} (got {max_event_bytes})"
+            )));
+        }
+        Ok(Self {
+            node_id,
+            zone,
+            control_plane,
+            namespace,
+            ingress_addr: args
+                .ingress_addr
+                .or(file.ingress_addr)
+                .unwrap_or(d.ingress_addr),
+            admin_addr: args.admin_addr.or(file.admin_addr).unwrap_or(d.admin_addr),
+            max_event_bytes,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let file: FileConfig = toml::from_str(
+            "node_id = \"n1\"\nzone = \"z1\"\ningress_addr = \"127.0.0.1:9000\"\ncontrol_plane = [\"http://a:1\", \"http://b:2\"]\n",
+        )
+        .expect("toml");
+        let args = Args {
+            zone: Some("z2".into()),
+            ..Args::default()
+        };
+        let c = Config::merge(args, file).expect("valid");
+        assert_eq!(c.node_id, "n1");
+        assert_eq!(c.zone, "z2");
+        assert_eq!(c.ingress_addr.port(), 9000);
+        assert_eq!(c.admin_addr.port(), 7081);
+        assert_eq!(c.control_plane, ["http://a:1", "http://b:2"]);
+        assert_eq!(c.namespace, "default");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let bad = |args: Args| match Config::merge(args, FileConfig::default()) {
+            Err(ConfigError::Invalid(m)) => m,
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        assert!(bad(Args {
+            node_id: Some("a b".into()),
+            ..Args::default()
+        })
+        .contains("node_id"));
+        assert!(bad(Args {
+            namespace: Some("Not_A_Label".into()),
+            ..Args::default()
+        })
+        .contains("namespace"));
+        assert!(bad(Args {
+            max_event_bytes: Some(10),
+            ..Args::default()
+        })
+        .contains("max_event_bytes"));
+        assert!(bad(Args {
+            control_plane: Some(vec![" ".into()]),
+            ..Args::default()
+        })
+        .contains("control_plane"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(toml::from_str::<FileConfig>("ingres_addr = \"127.0.0.1:1\"").is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! Sending a request to an instance: pooled connections (HTTP/1.1 for
+//! HTTP endpoints, HTTP/2 for gRPC ones), hop-by-hop headers removed both
+//! ways, bodies streamed.
+
+use std::time::Duration;
+
+use http::{
+    header::{self, HeaderName},
+    uri::{PathAndQuery, Scheme},
+    HeaderMap, Request, Response, Uri, Version,
+};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
+
+use crate::{
+    balance::{Endpoint, Protocol},
+    body::Body,
+    reject::{Reason, Rejection},
+};
+
+/// Connection pools to instances.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    http1: Client<HttpConnector, Body>,
+    h2: Client<HttpConnector, Body>,
+}
+
+fn connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    // Small requests must not wait for Nagle.
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(Duration::from_secs(2)));
+    c.enforce_http(true);
+    c
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstreams {
+    pub fn new() -> Self {
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector());
+        Self { http1, h2 }
+    }
+
+    /// Sends `request` to `endpoint`, with its path replaced by `rewrite`
+    /// when given. `grpc`: the caller speaks gRPC (HTTP/2 either way).
+    pub async fn send(
+        &self,
+        endpoint: &Endpoint,
+        mut request: Request<Body>,
+        rewrite: Option<PathAndQuery>,
+        grpc: bool,
+    ) -> Result<Response<Body>, Rejection> {
+        let h2 = grpc || endpoint.protocol == Protocol::Grpc;
+        let path = match rewrite {
+            Some(p) => p,
+            None => request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(endpoint.authority.clone());
+        parts.path_and_query = Some(path);
+        *request.uri_mut() = Uri::from_parts(parts).map_err(|e| {
+            Rejection::new(
+                Reason::UpstreamUnavailable,
+                format!("bad upstream address: {e}"),
+            )
+        })?;
+        strip_hop_by_hop(request.headers_mut(), grpc);
+        let response = if h2 {
+            *request.version_mut() = Version::HTTP_2;
+            // The authority travels as :authority.
+            request.headers_mut().remove(header::HOST);
+            self.h2.request(request).await
+        } else {
+            *request.version_mut() = Version::HTTP_11;
+            self.http1.request(request).await
+        };
+        match response {
+            Ok(response) => {
+                let (mut parts, body): (_, Incoming) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, grpc);
+                Ok(Response::from_parts(parts, Body::Stream(body)))
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %endpoint.authority, error = %e, "upstream request failed");
+                Err(Rejection::new(
+                    Reason::UpstreamUnavailable,
+                    format!(
+                        "instance {} at {} failed: {e}",
+                        endpoint.id, endpoint.authority
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Removes the headers that belong to one connection (RFC 9110 7.6.1),
+/// and those `Connection` names. `te: trailers` stays for gRPC.
+fn strip_hop_by_hop(headers: &mut HeaderMap, grpc: bool) {
+    // Most requests carry none of these: look before touching the map.
+    if let Some(connection) = headers.remove(header::CONNECTION) {
+        if let Ok(names) = connection.to_str() {
+            for name in names.split(',') {
+                if let Ok(name) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for name in ["keep-alive", "proxy-connection", "upgrade"] {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if !grpc && headers.contains_key(header::TE) {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_the_rest_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("ce-id", HeaderValue::from_static("7"));
+        let mut grpc = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["ce-id"], "7");
+        strip_hop_by_hop(&mut grpc, true);
+        assert_eq!(grpc["te"], "trailers");
+    }
+}

@@ -1,0 +1,313 @@
+//! The event ingress: one listener speaking HTTP/1.1 and h2c, a reverse
+//! proxy to the instances of the service each request names.
+//!
+//! A request is routed ([`target`]), checked when it is a CloudEvent
+//! ([`cloudevents`]), balanced over the service's usable endpoints and
+//! forwarded ([`forward`]); the instance's answer streams back unchanged
+//! (gRPC trailers included). Whatever the agent answers itself is a
+//! [`Rejection`](crate::reject::Rejection).
+
+pub mod cloudevents;
+pub mod forward;
+pub mod target;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    balance::{any, Balance, Endpoint},
+    body::Body,
+    reject::{Reason, Rejection},
+    view::{Routes, ServiceRoute},
+};
+
+use cloudevents::Mode;
+use forward::Upstreams;
+use target::Target;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct Ingress {
+    pub routes: Arc<Routes>,
+    pub upstreams: Upstreams,
+    pub default_namespace: String,
+    pub max_event_bytes: usize,
+    /// Requests being handled.
+    pub in_flight: AtomicUsize,
+    rejections: [metrics::Counter; Reason::ALL.len()],
+}
+
+/// Counts a request in flight on an endpoint (and the agent) while alive.
+struct InFlight<'a>(&'a Endpoint);
+
+impl<'a> InFlight<'a> {
+    fn new(e: &'a Endpoint) -> Self {
+        e.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(e)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+impl Ingress {
+    pub fn new(routes: Arc<Routes>, default_namespace: String, max_event_bytes: usize) -> Self {
+        Self {
+            routes,
+            upstreams: Upstreams::new(),
+            default_namespace,
+            max_event_bytes,
+            in_flight: AtomicUsize::new(0),
+            rejections: Reason::ALL
+                .map(|r| metrics::counter!("weir_agent_rejections_total", "reason" => r.as_str())),
+        }
+    }
+
+    fn rejected(&self, r: Rejection, grpc: bool) -> Response<Body> {
+        if let Some(i) = Reason::ALL.iter().position(|x| *x == r.reason) {
+            self.rejections[i].increment(1);
+        }
+        r.into_response(grpc)
+    }
+
+    /// Handles one request.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let grpc = is_grpc(request.headers());
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let response = match self.route_and_send(request, grpc).await {
+            Ok(r) => r,
+            Err(r) => self.rejected(r, grpc),
+        };
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        response
+    }
+
+    fn route(&self, target: &Target<'_>) -> Result<Arc<ServiceRoute>, Rejection> {
+        self.routes
+            .get(target.namespace, target.service)
+            .ok_or_else(|| {
+                Rejection::new(
+                    Reason::UnknownService,
+                    format!(
+                        "no service {}/{} in the registry",
+                        target.namespace, target.service
+                    ),
+                )
+            })
+    }
+
+    async fn route_and_send(
+        &self,
+        request: Request<Incoming>,
+        grpc: bool,
+    ) -> Result<Response<Body>, Rejection> {
+        let (route, rewrite) = {
+            let target =
+                target::resolve(request.uri(), request.headers(), &self.default_namespace)?;
+            (self.route(&target)?, target.rewrite)
+        };
+        match cloudevents::mode(request.headers()) {
+            Mode::Plain => {}
+            Mode::Binary => cloudevents::check_binary(request.headers())?,
+            Mode::Structured => {
+                let (parts, body) = request.into_parts();
+                let body = self.read_whole(body).await?;
+                cloudevents::parse_structured(&body)?;
+                let request = Request::from_parts(parts, Body::full(body));
+                return self.send(&route, request, rewrite, grpc).await;
+            }
+            Mode::Batch => {
+                let (parts, body) = request.into_parts();
+                let body = self.read_whole(body).await?;
+                let events = cloudevents::parse_batch(&body)?;
+                return Ok(self.send_batch(&route, parts, rewrite, events).await);
+            }
+        }
+        let (parts, body) = request.into_parts();
+        self.send(
+            &route,
+            Request::from_parts(parts, Body::Stream(body)),
+            rewrite,
+            grpc,
+        )
+        .await
+    }
+
+    /// Picks an endpoint of `route` and sends `request` to it.
+    async fn send(
+        &self,
+        route: &ServiceRoute,
+        request: Request<Body>,
+        rewrite: Option<http::uri::PathAndQuery>,
+        grpc: bool,
+    ) -> Result<Response<Body>, Rejection> {
+        let endpoint = route.balancer.pick(&any).ok_or_else(|| {
+            Rejection::new(
+                Reason::NoEndpoint,
+                format!(
+                    "service {}/{} has no usable instance ({} registered)",
+                    route.namespace, route.service, route.instances
+                ),
+            )
+        })?;
+        route.requests.increment(1);
+        let _in_flight = InFlight::new(endpoint);
+        let result = self.upstreams.send(endpoint, request, rewrite, grpc).await;
+        if result.is_err() {
+            route.upstream_errors.increment(1);
+        }
+        result
+    }
+
+    async fn read_whole(&self, body: Incoming) -> Result<Bytes, Rejection> {
+        match Limited::new(body, self.max_event_bytes).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::new(
+                Reason::TooLarge,
+                format!("the body is larger than {} bytes", self.max_event_bytes),
+            )),
+            Err(e) => Err(Rejection::new(
+                Reason::BadEvent,
+                format!("the body could not be read: {e}"),
+            )),
+        }
+    }
+
+    /// Sends each event of a batch on its own, as a structured event, and
+    /// answers 207 with one `{id, status, reason}` per event, in order.
+    async fn send_batch(
+        &self,
+        route: &ServiceRoute,
+        parts: http::request::Parts,
+        rewrite: Option<http::uri::PathAndQuery>,
+        events: Vec<cloudevents::BatchEntry>,
+    ) -> Response<Body> {
+        let mut results = Vec::with_capacity(events.len());
+        for (id, event) in events {
+            let outcome = match event {
+                Err(r) => Err(r),
+                Ok(event) => {
+                    let bytes = serde_json::to_vec(&event).unwrap_or_default();
+                    let mut request = Request::new(Body::full(bytes));
+                    *request.method_mut() = parts.method.clone();
+                    *request.uri_mut() = parts.uri.clone();
+                    *request.headers_mut() = parts.headers.clone();
+                    request.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/cloudevents+json; charset=utf-8"),
+                    );
+                    request.headers_mut().remove(header::CONTENT_LENGTH);
+                    self.send(route, request, rewrite.clone(), false).await
+                }
+            };
+            let (status, reason) = match outcome {
+                Ok(response) => {
+                    let status = response.status();
+                    // Drain the instance's answer so the connection is reused.
+                    let _ = response.into_body().collect().await;
+                    let reason = if status.is_success() {
+                        String::new()
+                    } else {
+                        format!("the instance answered {status}")
+                    };
+                    (status.as_u16(), reason)
+                }
+                Err(r) => {
+                    if let Some(i) = Reason::ALL.iter().position(|x| *x == r.reason) {
+                        self.rejections[i].increment(1);
+                    }
+                    (r.reason.http_status().as_u16(), r.to_string())
+                }
+            };
+            results.push(serde_json::json!({"id": id, "status": status, "reason": reason}));
+        }
+        let body = serde_json::to_vec(&results).unwrap_or_default();
+        let mut response = Response::new(Body::full(body));
+        *response.status_mut() = StatusCode::MULTI_STATUS;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+/// Serves the ingress on `listener` until `shutdown` resolves, then stops
+/// accepting and lets requests in flight finish for up to `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    ingress: Arc<Ingress>,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, say: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let ingress = ingress.clone();
+        let service = service_fn(move |request| {
+            let ingress = ingress.clone();
+            async move { Ok::<_, Infallible>(ingress.handle(request).await) }
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "ingress connection ended");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        in_flight = ingress.in_flight.load(Ordering::Relaxed),
+        "ingress draining"
+    );
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "ingress drain bound reached; closing the remaining connections"
+        );
+    }
+}

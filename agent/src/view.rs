@@ -1,0 +1,461 @@
+//! The agent's view of the registry, and the routes built from it.
+//!
+//! [`View`] is written by the session task only: it applies the registry
+//! messages the control plane pushes to a [`RegistryMirror`] and, for each
+//! service a message touched, rebuilds that service's [`ServiceRoute`] (its
+//! usable endpoints and their balancer). [`Routes`] is what the data path
+//! reads: a map from namespace and service to the current route, swapped
+//! per service on change, so a request takes a read lock for one lookup
+//! and never waits on a rebuild of anything but the map entry.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, RwLock},
+};
+
+use serde::Serialize;
+use weir_client::{HealthStatus, Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate};
+
+use crate::balance::{Balance, Endpoint, Protocol, RoundRobin};
+
+/// How one service is reached now.
+#[derive(Debug)]
+pub struct ServiceRoute {
+    pub namespace: Box<str>,
+    pub service: Box<str>,
+    /// Picks among the usable endpoints.
+    pub balancer: RoundRobin,
+    /// Every instance the registry lists, usable or not.
+    pub instances: usize,
+    /// Routing to every instance because the service is in protection.
+    pub protection: bool,
+    pub(crate) requests: metrics::Counter,
+    pub(crate) upstream_errors: metrics::Counter,
+}
+
+type Table = HashMap<Box<str>, HashMap<Box<str>, Arc<ServiceRoute>>>;
+
+/// The routes the data path reads.
+#[derive(Debug, Default)]
+pub struct Routes {
+    table: RwLock<Table>,
+}
+
+impl Routes {
+    /// The route of a service the registry lists (even with no usable
+    /// instance), or `None` for a service it does not know.
+    pub fn get(&self, namespace: &str, service: &str) -> Option<Arc<ServiceRoute>> {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        table.get(namespace)?.get(service).cloned()
+    }
+
+    /// Every route, for the admin API.
+    pub fn all(&self) -> Vec<Arc<ServiceRoute>> {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = table.values().flat_map(|m| m.values().cloned()).collect();
+        all.sort_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
+        all
+    }
+
+    fn set(&self, namespace: &str, service: &str, route: Option<ServiceRoute>) {
+        let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
+        match route {
+            Some(r) => {
+                table
+                    .entry(namespace.into())
+                    .or_default()
+                    .insert(service.into(), Arc::new(r));
+            }
+            None => {
+                if let Some(m) = table.get_mut(namespace) {
+                    m.remove(service);
+                    if m.is_empty() {
+                        table.remove(namespace);
+                    }
+                }
+            }
+        }
+    }
+
+    fn services(&self) -> BTreeSet<(String, String)> {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        table
+            .iter()
+            .flat_map(|(ns, m)| m.keys().map(move |s| (ns.to_string(), s.to_string())))
+            .collect()
+    }
+}
+
+/// The registry as this agent knows it, and the routes derived from it.
+#[derive(Debug)]
+pub struct View {
+    mirror: RegistryMirror,
+    routes: Arc<Routes>,
+    /// A complete snapshot was applied.
+    loaded: bool,
+}
+
+/// `host:port` with IPv6 literals bracketed.
+fn authority_of(i: &Instance) -> Option<http::uri::Authority> {
+    let host = if i.host.contains(':') && !i.host.starts_with('[') {
+        format!("[{}]", i.host)
+    } else {
+        i.host.clone()
+    };
+    format!("{host}:{}", i.port).parse().ok()
+}
+
+/// Whether the registry's `healthy_only` rule keeps an instance.
+fn usable(i: &Instance) -> bool {
+    i.status != HealthStatus::Critical as i32
+}
+
+impl View {
+    pub fn new(routes: Arc<Routes>) -> Self {
+        Self {
+            mirror: RegistryMirror::default(),
+            routes,
+            loaded: false,
+        }
+    }
+
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
+    /// Whether a whole snapshot has been applied.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.mirror.revision()
+    }
+
+    /// Asks for a snapshot on the next stream (the routes stay as they are
+    /// until it arrives).
+    pub fn forget_revision(&mut self) {
+        self.mirror.forget_revision();
+    }
+
+    /// A new stream starts: drop any half-received snapshot.
+    pub fn stream_restarted(&mut self) {
+        self.mirror.drop_partial_snapshot();
+    }
+
+    /// Applies one registry message and rebuilds the routes it touched.
+    pub fn apply(
+        &mut self,
+        message: weir_client::WatchResponse,
+    ) -> Result<Option<WatchUpdate>, weir_client::Error> {
+        let Some(update) = self.mirror.apply(message)? else {
+            return Ok(None);
+        };
+        let touched: BTreeSet<(String, String)> = match &update {
+            WatchUpdate::Snapshot { .. } => {
+                self.loaded = true;
+                let mut all = self.routes.services();
+                all.extend(
+                    self.mirror
+                        .instances()
+                        .map(|i| (i.namespace.clone(), i.service.clone())),
+                );
+                all
+            }
+            WatchUpdate::Changes {
+                events, protection, ..
+            } => events
+                .iter()
+                .filter_map(|e| e.instance.as_ref())
+                .map(|i| (i.namespace.clone(), i.service.clone()))
+                .chain(
+                    protection
+                        .iter()
+                        .map(|p| (p.namespace.clone(), p.service.clone())),
+                )
+                .collect(),
+            WatchUpdate::Progress { .. } => BTreeSet::new(),
+        };
+        for (ns, svc) in &touched {
+            self.rebuild(ns, svc);
+        }
+        Ok(Some(update))
+    }
+
+    /// Rebuilds one service's route from the mirror. Endpoints that did
+    /// not change keep their identity (and in-flight counts).
+    fn rebuild(&self, namespace: &str, service: &str) {
+        let instances: Vec<&Instance> = self.mirror.service(namespace, service).collect();
+        if instances.is_empty() {
+            self.routes.set(namespace, service, None);
+            return;
+        }
+        let protection = self.mirror.in_protection(namespace, service);
+        let previous = self.routes.get(namespace, service);
+        let old: HashMap<&str, &Arc<Endpoint>> = previous
+            .as_ref()
+            .map(|r| r.balancer.endpoints().iter().map(|e| (&*e.id, e)).collect())
+            .unwrap_or_default();
+        let endpoints: Vec<Arc<Endpoint>> = instances
+            .iter()
+            .filter(|i| protection || usable(i))
+            .filter_map(|i| {
+                let authority = authority_of(i)?;
+                let protocol = if i.protocol == WireProtocol::Grpc as i32 {
+                    Protocol::Grpc
+                } else {
+                    Protocol::Http
+                };
+                let weight = if i.weight == 0 { 100 } else { i.weight };
+                match old.get(i.instance_id.as_str()) {
+                    Some(e)
+                        if e.authority == authority
+                            && e.protocol == protocol
+                            && e.weight == weight
+                            && *e.zone == *i.zone =>
+                    {
+                        Some(Arc::clone(e))
+                    }
+                    _ => Some(Arc::new(Endpoint {
+                        id: i.instance_id.as_str().into(),
+                        authority,
+                        protocol,
+                        weight,
+                        zone: i.zone.as_str().into(),
+                        in_flight: Default::default(),
+                    })),
+                }
+            })
+            .collect();
+        let start = previous.as_ref().map_or(0, |r| r.balancer.position());
+        let labels = [
+            ("namespace", namespace.to_owned()),
+            ("service", service.to_owned()),
+        ];
+        metrics::gauge!("weir_agent_endpoints", &labels).set(endpoints.len() as f64);
+        let route = ServiceRoute {
+            namespace: namespace.into(),
+            service: service.into(),
+            balancer: RoundRobin::new(endpoints, start),
+            instances: instances.len(),
+            protection,
+            requests: metrics::counter!("weir_agent_requests_total", &labels),
+            upstream_errors: metrics::counter!("weir_agent_upstream_errors_total", &labels),
+        };
+        self.routes.set(namespace, service, Some(route));
+    }
+}
+
+/// A route as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct RouteState {
+    pub namespace: String,
+    pub service: String,
+    pub instances: usize,
+    pub protection: bool,
+    pub endpoints: Vec<EndpointState>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointState {
+    pub id: String,
+    pub address: String,
+    pub protocol: Protocol,
+    pub weight: u32,
+    pub zone: String,
+    pub in_flight: usize,
+}
+
+impl From<&ServiceRoute> for RouteState {
+    fn from(r: &ServiceRoute) -> Self {
+        Self {
+            namespace: r.namespace.to_string(),
+            service: r.service.to_string(),
+            instances: r.instances,
+            protection: r.protection,
+            endpoints: r
+                .balancer
+                .endpoints()
+                .iter()
+                .map(|e| EndpointState {
+                    id: e.id.to_string(),
+                    address: e.authority.to_string(),
+                    protocol: e.protocol,
+                    weight: e.weight,
+                    zone: e.zone.to_string(),
+                    in_flight: e.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_client::{Event, EventType, ServiceProtection, WatchKind, WatchResponse};
+
+    use super::*;
+    use crate::balance::any;
+
+    fn inst(svc: &str, id: &str, port: u32, status: HealthStatus) -> Instance {
+        Instance {
+            namespace: "default".into(),
+            service: svc.into(),
+            instance_id: id.into(),
+            host: "127.0.0.1".into(),
+            port,
+            status: status as i32,
+            ..Instance::default()
+        }
+    }
+
+    fn snapshot(instances: Vec<Instance>, revision: u64) -> WatchResponse {
+        WatchResponse {
+            kind: WatchKind::Snapshot as i32,
+            events: instances
+                .into_iter()
+                .map(|i| Event {
+                    r#type: EventType::Put as i32,
+                    instance: Some(i),
+                    revision,
+                })
+                .collect(),
+            revision,
+            snapshot_complete: true,
+            ..WatchResponse::default()
+        }
+    }
+
+    fn change(t: EventType, i: Instance, revision: u64) -> WatchResponse {
+        WatchResponse {
+            kind: WatchKind::Changes as i32,
+            events: vec![Event {
+                r#type: t as i32,
+                instance: Some(i),
+                revision,
+            }],
+            revision,
+            ..WatchResponse::default()
+        }
+    }
+
+    fn ids(routes: &Routes, svc: &str) -> Vec<String> {
+        routes
+            .get("default", svc)
+            .map(|r| {
+                r.balancer
+                    .endpoints()
+                    .iter()
+                    .map(|e| e.id.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn routes_follow_snapshots_and_changes_and_skip_critical_instances() {
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone());
+        assert!(!view.is_loaded());
+        view.apply(snapshot(
+            vec![
+                inst("orders", "a", 1, HealthStatus::Passing),
+                inst("orders", "b", 2, HealthStatus::Critical),
+                inst("billing", "x", 3, HealthStatus::Unknown),
+            ],
+            5,
+        ))
+        .expect("applies");
+        assert!(view.is_loaded());
+        assert_eq!(ids(&routes, "orders"), ["a"], "CRITICAL is not usable");
+        assert_eq!(routes.get("default", "orders").expect("route").instances, 2);
+        assert_eq!(ids(&routes, "billing"), ["x"]);
+
+        let a_before = routes
+            .get("default", "orders")
+            .expect("route")
+            .balancer
+            .endpoints()[0]
+            .clone();
+        view.apply(change(
+            EventType::Put,
+            inst("orders", "b", 2, HealthStatus::Passing),
+            6,
+        ))
+        .expect("applies");
+        assert_eq!(ids(&routes, "orders"), ["a", "b"]);
+        let a_after = routes
+            .get("default", "orders")
+            .expect("route")
+            .balancer
+            .endpoints()[0]
+            .clone();
+        assert!(
+            Arc::ptr_eq(&a_before, &a_after),
+            "an unchanged endpoint keeps its identity"
+        );
+
+        view.apply(change(
+            EventType::Delete,
+            inst("billing", "x", 3, HealthStatus::Unknown),
+            7,
+        ))
+        .expect("applies");
+        assert!(
+            routes.get("default", "billing").is_none(),
+            "a service with no instance is gone"
+        );
+
+        // A resync snapshot drops what it does not list.
+        view.apply(snapshot(
+            vec![inst("orders", "b", 2, HealthStatus::Passing)],
+            9,
+        ))
+        .expect("applies");
+        assert_eq!(ids(&routes, "orders"), ["b"]);
+    }
+
+    #[test]
+    fn protection_routes_to_every_instance() {
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone());
+        view.apply(snapshot(
+            vec![
+                inst("orders", "a", 1, HealthStatus::Critical),
+                inst("orders", "b", 2, HealthStatus::Critical),
+            ],
+            5,
+        ))
+        .expect("applies");
+        assert!(routes
+            .get("default", "orders")
+            .expect("route")
+            .balancer
+            .pick(&any)
+            .is_none());
+        view.apply(WatchResponse {
+            kind: WatchKind::Changes as i32,
+            revision: 6,
+            protection: vec![ServiceProtection {
+                namespace: "default".into(),
+                service: "orders".into(),
+                active: true,
+                threshold_percent: 50,
+                healthy: 0,
+                total: 2,
+            }],
+            ..WatchResponse::default()
+        })
+        .expect("applies");
+        let route = routes.get("default", "orders").expect("route");
+        assert!(route.protection);
+        assert_eq!(ids(&routes, "orders"), ["a", "b"]);
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        let mut i = inst("orders", "a", 80, HealthStatus::Passing);
+        i.host = "::1".into();
+        assert_eq!(authority_of(&i).expect("valid").as_str(), "[::1]:80");
+    }
+}
