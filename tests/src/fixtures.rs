@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Result;
-use axum::{extract::State, http::HeaderMap, http::StatusCode, http::Uri, Router};
+use axum::{body::Bytes, extract::State, http::HeaderMap, http::StatusCode, http::Uri, Router};
 use tokio::{net::TcpListener, task::JoinHandle};
 use weir_proto::registry::v1::Instance;
 
@@ -43,6 +43,8 @@ pub struct Hit {
     pub checker: String,
     pub at: Instant,
     pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
 #[derive(Debug, Default)]
@@ -56,7 +58,7 @@ struct Behaviour {
 }
 
 /// An HTTP server on loopback answering every path with a status the test
-/// sets (200 by default).
+/// sets (200 by default), recording each request with its headers and body.
 #[derive(Debug)]
 pub struct HttpInstance {
     addr: SocketAddr,
@@ -68,6 +70,7 @@ async fn answer(
     State(state): State<Arc<Mutex<Behaviour>>>,
     uri: Uri,
     headers: HeaderMap,
+    body: Bytes,
 ) -> StatusCode {
     let path = uri.path().to_owned();
     let mut b = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -92,6 +95,8 @@ async fn answer(
         checker,
         at: Instant::now(),
         status,
+        headers,
+        body,
     });
     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }

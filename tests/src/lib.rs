@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod agent;
 pub mod bench;
 pub mod fixtures;
 
@@ -226,6 +227,60 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// SIGTERM to `child`, then waits for its exit status.
+pub fn sigterm(child: &mut Child) -> Result<std::process::ExitStatus> {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -TERM failed");
+    }
+    Ok(child.wait()?)
+}
+
+/// Starts `command` (stdout piped, stderr inherited, `RUST_LOG=warn`
+/// unless set) and waits up to 30 s for the first line it prints, the
+/// ready line Weir's binaries print once their listeners are bound. A
+/// process that cannot start exits, which ends stdout.
+pub fn spawn_ready(mut command: Command, what: &str) -> Result<(Child, String)> {
+    let mut child = command
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next();
+        let _ = tx.send(first);
+        // Keep draining so the process never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Some(Ok(line))) => Ok((child, line)),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not become ready: {other:?}");
+        }
+    }
+}
+
+/// The address after `name` (`grpc=`, `ingress=`) in a ready line.
+pub fn ready_field(line: &str, name: &str) -> Result<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .ok_or_else(|| anyhow!("no {name} in ready line {line:?}"))?
+        .parse()
+        .with_context(|| format!("bad {name} in {line:?}"))
+}
+
 /// A `weir-control-plane` process.
 #[derive(Debug)]
 pub struct ControlPlaneProcess {
@@ -252,45 +307,14 @@ impl ControlPlaneProcess {
     /// Starts this control-plane binary (e.g. another revision's, for a
     /// benchmark) with these flags (listen addresses are added).
     pub fn start_binary(binary: &std::path::Path, args: &[String]) -> Result<Self> {
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(args)
             .arg("--grpc-addr=127.0.0.1:0")
-            .arg("--http-addr=127.0.0.1:0")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot start weir-control-plane")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        // The ready line comes once listeners are bound; a replica that
-        // cannot start exits, which ends stdout.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next();
-            let _ = tx.send(first);
-            // Keep draining so the process never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Some(Ok(line))) => line,
-            other => {
-                let _ = child.kill();
-                bail!("weir-control-plane did not become ready: {other:?}");
-            }
-        };
-        let field = |name: &str| -> Result<SocketAddr> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .ok_or_else(|| anyhow!("no {name} in ready line {line:?}"))?
-                .parse()
-                .with_context(|| format!("bad {name} in {line:?}"))
-        };
-        let grpc_addr = field("grpc=")?;
-        let http_addr = field("http=")?;
+            .arg("--http-addr=127.0.0.1:0");
+        let (child, line) = spawn_ready(command, "weir-control-plane")?;
+        let grpc_addr = ready_field(&line, "grpc=")?;
+        let http_addr = ready_field(&line, "http=")?;
         Ok(Self {
             child,
             grpc_addr,
@@ -325,14 +349,7 @@ impl ControlPlaneProcess {
 
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM failed");
-        }
-        Ok(self.child.wait()?)
+        sigterm(&mut self.child)
     }
 }
 

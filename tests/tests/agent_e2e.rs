@@ -1,0 +1,344 @@
+//! The agent end to end: a real control plane on etcd, real `weir-agent`
+//! processes, real HTTP and gRPC instances on loopback.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Bytes, Request};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client as HttpClient},
+    rt::TokioExecutor,
+};
+use weir_client::{Client, Protocol};
+use weir_tests::{
+    agent::AgentProcess,
+    fixtures::{instance, HttpInstance},
+    start_one,
+};
+
+const SETTLE: Duration = Duration::from_secs(10);
+
+type Http = HttpClient<HttpConnector, Full<Bytes>>;
+
+fn http() -> Http {
+    HttpClient::builder(TokioExecutor::new()).build_http()
+}
+
+/// One response: status, `weir-reason`, body.
+async fn post(
+    http: &Http,
+    agent: &AgentProcess,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String, String)> {
+    let mut request = Request::post(format!("http://{}{path}", agent.ingress_addr()));
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = http
+        .request(request.body(Full::new(Bytes::from(body.to_owned())))?)
+        .await?;
+    let status = response.status().as_u16();
+    let reason = response
+        .headers()
+        .get("weir-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, reason, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Registers `servers` as instances `i0..` of `service` with `weights`.
+async fn register(
+    client: &Client,
+    service: &str,
+    servers: &[HttpInstance],
+    weights: &[u32],
+) -> Result<()> {
+    for (n, server) in servers.iter().enumerate() {
+        let mut i = instance(
+            "default",
+            service,
+            &format!("i{n}"),
+            u32::from(server.port()),
+        );
+        i.weight = weights.get(n).copied().unwrap_or(0);
+        client.register(i).await?;
+    }
+    Ok(())
+}
+
+fn within(count: usize, expected: f64, tolerance: f64) -> bool {
+    (count as f64 - expected).abs() <= expected * tolerance
+}
+
+#[tokio::test]
+async fn two_agents_spread_requests_by_round_robin_and_by_weight() -> Result<()> {
+    let (_etcd, plane, client) = start_one("agent-rr").await?;
+    let servers = [
+        HttpInstance::start().await?,
+        HttpInstance::start().await?,
+        HttpInstance::start().await?,
+    ];
+    register(&client, "orders", &servers, &[]).await?;
+    let weighted = [
+        HttpInstance::start().await?,
+        HttpInstance::start().await?,
+        HttpInstance::start().await?,
+    ];
+    register(&client, "billing", &weighted, &[100, 200, 300]).await?;
+    let agents = [
+        AgentProcess::start(&[plane.endpoint()], "node-1", &[])?,
+        AgentProcess::start(&[plane.endpoint()], "node-2", &[])?,
+    ];
+    let http = http();
+    for agent in &agents {
+        agent
+            .wait_for_endpoints("default", "orders", 3, SETTLE)
+            .await?;
+        agent
+            .wait_for_endpoints("default", "billing", 3, SETTLE)
+            .await?;
+    }
+
+    for n in 0..3000 {
+        let agent = &agents[n % 2];
+        let (status, reason, _) = post(&http, agent, "/v1/services/orders/work", &[], "x").await?;
+        ensure!(status == 200, "request {n}: {status} {reason}");
+        let (status, reason, _) = post(&http, agent, "/v1/services/billing/pay", &[], "x").await?;
+        ensure!(status == 200, "request {n}: {status} {reason}");
+    }
+    let counts: Vec<usize> = servers.iter().map(|s| s.hits().len()).collect();
+    ensure!(
+        counts.iter().all(|c| within(*c, 1000.0, 0.05)),
+        "round robin spread 3,000 requests as {counts:?}"
+    );
+    ensure!(
+        servers
+            .iter()
+            .all(|s| s.hits().iter().all(|h| h.path == "/work")),
+        "the /v1/services/orders prefix is removed"
+    );
+    let counts: Vec<usize> = weighted.iter().map(|s| s.hits().len()).collect();
+    ensure!(
+        within(counts[0], 500.0, 0.05)
+            && within(counts[1], 1000.0, 0.05)
+            && within(counts[2], 1500.0, 0.05),
+        "weights 100/200/300 spread 3,000 requests as {counts:?}"
+    );
+
+    // A Host naming the service routes like the path does.
+    let before = servers.iter().map(|s| s.hits().len()).sum::<usize>();
+    let (status, _, _) = post(
+        &http,
+        &agents[0],
+        "/direct",
+        &[("host", "orders.default")],
+        "x",
+    )
+    .await?;
+    ensure!(status == 200);
+    let after = servers.iter().map(|s| s.hits().len()).sum::<usize>();
+    ensure!(after == before + 1, "the Host form reached an instance");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cloudevents_pass_intact_and_bad_ones_are_named() -> Result<()> {
+    let (_etcd, plane, client) = start_one("agent-ce").await?;
+    let servers = [HttpInstance::start().await?];
+    register(&client, "orders", &servers, &[]).await?;
+    let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
+    agent
+        .wait_for_endpoints("default", "orders", 1, SETTLE)
+        .await?;
+    let http = http();
+    let path = "/v1/services/orders/events";
+
+    // Binary mode: attributes in ce-* headers, data as the body.
+    let binary = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "b-1"),
+        ("ce-source", "/shop/cart"),
+        ("ce-type", "shop.order.created"),
+        ("ce-subject", "order-7"),
+        (
+            "ce-traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("content-type", "application/json"),
+    ];
+    let (status, reason, _) = post(&http, &agent, path, &binary, r#"{"total":12}"#).await?;
+    ensure!(status == 200, "binary: {status} {reason}");
+    let hit = servers[0]
+        .hits()
+        .pop()
+        .context("the instance got the event")?;
+    for (k, v) in binary {
+        ensure!(
+            hit.headers.get(k).is_some_and(|h| h == v),
+            "header {k} arrived as {:?}",
+            hit.headers.get(k)
+        );
+    }
+    ensure!(hit.body == r#"{"total":12}"#);
+
+    // Structured mode: the body is the event, passed byte for byte.
+    let structured = r#"{"specversion":"1.0","id":"s-1","source":"/shop","type":"shop.paid","datacontenttype":"application/json","data":{"n":1},"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#;
+    let ct = [(
+        "content-type",
+        "application/cloudevents+json; charset=utf-8",
+    )];
+    let (status, reason, _) = post(&http, &agent, path, &ct, structured).await?;
+    ensure!(status == 200, "structured: {status} {reason}");
+    let hit = servers[0]
+        .hits()
+        .pop()
+        .context("the instance got the event")?;
+    ensure!(
+        hit.body == structured,
+        "structured body arrived as {:?}",
+        hit.body
+    );
+
+    // A bad event: 400 naming the attribute.
+    let (status, reason, body) = post(&http, &agent, path, &binary[..3], "").await?;
+    ensure!(status == 400 && reason == "bad-event", "{status} {reason}");
+    ensure!(body.contains("ce-type is required"), "{body}");
+    let (status, _, body) = post(
+        &http,
+        &agent,
+        path,
+        &ct,
+        r#"{"specversion":"1.0","id":"x","type":"t"}"#,
+    )
+    .await?;
+    ensure!(
+        status == 400 && body.contains("attribute source is required"),
+        "{status} {body}"
+    );
+
+    // Batch: each event delivered on its own, one result per event.
+    let before = servers[0].hits().len();
+    let batch = r#"[
+        {"specversion":"1.0","id":"e1","source":"/s","type":"t.a","data":"one"},
+        {"specversion":"1.0","id":"e2","source":"/s","data":"no type"},
+        {"specversion":"1.0","id":"e3","source":"/s","type":"t.b","subject":"x"}
+    ]"#;
+    let ct = [("content-type", "application/cloudevents-batch+json")];
+    let (status, _, body) = post(&http, &agent, path, &ct, batch).await?;
+    ensure!(status == 207, "batch: {status} {body}");
+    let results: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+    let summary: Vec<(String, u64)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap_or("").to_owned(),
+                r["status"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    ensure!(
+        summary == [("e1".into(), 200), ("e2".into(), 400), ("e3".into(), 200)],
+        "{summary:?}"
+    );
+    ensure!(results[1]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("attribute type is required")));
+    let delivered: Vec<serde_json::Value> = servers[0].hits()[before..]
+        .iter()
+        .map(|h| serde_json::from_slice(&h.body))
+        .collect::<Result<_, _>>()?;
+    ensure!(delivered.len() == 2, "only the good events were delivered");
+    ensure!(
+        delivered[0]["id"] == "e1"
+            && delivered[0]["data"] == "one"
+            && delivered[0]["type"] == "t.a"
+    );
+    ensure!(delivered[1]["id"] == "e3" && delivered[1]["subject"] == "x");
+
+    // Unknown services are named.
+    let (status, reason, body) = post(&http, &agent, "/v1/services/nope", &[], "").await?;
+    ensure!(
+        status == 404 && reason == "unknown-service" && body.contains("default/nope"),
+        "{status} {reason} {body}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn grpc_unary_and_server_streaming_pass_through_the_agent() -> Result<()> {
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+
+    let (_etcd, plane, client) = start_one("agent-grpc").await?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut i = instance("default", "health", "g0", u32::from(port));
+    i.protocol = Protocol::Grpc as i32;
+    client.register(i).await?;
+    let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
+    agent
+        .wait_for_endpoints("default", "health", 1, SETTLE)
+        .await?;
+
+    // The agent's address, with the service named as the :authority.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", agent.ingress_addr()))?
+            .origin("http://health".parse()?)
+            .connect()
+            .await?;
+    let mut grpc = HealthClient::new(channel.clone());
+    let ask = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let answer = grpc.check(ask("shop")).await?.into_inner();
+    ensure!(answer.status == ServingStatus::Serving as i32);
+    // The instance's own error status passes through unchanged.
+    let missing = grpc
+        .check(ask("absent"))
+        .await
+        .expect_err("unknown to the instance");
+    ensure!(missing.code() == tonic::Code::NotFound, "{missing:?}");
+
+    let mut watch = grpc.watch(ask("shop")).await?.into_inner();
+    let first = tokio::time::timeout(SETTLE, watch.next())
+        .await?
+        .context("stream open")??;
+    ensure!(first.status == ServingStatus::Serving as i32);
+    reporter
+        .set_service_status("shop", tonic_health::ServingStatus::NotServing)
+        .await;
+    let second = tokio::time::timeout(SETTLE, watch.next())
+        .await?
+        .context("stream open")??;
+    ensure!(second.status == ServingStatus::NotServing as i32);
+
+    // A gRPC caller of an unknown service gets a gRPC status it can read.
+    let elsewhere =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", agent.ingress_addr()))?
+            .origin("http://nowhere".parse()?)
+            .connect()
+            .await?;
+    let status = HealthClient::new(elsewhere)
+        .check(ask(""))
+        .await
+        .expect_err("no such service");
+    ensure!(status.code() == tonic::Code::NotFound, "{status:?}");
+    ensure!(status.message().contains("default/nowhere"), "{status:?}");
+    Ok(())
+}
