@@ -377,6 +377,57 @@ pub async fn start_one(tag: &str) -> Result<(Etcd, ControlPlaneProcess, weir_cli
     Ok((etcd, plane, client))
 }
 
+/// Runs `weirctl --endpoint endpoint args...`.
+pub async fn weirctl(endpoint: &str, args: &[&str]) -> Result<std::process::Output> {
+    Ok(tokio::process::Command::new(workspace_binary("weirctl")?)
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await?)
+}
+
+/// [`weirctl`] that must succeed; returns its standard output.
+pub async fn weirctl_ok(endpoint: &str, args: &[&str]) -> Result<String> {
+    let out = weirctl(endpoint, args).await?;
+    if !out.status.success() {
+        bail!(
+            "weirctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The instances of `default/service`.
+pub async fn instances(
+    client: &weir_client::Client,
+    service: &str,
+) -> Result<Vec<weir_client::Instance>> {
+    Ok(client
+        .get_service(weir_client::GetServiceRequest {
+            namespace: "default".into(),
+            service: service.into(),
+            ..weir_client::GetServiceRequest::default()
+        })
+        .await?
+        .service
+        .map(|s| s.instances)
+        .unwrap_or_default())
+}
+
+/// The Hello of a stand-in agent on `node`.
+pub fn agent_hello(node: &str) -> weir_client::agent::Hello {
+    weir_client::agent::Hello {
+        node_id: node.into(),
+        zone: "a".into(),
+        version: "test".into(),
+        ingress_address: "127.0.0.1:9000".into(),
+        ..weir_client::agent::Hello::default()
+    }
+}
+
 /// Feeds a [`weir_client::WatchView`] until `done` holds; fails after
 /// `deadline`. Returns when it was seen.
 pub async fn follow(
