@@ -448,6 +448,40 @@ pub async fn follow(
     Ok(Instant::now())
 }
 
+/// Feeds `view` (of the default namespace) until `deadline`, failing on
+/// any removal of one of `ids` of `service`.
+pub async fn never_removed(
+    view: &mut weir_client::WatchView,
+    service: &str,
+    ids: &[&str],
+    deadline: tokio::time::Instant,
+) -> Result<()> {
+    loop {
+        match tokio::time::timeout_at(deadline, view.next()).await {
+            Err(_) => return Ok(()),
+            Ok(update) => {
+                if let weir_client::WatchUpdate::Changes { events, .. } = update? {
+                    for e in events {
+                        let gone = e.r#type == weir_client::EventType::Delete as i32;
+                        if let Some(i) =
+                            e.instance.as_ref().filter(|i| gone && i.service == service)
+                        {
+                            if ids.contains(&i.instance_id.as_str()) {
+                                bail!("{} was removed at revision {}", i.instance_id, e.revision);
+                            }
+                        }
+                    }
+                }
+                for id in ids {
+                    if view.get("default", service, id).is_none() {
+                        bail!("{id} missing from the view at revision {}", view.revision());
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The health status of an instance in a view of the default namespace.
 pub fn status_in(
     view: &weir_client::WatchView,

@@ -12,42 +12,12 @@ use tokio::{
 use weir_client::{Client, Instance, InstanceRef, RegistrationState, WatchUpdate, WatchView};
 use weir_tests::{
     fixtures::{ephemeral, instance},
-    instances, start_one, start_replicas, wait_until, weirctl, weirctl_ok, workspace_binary,
+    instances, never_removed, start_one, start_replicas, wait_until, weirctl, weirctl_ok,
+    workspace_binary,
 };
 
 fn persistent(service: &str, id: &str) -> Instance {
     instance("default", service, id, 8080)
-}
-
-/// Feeds `view` until `deadline`, failing on any removal of `id`.
-async fn never_removed(
-    view: &mut weir_client::WatchView,
-    id: &str,
-    deadline: Instant,
-) -> Result<()> {
-    loop {
-        match tokio::time::timeout_at(deadline, view.next()).await {
-            Err(_) => return Ok(()),
-            Ok(update) => {
-                if let WatchUpdate::Changes { events, .. } = update? {
-                    for e in events {
-                        let gone = e.r#type == weir_client::EventType::Delete as i32;
-                        let this = e.instance.as_ref().is_some_and(|i| i.instance_id == id);
-                        ensure!(
-                            !(gone && this),
-                            "{id} was removed at revision {}",
-                            e.revision
-                        );
-                    }
-                }
-                ensure!(
-                    view.get("default", "failover", id).is_some(),
-                    "{id} missing from the view at revision {}",
-                    view.revision()
-                );
-            }
-        }
-    }
 }
 
 #[tokio::test]
@@ -83,7 +53,13 @@ async fn heartbeats_continue_through_another_replica_after_kill_9() -> Result<()
     let killed = Instant::now();
     // Three TTLs after the kill the instance is still there and was never
     // removed, even for a moment.
-    never_removed(&mut view, "f-1", killed + Duration::from_secs(9)).await?;
+    never_removed(
+        &mut view,
+        "failover",
+        &["f-1"],
+        killed + Duration::from_secs(9),
+    )
+    .await?;
 
     match registration.state() {
         RegistrationState::Alive {
