@@ -12,7 +12,10 @@
 //!   background, registers it again when the lease was lost, and reports its
 //!   state through a [`tokio::sync::watch`] channel;
 //! - [`WatchView`] keeps a live copy of a namespace or service, resuming from
-//!   the last revision it saw when its stream breaks.
+//!   the last revision it saw when its stream breaks;
+//! - [`AgentSession`] and the node calls ([`Client::register_for_node`],
+//!   [`Client::report_health`], [`NodeStatusSink`]) are what a node's agent
+//!   uses: the session, the instances held by it, and their health.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), weir_client::Error> {
@@ -33,6 +36,7 @@
 //! # Ok(()) }
 //! ```
 
+mod node_calls;
 mod policy_calls;
 mod registration;
 mod renewer;
@@ -55,6 +59,7 @@ use tonic::{
 use tonic_types::StatusExt as _;
 use weir_proto::registry::v1::registry_client::RegistryClient;
 
+pub use node_calls::NodeStatusSink;
 pub use registration::{retry_delay, Registration, RegistrationState};
 pub use session::{AgentSession, SessionEvent};
 pub use watch::{RegistryMirror, WatchUpdate, WatchView};
@@ -64,8 +69,9 @@ pub use weir_proto::registry::v1::{
     GetServiceConfigResponse, GetServiceRequest, GetServiceResponse, GrpcCheck, HealthCheck,
     HealthDetail, HealthStatus, HealthTransition, HttpCheck, Instance, InstanceHealth, InstanceRef,
     ListServicesRequest, ListServicesResponse, Protocol, RegisterRequest, RegisterResponse,
-    Service, ServiceConfig, ServiceProtection, ServiceSummary, SetServiceConfigRequest,
-    SetServiceConfigResponse, TcpCheck, TtlCheck, WatchRequest, WatchResponse,
+    ReportHealthRequest, ReportHealthResponse, Service, ServiceConfig, ServiceProtection,
+    ServiceSummary, SetServiceConfigRequest, SetServiceConfigResponse, TcpCheck, TtlCheck,
+    WatchRequest, WatchResponse,
 };
 pub use weir_proto::{agent::v1 as agent, policy::v1 as policy};
 
@@ -374,7 +380,7 @@ impl Client {
 
     /// Runs a registry call on the current replica, moving on to the next
     /// ones while the answer is transient; each attempt bounded by `bound`.
-    async fn call<T, F, Fut>(
+    pub(crate) async fn call<T, F, Fut>(
         &self,
         what: &'static str,
         bound: Option<Duration>,
@@ -396,12 +402,23 @@ impl Client {
     /// Registers (or re-registers, idempotently) an instance. An empty
     /// `instance_id` is replaced by a generated one first, so the call can be
     /// retried safely; read the id back from the returned record.
-    pub async fn register(&self, mut instance: Instance) -> Result<RegisterResponse, Error> {
+    pub async fn register(&self, instance: Instance) -> Result<RegisterResponse, Error> {
+        self.register_as(instance, String::new()).await
+    }
+
+    /// [`Client::register`], on behalf of `agent_node`'s session when it is
+    /// not empty.
+    pub(crate) async fn register_as(
+        &self,
+        mut instance: Instance,
+        agent_node: String,
+    ) -> Result<RegisterResponse, Error> {
         if instance.instance_id.is_empty() {
             instance.instance_id = generated_id(&instance.service);
         }
         let request = RegisterRequest {
             instance: Some(instance),
+            agent_node,
         };
         self.call("Register", Some(self.unary()), |mut c| {
             let request = request.clone();

@@ -29,7 +29,7 @@ use crate::{
     error::ApiError,
     hub::{Filter, Hub},
     keys::Keys,
-    store::{LeaseId, Store},
+    store::{LeaseId, Store, StoreError},
 };
 
 /// Session lease TTL.
@@ -44,6 +44,21 @@ pub struct SessionService {
     hub: Hub,
     keys: Keys,
     replica_id: String,
+}
+
+/// The lease of `node`'s live agent session, if it has one: the lease its
+/// agent record hangs on, which also holds the instances registered on the
+/// node's behalf (`RegisterRequest.agent_node`).
+pub(crate) async fn session_lease(
+    store: &dyn Store,
+    keys: &Keys,
+    node: &str,
+) -> Result<Option<LeaseId>, StoreError> {
+    Ok(store
+        .get(&keys.agent(node))
+        .await?
+        .map(|kv| kv.lease)
+        .filter(|lease| *lease != 0))
 }
 
 fn check_hello(h: &Hello) -> Result<(), ApiError> {

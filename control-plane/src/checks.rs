@@ -17,7 +17,7 @@ use crate::{
     hub::{decode_instance, Hub},
     keys::Keys,
     replicas::{owner, Membership},
-    store::{CasOutcome, Store, StoreError},
+    store::{CasOutcome, LeaseId, Store, StoreError},
 };
 
 /// Transitions kept per instance.
@@ -25,42 +25,83 @@ pub const HISTORY_LEN: usize = 32;
 
 /// Writes verdicts next to the instance: status and detail into its record
 /// (compare-and-put on its revision, keeping its lease), the transition into
-/// its health history.
+/// its health history. The control plane's checker writes through it, and
+/// so do agents reporting their node's checks (`Registry/ReportHealth`).
 #[derive(Debug)]
 pub struct StoreSink {
     store: Arc<dyn Store>,
     keys: Keys,
 }
 
+/// Who may write a verdict on an instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer<'a> {
+    /// This control plane's checker: only instances no agent session holds.
+    Checker,
+    /// The agent of `node`, whose live session has `lease`: only the
+    /// instances that session holds.
+    Agent { node: &'a str, lease: LeaseId },
+}
+
+/// What became of a transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// Status, detail and history written.
+    Written,
+    /// The instance is gone or was registered anew (or, for the checker,
+    /// is now held by an agent session): nothing was written.
+    Gone,
+    /// The agent's session does not hold the instance; `holder` is the node
+    /// that does (empty: registered directly, or by a session that lapsed).
+    NotHeld { holder: String },
+}
+
+/// Why a transition could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("undecodable instance record: {0}")]
+    Undecodable(#[source] prost::DecodeError),
+    #[error("the record kept changing; will retry")]
+    Contended,
+}
+
 impl StoreSink {
     pub fn new(store: Arc<dyn Store>, keys: Keys) -> Self {
         Self { store, keys }
     }
-}
 
-fn sink_err(e: StoreError) -> SinkError {
-    SinkError(e.to_string())
-}
-
-#[async_trait]
-impl StatusSink for StoreSink {
-    async fn transition(
+    /// Records that `key` (the registration made at `registered_at_unix_ms`;
+    /// 0 = whichever is there) is now `t.to`, if `writer` may write it.
+    pub async fn record(
         &self,
         key: &InstanceKey,
         registered_at_unix_ms: i64,
         t: &Transition,
-    ) -> Result<bool, SinkError> {
+        writer: Writer<'_>,
+    ) -> Result<Recorded, WriteError> {
         let record_key = self.keys.instance(key);
         let mut lease = None;
         let mut written = false;
         for _ in 0..5 {
-            let Some(kv) = self.store.get(&record_key).await.map_err(sink_err)? else {
-                return Ok(false);
+            let Some(kv) = self.store.get(&record_key).await? else {
+                return Ok(Recorded::Gone);
             };
             let mut i = decode_instance(key, &kv.value, kv.mod_revision)
-                .map_err(|e| SinkError(format!("undecodable instance record: {e}")))?;
-            if i.registered_at_unix_ms != registered_at_unix_ms {
-                return Ok(false);
+                .map_err(WriteError::Undecodable)?;
+            if registered_at_unix_ms != 0 && i.registered_at_unix_ms != registered_at_unix_ms {
+                return Ok(Recorded::Gone);
+            }
+            match writer {
+                // Taken over by an agent since the assigner last looked.
+                Writer::Checker if !i.agent_node.is_empty() => return Ok(Recorded::Gone),
+                Writer::Agent { node, lease } if i.agent_node != node || kv.lease != lease => {
+                    return Ok(Recorded::NotHeld {
+                        holder: i.agent_node,
+                    })
+                }
+                _ => {}
             }
             i.status = t.to as i32;
             i.health = Some(t.detail.clone());
@@ -77,15 +118,15 @@ impl StatusSink for StoreSink {
                 }
                 Ok(CasOutcome::Conflict { .. }) => continue,
                 // The lease expired under us: the instance is gone.
-                Err(StoreError::LeaseNotFound(_)) => return Ok(false),
-                Err(e) => return Err(sink_err(e)),
+                Err(StoreError::LeaseNotFound(_)) => return Ok(Recorded::Gone),
+                Err(e) => return Err(e.into()),
             }
         }
         if !written {
-            return Err(SinkError("the record kept changing; will retry".into()));
+            return Err(WriteError::Contended);
         }
         let history_key = self.keys.health(key);
-        let mut history = match self.store.get(&history_key).await.map_err(sink_err)? {
+        let mut history = match self.store.get(&history_key).await? {
             Some(kv) => HealthHistory::decode(kv.value.as_slice()).unwrap_or_default(),
             None => HealthHistory::default(),
         };
@@ -102,12 +143,31 @@ impl StatusSink for StoreSink {
             .put(&history_key, history.encode_to_vec(), lease)
             .await
         {
-            Ok(_) | Err(StoreError::LeaseNotFound(_)) => Ok(true),
+            Ok(_) | Err(StoreError::LeaseNotFound(_)) => {}
             Err(e) => {
                 // The status is written; only the history entry is lost.
                 tracing::warn!(error = %e, "could not append the health history");
-                Ok(true)
             }
+        }
+        Ok(Recorded::Written)
+    }
+}
+
+#[async_trait]
+impl StatusSink for StoreSink {
+    async fn transition(
+        &self,
+        key: &InstanceKey,
+        registered_at_unix_ms: i64,
+        t: &Transition,
+    ) -> Result<bool, SinkError> {
+        match self
+            .record(key, registered_at_unix_ms, t, Writer::Checker)
+            .await
+        {
+            Ok(Recorded::Written) => Ok(true),
+            Ok(Recorded::Gone | Recorded::NotHeld { .. }) => Ok(false),
+            Err(e) => Err(SinkError(e.to_string())),
         }
     }
 
@@ -122,6 +182,17 @@ impl StatusSink for StoreSink {
             .map_err(sink_err)?;
         Ok(())
     }
+}
+
+fn sink_err(e: StoreError) -> SinkError {
+    SinkError(e.to_string())
+}
+
+/// Whether this control plane checks `i` (on some replica): it has an
+/// active check and no agent session holds it (its agent checks it and
+/// reports through `ReportHealth`).
+fn checked_here(i: &Instance) -> bool {
+    i.health_check.is_some() && i.agent_node.is_empty()
 }
 
 fn key_of(i: &Instance) -> InstanceKey {
@@ -222,10 +293,11 @@ async fn assign(hub: Hub, checker: Arc<Checker>, me: String) {
             replicas.sort();
         }
         let mine: Vec<Arc<Instance>> = if hub.is_ready() {
-            // Instances without an active check are skipped by the checker.
+            // Instances without an active check are skipped by the checker
+            // too; filtering here keeps them out of the hashing.
             hub.all_instances()
                 .into_iter()
-                .filter(|i| i.health_check.is_some())
+                .filter(|i| checked_here(i))
                 .filter(|i| owner(&replicas, &key_of(i)) == Some(me.as_str()))
                 .collect()
         } else {
@@ -245,5 +317,104 @@ async fn assign(hub: Hub, checker: Arc<Checker>, me: String) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         changes.borrow_and_update();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_proto::registry::v1::{
+        health_check::Kind, HealthCheck, HealthDetail, HealthStatus, TcpCheck,
+    };
+
+    use super::*;
+    use crate::store::{EmbeddedStore, EmbeddedStoreConfig};
+
+    fn checked(agent_node: &str) -> Instance {
+        Instance {
+            namespace: "default".into(),
+            service: "orders".into(),
+            instance_id: "i-1".into(),
+            host: "127.0.0.1".into(),
+            port: 9,
+            ephemeral: true,
+            registered_at_unix_ms: 7,
+            agent_node: agent_node.into(),
+            health_check: Some(HealthCheck {
+                kind: Some(Kind::Tcp(TcpCheck {})),
+                ..HealthCheck::default()
+            }),
+            ..Instance::default()
+        }
+    }
+
+    #[test]
+    fn replicas_check_only_instances_no_agent_holds() {
+        assert!(checked_here(&checked("")));
+        assert!(!checked_here(&checked("node-1")));
+        assert!(!checked_here(&Instance {
+            health_check: None,
+            ..checked("")
+        }));
+    }
+
+    #[tokio::test]
+    async fn the_checker_never_writes_an_instance_an_agent_holds() {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
+        let keys = Keys::new("/t");
+        let sink = StoreSink::new(store.clone(), keys.clone());
+        let key = key_of(&checked(""));
+        let lease = store
+            .grant_lease(Duration::from_secs(10))
+            .await
+            .expect("lease");
+        let revision = store
+            .put(
+                &keys.instance(&key),
+                checked("node-1").encode_to_vec(),
+                Some(lease.id),
+            )
+            .await
+            .expect("put");
+        let t = Transition {
+            from: HealthStatus::Unknown,
+            to: HealthStatus::Critical,
+            detail: HealthDetail::default(),
+        };
+        // The control plane's checker (e.g. a verdict in flight when an
+        // agent took the instance over) is told it is gone ...
+        assert!(!sink.transition(&key, 7, &t).await.expect("answered"));
+        // ... and so is an agent whose session does not hold it.
+        let other = Writer::Agent {
+            node: "node-2",
+            lease: lease.id,
+        };
+        assert_eq!(
+            sink.record(&key, 7, &t, other).await.expect("answered"),
+            Recorded::NotHeld {
+                holder: "node-1".into()
+            }
+        );
+        let kv = store.get(&keys.instance(&key)).await.expect("read");
+        assert_eq!(
+            kv.map(|kv| kv.mod_revision),
+            Some(revision),
+            "nothing written"
+        );
+        let holder = Writer::Agent {
+            node: "node-1",
+            lease: lease.id,
+        };
+        assert_eq!(
+            sink.record(&key, 7, &t, holder).await.expect("written"),
+            Recorded::Written
+        );
+        let kv = store
+            .get(&keys.instance(&key))
+            .await
+            .expect("read")
+            .expect("kv");
+        assert_eq!(kv.lease, lease.id, "the record keeps its lease");
+        let i = Instance::decode(kv.value.as_slice()).expect("decode");
+        assert_eq!(i.status, HealthStatus::Critical as i32);
     }
 }

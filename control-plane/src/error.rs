@@ -11,6 +11,7 @@
 //! | [`ApiError::Invalid`] | INVALID_ARGUMENT | `google.rpc.BadRequest`, one field violation per broken rule |
 //! | [`ApiError::NotFound`], lease not found | NOT_FOUND | |
 //! | [`ApiError::Conflict`] | FAILED_PRECONDITION | `google.rpc.ErrorInfo` with `current_version` and `expected_version` |
+//! | [`ApiError::FailedPrecondition`] | FAILED_PRECONDITION | |
 //! | [`ApiError::Aborted`] | ABORTED | |
 //! | [`ApiError::NotReady`], [`ApiError::Unavailable`], store unreachable | UNAVAILABLE | |
 //! | [`ApiError::DeadlineExceeded`], store too slow | DEADLINE_EXCEEDED | |
@@ -59,6 +60,11 @@ pub enum ApiError {
         /// The version the caller expected.
         expected: u64,
     },
+    /// The call needs a state the caller must bring about first (e.g. an
+    /// agent session for a registration on a node's behalf); the message
+    /// says which.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The write lost races too often; the message says what to retry.
     #[error("{0}")]
     Aborted(String),
@@ -120,7 +126,7 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::NotFound(_) | ApiError::Store(StoreError::LeaseNotFound(_)) => Code::NotFound,
-            ApiError::Conflict { .. } => Code::FailedPrecondition,
+            ApiError::Conflict { .. } | ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Aborted(_) => Code::Aborted,
             ApiError::NotReady | ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::DeadlineExceeded(_) | ApiError::Store(StoreError::Timeout(_)) => {
@@ -334,6 +340,10 @@ mod tests {
                 Code::NotFound,
             ),
             (ApiError::Aborted("retry".into()), Code::Aborted),
+            (
+                ApiError::FailedPrecondition("node n1 has no live agent session".into()),
+                Code::FailedPrecondition,
+            ),
             (ApiError::NotReady, Code::Unavailable),
             (ApiError::Unavailable("reconnect"), Code::Unavailable),
             (

@@ -2,8 +2,8 @@
 //! `/weir`), versioned so a later layout can live beside this one:
 //!
 //! ```text
-//! {root}/v1/instances/{namespace}/{service}/{instance_id}   Instance (protobuf), leased when ephemeral;
-//!                                                           carries status + HealthDetail
+//! {root}/v1/instances/{namespace}/{service}/{instance_id}   Instance (protobuf), leased when ephemeral (its own
+//!                                                           lease, or its agent session's); status + HealthDetail
 //! {root}/v1/health/{namespace}/{service}/{instance_id}      HealthHistory (last transitions), leased with the instance
 //! {root}/v1/services/{namespace}/{service}                  ServiceConfig (protection threshold)
 //! {root}/v1/replicas/{replica_id}                           control-plane replica, leased (check sharing)

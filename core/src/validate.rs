@@ -260,6 +260,31 @@ pub fn registration(instance: Option<&Instance>) -> Result<Instance, ValidationE
     i.registered_at_unix_ms = 0;
     i.lease_id = 0;
     i.health = None;
+    i.agent_node.clear();
+    Ok(i)
+}
+
+/// Validates an instance registered on behalf of `agent_node`'s agent
+/// session, like [`registration`], and marks it with the node. Such an
+/// instance lives as long as the session, so it must be ephemeral; its
+/// `ttl_seconds` (same bounds) is the TTL its agent enforces on the local
+/// service's own heartbeats.
+pub fn session_registration(
+    instance: Option<&Instance>,
+    agent_node: &str,
+) -> Result<Instance, ValidationError> {
+    instance_id("agent_node", agent_node)?;
+    let mut i = registration(instance)?;
+    if !i.ephemeral {
+        return Err(err(
+            "instance.ephemeral",
+            format!(
+                "must be true for an instance held by an agent session (agent_node {}): it lives as long as the session",
+                shown(agent_node)
+            ),
+        ));
+    }
+    i.agent_node = agent_node.to_owned();
     Ok(i)
 }
 
@@ -494,6 +519,40 @@ mod tests {
             port: 8080,
             ..Instance::default()
         }
+    }
+
+    #[test]
+    fn session_registrations_must_be_ephemeral_and_name_a_valid_node() {
+        let ephemeral = Instance {
+            ephemeral: true,
+            agent_node: "forged".into(),
+            ..valid()
+        };
+        let i = session_registration(Some(&ephemeral), "node-1").expect("valid");
+        assert_eq!(i.agent_node, "node-1");
+        assert_eq!(i.ttl_seconds, DEFAULT_TTL_SECONDS);
+        // A direct registration cannot claim a node: the field is output only.
+        assert_eq!(
+            registration(Some(&ephemeral)).expect("valid").agent_node,
+            ""
+        );
+
+        let e = session_registration(Some(&valid()), "node-1").expect_err("persistent");
+        assert_eq!(e.field, "instance.ephemeral");
+        assert!(e.rule.contains("node-1"), "{e}");
+        for bad in ["", "a/b", &"n".repeat(129)] {
+            let e = session_registration(Some(&ephemeral), bad).expect_err(bad);
+            assert_eq!(e.field, "agent_node");
+        }
+        let e = session_registration(
+            Some(&Instance {
+                ttl_seconds: 1,
+                ..ephemeral
+            }),
+            "node-1",
+        )
+        .expect_err("ttl");
+        assert_eq!(e.field, "instance.ttl_seconds");
     }
 
     #[test]

@@ -564,6 +564,7 @@ async fn watch_latency(
         let sent = Instant::now();
         c.register(RegisterRequest {
             instance: Some(instance(&service, &id, true)),
+            ..RegisterRequest::default()
         })
         .await?;
         let returned = Instant::now();
@@ -810,6 +811,7 @@ async fn run_once(binary: &Path) -> Result<Vec<Figure>> {
                 let resp = c
                     .register(RegisterRequest {
                         instance: Some(instance("bench-reg", &id, true)),
+                        ..RegisterRequest::default()
                     })
                     .await?
                     .into_inner();
@@ -903,6 +905,7 @@ async fn run_once(binary: &Path) -> Result<Vec<Figure>> {
         async move {
             c.register(RegisterRequest {
                 instance: Some(instance("bench-hb", &format!("h-{i}"), true)),
+                ..RegisterRequest::default()
             })
             .await?;
             Ok(())
@@ -1046,6 +1049,7 @@ async fn run_once(binary: &Path) -> Result<Vec<Figure>> {
         async move {
             c.register(RegisterRequest {
                 instance: Some(instance("bench-read", &format!("i-{i}"), false)),
+                ..RegisterRequest::default()
             })
             .await?;
             Ok(())

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 use axum::{body::Bytes, extract::State, http::HeaderMap, http::StatusCode, http::Uri, Router};
 use tokio::{net::TcpListener, task::JoinHandle};
-use weir_proto::registry::v1::Instance;
+use weir_proto::registry::v1::{health_check, HealthCheck, HttpCheck, Instance};
 
 /// A persistent instance at `127.0.0.1:port`.
 pub fn instance(namespace: &str, service: &str, id: &str, port: u32) -> Instance {
@@ -33,6 +33,33 @@ pub fn ephemeral(namespace: &str, service: &str, id: &str, ttl: u32) -> Instance
         ttl_seconds: ttl,
         ..instance(namespace, service, id, 8080)
     }
+}
+
+/// A persistent instance of `default/service` at `127.0.0.1:port`, checked
+/// by `kind` every `interval_ms`.
+pub fn checked(
+    service: &str,
+    id: &str,
+    port: u16,
+    kind: health_check::Kind,
+    interval_ms: u32,
+) -> Instance {
+    Instance {
+        health_check: Some(HealthCheck {
+            kind: Some(kind),
+            interval_ms,
+            ..HealthCheck::default()
+        }),
+        ..instance("default", service, id, u32::from(port))
+    }
+}
+
+/// An HTTP check of `GET path`.
+pub fn http_check(path: &str) -> health_check::Kind {
+    health_check::Kind::Http(HttpCheck {
+        path: path.into(),
+        ..HttpCheck::default()
+    })
 }
 
 /// One request a [`HttpInstance`] answered.

@@ -394,6 +394,57 @@ pub async fn start_one(tag: &str) -> Result<(Etcd, ControlPlaneProcess, weir_cli
     Ok((etcd, plane, client))
 }
 
+/// Runs `weirctl --endpoint endpoint args...`.
+pub async fn weirctl(endpoint: &str, args: &[&str]) -> Result<std::process::Output> {
+    Ok(tokio::process::Command::new(workspace_binary("weirctl")?)
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await?)
+}
+
+/// [`weirctl`] that must succeed; returns its standard output.
+pub async fn weirctl_ok(endpoint: &str, args: &[&str]) -> Result<String> {
+    let out = weirctl(endpoint, args).await?;
+    if !out.status.success() {
+        bail!(
+            "weirctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The instances of `default/service`.
+pub async fn instances(
+    client: &weir_client::Client,
+    service: &str,
+) -> Result<Vec<weir_client::Instance>> {
+    Ok(client
+        .get_service(weir_client::GetServiceRequest {
+            namespace: "default".into(),
+            service: service.into(),
+            ..weir_client::GetServiceRequest::default()
+        })
+        .await?
+        .service
+        .map(|s| s.instances)
+        .unwrap_or_default())
+}
+
+/// The Hello of a stand-in agent on `node`.
+pub fn agent_hello(node: &str) -> weir_client::agent::Hello {
+    weir_client::agent::Hello {
+        node_id: node.into(),
+        zone: "a".into(),
+        version: "test".into(),
+        ingress_address: "127.0.0.1:9000".into(),
+        ..weir_client::agent::Hello::default()
+    }
+}
+
 /// Feeds a [`weir_client::WatchView`] until `done` holds; fails after
 /// `deadline`. Returns when it was seen.
 pub async fn follow(
@@ -412,6 +463,40 @@ pub async fn follow(
         }
     }
     Ok(Instant::now())
+}
+
+/// Feeds `view` (of the default namespace) until `deadline`, failing on
+/// any removal of one of `ids` of `service`.
+pub async fn never_removed(
+    view: &mut weir_client::WatchView,
+    service: &str,
+    ids: &[&str],
+    deadline: tokio::time::Instant,
+) -> Result<()> {
+    loop {
+        match tokio::time::timeout_at(deadline, view.next()).await {
+            Err(_) => return Ok(()),
+            Ok(update) => {
+                if let weir_client::WatchUpdate::Changes { events, .. } = update? {
+                    for e in events {
+                        let gone = e.r#type == weir_client::EventType::Delete as i32;
+                        if let Some(i) =
+                            e.instance.as_ref().filter(|i| gone && i.service == service)
+                        {
+                            if ids.contains(&i.instance_id.as_str()) {
+                                bail!("{} was removed at revision {}", i.instance_id, e.revision);
+                            }
+                        }
+                    }
+                }
+                for id in ids {
+                    if view.get("default", service, id).is_none() {
+                        bail!("{id} missing from the view at revision {}", view.revision());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The health status of an instance in a view of the default namespace.

@@ -1,11 +1,7 @@
 //! End-to-end tests of `weir-client` and `weirctl` against real etcd and
 //! real `weir-control-plane` processes.
 
-use std::{
-    collections::HashSet,
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{collections::HashSet, process::Stdio, time::Duration};
 
 use anyhow::{bail, ensure, Context, Result};
 use tokio::{
@@ -13,60 +9,15 @@ use tokio::{
     process::Command,
     time::Instant,
 };
-use weir_client::{
-    Client, GetServiceRequest, Instance, InstanceRef, RegistrationState, WatchUpdate, WatchView,
-};
+use weir_client::{Client, Instance, InstanceRef, RegistrationState, WatchUpdate, WatchView};
 use weir_tests::{
     fixtures::{ephemeral, instance},
-    start_one, start_replicas, wait_until, workspace_binary,
+    instances, never_removed, start_one, start_replicas, wait_until, weirctl, weirctl_ok,
+    workspace_binary,
 };
 
 fn persistent(service: &str, id: &str) -> Instance {
     instance("default", service, id, 8080)
-}
-
-async fn instances(client: &Client, service: &str) -> Result<Vec<Instance>> {
-    Ok(client
-        .get_service(GetServiceRequest {
-            namespace: "default".into(),
-            service: service.into(),
-            ..GetServiceRequest::default()
-        })
-        .await?
-        .service
-        .map(|s| s.instances)
-        .unwrap_or_default())
-}
-
-/// Feeds `view` until `deadline`, failing on any removal of `id`.
-async fn never_removed(
-    view: &mut weir_client::WatchView,
-    id: &str,
-    deadline: Instant,
-) -> Result<()> {
-    loop {
-        match tokio::time::timeout_at(deadline, view.next()).await {
-            Err(_) => return Ok(()),
-            Ok(update) => {
-                if let WatchUpdate::Changes { events, .. } = update? {
-                    for e in events {
-                        let gone = e.r#type == weir_client::EventType::Delete as i32;
-                        let this = e.instance.as_ref().is_some_and(|i| i.instance_id == id);
-                        ensure!(
-                            !(gone && this),
-                            "{id} was removed at revision {}",
-                            e.revision
-                        );
-                    }
-                }
-                ensure!(
-                    view.get("default", "failover", id).is_some(),
-                    "{id} missing from the view at revision {}",
-                    view.revision()
-                );
-            }
-        }
-    }
 }
 
 #[tokio::test]
@@ -102,7 +53,13 @@ async fn heartbeats_continue_through_another_replica_after_kill_9() -> Result<()
     let killed = Instant::now();
     // Three TTLs after the kill the instance is still there and was never
     // removed, even for a moment.
-    never_removed(&mut view, "f-1", killed + Duration::from_secs(9)).await?;
+    never_removed(
+        &mut view,
+        "failover",
+        &["f-1"],
+        killed + Duration::from_secs(9),
+    )
+    .await?;
 
     match registration.state() {
         RegistrationState::Alive {
@@ -233,26 +190,6 @@ async fn a_watch_view_resumes_on_another_replica_without_gaps_or_repeats() -> Re
     let ids: HashSet<_> = view.instances().map(|i| i.instance_id.clone()).collect();
     ensure!(ids.len() == 100);
     Ok(())
-}
-
-async fn weirctl(endpoint: &str, args: &[&str]) -> Result<Output> {
-    Ok(Command::new(workspace_binary("weirctl")?)
-        .arg("--endpoint")
-        .arg(endpoint)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await?)
-}
-
-async fn weirctl_ok(endpoint: &str, args: &[&str]) -> Result<String> {
-    let out = weirctl(endpoint, args).await?;
-    ensure!(
-        out.status.success(),
-        "weirctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// `weirctl register orders` at 127.0.0.1:`port` under `id`, then `extra`.

@@ -35,6 +35,7 @@ async fn an_invalid_registration_carries_bad_request_details_naming_the_field() 
                 weight: 20_000,
                 ..instance("default", "svc", "i-1", 8080)
             }),
+            ..RegisterRequest::default()
         })
         .await
         .expect_err("weight over the limit");
@@ -196,6 +197,7 @@ async fn random_bytes_as_a_request_get_invalid_argument() -> Result<()> {
     let mut c = RegistryClient::new(channel);
     c.register(RegisterRequest {
         instance: Some(instance("default", "svc", "still-fine", 8080)),
+        ..RegisterRequest::default()
     })
     .await?;
     Ok(())
@@ -311,6 +313,7 @@ async fn readyz_fails_while_etcd_is_stopped_and_recovers_after() -> Result<()> {
     let status = c
         .register(RegisterRequest {
             instance: Some(instance("default", "svc", "during-outage", 8080)),
+            ..RegisterRequest::default()
         })
         .await
         .expect_err("no write succeeds while etcd is stopped");
@@ -344,6 +347,7 @@ async fn readyz_fails_while_etcd_is_stopped_and_recovers_after() -> Result<()> {
         async move {
             c.register(RegisterRequest {
                 instance: Some(instance("default", "svc", "after-outage", 8080)),
+                ..RegisterRequest::default()
             })
             .await
             .is_ok()

@@ -11,38 +11,14 @@ use anyhow::{ensure, Context, Result};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use weir_client::{
-    health_check, Client, GetHealthRequest, GetServiceRequest, GrpcCheck, HealthCheck,
-    HealthStatus, HttpCheck, Instance, InstanceHealth, TcpCheck, WatchView,
+    health_check, Client, GetHealthRequest, GetServiceRequest, GrpcCheck, HealthStatus,
+    InstanceHealth, TcpCheck, WatchView,
 };
 use weir_tests::{
-    fixtures::{instance, HttpInstance},
+    fixtures::{checked, http_check, HttpInstance},
     init_tracing, start_one, unique_prefix, wait_until, workspace_binary, ControlPlaneProcess,
     Etcd,
 };
-
-fn checked(
-    service: &str,
-    id: &str,
-    port: u16,
-    kind: health_check::Kind,
-    interval_ms: u32,
-) -> Instance {
-    Instance {
-        health_check: Some(HealthCheck {
-            kind: Some(kind),
-            interval_ms,
-            ..HealthCheck::default()
-        }),
-        ..instance("default", service, id, u32::from(port))
-    }
-}
-
-fn http(path: &str) -> health_check::Kind {
-    health_check::Kind::Http(HttpCheck {
-        path: path.into(),
-        ..HttpCheck::default()
-    })
-}
 
 /// Feeds `view` until `default/service/id` has `status`; fails after 10 s.
 /// Returns when it was seen.
@@ -101,7 +77,7 @@ async fn register_each(
 ) -> Result<()> {
     for k in 0..n {
         let id = format!("{tag}-{k}");
-        let check = http(&format!("/{id}"));
+        let check = http_check(&format!("/{id}"));
         client
             .register(checked(service, &id, server.port(), check, interval_ms))
             .await?;
@@ -114,7 +90,7 @@ async fn http_500_is_critical_on_the_watch_within_bound_and_recovers_only_after_
 ) -> Result<()> {
     let (_etcd, _plane, client) = start_one("http500").await?;
     let server = HttpInstance::start().await?;
-    let mut i = checked("web", "w-1", server.port(), http("/healthz"), 1000);
+    let mut i = checked("web", "w-1", server.port(), http_check("/healthz"), 1000);
     if let Some(c) = i.health_check.as_mut() {
         c.failures_before_critical = 2;
         c.successes_before_passing = 3;
@@ -212,7 +188,13 @@ async fn a_flapping_instance_is_held_out_not_bounced() -> Result<()> {
     let server = HttpInstance::start().await?;
     server.flap("/flap");
     client
-        .register(checked("flappy", "f-1", server.port(), http("/flap"), 200))
+        .register(checked(
+            "flappy",
+            "f-1",
+            server.port(),
+            http_check("/flap"),
+            200,
+        ))
         .await?;
     let start = Instant::now();
     wait_until(Duration::from_secs(20), "30 checks", || {
@@ -390,7 +372,7 @@ async fn a_persistent_instance_critical_past_its_bound_is_deregistered() -> Resu
     let (_etcd, _plane, client) = start_one("dereg").await?;
     let server = HttpInstance::start().await?;
     server.set_status("/down", 500);
-    let mut i = checked("gone", "g-1", server.port(), http("/down"), 500);
+    let mut i = checked("gone", "g-1", server.port(), http_check("/down"), 500);
     if let Some(c) = i.health_check.as_mut() {
         c.deregister_critical_after_seconds = 10;
     }

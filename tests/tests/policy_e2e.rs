@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use tokio::task::JoinSet;
 use weir_client::{
-    agent::{policy_update, Hello},
+    agent::policy_update,
     policy::{self, rate_limit, RateLimit, Retry, TrafficPolicy},
     AgentSession, Client, Error, Instance, SessionEvent,
 };
-use weir_tests::{start_one, start_replicas, wait_until, workspace_binary};
+use weir_tests::{agent_hello, start_one, start_replicas, wait_until, workspace_binary};
 
 fn policy(service: &str, attempts: u32) -> TrafficPolicy {
     TrafficPolicy {
@@ -22,16 +22,6 @@ fn policy(service: &str, attempts: u32) -> TrafficPolicy {
             ..Retry::default()
         }),
         ..TrafficPolicy::default()
-    }
-}
-
-fn hello(node: &str) -> Hello {
-    Hello {
-        node_id: node.into(),
-        zone: "a".into(),
-        version: "test".into(),
-        ingress_address: "127.0.0.1:9000".into(),
-        ..Hello::default()
     }
 }
 
@@ -94,7 +84,7 @@ async fn a_policy_change_reaches_100_sessions_and_all_acknowledge_it() -> Result
             b.endpoint()
         }])
         .await?;
-        let session = c.open_session(hello(&format!("node-{k}"))).await?;
+        let session = c.open_session(agent_hello(&format!("node-{k}"))).await?;
         agents.spawn(run_agent(session));
     }
     status_until(&client, "orders", "100 sessions connected", |s| {
@@ -207,7 +197,7 @@ async fn rollback_restores_a_previous_version_and_pushes_it() -> Result<()> {
     let v2 = client
         .put_policy(policy("inv", 7), Some(v1.version))
         .await?;
-    let mut session = client.open_session(hello("node-r")).await?;
+    let mut session = client.open_session(agent_hello("node-r")).await?;
     let snapshot = next_policies(&mut session).await?;
     ensure!(snapshot.kind == policy_update::Kind::Snapshot as i32);
     ensure!(session.policies().values().any(|p| p.version == v2.version));
@@ -260,7 +250,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
     })
     .await?;
 
-    let mut first = on_a.open_session(hello("node-m")).await?;
+    let mut first = on_a.open_session(agent_hello("node-m")).await?;
     ensure!(!first.welcome().resumed_session);
     // Policies and the registry come on the same stream, in either order.
     let mut snapshot = None;
@@ -289,7 +279,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
 
     // The agent goes away; meanwhile one policy changes, one is deleted,
     // one is created.
-    let resume = first.resume_hello(hello("node-m"));
+    let resume = first.resume_hello(agent_hello("node-m"));
     drop(first);
     let p1b = on_a.put_policy(policy("one", 5), Some(p1.version)).await?;
     let deleted = on_a

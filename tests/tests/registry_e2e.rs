@@ -27,6 +27,7 @@ async fn client(plane: &ControlPlaneProcess) -> Result<RegistryClient<Channel>> 
 async fn registered(c: &mut RegistryClient<Channel>, instance: Instance) -> Result<Instance> {
     c.register(RegisterRequest {
         instance: Some(instance),
+        ..RegisterRequest::default()
     })
     .await?
     .into_inner()
@@ -193,6 +194,7 @@ async fn ephemeral_instance_without_heartbeats_is_gone_within_ttl_plus_one_secon
     let registered = c
         .register(RegisterRequest {
             instance: Some(ephemeral("default", "ttl-svc", "i-1", 3)),
+            ..RegisterRequest::default()
         })
         .await?
         .into_inner();
@@ -258,6 +260,7 @@ async fn heartbeats_keep_an_ephemeral_instance_for_as_long_as_they_come() -> Res
     let mut c = client(&plane).await?;
     c.register(RegisterRequest {
         instance: Some(ephemeral("default", "hb-svc", "i-1", 3)),
+        ..RegisterRequest::default()
     })
     .await?;
     let r = InstanceRef {
@@ -407,6 +410,7 @@ async fn a_thousand_registrations_reach_three_watchers_in_the_same_order_and_res
     // And nothing more arrives: the resumed stream is exact.
     ca.register(RegisterRequest {
         instance: Some(instance("order", "marker", "m", 9)),
+        ..RegisterRequest::default()
     })
     .await?;
     resumed
@@ -452,6 +456,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
         let status = c
             .register(RegisterRequest {
                 instance: Some(bad),
+                ..RegisterRequest::default()
             })
             .await
             .expect_err(field);
@@ -463,7 +468,10 @@ async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
         );
     }
     let status = c
-        .register(RegisterRequest { instance: None })
+        .register(RegisterRequest {
+            instance: None,
+            ..RegisterRequest::default()
+        })
         .await
         .expect_err("none");
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -478,6 +486,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
     let status = c
         .register(RegisterRequest {
             instance: Some(huge),
+            ..RegisterRequest::default()
         })
         .await
         .expect_err("huge");
@@ -504,6 +513,7 @@ async fn bad_input_gets_invalid_argument_naming_the_field() -> Result<()> {
     // The replica is still fine.
     c.register(RegisterRequest {
         instance: Some(instance("default", "svc", "i", 1)),
+        ..RegisterRequest::default()
     })
     .await?;
     Ok(())
@@ -681,6 +691,7 @@ async fn dev_mode_serves_the_registry_on_the_embedded_store() -> Result<()> {
         .await?;
     c.register(RegisterRequest {
         instance: Some(ephemeral("default", "dev-svc", "d-1", 2)),
+        ..RegisterRequest::default()
     })
     .await?;
     watcher
@@ -713,6 +724,7 @@ async fn keep_alive_stream_renews_many_registrations_and_reports_lost_ones() -> 
     for r in &refs[..2] {
         c.register(RegisterRequest {
             instance: Some(ephemeral("default", "ka-svc", &r.instance_id, 3)),
+            ..RegisterRequest::default()
         })
         .await?;
     }

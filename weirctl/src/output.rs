@@ -76,8 +76,12 @@ fn address(i: &Instance) -> String {
     }
 }
 
+/// How long an instance lives: persistent, on its own lease, or on the
+/// session of the agent that holds it (which enforces its TTL).
 fn lifetime(i: &Instance) -> String {
-    if i.ephemeral {
+    if !i.agent_node.is_empty() {
+        format!("agent {} (ttl {}s)", i.agent_node, i.ttl_seconds)
+    } else if i.ephemeral {
         format!("ttl {}s", i.ttl_seconds)
     } else {
         "persistent".into()
@@ -278,6 +282,7 @@ pub fn instance_json(i: &Instance) -> Value {
         "revision": i.revision,
         "registered_at_unix_ms": i.registered_at_unix_ms,
         "lease_id": i.lease_id,
+        "agent_node": i.agent_node,
         "health": i.health.as_ref().map(detail_json),
     })
 }
@@ -359,5 +364,10 @@ mod tests {
         assert_eq!(j["status"], "passing");
         assert_eq!(j["metadata"]["a"], "1");
         assert_eq!(j["port"], 8080);
+        assert_eq!(j["agent_node"], "");
+
+        i.agent_node = "node-1".into();
+        assert_eq!(instance_row(&i)[7], "agent node-1 (ttl 6s)");
+        assert_eq!(instance_json(&i)["agent_node"], "node-1");
     }
 }
