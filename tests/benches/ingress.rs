@@ -1,0 +1,387 @@
+//! The agent's data path next to a direct connection and HAProxy, in one
+//! run with interleaved rounds.
+//!
+//! ```text
+//! cargo bench -p weir-tests --bench ingress
+//! ```
+//!
+//! Set-up (once): two nginx upstreams (one worker each, answering 200 to a
+//! 1 KiB POST), a `weir-control-plane --dev` with both registered as
+//! instances of `bench`, one `weir-agent` (release build) routing to them
+//! by round robin, and HAProxy 2.6 (`nbthread 2`, round robin, `http-reuse
+//! always`) in front of the same two. Needs `nginx`, `haproxy`, `wrk` and
+//! `h2load` (Debian: `apt-get install nginx haproxy wrk nghttp2-client`).
+//!
+//! Each round measures the three targets in a rotated order: **direct**
+//! (nginx 1 itself), **agent** (`POST /v1/services/bench/`) and
+//! **haproxy**:
+//!
+//! * saturation: `wrk -t1 -c16` for `WEIR_BENCH_SECS` (default 5), requests
+//!   per second, and the proxy's CPU time per request (from `/proc`);
+//! * latency at a fixed rate: `h2load --h1 -c16 --rps` at 1,000/s and at
+//!   half the agent's saturation (measured once before the rounds), p50 /
+//!   p99 / p99.9 from h2load's per-request log (it times each request from
+//!   its actual send, so a figure counts only when the achieved rate is
+//!   within 5% of the target; otherwise it is reported as missing);
+//!   "added" figures subtract the direct connection's.
+//!
+//! After the rounds: the agent's and HAProxy's RSS idle and with 1,000
+//! open keep-alive connections.
+//!
+//! Proxy, load generator and upstreams share the machine's cores, so
+//! saturation figures measure CPU per request as much as the proxy; the
+//! fixed-rate figures are the fairer comparison. Knobs: `WEIR_BENCH_ROUNDS`
+//! (default 5), `WEIR_BENCH_SECS`, `WEIR_BENCH_SKIP_BUILD`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use weir_tests::{
+    agent::AgentProcess,
+    bench::{self, cpu_ticks, clock_ticks, env_num, rss_mib, Figure, Plan, Run},
+    fixtures::instance,
+    ControlPlaneProcess,
+};
+
+/// A process killed when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn need(tool: &str) -> Result<()> {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()?
+        .success();
+    ensure!(found, "{tool} not found: apt-get install nginx haproxy wrk nghttp2-client");
+    Ok(())
+}
+
+async fn wait_port(port: u16, what: &str) -> Result<()> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if tokio::time::Instant::now() > end {
+            bail!("{what} did not listen on {port}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn nginx(dir: &Path, name: &str, port: u16) -> Result<Guard> {
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1; pid {d}/{name}.pid; error_log {d}/{name}.err warn; daemon off;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{ access_log off; client_body_temp_path {d}/{name}-body; proxy_temp_path {d}/{name}-proxy;\n\
+           fastcgi_temp_path {d}/{name}-fcgi; uwsgi_temp_path {d}/{name}-uwsgi; scgi_temp_path {d}/{name}-scgi;\n\
+           keepalive_requests 1000000;\n\
+           server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }} }}\n"
+    );
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, conf)?;
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start nginx")?;
+    Ok(Guard(child))
+}
+
+fn haproxy(dir: &Path, port: u16, upstreams: [u16; 2]) -> Result<Guard> {
+    let conf = format!(
+        "global\n  nbthread 2\n  maxconn 8000\n\
+         defaults\n  mode http\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
+         frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
+         backend be\n  balance roundrobin\n\
+           server n1 127.0.0.1:{} pool-max-conn 256\n  server n2 127.0.0.1:{} pool-max-conn 256\n",
+        upstreams[0], upstreams[1]
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, conf)?;
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start haproxy")?;
+    Ok(Guard(child))
+}
+
+/// One thing requests are sent to.
+struct Target {
+    name: &'static str,
+    url: String,
+    /// The proxy's process, whose CPU time is measured.
+    pid: Option<u32>,
+}
+
+struct Setup {
+    dir: PathBuf,
+    targets: Vec<Target>,
+    agent_pid: u32,
+    haproxy_pid: u32,
+    agent_addr: SocketAddr,
+    haproxy_port: u16,
+    secs: u64,
+    half_rate: u64,
+    _keep: (Vec<Guard>, ControlPlaneProcess, AgentProcess),
+}
+
+/// `wrk` saturation: (requests/s, requests).
+fn wrk(dir: &Path, url: &str, secs: u64) -> Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c16", &format!("-d{secs}s"), "-s"])
+        .arg(dir.join("post1k.lua"))
+        .arg(url)
+        .output()
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n.to_owned()))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .with_context(|| format!("no request count in wrk output: {text}"))?;
+    let errors = text.contains("Non-2xx") || text.contains("Socket errors");
+    ensure!(!errors, "wrk saw errors on {url}: {text}");
+    Ok((rate, requests))
+}
+
+/// Latency percentiles at a fixed rate, or `None` when the rate was not
+/// reached.
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+fn h2load(dir: &Path, url: &str, rate: u64, secs: u64) -> Result<Option<Latency>> {
+    let clients = 16u64;
+    let log = dir.join("h2load.log");
+    let _ = std::fs::remove_file(&log);
+    let out = Command::new("h2load")
+        .args(["--h1", "-t1", &format!("-c{clients}")])
+        .arg(format!("--rps={}", (rate / clients).max(1)))
+        .arg(format!("-D{secs}"))
+        .arg("-d")
+        .arg(dir.join("body1k"))
+        .arg("--log-file")
+        .arg(&log)
+        .arg(url)
+        .output()
+        .context("cannot run h2load")?;
+    ensure!(out.status.success(), "h2load failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&log).context("h2load wrote no log")?;
+    let mut micros: Vec<f64> = Vec::new();
+    let mut failed = 0usize;
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(status), Some(d)) = (fields.get(1), fields.get(2)) else { continue };
+        if *status != "200" {
+            failed += 1;
+            continue;
+        }
+        if let Ok(d) = d.parse::<f64>() {
+            micros.push(d);
+        }
+    }
+    ensure!(failed == 0, "{failed} requests to {url} did not get 200");
+    let achieved = micros.len() as f64 / secs as f64;
+    if achieved < rate as f64 * 0.95 {
+        println!("  {url} at {rate}/s: only {achieved:.0}/s achieved; latency not reported");
+        return Ok(None);
+    }
+    micros.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let rank = ((q * micros.len() as f64).ceil() as usize).clamp(1, micros.len());
+        micros[rank - 1] / 1000.0
+    };
+    Ok(Some(Latency {
+        p50: at(0.5),
+        p99: at(0.99),
+        p999: at(0.999),
+    }))
+}
+
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    pid.and_then(cpu_ticks).map_or(f64::NAN, |t| t as f64 / clock_ticks())
+}
+
+async fn set_up(plan: &Plan) -> Result<Setup> {
+    for tool in ["nginx", "haproxy", "wrk", "h2load"] {
+        need(tool)?;
+    }
+    let dir = tempfile::tempdir()?.keep();
+    std::fs::write(dir.join("body1k"), vec![b'x'; 1024])?;
+    std::fs::write(
+        dir.join("post1k.lua"),
+        "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", 1024)\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n",
+    )?;
+    let ports = [free_port()?, free_port()?];
+    let mut guards = vec![nginx(&dir, "n1", ports[0])?, nginx(&dir, "n2", ports[1])?];
+    let haproxy_port = free_port()?;
+    guards.push(haproxy(&dir, haproxy_port, ports)?);
+    for (p, what) in [(ports[0], "nginx 1"), (ports[1], "nginx 2"), (haproxy_port, "haproxy")] {
+        wait_port(p, what).await?;
+    }
+    let plane = ControlPlaneProcess::start_binary(&plan.this.binary, &["--dev".to_owned()])?;
+    let client = weir_client::Client::connect([plane.endpoint()]).await?;
+    for (n, port) in ports.iter().enumerate() {
+        client
+            .register(instance("default", "bench", &format!("n{}", n + 1), u32::from(*port)))
+            .await?;
+    }
+    let agent = AgentProcess::start(&[plane.endpoint()], "bench-node", &[])?;
+    agent
+        .wait_for_endpoints("default", "bench", 2, Duration::from_secs(10))
+        .await?;
+    let agent_pid = agent.pid();
+    let haproxy_pid = guards[2].0.id();
+    let agent_addr = agent.ingress_addr();
+    let targets = vec![
+        Target {
+            name: "direct",
+            url: format!("http://127.0.0.1:{}/", ports[0]),
+            pid: None,
+        },
+        Target {
+            name: "agent",
+            url: format!("http://{agent_addr}/v1/services/bench/"),
+            pid: Some(agent_pid),
+        },
+        Target {
+            name: "haproxy",
+            url: format!("http://127.0.0.1:{haproxy_port}/"),
+            pid: Some(haproxy_pid),
+        },
+    ];
+    let secs = env_num("WEIR_BENCH_SECS", 5).max(1);
+    // Warm-up, and the rate the "half saturation" figures use.
+    let (agent_rate, _) = wrk(&dir, &targets[1].url, secs)?;
+    let half_rate = ((agent_rate / 2.0) as u64 / 1000).max(1) * 1000;
+    println!("agent saturation (warm-up): {agent_rate:.0} req/s; half-saturation rate: {half_rate}/s");
+    Ok(Setup {
+        dir,
+        targets,
+        agent_pid,
+        haproxy_pid,
+        agent_addr,
+        haproxy_port,
+        secs,
+        half_rate,
+        _keep: (guards, plane, agent),
+    })
+}
+
+async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    let n = setup.targets.len();
+    let mut p99 = std::collections::HashMap::new();
+    for k in 0..n {
+        // Rotate who goes first, so drift within a round hits all alike.
+        let t = &setup.targets[(k + run.round) % n];
+        let before = cpu_secs(t.pid);
+        let (rate, requests) = wrk(&setup.dir, &t.url, setup.secs)?;
+        let cpu = cpu_secs(t.pid) - before;
+        println!("  {:8} saturation {rate:>9.0} req/s", t.name);
+        figures.push(Figure::higher(format!("{} saturation", t.name), "req/s", rate));
+        if t.pid.is_some() {
+            figures.push(Figure::lower(format!("{} CPU per request", t.name), "µs", cpu * 1e6 / requests));
+        }
+        for (label, rate) in [("1000/s", 1000), ("half", setup.half_rate)] {
+            if let Some(l) = h2load(&setup.dir, &t.url, rate, setup.secs)? {
+                println!(
+                    "  {:8} at {rate:>6}/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+                    t.name, l.p50, l.p99, l.p999
+                );
+                figures.push(Figure::lower(format!("{} p50 @{label}", t.name), "ms", l.p50));
+                figures.push(Figure::lower(format!("{} p99 @{label}", t.name), "ms", l.p99));
+                figures.push(Figure::lower(format!("{} p99.9 @{label}", t.name), "ms", l.p999));
+                p99.insert((t.name, label), l.p99);
+            }
+        }
+    }
+    for proxy in ["agent", "haproxy"] {
+        for label in ["1000/s", "half"] {
+            if let (Some(p), Some(d)) = (p99.get(&(proxy, label)), p99.get(&("direct", label))) {
+                figures.push(Figure::lower(format!("{proxy} added p99 @{label}"), "ms", p - d));
+            }
+        }
+    }
+    Ok(figures)
+}
+
+/// Opens `n` keep-alive connections, each with one request answered, and
+/// returns them (open).
+async fn hold_connections(addr: SocketAddr, path: &str, n: usize) -> Result<Vec<tokio::net::TcpStream>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = [0u8; 512];
+        let got = s.read(&mut buf).await?;
+        ensure!(got > 0, "connection closed");
+        held.push(s);
+    }
+    Ok(held)
+}
+
+async fn memory(setup: &Setup) -> Result<()> {
+    let idle = (rss_mib(setup.agent_pid), rss_mib(setup.haproxy_pid));
+    let a = hold_connections(setup.agent_addr, "/v1/services/bench/", 1000).await?;
+    let h = hold_connections(
+        SocketAddr::from(([127, 0, 0, 1], setup.haproxy_port)),
+        "/",
+        1000,
+    )
+    .await?;
+    let busy = (rss_mib(setup.agent_pid), rss_mib(setup.haproxy_pid));
+    drop((a, h));
+    let f = |v: Option<f64>| v.map_or("?".to_owned(), |m| format!("{m:.1}"));
+    println!();
+    println!("| RSS (MiB) | after the rounds, idle | 1,000 open connections |");
+    println!("|---|---:|---:|");
+    println!("| weir-agent | {} | {} |", f(idle.0), f(busy.0));
+    println!("| haproxy | {} | {} |", f(idle.1), f(busy.1));
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    bench::main("ingress", |plan| async move {
+        let rounds = usize::try_from(env_num("WEIR_BENCH_ROUNDS", 5).max(1))?;
+        let plan = Plan::of(plan.this.clone(), None, rounds);
+        let setup = set_up(&plan).await?;
+        let idle = rss_mib(setup.agent_pid);
+        println!("weir-agent RSS at start, idle: {:.1} MiB", idle.unwrap_or(f64::NAN));
+        plan.measure(|run| round(&setup, run)).await?;
+        memory(&setup).await
+    })
+}
