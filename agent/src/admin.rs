@@ -57,12 +57,20 @@ pub fn router(admin: Admin) -> Router {
 }
 
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
-    if a.session.borrow().view_loaded {
+    let (view, local) = {
+        let s = a.session.borrow();
+        (s.view_loaded, s.local_registered)
+    };
+    if view && local {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no registry view yet (waiting for the control plane)\n".to_owned(),
+            if view {
+                "not ready: registering the node's local instances\n".to_owned()
+            } else {
+                "not ready: no registry view yet (waiting for the control plane)\n".to_owned()
+            },
         )
     }
 }

@@ -37,6 +37,10 @@ pub struct Args {
     /// Admin API: state, /healthz, /readyz, /metrics.
     #[arg(long, env = "WEIR_AGENT_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
+    /// Local registration (`weir.registry.v1.Registry` for this node's
+    /// services). Loopback by default.
+    #[arg(long, env = "WEIR_AGENT_REGISTRY_ADDR")]
+    pub registry_addr: Option<SocketAddr>,
     /// Largest event body the agent reads whole (structured and batch
     /// CloudEvents), in bytes.
     #[arg(long, env = "WEIR_AGENT_MAX_EVENT_BYTES")]
@@ -56,6 +60,7 @@ pub struct FileConfig {
     pub namespace: Option<String>,
     pub ingress_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    pub registry_addr: Option<SocketAddr>,
     pub max_event_bytes: Option<usize>,
     pub log_format: Option<LogFormat>,
 }
@@ -69,6 +74,7 @@ pub struct Config {
     pub namespace: String,
     pub ingress_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub registry_addr: SocketAddr,
     pub max_event_bytes: usize,
     pub log_format: LogFormat,
 }
@@ -104,6 +110,7 @@ impl Default for Config {
             namespace: "default".to_owned(),
             ingress_addr: SocketAddr::from(([127, 0, 0, 1], 7080)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 7081)),
+            registry_addr: SocketAddr::from(([127, 0, 0, 1], 7082)),
             max_event_bytes: 1024 * 1024,
             log_format: LogFormat::Text,
         }
@@ -178,6 +185,10 @@ impl Config {
                 .or(file.ingress_addr)
                 .unwrap_or(d.ingress_addr),
             admin_addr: args.admin_addr.or(file.admin_addr).unwrap_or(d.admin_addr),
+            registry_addr: args
+                .registry_addr
+                .or(file.registry_addr)
+                .unwrap_or(d.registry_addr),
             max_event_bytes,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })

@@ -8,11 +8,12 @@
 //! - [`view`]: the registry view and the routes built from it.
 //! - [`balance`]: balancers ([`balance::RoundRobin`], smooth weighted).
 //! - [`ingress`]: the HTTP/1.1 + h2c reverse proxy, CloudEvents checks.
+//! - [`local`]: node-local registration (TTLs, re-registration on a new
+//!   session, the node's active checks).
 //! - [`reject`]: every answer the agent makes itself.
 //! - [`admin`]: state, health, readiness and metrics.
 //!
-//! Not built yet (see `docs/agent.md`): node-local registration, policy
-//! enforcement (timeouts, retries, rate limits, breakers), persistence of
+//! Not built yet (see `docs/agent.md`): policy enforcement (timeouts, retries, rate limits, breakers), persistence of
 //! the view, the durable outbox.
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod balance;
 pub mod body;
 pub mod config;
 pub mod ingress;
+pub mod local;
 pub mod reject;
 pub mod session;
 pub mod view;
@@ -55,10 +57,26 @@ pub enum AgentError {
 pub struct Agent {
     ingress_addr: SocketAddr,
     admin_addr: SocketAddr,
+    registry_addr: SocketAddr,
     stop: watch::Sender<bool>,
     ingress: JoinHandle<()>,
     admin: JoinHandle<()>,
+    registry: JoinHandle<()>,
     session: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+    local: Arc<local::Local>,
+}
+
+fn local_addr(
+    what: &'static str,
+    l: &TcpListener,
+    asked: SocketAddr,
+) -> Result<SocketAddr, AgentError> {
+    l.local_addr().map_err(|source| AgentError::Bind {
+        what,
+        addr: asked,
+        source,
+    })
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -68,25 +86,16 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
 }
 
 impl Agent {
-    /// Binds the ingress and admin listeners and starts the node session.
+    /// Binds the ingress, admin and local-registry listeners and starts
+    /// the node session.
     pub async fn start(config: Config) -> Result<Self, AgentError> {
         admin::prometheus();
         let ingress_listener = bind("ingress", config.ingress_addr).await?;
         let admin_listener = bind("admin", config.admin_addr).await?;
-        let ingress_addr = ingress_listener
-            .local_addr()
-            .map_err(|source| AgentError::Bind {
-                what: "ingress",
-                addr: config.ingress_addr,
-                source,
-            })?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| AgentError::Bind {
-                what: "admin",
-                addr: config.admin_addr,
-                source,
-            })?;
+        let registry_listener = bind("registry", config.registry_addr).await?;
+        let ingress_addr = local_addr("ingress", &ingress_listener, config.ingress_addr)?;
+        let admin_addr = local_addr("admin", &admin_listener, config.admin_addr)?;
+        let registry_addr = local_addr("registry", &registry_listener, config.registry_addr)?;
 
         let client = Client::with_config(&config.control_plane, ClientConfig::default())?;
         let routes = Arc::new(view::Routes::default());
@@ -98,12 +107,21 @@ impl Agent {
             ingress_address: ingress_addr.to_string(),
             ..Hello::default()
         };
-        let session = tokio::spawn(session::run(
-            client,
-            hello,
-            view::View::new(routes.clone()),
-            state_tx,
-        ));
+        let view = view::View::new(routes.clone());
+        let local = Arc::new(local::Local::new(config.node_id.clone(), client.clone()));
+        let registry_service = local::LocalRegistry::new(local.clone(), view.mirror());
+        let session = tokio::spawn(session::run(client, hello, view, local.clone(), state_tx));
+        let sweeper = {
+            let local = local.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(local::SWEEP);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    local.sweep().await;
+                }
+            })
+        };
 
         let ingress = Arc::new(ingress::Ingress::new(
             routes,
@@ -125,6 +143,23 @@ impl Agent {
             session: state_rx,
             ingress,
         });
+        let registry_stop = until(stopped.clone());
+        let registry = tokio::spawn(async move {
+            let server = tonic::transport::Server::builder()
+                .add_service(
+                    weir_proto::registry::v1::registry_server::RegistryServer::new(
+                        registry_service,
+                    ),
+                )
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(registry_listener)
+                        .with_nodelay(Some(true)),
+                    registry_stop,
+                );
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "local registry server failed");
+            }
+        });
         let admin_stop = until(stopped);
         let admin = tokio::spawn(async move {
             if let Err(e) = axum::serve(admin_listener, router)
@@ -134,14 +169,18 @@ impl Agent {
                 tracing::error!(error = %e, "admin server failed");
             }
         });
-        tracing::info!(%ingress_addr, %admin_addr, node = %config.node_id, "agent started");
+        tracing::info!(%ingress_addr, %admin_addr, %registry_addr, node = %config.node_id, "agent started");
         Ok(Self {
             ingress_addr,
             admin_addr,
+            registry_addr,
             stop,
             ingress: ingress_task,
             admin,
+            registry,
             session,
+            sweeper,
+            local,
         })
     }
 
@@ -153,23 +192,41 @@ impl Agent {
         self.admin_addr
     }
 
+    pub fn registry_addr(&self) -> SocketAddr {
+        self.registry_addr
+    }
+
     /// Serves until `signal`, then drains: stops accepting, lets requests
-    /// in flight finish (up to [`DRAIN`]) and closes the node session. A
-    /// server task that ends on its own stops the agent with an error.
+    /// in flight finish (up to [`DRAIN`]), deregisters the node's local
+    /// instances (so they leave at once, not after the session TTL) and
+    /// closes the node session. A server task that ends on its own stops
+    /// the agent with an error.
     pub async fn serve_until(mut self, signal: impl Future<Output = ()>) -> Result<(), AgentError> {
         let failed = tokio::select! {
             () = signal => None,
             _ = &mut self.ingress => Some("ingress"),
             _ = &mut self.admin => Some("admin"),
+            _ = &mut self.registry => Some("registry"),
             _ = &mut self.session => Some("session"),
+            _ = &mut self.sweeper => Some("sweeper"),
         };
         let _ = self.stop.send(true);
         if failed != Some("ingress") {
             let _ = (&mut self.ingress).await;
         }
+        self.sweeper.abort();
+        self.local.deregister_all().await;
         self.session.abort();
-        if failed != Some("admin") {
-            let _ = (&mut self.admin).await;
+        // Long-lived streams (a service's KeepAlive, say) would hold a
+        // graceful shutdown open: their instances are deregistered by now.
+        for (name, task) in [("admin", &mut self.admin), ("registry", &mut self.registry)] {
+            if failed != Some(name)
+                && tokio::time::timeout(Duration::from_secs(1), &mut *task)
+                    .await
+                    .is_err()
+            {
+                task.abort();
+            }
         }
         match failed {
             Some(task) => Err(AgentError::Task(task)),

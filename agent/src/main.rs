@@ -12,9 +12,10 @@ async fn main() -> anyhow::Result<()> {
     let agent = Agent::start(config).await?;
     // One machine-readable line on stdout, for scripts and the test harness.
     println!(
-        "weir-agent ready ingress={} admin={}",
+        "weir-agent ready ingress={} admin={} registry={}",
         agent.ingress_addr(),
-        agent.admin_addr()
+        agent.admin_addr(),
+        agent.registry_addr()
     );
     agent.serve_until(shutdown_signal()).await?;
     Ok(())

@@ -13,14 +13,14 @@ use serde::Serialize;
 use tokio::sync::watch;
 use weir_client::{
     agent::{Hello, PolicyChange},
-    AgentSession, Client, SessionEvent,
+    AgentSession, Client, EventType, SessionEvent, WatchUpdate,
 };
 use weir_core::{
     backoff::{Backoff, Jitter},
     time::now_unix_ms,
 };
 
-use crate::view::View;
+use crate::{local::Local, view::View};
 
 /// What the session is doing, for the admin API and readiness.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -35,6 +35,10 @@ pub struct SessionState {
     pub resumed_session: bool,
     /// A complete registry snapshot was applied: the agent can route.
     pub view_loaded: bool,
+    /// The node's local instances are registered in the current session.
+    pub local_registered: bool,
+    /// Local instances held.
+    pub local_instances: usize,
     pub registry_revision: u64,
     pub policy_revision: u64,
     /// Policy version acknowledged per `namespace/service`.
@@ -46,7 +50,13 @@ pub struct SessionState {
 }
 
 /// Runs the session until the process stops.
-pub async fn run(client: Client, hello: Hello, mut view: View, state: watch::Sender<SessionState>) {
+pub async fn run(
+    client: Client,
+    hello: Hello,
+    mut view: View,
+    local: std::sync::Arc<Local>,
+    state: watch::Sender<SessionState>,
+) {
     let mut backoff =
         Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).with_jitter(Jitter::Half);
     let connected = metrics::gauge!("weir_agent_session_connected");
@@ -82,7 +92,20 @@ pub async fn run(client: Client, hello: Hello, mut view: View, state: watch::Sen
                     s.resumed_session = session.welcome().resumed_session;
                     s.since_unix_ms = now_unix_ms();
                 });
-                let error = follow(&mut session, &mut view, &state).await;
+                if !session.welcome().resumed_session && !local.is_empty() {
+                    // A new lease: the records of the old one are gone.
+                    let failed = local.register_all().await;
+                    tracing::info!(
+                        instances = local.len(),
+                        failed,
+                        "local instances registered in the new session"
+                    );
+                }
+                state.send_modify(|s| {
+                    s.local_registered = true;
+                    s.local_instances = local.len();
+                });
+                let error = follow(&mut session, &mut view, &local, &state).await;
                 tracing::warn!(error = %error, "node session ended; reconnecting");
                 connected.set(0.0);
                 degraded.set(if view.is_loaded() { 1.0 } else { 0.0 });
@@ -107,6 +130,7 @@ pub async fn run(client: Client, hello: Hello, mut view: View, state: watch::Sen
 async fn follow(
     session: &mut AgentSession,
     view: &mut View,
+    local: &Local,
     state: &watch::Sender<SessionState>,
 ) -> String {
     loop {
@@ -116,14 +140,24 @@ async fn follow(
             Err(e) => return e.to_string(),
         };
         match event {
-            SessionEvent::Registry(message) => {
-                if let Err(e) = view.apply(message) {
+            SessionEvent::Registry(message) => match view.apply(message) {
+                Ok(Some(WatchUpdate::Changes { events, .. })) => {
+                    for e in &events {
+                        if e.r#type == EventType::Delete as i32 {
+                            if let Some(i) = &e.instance {
+                                local.removed_elsewhere(i);
+                            }
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
                     // The stream disagrees with the view: start over from
                     // a snapshot rather than route on a wrong one.
                     view.forget_revision();
                     return format!("registry stream out of order ({e}); resyncing");
                 }
-            }
+            },
             SessionEvent::Policies(update) => {
                 for change in &update.changes {
                     if let Err(e) = acknowledge(session, change).await {
@@ -141,6 +175,7 @@ async fn follow(
             }
         }
         state.send_modify(|s| {
+            s.local_instances = local.len();
             s.view_loaded = view.is_loaded();
             s.registry_revision = view.revision();
             s.policy_revision = session.policy_revision();

@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde::Serialize;
-use weir_client::{HealthStatus, Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate};
+use weir_client::{Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate};
 
 use crate::balance::{Balance, Endpoint, Protocol, RoundRobin};
 
@@ -89,7 +89,8 @@ impl Routes {
 /// The registry as this agent knows it, and the routes derived from it.
 #[derive(Debug)]
 pub struct View {
-    mirror: RegistryMirror,
+    /// Shared with the local registry, which answers reads from it.
+    mirror: Arc<RwLock<RegistryMirror>>,
     routes: Arc<Routes>,
     /// A complete snapshot was applied.
     loaded: bool,
@@ -105,15 +106,10 @@ fn authority_of(i: &Instance) -> Option<http::uri::Authority> {
     format!("{host}:{}", i.port).parse().ok()
 }
 
-/// Whether the registry's `healthy_only` rule keeps an instance.
-fn usable(i: &Instance) -> bool {
-    i.status != HealthStatus::Critical as i32
-}
-
 impl View {
     pub fn new(routes: Arc<Routes>) -> Self {
         Self {
-            mirror: RegistryMirror::default(),
+            mirror: Arc::default(),
             routes,
             loaded: false,
         }
@@ -129,18 +125,31 @@ impl View {
     }
 
     pub fn revision(&self) -> u64 {
-        self.mirror.revision()
+        self.read().revision()
+    }
+
+    /// The registry as last applied, for readers outside the session.
+    pub fn mirror(&self) -> Arc<RwLock<RegistryMirror>> {
+        self.mirror.clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, RegistryMirror> {
+        self.mirror.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, RegistryMirror> {
+        self.mirror.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks for a snapshot on the next stream (the routes stay as they are
     /// until it arrives).
     pub fn forget_revision(&mut self) {
-        self.mirror.forget_revision();
+        self.write().forget_revision();
     }
 
     /// A new stream starts: drop any half-received snapshot.
     pub fn stream_restarted(&mut self) {
-        self.mirror.drop_partial_snapshot();
+        self.write().drop_partial_snapshot();
     }
 
     /// Applies one registry message and rebuilds the routes it touched.
@@ -148,7 +157,7 @@ impl View {
         &mut self,
         message: weir_client::WatchResponse,
     ) -> Result<Option<WatchUpdate>, weir_client::Error> {
-        let Some(update) = self.mirror.apply(message)? else {
+        let Some(update) = self.write().apply(message)? else {
             return Ok(None);
         };
         let touched: BTreeSet<(String, String)> = match &update {
@@ -156,7 +165,7 @@ impl View {
                 self.loaded = true;
                 let mut all = self.routes.services();
                 all.extend(
-                    self.mirror
+                    self.read()
                         .instances()
                         .map(|i| (i.namespace.clone(), i.service.clone())),
                 );
@@ -185,12 +194,13 @@ impl View {
     /// Rebuilds one service's route from the mirror. Endpoints that did
     /// not change keep their identity (and in-flight counts).
     fn rebuild(&self, namespace: &str, service: &str) {
-        let instances: Vec<&Instance> = self.mirror.service(namespace, service).collect();
+        let mirror = self.read();
+        let instances: Vec<&Instance> = mirror.service(namespace, service).collect();
         if instances.is_empty() {
             self.routes.set(namespace, service, None);
             return;
         }
-        let protection = self.mirror.in_protection(namespace, service);
+        let protection = mirror.in_protection(namespace, service);
         let previous = self.routes.get(namespace, service);
         let old: HashMap<&str, &Arc<Endpoint>> = previous
             .as_ref()
@@ -198,7 +208,7 @@ impl View {
             .unwrap_or_default();
         let endpoints: Vec<Arc<Endpoint>> = instances
             .iter()
-            .filter(|i| protection || usable(i))
+            .filter(|i| protection || weir_core::health::takes_traffic(i))
             .filter_map(|i| {
                 let authority = authority_of(i)?;
                 let protocol = if i.protocol == WireProtocol::Grpc as i32 {
@@ -292,7 +302,9 @@ impl From<&ServiceRoute> for RouteState {
 
 #[cfg(test)]
 mod tests {
-    use weir_client::{Event, EventType, ServiceProtection, WatchKind, WatchResponse};
+    use weir_client::{
+        Event, EventType, HealthStatus, ServiceProtection, WatchKind, WatchResponse,
+    };
 
     use super::*;
     use crate::balance::any;

@@ -487,10 +487,6 @@ impl RegistryService {
 
 /// Routable: anything but CRITICAL (UNKNOWN = not checked yet or no
 /// check; WARNING = degraded but serving).
-fn is_healthy(i: &Instance) -> bool {
-    i.status != HealthStatus::Critical as i32
-}
-
 fn summary(namespace: &str, name: &str, instances: &[Arc<Instance>]) -> ServiceSummary {
     ServiceSummary {
         namespace: namespace.to_owned(),
@@ -544,7 +540,7 @@ impl RegistryService {
         let only_healthy = req.healthy_only && !protection.active;
         let instances = instances
             .into_iter()
-            .filter(|i| !only_healthy || is_healthy(i))
+            .filter(|i| !only_healthy || weir_core::health::takes_traffic(i))
             .map(|i| (*i).clone())
             .collect();
         Ok(GetServiceResponse {

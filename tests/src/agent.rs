@@ -17,11 +17,13 @@ pub struct AgentProcess {
     child: Child,
     ingress_addr: SocketAddr,
     admin_addr: SocketAddr,
+    registry_addr: SocketAddr,
 }
 
 impl AgentProcess {
     /// Starts this checkout's agent for node `node` on the control planes
-    /// `endpoints`, on free loopback ports.
+    /// `endpoints`, on free loopback ports unless `extra` gives an address
+    /// (a fixed `--registry-addr`, say).
     pub fn start(endpoints: &[String], node: &str, extra: &[String]) -> Result<Self> {
         Self::start_binary(&workspace_binary("weir-agent")?, endpoints, node, extra)
     }
@@ -35,14 +37,18 @@ impl AgentProcess {
         let mut command = Command::new(binary);
         command
             .arg(format!("--node-id={node}"))
-            .arg(format!("--control-plane={}", endpoints.join(",")))
-            .arg("--ingress-addr=127.0.0.1:0")
-            .arg("--admin-addr=127.0.0.1:0")
-            .args(extra);
+            .arg(format!("--control-plane={}", endpoints.join(",")));
+        for flag in ["--ingress-addr", "--admin-addr", "--registry-addr"] {
+            if !extra.iter().any(|e| e.starts_with(flag)) {
+                command.arg(format!("{flag}=127.0.0.1:0"));
+            }
+        }
+        command.args(extra);
         let (child, line) = spawn_ready(command, "weir-agent")?;
         Ok(Self {
             ingress_addr: ready_field(&line, "ingress=")?,
             admin_addr: ready_field(&line, "admin=")?,
+            registry_addr: ready_field(&line, "registry=")?,
             child,
         })
     }
@@ -53,6 +59,15 @@ impl AgentProcess {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    pub fn registry_addr(&self) -> SocketAddr {
+        self.registry_addr
+    }
+
+    /// `http://ip:port` of the local registry, for `weir-client`.
+    pub fn registry_endpoint(&self) -> String {
+        format!("http://{}", self.registry_addr)
     }
 
     pub fn pid(&self) -> u32 {

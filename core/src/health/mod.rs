@@ -12,3 +12,13 @@ pub mod checker;
 pub mod hysteresis;
 pub mod probe;
 pub mod spec;
+
+use weir_proto::registry::v1::{HealthStatus, Instance};
+
+/// The registry's `healthy_only` rule, which consumers (GetService, the
+/// agent's balancers) share: every instance but a CRITICAL one takes
+/// traffic. (A service in protection takes it on all of them; that is
+/// decided per service, by the caller.)
+pub fn takes_traffic(i: &Instance) -> bool {
+    i.status != HealthStatus::Critical as i32
+}

@@ -1,0 +1,366 @@
+//! Node-local registration: the services on this node register with their
+//! agent (`weir.registry.v1.Registry` on a loopback port), through
+//! `weir-client` or `weirctl`, exactly as they would with the control plane.
+//!
+//! The agent registers each one at the control plane on behalf of its node
+//! session (`RegisterRequest.agent_node`): the record hangs on the session's
+//! lease, so one keep-alive per node carries them all and a dead node's
+//! instances expire together. What the session no longer does for each
+//! instance, the agent does:
+//!
+//! - **TTL**: every instance registered here must be ephemeral; the agent
+//!   takes its heartbeats (`Heartbeat`, `KeepAlive`) and deregisters one
+//!   whose TTL lapses ([`Holdings::lapsed`], swept every [`SWEEP`]).
+//! - **New sessions**: when the control plane gives the node a new session
+//!   (the old lease expired, e.g. during an outage), the records went with
+//!   it; the agent registers every instance it holds again before it says
+//!   it is ready ([`Local::register_all`]).
+//! - **Checks**: active checks of local instances run here, with
+//!   `weir-core`'s checker, reporting transitions to the control plane
+//!   (whose own checker skips instances an agent holds).
+//! - **Removal elsewhere**: an instance of this node deregistered at the
+//!   control plane (`weirctl deregister`) is forgotten here too, so its
+//!   next heartbeat gets NOT_FOUND and its client decides whether to
+//!   register again; the session and the node's other instances stay.
+//!
+//! Reads: `GetService` answers from the agent's registry view, so
+//! discovery keeps working while the control plane is away. The other
+//! reads and `Watch` are the control plane's: they answer UNIMPLEMENTED
+//! saying so.
+
+mod service;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use weir_client::{Client, Instance, InstanceRef, NodeStatusSink, RegisterResponse};
+use weir_core::{health::checker::Checker, InstanceKey};
+
+pub use service::LocalRegistry;
+
+/// How often lapsed instances are looked for.
+pub const SWEEP: Duration = Duration::from_millis(500);
+
+/// One instance this agent holds.
+#[derive(Debug, Clone)]
+struct Held {
+    /// As the service asked (id filled in), to register it again.
+    spec: Instance,
+    /// As the control plane stored it (status, registration time).
+    record: Arc<Instance>,
+    ttl: Duration,
+    last_beat: Instant,
+}
+
+/// The instances this agent holds: pure bookkeeping, timed by the caller.
+#[derive(Debug, Default)]
+pub struct Holdings {
+    held: HashMap<InstanceKey, Held>,
+}
+
+fn key_of(namespace: &str, service: &str, id: &str) -> InstanceKey {
+    InstanceKey {
+        namespace: if namespace.is_empty() {
+            "default".to_owned()
+        } else {
+            namespace.to_owned()
+        },
+        service: service.to_owned(),
+        instance_id: id.to_owned(),
+    }
+}
+
+fn key_of_ref(r: &InstanceRef) -> InstanceKey {
+    key_of(&r.namespace, &r.service, &r.instance_id)
+}
+
+impl Holdings {
+    fn hold(&mut self, spec: Instance, record: Instance, now: Instant) {
+        let key = key_of(&record.namespace, &record.service, &record.instance_id);
+        let ttl = Duration::from_secs(u64::from(spec.ttl_seconds.max(1)));
+        self.held.insert(
+            key,
+            Held {
+                spec,
+                record: Arc::new(record),
+                ttl,
+                last_beat: now,
+            },
+        );
+    }
+
+    /// A heartbeat: the remaining TTL, or `None` for an instance not held.
+    pub fn beat(&mut self, key: &InstanceKey, now: Instant) -> Option<Duration> {
+        let h = self.held.get_mut(key)?;
+        h.last_beat = now;
+        Some(h.ttl)
+    }
+
+    /// Forgets an instance; whether it was held.
+    pub fn forget(&mut self, key: &InstanceKey) -> bool {
+        self.held.remove(key).is_some()
+    }
+
+    /// The instances whose TTL ran out by `now`, forgotten.
+    pub fn lapsed(&mut self, now: Instant) -> Vec<InstanceKey> {
+        let gone: Vec<InstanceKey> = self
+            .held
+            .iter()
+            .filter(|(_, h)| now.saturating_duration_since(h.last_beat) > h.ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            self.held.remove(k);
+        }
+        gone
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    fn records(&self) -> Vec<Arc<Instance>> {
+        self.held.values().map(|h| h.record.clone()).collect()
+    }
+
+    fn specs(&self) -> Vec<Instance> {
+        self.held.values().map(|h| h.spec.clone()).collect()
+    }
+}
+
+/// The node's local instances, and what is done with them.
+#[derive(Debug)]
+pub struct Local {
+    node: String,
+    client: Client,
+    holdings: Mutex<Holdings>,
+    checker: Checker,
+}
+
+/// Why a local registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("{field}: {rule}")]
+    Invalid { field: String, rule: String },
+    #[error(transparent)]
+    ControlPlane(#[from] weir_client::Error),
+}
+
+impl Local {
+    pub fn new(node: String, client: Client) -> Self {
+        let sink = Arc::new(NodeStatusSink::new(client.clone(), node.clone()));
+        let checker = Checker::new(sink, format!("agent:{node}"));
+        Self {
+            node,
+            client,
+            holdings: Mutex::default(),
+            checker,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Holdings) -> T) -> T {
+        f(&mut self.holdings.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Runs exactly the checks of the instances held now.
+    fn sync_checks(&self) {
+        let records = self.with(|h| h.records());
+        self.checker.sync(records.iter());
+    }
+
+    /// How many instances this agent holds.
+    pub fn len(&self) -> usize {
+        self.with(|h| h.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Registers `instance` at the control plane for this node's session
+    /// and holds it.
+    pub async fn register(&self, mut instance: Instance) -> Result<RegisterResponse, LocalError> {
+        if !instance.ephemeral || instance.ttl_seconds == 0 {
+            return Err(LocalError::Invalid {
+                field: "instance.ephemeral".into(),
+                rule: "an instance registered at an agent lives as long as its heartbeats: set ephemeral with ttl_seconds".into(),
+            });
+        }
+        if instance.instance_id.is_empty() {
+            // A stable id, so a retried registration replaces, not adds.
+            instance.instance_id = format!("{:016x}", rand::random::<u64>());
+        }
+        let response = self
+            .client
+            .register_for_node(&self.node, instance.clone())
+            .await?;
+        let record = response
+            .instance
+            .clone()
+            .unwrap_or_else(|| instance.clone());
+        self.with(|h| h.hold(instance, record, Instant::now()));
+        self.sync_checks();
+        Ok(response)
+    }
+
+    /// Deregisters one instance (here and at the control plane).
+    pub async fn deregister(&self, r: &InstanceRef) -> Result<bool, LocalError> {
+        self.with(|h| h.forget(&key_of_ref(r)));
+        self.sync_checks();
+        Ok(self.client.deregister(r).await?.existed)
+    }
+
+    /// A heartbeat from the instance's service.
+    pub fn beat(&self, r: &InstanceRef) -> Option<Duration> {
+        self.with(|h| h.beat(&key_of_ref(r), Instant::now()))
+    }
+
+    /// The control plane deleted `i`, an instance of this node (as last
+    /// stored). Forgotten here only when it is the registration held now:
+    /// the deletions of an expired session's records, which arrive after
+    /// the new session registered them again, are older.
+    pub fn removed_elsewhere(&self, i: &Instance) {
+        if i.agent_node != self.node {
+            return;
+        }
+        let key = key_of(&i.namespace, &i.service, &i.instance_id);
+        let forgotten = self.with(|h| match h.held.get(&key) {
+            Some(held) if i.revision >= held.record.revision => h.forget(&key),
+            _ => false,
+        });
+        if forgotten {
+            tracing::info!(namespace = %i.namespace, service = %i.service, instance = %i.instance_id,
+                "a local instance was removed at the control plane; forgotten here");
+            self.sync_checks();
+        }
+    }
+
+    /// Deregisters the instances whose TTL lapsed.
+    pub async fn sweep(&self) {
+        let lapsed = self.with(|h| h.lapsed(Instant::now()));
+        if lapsed.is_empty() {
+            return;
+        }
+        self.sync_checks();
+        for k in lapsed {
+            tracing::info!(namespace = %k.namespace, service = %k.service, instance = %k.instance_id,
+                "a local instance stopped heartbeating; deregistering it");
+            let r = InstanceRef {
+                namespace: k.namespace,
+                service: k.service,
+                instance_id: k.instance_id,
+            };
+            if let Err(e) = self.client.deregister(&r).await {
+                // The session lease still bounds its life.
+                tracing::warn!(error = %e, "deregistering a lapsed instance failed");
+            }
+        }
+    }
+
+    /// Registers every held instance again (a new session: the old
+    /// records left with the old lease). Returns how many failed.
+    pub async fn register_all(&self) -> usize {
+        let specs = self.with(|h| h.specs());
+        let mut failed = 0;
+        for spec in specs {
+            match self
+                .client
+                .register_for_node(&self.node, spec.clone())
+                .await
+            {
+                Ok(response) => {
+                    let record = response.instance.unwrap_or_else(|| spec.clone());
+                    // Keep the heartbeat clock: re-registering is not a beat.
+                    self.with(|h| {
+                        let key = key_of(&record.namespace, &record.service, &record.instance_id);
+                        let last = h.held.get(&key).map(|x| x.last_beat);
+                        h.hold(spec, record, last.unwrap_or_else(Instant::now));
+                    });
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(error = %e, instance = %spec.instance_id, "registering a local instance again failed");
+                }
+            }
+        }
+        self.sync_checks();
+        failed
+    }
+
+    /// Deregisters everything (the agent is stopping).
+    pub async fn deregister_all(&self) {
+        let records = self.with(|h| std::mem::take(&mut h.held));
+        self.checker.clear();
+        for (k, _) in records {
+            let r = InstanceRef {
+                namespace: k.namespace,
+                service: k.service,
+                instance_id: k.instance_id,
+            };
+            if let Err(e) = self.client.deregister(&r).await {
+                tracing::warn!(error = %e, instance = %r.instance_id, "deregistering on shutdown failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(id: &str, ttl: u32) -> Instance {
+        Instance {
+            namespace: "default".into(),
+            service: "orders".into(),
+            instance_id: id.into(),
+            ephemeral: true,
+            ttl_seconds: ttl,
+            ..Instance::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_lapse_after_their_own_ttl_without_heartbeats() {
+        let mut h = Holdings::default();
+        let t0 = Instant::now();
+        h.hold(inst("a", 2), inst("a", 2), t0);
+        h.hold(inst("b", 6), inst("b", 6), t0);
+        let a = key_of("", "orders", "a");
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(h.beat(&a, Instant::now()), Some(Duration::from_secs(2)));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(
+            h.lapsed(Instant::now()).is_empty(),
+            "a beat 1.5 s ago, b is within 6 s"
+        );
+        tokio::time::advance(Duration::from_millis(2100)).await;
+        let gone = h.lapsed(Instant::now());
+        assert_eq!(gone, [a.clone()], "a's 2 s ran out; b has 0.9 s left");
+        assert_eq!(
+            h.beat(&a, Instant::now()),
+            None,
+            "a lapsed instance is forgotten"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(h.lapsed(Instant::now()).len(), 1);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn keys_default_the_namespace() {
+        let r = InstanceRef {
+            namespace: String::new(),
+            service: "s".into(),
+            instance_id: "i".into(),
+        };
+        assert_eq!(key_of_ref(&r).namespace, "default");
+    }
+}
