@@ -56,7 +56,7 @@ use tonic_types::StatusExt as _;
 use weir_proto::registry::v1::registry_client::RegistryClient;
 
 pub use registration::{retry_delay, Registration, RegistrationState};
-pub use session::{AgentSession, SessionEvent};
+pub use session::{AckOutcome, AgentSession, SessionEvent};
 pub use watch::{WatchUpdate, WatchView};
 pub use weir_proto::registry::v1::{
     health_check, watch_response::Kind as WatchKind, DeregisterRequest, DeregisterResponse, Event,

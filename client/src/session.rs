@@ -1,6 +1,6 @@
 //! The agent side of the agent session (`weir.agent.v1`): open a session,
 //! follow the registry and the policies it pushes, acknowledge each policy
-//! version. The weir-agent uses this; so do the tests that stand in for
+//! version (applied, in part, or rejected). The weir-agent uses this; so do the tests that stand in for
 //! agents.
 
 use std::collections::BTreeMap;
@@ -23,6 +23,38 @@ pub enum SessionEvent {
     /// Policies changed (or a snapshot replaced them): the changes, as
     /// applied to [`AgentSession::policies`].
     Policies(PolicyUpdate),
+}
+
+/// How an agent took a policy version ([`AgentSession::ack`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Enforced in full.
+    Applied,
+    /// Enforced but for these top-level sections (`rate_limit`,
+    /// `circuit_breaker`, ...; see `weir_core::policy::sections`). An
+    /// empty list is the same as [`AckOutcome::Applied`].
+    Partly(Vec<String>),
+    /// Not enforced; the reason (at most 1024 bytes).
+    Rejected(String),
+}
+
+impl AckOutcome {
+    /// The acknowledgement of `version` of `namespace/service`.
+    fn ack(self, namespace: &str, service: &str, version: u64) -> Ack {
+        let (accepted, error, unenforced) = match self {
+            AckOutcome::Applied => (true, String::new(), Vec::new()),
+            AckOutcome::Partly(sections) => (true, String::new(), sections),
+            AckOutcome::Rejected(reason) => (false, reason, Vec::new()),
+        };
+        Ack {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            version,
+            accepted,
+            error,
+            unenforced,
+        }
+    }
 }
 
 /// An open agent session on one control-plane replica.
@@ -167,30 +199,40 @@ impl AgentSession {
         }
     }
 
-    /// Reports that policy `version` of `namespace/service` was applied
-    /// (`Ok`) or rejected (`Err(reason)`).
+    /// Reports how policy `version` of `namespace/service` was taken.
     pub async fn ack(
         &self,
         namespace: &str,
         service: &str,
         version: u64,
-        outcome: Result<(), String>,
+        outcome: AckOutcome,
     ) -> Result<(), Error> {
-        let (accepted, error) = match outcome {
-            Ok(()) => (true, String::new()),
-            Err(e) => (false, e),
-        };
         self.outbound
             .send(AgentMessage {
-                kind: Some(agent_message::Kind::Ack(Ack {
-                    namespace: namespace.to_owned(),
-                    service: service.to_owned(),
-                    version,
-                    accepted,
-                    error,
-                })),
+                kind: Some(agent_message::Kind::Ack(
+                    outcome.ack(namespace, service, version),
+                )),
             })
             .await
             .map_err(|_| Error::Unavailable("the session stream is closed".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_become_acks() {
+        let a = AckOutcome::Applied.ack("ns", "svc", 7);
+        assert!(a.accepted && a.error.is_empty() && a.unenforced.is_empty());
+        assert_eq!(
+            (a.namespace.as_str(), a.service.as_str(), a.version),
+            ("ns", "svc", 7)
+        );
+        let p = AckOutcome::Partly(vec!["rate_limit".into()]).ack("ns", "svc", 7);
+        assert!(p.accepted && p.unenforced == ["rate_limit"]);
+        let r = AckOutcome::Rejected("too many rules".into()).ack("ns", "svc", 7);
+        assert!(!r.accepted && r.error == "too many rules" && r.unenforced.is_empty());
     }
 }

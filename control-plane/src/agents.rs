@@ -23,7 +23,7 @@ use weir_proto::{
     policy::v1::AgentPolicyState,
 };
 
-use weir_core::{time::now_unix_ms, validate};
+use weir_core::{policy::sections, time::now_unix_ms, validate};
 
 use crate::{
     error::ApiError,
@@ -60,6 +60,30 @@ fn check_hello(h: &Hello) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn text_bound(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.len() > MAX_ERROR_LEN {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {MAX_ERROR_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an acknowledgement; returns its service's (namespace, name).
+fn check_ack(ack: &Ack) -> Result<(String, String), ApiError> {
+    let name = validate::service_name(&ack.namespace, &ack.service)?;
+    text_bound("ack.error", &ack.error)?;
+    sections::unenforced("ack.unenforced", &ack.unenforced)?;
+    if !ack.accepted && !ack.unenforced.is_empty() {
+        return Err(ApiError::invalid(
+            "ack.unenforced",
+            "only with accepted = true (a rejected version is not enforced at all)",
+        ));
+    }
+    Ok(name)
+}
+
 impl SessionService {
     pub fn new(store: Arc<dyn Store>, hub: Hub, keys: Keys, replica_id: String) -> Self {
         Self {
@@ -82,19 +106,14 @@ impl SessionService {
     }
 
     async fn record_ack(&self, node: &str, lease: LeaseId, ack: Ack) -> Result<(), ApiError> {
-        let (namespace, service) = validate::service_name(&ack.namespace, &ack.service)?;
-        if ack.error.len() > MAX_ERROR_LEN {
-            return Err(ApiError::invalid(
-                "ack.error",
-                format!("at most {MAX_ERROR_LEN} bytes"),
-            ));
-        }
+        let (namespace, service) = check_ack(&ack)?;
         let state = AgentPolicyState {
             node_id: node.to_owned(),
             version: ack.version,
             accepted: ack.accepted,
             error: ack.error,
             at_unix_ms: now_unix_ms(),
+            unenforced: ack.unenforced,
         };
         self.store
             .put(
@@ -105,6 +124,8 @@ impl SessionService {
             .await?;
         if !state.accepted {
             tracing::warn!(node, %namespace, %service, version = state.version, error = %state.error, "agent rejected a policy");
+        } else if !state.unenforced.is_empty() {
+            tracing::info!(node, %namespace, %service, version = state.version, unenforced = ?state.unenforced, "agent applied a policy in part");
         }
         Ok(())
     }

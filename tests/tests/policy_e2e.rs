@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 use weir_client::{
     agent::{policy_update, Hello},
     policy::{self, rate_limit, RateLimit, Retry, TrafficPolicy},
-    AgentSession, Client, Error, Instance, SessionEvent,
+    AckOutcome, AgentSession, Client, Error, Instance, SessionEvent,
 };
 use weir_tests::{start_one, start_replicas, wait_until, workspace_binary};
 
@@ -41,7 +41,7 @@ async fn run_agent(mut session: AgentSession) -> Result<()> {
         if let SessionEvent::Policies(update) = event {
             for c in update.changes.iter().filter(|c| c.policy.is_some()) {
                 session
-                    .ack(&c.namespace, &c.service, c.version, Ok(()))
+                    .ack(&c.namespace, &c.service, c.version, AckOutcome::Applied)
                     .await?;
             }
         }
@@ -282,7 +282,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
     ensure!(snapshot.kind == policy_update::Kind::Snapshot as i32 && snapshot.changes.len() == 2);
     for c in &snapshot.changes {
         first
-            .ack(&c.namespace, &c.service, c.version, Ok(()))
+            .ack(&c.namespace, &c.service, c.version, AckOutcome::Applied)
             .await?;
     }
     status_until(&on_a, "two", "acks recorded", |s| s.applied == 1).await?;
@@ -328,7 +328,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
             "default",
             "one",
             p1b.version,
-            Err("retry.attempts 5 is over this node's cap".into()),
+            AckOutcome::Rejected("retry.attempts 5 is over this node's cap".into()),
         )
         .await?;
     status_until(&on_b, "one", "the rejection is reported", |s| {

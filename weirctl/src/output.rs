@@ -235,6 +235,18 @@ pub fn health_table(namespace: &str, service: &str, r: &GetHealthResponse) -> St
     out
 }
 
+/// How an agent took a policy version: `applied`, `partly (rate_limit,
+/// retry)` or `rejected`.
+pub fn ack_state(accepted: bool, unenforced: &[String]) -> String {
+    if !accepted {
+        "rejected".into()
+    } else if unenforced.is_empty() {
+        "applied".into()
+    } else {
+        format!("partly ({})", unenforced.join(", "))
+    }
+}
+
 fn dash(s: &str) -> String {
     if s.is_empty() {
         "-".into()
@@ -319,6 +331,16 @@ pub fn event_line(e: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ack_states_name_what_is_not_enforced() {
+        assert_eq!(ack_state(true, &[]), "applied");
+        assert_eq!(
+            ack_state(true, &["rate_limit".into(), "retry".into()]),
+            "partly (rate_limit, retry)"
+        );
+        assert_eq!(ack_state(false, &[]), "rejected");
+    }
 
     #[test]
     fn tables_align_columns() {
