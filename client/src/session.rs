@@ -1,7 +1,8 @@
 //! The agent side of the agent session (`weir.agent.v1`): open a session,
 //! follow the registry and the policies it pushes, acknowledge each policy
-//! version (applied, in part, or rejected). The weir-agent uses this; so do the tests that stand in for
-//! agents.
+//! version (applied, in part, or rejected), report the agent's status. The
+//! weir-agent uses this; so do
+//! the tests that stand in for agents.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weir_proto::agent::v1::{
     agent_message, agent_session_service_client::AgentSessionServiceClient, control_message,
-    policy_update, Ack, AgentMessage, ControlMessage, Hello, PolicyChange, PolicyUpdate, Welcome,
+    policy_update, Ack, AgentMessage, AgentStatus, ControlMessage, Hello, PolicyChange,
+    PolicyUpdate, Welcome,
 };
 use weir_proto::registry::v1::WatchResponse;
 
@@ -199,6 +201,13 @@ impl AgentSession {
         }
     }
 
+    async fn send(&self, kind: agent_message::Kind) -> Result<(), Error> {
+        self.outbound
+            .send(AgentMessage { kind: Some(kind) })
+            .await
+            .map_err(|_| Error::Unavailable("the session stream is closed".into()))
+    }
+
     /// Reports how policy `version` of `namespace/service` was taken.
     pub async fn ack(
         &self,
@@ -207,14 +216,17 @@ impl AgentSession {
         version: u64,
         outcome: AckOutcome,
     ) -> Result<(), Error> {
-        self.outbound
-            .send(AgentMessage {
-                kind: Some(agent_message::Kind::Ack(
-                    outcome.ack(namespace, service, version),
-                )),
-            })
-            .await
-            .map_err(|_| Error::Unavailable("the session stream is closed".into()))
+        self.send(agent_message::Kind::Ack(
+            outcome.ack(namespace, service, version),
+        ))
+        .await
+    }
+
+    /// Reports the agent's status. Send it at the start of every session
+    /// (the control plane keeps none from an earlier stream) and whenever
+    /// it changes.
+    pub async fn report_status(&self, status: AgentStatus) -> Result<(), Error> {
+        self.send(agent_message::Kind::Status(status)).await
     }
 }
 

@@ -7,6 +7,26 @@
 //! replica) before it expires keeps the same lease, so its acknowledgements
 //! survive the move. When no stream renews it, the lease expires and the
 //! agent leaves the convergence counts.
+//!
+//! Besides the leased records, each node has an unleased last-seen record
+//! (`{root}/v1/agents-seen/{node}`), so `ListAgents` shows a node whose
+//! session expired as "disconnected since". It is written when a stream
+//! opens, when the agent reports a status change and when the stream
+//! closes, and not when the lease is renewed: a renewal is a lease
+//! keep-alive, which etcd neither logs nor watches, while a put every
+//! TTL/3 per agent would be a revision in etcd's log and an event on every
+//! replica's watch (300 writes/s for 1,000 agents) to move a timestamp
+//! nobody needs finer than "connected". `sweep` marks the records of
+//! streams that ended without a close and drops them after the retention.
+//!
+//! - `api`: `weir.agent.v1.Agents` (ListAgents).
+//! - `sweep`: upkeep of the last-seen records.
+
+mod api;
+mod sweep;
+
+pub use api::AgentsApi;
+pub use sweep::{Sweeper, DEFAULT_RETENTION};
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -18,7 +38,7 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::{
     agent::v1::{
         agent_message, agent_session_service_server::AgentSessionService, control_message, Ack,
-        AgentMessage, ControlMessage, Hello, Welcome,
+        AgentMessage, AgentRecord, AgentStatus, ControlMessage, Hello, Welcome,
     },
     policy::v1::AgentPolicyState,
 };
@@ -84,6 +104,10 @@ fn check_ack(ack: &Ack) -> Result<(String, String), ApiError> {
     Ok(name)
 }
 
+fn check_status(status: &AgentStatus) -> Result<(), ApiError> {
+    text_bound("status.reason", &status.reason)
+}
+
 impl SessionService {
     pub fn new(store: Arc<dyn Store>, hub: Hub, keys: Keys, replica_id: String) -> Self {
         Self {
@@ -129,6 +153,60 @@ impl SessionService {
         }
         Ok(())
     }
+
+    /// Writes the node's last-seen record: `record` as of now.
+    async fn record_seen(&self, mut record: AgentRecord) -> Result<(), ApiError> {
+        record.last_seen_unix_ms = now_unix_ms();
+        self.store
+            .put(
+                &self.keys.agent_seen(&record.node_id),
+                record.encode_to_vec(),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records a status report in the last-seen record `seen` of this
+    /// stream. A report that changes nothing writes nothing, so an agent
+    /// repeating itself costs no store write.
+    async fn record_status(
+        &self,
+        seen: &mut AgentRecord,
+        status: AgentStatus,
+    ) -> Result<(), ApiError> {
+        check_status(&status)?;
+        if seen.status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        tracing::info!(
+            node = %seen.node_id,
+            degraded = status.degraded,
+            reason = %status.reason,
+            local_instances = status.local_instances,
+            endpoints = status.endpoints,
+            "agent status"
+        );
+        seen.status = Some(status);
+        self.record_seen(seen.clone()).await
+    }
+
+    /// Records that the stream `seen` describes (the last-seen record it
+    /// last wrote) has ended, unless the node's session already belongs to
+    /// a newer stream (it reconnected, here or elsewhere, before this end
+    /// was noticed).
+    async fn record_closed(&self, mut seen: AgentRecord) -> Result<(), ApiError> {
+        if let Some(kv) = self.store.get(&self.keys.agent(&seen.node_id)).await? {
+            let live = AgentRecord::decode(kv.value.as_slice()).unwrap_or_default();
+            if live.connected_at_unix_ms != seen.connected_at_unix_ms
+                || live.replica_id != seen.replica_id
+            {
+                return Ok(());
+            }
+        }
+        seen.connected = false;
+        self.record_seen(seen).await
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -153,13 +231,29 @@ impl SessionService {
         }
         let node = hello.node_id.clone();
         let (lease, resumed) = self.lease_for(&node).await?;
-        let info = format!(
-            "replica={} zone={} version={} ingress={}",
-            self.replica_id, hello.zone, hello.version, hello.ingress_address
-        );
+        let session = AgentRecord {
+            node_id: node.clone(),
+            zone: hello.zone.clone(),
+            version: hello.version.clone(),
+            ingress_address: hello.ingress_address.clone(),
+            replica_id: self.replica_id.clone(),
+            connected_at_unix_ms: now_unix_ms(),
+            ..AgentRecord::default()
+        };
         self.store
-            .put(&self.keys.agent(&node), info.into_bytes(), Some(lease))
+            .put(
+                &self.keys.agent(&node),
+                session.encode_to_vec(),
+                Some(lease),
+            )
             .await?;
+        // A status is reported anew on every stream, so none is carried
+        // over from an earlier one.
+        let mut seen = AgentRecord {
+            connected: true,
+            ..session
+        };
+        self.record_seen(seen.clone()).await?;
         tracing::info!(node, resumed, lease, "agent session opened");
 
         let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(64);
@@ -227,7 +321,7 @@ impl SessionService {
             }
         });
 
-        // Acknowledgements.
+        // What the agent sends: acknowledgements and status.
         let service = self.clone();
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
@@ -235,6 +329,9 @@ impl SessionService {
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Ack(ack)),
                     }) => service.record_ack(&node, lease, ack).await,
+                    Ok(AgentMessage {
+                        kind: Some(agent_message::Kind::Status(status)),
+                    }) => service.record_status(&mut seen, status).await,
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Hello(_)),
                     }) => Err(ApiError::invalid(
@@ -256,6 +353,9 @@ impl SessionService {
                     let _ = tx.send(Err(e.into())).await;
                     break;
                 }
+            }
+            if let Err(e) = service.record_closed(seen).await {
+                tracing::warn!(node, error = %e, "could not record the end of an agent stream");
             }
             tracing::info!(
                 node,

@@ -1,7 +1,7 @@
 //! Configuration: defaults, then a TOML file, then environment variables,
 //! then command-line flags (each later source wins).
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use serde::Deserialize;
@@ -49,6 +49,10 @@ pub struct Args {
     /// default 50; 0 disables).
     #[arg(long, env = "WEIR_PROTECTION_THRESHOLD_PERCENT")]
     pub protection_threshold_percent: Option<u32>,
+    /// How long a disconnected agent stays listed (its last-seen record is
+    /// kept), 60-31536000 seconds (default 86400, one day).
+    #[arg(long, env = "WEIR_AGENT_RETENTION_SECONDS")]
+    pub agent_retention_seconds: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -72,6 +76,7 @@ pub struct FileConfig {
     pub replica_id: Option<String>,
     pub replica_ttl_seconds: Option<u32>,
     pub protection_threshold_percent: Option<u32>,
+    pub agent_retention_seconds: Option<u64>,
 }
 
 /// Where the registry is kept.
@@ -92,7 +97,12 @@ pub struct Config {
     pub replica_id: String,
     pub replica_ttl_seconds: u32,
     pub protection_threshold_percent: u32,
+    /// How long a disconnected agent's last-seen record is kept.
+    pub agent_retention: Duration,
 }
+
+/// Shortest and longest agent retention accepted, seconds.
+pub const AGENT_RETENTION_SECONDS: std::ops::RangeInclusive<u64> = 60..=31_536_000;
 
 /// A fresh random replica id.
 pub fn random_replica_id() -> String {
@@ -131,6 +141,7 @@ impl Default for Config {
             replica_id: random_replica_id(),
             replica_ttl_seconds: 3,
             protection_threshold_percent: crate::hub::DEFAULT_PROTECTION_THRESHOLD_PERCENT,
+            agent_retention: crate::agents::DEFAULT_RETENTION,
         }
     }
 }
@@ -215,10 +226,22 @@ impl Config {
                 "protection_threshold_percent must be 0-100 (got {protection_threshold_percent})"
             )));
         }
+        let agent_retention_seconds = args
+            .agent_retention_seconds
+            .or(file.agent_retention_seconds)
+            .unwrap_or(defaults.agent_retention.as_secs());
+        if !AGENT_RETENTION_SECONDS.contains(&agent_retention_seconds) {
+            return Err(ConfigError::Invalid(format!(
+                "agent_retention_seconds must be {}-{} (got {agent_retention_seconds})",
+                AGENT_RETENTION_SECONDS.start(),
+                AGENT_RETENTION_SECONDS.end()
+            )));
+        }
         Ok(Self {
             replica_id,
             replica_ttl_seconds,
             protection_threshold_percent,
+            agent_retention: Duration::from_secs(agent_retention_seconds),
             grpc_addr: args
                 .grpc_addr
                 .or(file.grpc_addr)
@@ -274,5 +297,20 @@ mod tests {
         };
         assert!(Config::merge(args, FileConfig::default()).is_err());
         assert!(toml::from_str::<FileConfig>("unknown = 1").is_err());
+    }
+
+    #[test]
+    fn agent_retention_is_checked() {
+        let file: FileConfig = toml::from_str("agent_retention_seconds = 3600\n").expect("toml");
+        let c = Config::merge(Args::default(), file).expect("valid");
+        assert_eq!(c.agent_retention, Duration::from_secs(3600));
+        let c = Config::merge(Args::default(), FileConfig::default()).expect("defaults");
+        assert_eq!(c.agent_retention.as_secs(), 86400);
+        let args = Args {
+            agent_retention_seconds: Some(59),
+            ..Args::default()
+        };
+        let e = Config::merge(args, FileConfig::default()).expect_err("too short");
+        assert!(e.to_string().contains("agent_retention_seconds"), "{e}");
     }
 }

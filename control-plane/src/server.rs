@@ -16,13 +16,15 @@ use tokio::{
 };
 use weir_core::validate::MAX_REQUEST_BYTES;
 use weir_proto::{
-    agent::v1::agent_session_service_server::AgentSessionServiceServer,
+    agent::v1::{
+        agent_session_service_server::AgentSessionServiceServer, agents_server::AgentsServer,
+    },
     policy::v1::policy_service_server::PolicyServiceServer,
     registry::v1::registry_server::RegistryServer,
 };
 
 use crate::{
-    agents::SessionService,
+    agents::{AgentsApi, SessionService, Sweeper},
     checks::Checks,
     config::{Config, StoreConfig},
     hub::{Hub, HubConfig, HubTask},
@@ -114,6 +116,7 @@ pub struct ControlPlane {
     checks: Checks,
     hub_task: HubTask,
     _probe: StoreProbe,
+    _sweeper: Sweeper,
 }
 
 #[derive(Clone, Debug)]
@@ -296,6 +299,15 @@ impl ControlPlane {
             config.replica_id.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let agents = AgentsServer::new(AgentsApi::new(hub.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let sweeper = Sweeper::start(
+            store.clone(),
+            keys.clone(),
+            hub.clone(),
+            config.replica_id.clone(),
+            config.agent_retention,
+        );
         let registry = RegistryServer::new(RegistryService::new(store, hub.clone(), keys))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -338,6 +350,7 @@ impl ControlPlane {
             .add_service(registry)
             .add_service(policies)
             .add_service(sessions)
+            .add_service(agents)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -378,6 +391,7 @@ impl ControlPlane {
             checks,
             hub_task,
             _probe: probe,
+            _sweeper: sweeper,
         })
     }
 
@@ -436,6 +450,7 @@ impl ControlPlane {
         // callers go, which a drain cannot wait for forever.
         drop(self.hub_task);
         drop(self._probe);
+        drop(self._sweeper);
         let mut result = Ok(());
         for (task, mut handle) in [(ServerTask::Grpc, self.grpc), (ServerTask::Http, self.http)] {
             if dead == Some(task) {
