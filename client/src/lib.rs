@@ -15,7 +15,8 @@
 //!   the last revision it saw when its stream breaks;
 //! - [`AgentSession`] is the agent's side of its session (policies pushed,
 //!   acknowledged as applied, [`AckOutcome::Partly`] or rejected; status
-//!   reports), and [`Client::list_agents`] the operator's.
+//!   reports; replies to the control plane's requests), and
+//!   [`Client::list_agents`] / [`Client::ask_agent`] the operator's.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), weir_client::Error> {
@@ -109,6 +110,9 @@ pub enum Error {
     /// The server answered with something this client does not understand.
     #[error("unexpected answer from the control plane: {0}")]
     Protocol(String),
+    /// An agent answered a request with its own error.
+    #[error("the agent could not answer: {0}")]
+    Agent(String),
 }
 
 impl Error {
@@ -340,6 +344,25 @@ impl Client {
         F: Fn(C) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_retrying(what, bound, is_transient, make, call)
+            .await
+    }
+
+    /// [`Client::call_with`], moving on to the next replica only on the
+    /// codes `retry` accepts (a call that must not be repeated after its
+    /// deadline passed, say).
+    pub(crate) async fn call_retrying<C, T, F, Fut>(
+        &self,
+        what: &'static str,
+        bound: Option<Duration>,
+        retry: fn(Code) -> bool,
+        make: impl Fn(Channel) -> C,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let mut last = None;
         for (k, index) in self.order().enumerate() {
             let attempt = call(make(self.channel(index)));
@@ -360,7 +383,7 @@ impl Client {
                     }
                     return Ok(response.into_inner());
                 }
-                Err(status) if is_transient(status.code()) => {
+                Err(status) if retry(status.code()) => {
                     tracing::debug!(
                         call = what,
                         endpoint = %self.inner.targets[index].uri,

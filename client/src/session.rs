@@ -1,7 +1,7 @@
 //! The agent side of the agent session (`weir.agent.v1`): open a session,
 //! follow the registry and the policies it pushes, acknowledge each policy
-//! version (applied, in part, or rejected), report the agent's status. The
-//! weir-agent uses this; so do
+//! version (applied, in part, or rejected), report the agent's status, and
+//! answer the control plane's requests. The weir-agent uses this; so do
 //! the tests that stand in for agents.
 
 use std::collections::BTreeMap;
@@ -9,22 +9,29 @@ use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weir_proto::agent::v1::{
-    agent_message, agent_session_service_client::AgentSessionServiceClient, control_message,
-    policy_update, Ack, AgentMessage, AgentStatus, ControlMessage, Hello, PolicyChange,
-    PolicyUpdate, Welcome,
+    agent_message, agent_reply, agent_session_service_client::AgentSessionServiceClient,
+    control_message, policy_update, Ack, AgentMessage, AgentReply, AgentRequest, AgentStatus,
+    ControlMessage, Hello, PolicyChange, PolicyUpdate, Welcome,
 };
 use weir_proto::registry::v1::WatchResponse;
 
 use crate::{Client, Error};
 
-/// What one [`AgentSession::next`] brought.
+/// What one [`AgentSession::next`] brought. More kinds may come: match
+/// with a wildcard arm.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum SessionEvent {
     /// A registry message (apply it like a Watch stream's).
     Registry(WatchResponse),
     /// Policies changed (or a snapshot replaced them): the changes, as
     /// applied to [`AgentSession::policies`].
     Policies(PolicyUpdate),
+    /// The control plane asks something: answer with
+    /// [`AgentSession::reply`] and the request's `request_id`. Answer one
+    /// whose body is unset (a kind this build does not know) with a
+    /// `ReplyError` of kind `UNSUPPORTED`.
+    Request(AgentRequest),
 }
 
 /// How an agent took a policy version ([`AgentSession::ack`]).
@@ -195,6 +202,9 @@ impl AgentSession {
                 }
                 Ok(Some(SessionEvent::Policies(update)))
             }
+            Some(control_message::Kind::Request(request)) => {
+                Ok(Some(SessionEvent::Request(request)))
+            }
             Some(control_message::Kind::Welcome(_)) | None => Err(Error::Protocol(
                 "unexpected message on an open session".into(),
             )),
@@ -227,6 +237,15 @@ impl AgentSession {
     /// it changes.
     pub async fn report_status(&self, status: AgentStatus) -> Result<(), Error> {
         self.send(agent_message::Kind::Status(status)).await
+    }
+
+    /// Answers request `request_id` (from [`SessionEvent::Request`]).
+    pub async fn reply(&self, request_id: u64, body: agent_reply::Body) -> Result<(), Error> {
+        self.send(agent_message::Kind::Reply(AgentReply {
+            request_id,
+            body: Some(body),
+        }))
+        .await
     }
 }
 

@@ -19,13 +19,17 @@
 //! nobody needs finer than "connected". `sweep` marks the records of
 //! streams that ended without a close and drops them after the retention.
 //!
-//! - `api`: `weir.agent.v1.Agents` (ListAgents).
+//! - `streams`: this replica's open streams and the requests waiting on
+//!   them (AskAgent's local half).
+//! - `api`: `weir.agent.v1.Agents` (ListAgents, AskAgent with forwarding).
 //! - `sweep`: upkeep of the last-seen records.
 
 mod api;
+mod streams;
 mod sweep;
 
 pub use api::AgentsApi;
+pub use streams::LocalStreams;
 pub use sweep::{Sweeper, DEFAULT_RETENTION};
 
 use std::{pin::Pin, sync::Arc, time::Duration};
@@ -57,6 +61,9 @@ pub const SESSION_TTL: Duration = Duration::from_secs(10);
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_ERROR_LEN: usize = 1024;
+/// Largest message an agent may send on its stream (a reply to a request
+/// can list every policy it runs).
+pub const MAX_SESSION_MESSAGE_BYTES: usize = 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct SessionService {
@@ -64,6 +71,10 @@ pub struct SessionService {
     hub: Hub,
     keys: Keys,
     replica_id: String,
+    /// The gRPC address this replica advertises (where AskAgent is
+    /// forwarded to reach the streams it holds).
+    advertise_addr: String,
+    streams: LocalStreams,
 }
 
 fn check_hello(h: &Hello) -> Result<(), ApiError> {
@@ -109,12 +120,21 @@ fn check_status(status: &AgentStatus) -> Result<(), ApiError> {
 }
 
 impl SessionService {
-    pub fn new(store: Arc<dyn Store>, hub: Hub, keys: Keys, replica_id: String) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Hub,
+        keys: Keys,
+        replica_id: String,
+        advertise_addr: String,
+        streams: LocalStreams,
+    ) -> Self {
         Self {
             store,
             hub,
             keys,
             replica_id,
+            advertise_addr,
+            streams,
         }
     }
 
@@ -237,6 +257,7 @@ impl SessionService {
             version: hello.version.clone(),
             ingress_address: hello.ingress_address.clone(),
             replica_id: self.replica_id.clone(),
+            replica_address: self.advertise_addr.clone(),
             connected_at_unix_ms: now_unix_ms(),
             ..AgentRecord::default()
         };
@@ -264,6 +285,7 @@ impl SessionService {
         })))
         .await
         .map_err(|_| ApiError::Cancelled("agent left"))?;
+        let stream = self.streams.open(&node, tx.clone());
 
         // Registry and policy streams, multiplexed onto the one response.
         let mut registry = self.hub.subscribe(
@@ -321,7 +343,7 @@ impl SessionService {
             }
         });
 
-        // What the agent sends: acknowledgements and status.
+        // What the agent sends: acknowledgements, status, replies.
         let service = self.clone();
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
@@ -332,6 +354,19 @@ impl SessionService {
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Status(status)),
                     }) => service.record_status(&mut seen, status).await,
+                    Ok(AgentMessage {
+                        kind: Some(agent_message::Kind::Reply(reply)),
+                    }) => {
+                        let id = reply.request_id;
+                        if !stream.answer(reply) {
+                            tracing::debug!(
+                                node,
+                                request_id = id,
+                                "reply to no waiting request (it gave up)"
+                            );
+                        }
+                        Ok(())
+                    }
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Hello(_)),
                     }) => Err(ApiError::invalid(
@@ -354,6 +389,7 @@ impl SessionService {
                     break;
                 }
             }
+            service.streams.close(&node, &stream);
             if let Err(e) = service.record_closed(seen).await {
                 tracing::warn!(node, error = %e, "could not record the end of an agent stream");
             }

@@ -20,6 +20,11 @@ pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "WEIR_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
+    /// host:port at which the other replicas reach this one's gRPC API
+    /// (they forward AskAgent calls here). Default: the bound gRPC
+    /// address; set it when listening on 0.0.0.0 or behind NAT.
+    #[arg(long, env = "WEIR_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
     /// HTTP listen address for /healthz and /readyz.
     #[arg(long, env = "WEIR_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
@@ -68,6 +73,7 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub grpc_addr: Option<SocketAddr>,
+    pub advertise_addr: Option<String>,
     pub http_addr: Option<SocketAddr>,
     pub etcd_endpoints: Option<Vec<String>>,
     pub etcd_prefix: Option<String>,
@@ -90,6 +96,9 @@ pub enum StoreConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
+    /// host:port the other replicas use for this one; None = the bound
+    /// gRPC address.
+    pub advertise_addr: Option<String>,
     pub http_addr: SocketAddr,
     pub store: StoreConfig,
     pub etcd_prefix: String,
@@ -132,6 +141,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            advertise_addr: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 7071)),
             store: StoreConfig::Etcd {
                 endpoints: vec!["http://127.0.0.1:2379".to_owned()],
@@ -226,6 +236,10 @@ impl Config {
                 "protection_threshold_percent must be 0-100 (got {protection_threshold_percent})"
             )));
         }
+        let advertise_addr = args.advertise_addr.or(file.advertise_addr);
+        if let Some(addr) = &advertise_addr {
+            check_advertise_addr(addr)?;
+        }
         let agent_retention_seconds = args
             .agent_retention_seconds
             .or(file.agent_retention_seconds)
@@ -241,6 +255,7 @@ impl Config {
             replica_id,
             replica_ttl_seconds,
             protection_threshold_percent,
+            advertise_addr,
             agent_retention: Duration::from_secs(agent_retention_seconds),
             grpc_addr: args
                 .grpc_addr
@@ -255,6 +270,24 @@ impl Config {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
+}
+
+/// An advertised address must be `host:port` (no scheme, no path), with a
+/// port: the other replicas dial `http://{addr}`.
+fn check_advertise_addr(addr: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "advertise_addr must be host:port, e.g. 10.0.0.7:7070 or cp-1.weir:7070 (got {addr:?})"
+        ))
+    };
+    let authority: axum::http::uri::Authority = addr.parse().map_err(|_| bad())?;
+    if authority.port_u16().is_none()
+        || authority.as_str().contains('@')
+        || authority.host().is_empty()
+    {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -300,12 +333,32 @@ mod tests {
     }
 
     #[test]
-    fn agent_retention_is_checked() {
-        let file: FileConfig = toml::from_str("agent_retention_seconds = 3600\n").expect("toml");
+    fn advertise_addr_and_agent_retention_are_checked() {
+        let file: FileConfig =
+            toml::from_str("advertise_addr = \"cp-1.weir:7070\"\nagent_retention_seconds = 3600\n")
+                .expect("toml");
         let c = Config::merge(Args::default(), file).expect("valid");
+        assert_eq!(c.advertise_addr.as_deref(), Some("cp-1.weir:7070"));
         assert_eq!(c.agent_retention, Duration::from_secs(3600));
         let c = Config::merge(Args::default(), FileConfig::default()).expect("defaults");
-        assert_eq!(c.agent_retention.as_secs(), 86400);
+        assert_eq!(
+            (c.advertise_addr, c.agent_retention.as_secs()),
+            (None, 86400)
+        );
+        for bad in [
+            "cp-1",
+            "http://cp-1:7070",
+            "cp-1:7070/x",
+            "u@cp-1:7070",
+            ":7070",
+        ] {
+            let args = Args {
+                advertise_addr: Some(bad.into()),
+                ..Args::default()
+            };
+            let e = Config::merge(args, FileConfig::default()).expect_err(bad);
+            assert!(e.to_string().contains("advertise_addr"), "{bad}: {e}");
+        }
         let args = Args {
             agent_retention_seconds: Some(59),
             ..Args::default()

@@ -24,7 +24,7 @@ use weir_proto::{
 };
 
 use crate::{
-    agents::{AgentsApi, SessionService, Sweeper},
+    agents::{AgentsApi, LocalStreams, SessionService, Sweeper, MAX_SESSION_MESSAGE_BYTES},
     checks::Checks,
     config::{Config, StoreConfig},
     hub::{Hub, HubConfig, HubTask},
@@ -266,12 +266,17 @@ impl ControlPlane {
                 source,
             })?;
 
+        // Where the other replicas reach this one (AskAgent forwarding).
+        let advertise_addr = config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| grpc_addr.to_string());
         let checks = Checks::start(
             store.clone(),
             keys.clone(),
             hub.clone(),
             config.replica_id.clone(),
-            format!("grpc={grpc_addr}").into_bytes(),
+            format!("grpc={advertise_addr}").into_bytes(),
             std::time::Duration::from_secs(u64::from(config.replica_ttl_seconds)),
         )
         .await?;
@@ -292,15 +297,22 @@ impl ControlPlane {
             keys.clone(),
         ))
         .max_decoding_message_size(MAX_POLICY_REQUEST_BYTES);
+        let streams = LocalStreams::default();
         let sessions = AgentSessionServiceServer::new(SessionService::new(
             store.clone(),
             hub.clone(),
             keys.clone(),
             config.replica_id.clone(),
+            advertise_addr,
+            streams.clone(),
+        ))
+        .max_decoding_message_size(MAX_SESSION_MESSAGE_BYTES);
+        let agents = AgentsServer::new(AgentsApi::new(
+            hub.clone(),
+            streams,
+            config.replica_id.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let agents = AgentsServer::new(AgentsApi::new(hub.clone()))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
         let sweeper = Sweeper::start(
             store.clone(),
             keys.clone(),

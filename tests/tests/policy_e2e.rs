@@ -49,12 +49,12 @@ async fn run_agent(mut session: AgentSession) -> Result<()> {
     Ok(())
 }
 
-/// Next policy update of a session (registry messages skipped), bounded.
+/// Next policy update of a session (other messages skipped), bounded.
 async fn next_policies(session: &mut AgentSession) -> Result<weir_client::agent::PolicyUpdate> {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), session.next()).await?? {
             Some(SessionEvent::Policies(u)) => return Ok(u),
-            Some(SessionEvent::Registry(_)) => continue,
+            Some(_) => continue,
             None => bail!("session closed"),
         }
     }
@@ -275,6 +275,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
                 })
             }
             Some(SessionEvent::Policies(u)) => snapshot = Some(u),
+            Some(_) => {}
             None => bail!("session closed"),
         }
     }

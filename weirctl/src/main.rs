@@ -7,6 +7,7 @@
 //! weirctl watch orders
 //! weirctl deregister orders orders-1a2b3c4d5e6f
 //! weirctl agents
+//! weirctl agents describe node-1
 //! ```
 //!
 //! One module per command under `cmd/` (its clap `Args` and its `run`);
@@ -66,7 +67,7 @@ enum Command {
     ServiceConfig(service_config::Args),
     /// Follow changes live (a snapshot first, then every change).
     Watch(watch::Args),
-    /// Agents, connected or not.
+    /// Agents, connected or not; `agents describe NODE` asks one.
     Agents(agents::Args),
 }
 

@@ -146,6 +146,11 @@ impl AgentTable {
         self.sessions.keys().cloned().collect()
     }
 
+    /// The session record of a node, while its session lives.
+    pub(super) fn session(&self, node: &str) -> Option<Arc<AgentRecord>> {
+        self.sessions.get(node).cloned()
+    }
+
     /// Every last-seen record with the session record of its node, if any.
     pub(super) fn seen(&self) -> Vec<(Seen, Option<Arc<AgentRecord>>)> {
         self.seen

@@ -175,6 +175,11 @@ impl Hub {
         self.read().agents.sessions()
     }
 
+    /// The session record of a node, while its session lives.
+    pub fn agent_session(&self, node: &str) -> Option<Arc<AgentRecord>> {
+        self.read().agents.session(node)
+    }
+
     /// Every agent's last-seen record, with its node's session record if
     /// the session lives.
     pub fn agents_seen(&self) -> Vec<(Seen, Option<Arc<AgentRecord>>)> {

@@ -1,11 +1,14 @@
 //! `weirctl agents [list]`: every agent the control plane knows, connected
-//! or not.
+//! or not; `weirctl agents describe NODE`: ask one agent, over its
+//! session, what it holds and runs.
+
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Subcommand;
 use serde_json::{json, Value};
 use weir_client::{
-    agent::{applied_policy::Outcome, AgentInfo, AppliedPolicy},
+    agent::{applied_policy::Outcome, AgentDescription, AgentInfo, AppliedPolicy},
     Client,
 };
 
@@ -21,11 +24,23 @@ pub struct Args {
 enum Command {
     /// List agents, connected or not (what `weirctl agents` does).
     List,
+    /// Ask an agent to describe itself, over its session.
+    Describe(DescribeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DescribeArgs {
+    /// The agent's node id.
+    node: String,
+    /// How long to wait for the agent's reply, 1-60000 ms.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
 }
 
 pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
     match args.command.unwrap_or(Command::List) {
         Command::List => list(client, format).await,
+        Command::Describe(args) => describe(client, format, args).await,
     }
 }
 
@@ -140,6 +155,78 @@ async fn list(client: &Client, format: Format) -> Result<()> {
                 )
             );
         }
+    }
+    Ok(())
+}
+
+fn description_json(node: &str, replica: &str, d: &AgentDescription) -> Value {
+    json!({
+        "node_id": node,
+        "replica_id": replica,
+        "version": d.version,
+        "degraded": d.degraded,
+        "degraded_reason": d.degraded_reason,
+        "services": d.services,
+        "endpoints": d.endpoints,
+        "local_instances": d.local_instances,
+        "registry_revision": d.registry_revision,
+        "policy_revision": d.policy_revision,
+        "policies": d.policies.iter().map(policy_json).collect::<Vec<_>>(),
+    })
+}
+
+fn description_text(node: &str, replica: &str, d: &AgentDescription) -> String {
+    let degraded = if d.degraded {
+        format!("yes: {}", d.degraded_reason)
+    } else {
+        "no".into()
+    };
+    let mut out = format!(
+        "node {node} (stream on replica {replica})\n\
+         version:            {}\n\
+         degraded:           {degraded}\n\
+         services:           {}\n\
+         endpoints:          {}\n\
+         local instances:    {}\n\
+         registry revision:  {}\n\
+         policy revision:    {}\n",
+        dash(&d.version),
+        d.services,
+        d.endpoints,
+        d.local_instances,
+        d.registry_revision,
+        d.policy_revision
+    );
+    if !d.policies.is_empty() {
+        let rows: Vec<Vec<String>> = d
+            .policies
+            .iter()
+            .map(|p| {
+                vec![
+                    p.namespace.clone(),
+                    p.service.clone(),
+                    p.version.to_string(),
+                    outcome(p),
+                    dash(&p.error),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &["NAMESPACE", "SERVICE", "VERSION", "STATE", "ERROR"],
+            &rows,
+        ));
+    }
+    out
+}
+
+async fn describe(client: &Client, format: Format, args: DescribeArgs) -> Result<()> {
+    let (d, replica) = client
+        .describe_agent(&args.node, Duration::from_millis(args.timeout_ms))
+        .await?;
+    match format {
+        Format::Json => println!("{}", description_json(&args.node, &replica, &d)),
+        Format::Table => print!("{}", description_text(&args.node, &replica, &d)),
     }
     Ok(())
 }
