@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod agents;
 pub mod bench;
 pub mod fixtures;
 
@@ -224,6 +225,29 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// Runs `weirctl --endpoint ENDPOINT ARGS...` to its end.
+pub async fn weirctl(endpoint: &str, args: &[&str]) -> Result<std::process::Output> {
+    Ok(tokio::process::Command::new(workspace_binary("weirctl")?)
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await?)
+}
+
+/// [`weirctl`] that must succeed: its stdout.
+pub async fn weirctl_ok(endpoint: &str, args: &[&str]) -> Result<String> {
+    let out = weirctl(endpoint, args).await?;
+    if !out.status.success() {
+        bail!(
+            "weirctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// A `weir-control-plane` process.

@@ -1,11 +1,7 @@
 //! End-to-end tests of `weir-client` and `weirctl` against real etcd and
 //! real `weir-control-plane` processes.
 
-use std::{
-    collections::HashSet,
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{collections::HashSet, process::Stdio, time::Duration};
 
 use anyhow::{bail, ensure, Context, Result};
 use tokio::{
@@ -18,7 +14,7 @@ use weir_client::{
 };
 use weir_tests::{
     fixtures::{ephemeral, instance},
-    start_one, start_replicas, wait_until, workspace_binary,
+    start_one, start_replicas, wait_until, weirctl, weirctl_ok, workspace_binary,
 };
 
 fn persistent(service: &str, id: &str) -> Instance {
@@ -233,26 +229,6 @@ async fn a_watch_view_resumes_on_another_replica_without_gaps_or_repeats() -> Re
     let ids: HashSet<_> = view.instances().map(|i| i.instance_id.clone()).collect();
     ensure!(ids.len() == 100);
     Ok(())
-}
-
-async fn weirctl(endpoint: &str, args: &[&str]) -> Result<Output> {
-    Ok(Command::new(workspace_binary("weirctl")?)
-        .arg("--endpoint")
-        .arg(endpoint)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await?)
-}
-
-async fn weirctl_ok(endpoint: &str, args: &[&str]) -> Result<String> {
-    let out = weirctl(endpoint, args).await?;
-    ensure!(
-        out.status.success(),
-        "weirctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// `weirctl register orders` at 127.0.0.1:`port` under `id`, then `extra`.

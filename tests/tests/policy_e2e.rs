@@ -7,11 +7,14 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use tokio::task::JoinSet;
 use weir_client::{
-    agent::{policy_update, Hello},
-    policy::{self, rate_limit, RateLimit, Retry, TrafficPolicy},
-    AckOutcome, AgentSession, Client, Error, Instance, SessionEvent,
+    agent::policy_update,
+    policy::{rate_limit, RateLimit, Retry, TrafficPolicy},
+    AckOutcome, Client, Error, Instance, SessionEvent,
 };
-use weir_tests::{start_one, start_replicas, wait_until, workspace_binary};
+use weir_tests::{
+    agents::{hello, next_policies, policy_status_until, run_stand_in, StandIn},
+    start_one, start_replicas, workspace_binary,
+};
 
 fn policy(service: &str, attempts: u32) -> TrafficPolicy {
     TrafficPolicy {
@@ -23,62 +26,6 @@ fn policy(service: &str, attempts: u32) -> TrafficPolicy {
         }),
         ..TrafficPolicy::default()
     }
-}
-
-fn hello(node: &str) -> Hello {
-    Hello {
-        node_id: node.into(),
-        zone: "a".into(),
-        version: "test".into(),
-        ingress_address: "127.0.0.1:9000".into(),
-        ..Hello::default()
-    }
-}
-
-/// A stand-in agent: applies and acknowledges every policy it is sent.
-async fn run_agent(mut session: AgentSession) -> Result<()> {
-    while let Some(event) = session.next().await? {
-        if let SessionEvent::Policies(update) = event {
-            for c in update.changes.iter().filter(|c| c.policy.is_some()) {
-                session
-                    .ack(&c.namespace, &c.service, c.version, AckOutcome::Applied)
-                    .await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Next policy update of a session (other messages skipped), bounded.
-async fn next_policies(session: &mut AgentSession) -> Result<weir_client::agent::PolicyUpdate> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), session.next()).await?? {
-            Some(SessionEvent::Policies(u)) => return Ok(u),
-            Some(_) => continue,
-            None => bail!("session closed"),
-        }
-    }
-}
-
-/// Waits up to 10 s until the policy status of `default/service` on
-/// `client` satisfies `done`.
-async fn status_until(
-    client: &Client,
-    service: &str,
-    what: &str,
-    done: impl Fn(&policy::PolicyStatusResponse) -> bool,
-) -> Result<()> {
-    let done = &done;
-    wait_until(Duration::from_secs(10), what, || {
-        let client = client.clone();
-        async move {
-            client
-                .policy_status("default", service)
-                .await
-                .is_ok_and(|s| done(&s))
-        }
-    })
-    .await
 }
 
 #[tokio::test]
@@ -95,14 +42,14 @@ async fn a_policy_change_reaches_100_sessions_and_all_acknowledge_it() -> Result
         }])
         .await?;
         let session = c.open_session(hello(&format!("node-{k}"))).await?;
-        agents.spawn(run_agent(session));
+        agents.spawn(run_stand_in(session, StandIn::default()));
     }
-    status_until(&client, "orders", "100 sessions connected", |s| {
+    policy_status_until(&client, "orders", "100 sessions connected", |s| {
         s.connected_agents == 100
     })
     .await?;
     let v = client.put_policy(policy("orders", 3), None).await?;
-    status_until(&client, "orders", "every agent applied it", |s| {
+    policy_status_until(&client, "orders", "every agent applied it", |s| {
         s.applied == 100
     })
     .await?;
@@ -286,7 +233,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
             .ack(&c.namespace, &c.service, c.version, AckOutcome::Applied)
             .await?;
     }
-    status_until(&on_a, "two", "acks recorded", |s| s.applied == 1).await?;
+    policy_status_until(&on_a, "two", "acks recorded", |s| s.applied == 1).await?;
 
     // The agent goes away; meanwhile one policy changes, one is deleted,
     // one is created.
@@ -332,7 +279,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
             AckOutcome::Rejected("retry.attempts 5 is over this node's cap".into()),
         )
         .await?;
-    status_until(&on_b, "one", "the rejection is reported", |s| {
+    policy_status_until(&on_b, "one", "the rejection is reported", |s| {
         s.rejected == 1
     })
     .await?;
