@@ -12,8 +12,11 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::Serialize;
 use tokio::sync::watch;
 use weir_client::{
-    agent::{Hello, PolicyChange},
-    AgentSession, Client, EventType, SessionEvent, WatchUpdate,
+    agent::{
+        agent_reply, agent_request, applied_policy, reply_error, AgentDescription, AgentRequest,
+        AgentStatus, AppliedPolicy, Hello, PolicyChange, ReplyError,
+    },
+    AckOutcome, AgentSession, Client, EventType, SessionEvent, WatchUpdate,
 };
 use weir_core::{
     backoff::{Backoff, Jitter},
@@ -41,12 +44,49 @@ pub struct SessionState {
     pub local_instances: usize,
     pub registry_revision: u64,
     pub policy_revision: u64,
-    /// Policy version acknowledged per `namespace/service`.
-    pub policies: BTreeMap<String, u64>,
+    /// How each `namespace/service` policy version was acknowledged.
+    pub policies: BTreeMap<String, PolicyAck>,
     /// When the state last changed between connected and not.
     pub since_unix_ms: i64,
     /// Why the last stream ended or could not open.
     pub last_error: Option<String>,
+}
+
+/// One policy version as this agent acknowledged it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PolicyAck {
+    pub version: u64,
+    /// When it was acknowledged.
+    pub at_unix_ms: i64,
+    /// The sections set in the policy that this agent does not enforce.
+    pub unenforced: Vec<String>,
+}
+
+/// Sections of a traffic policy this agent enforces. None yet: the policy
+/// stack (timeouts, retries, ejection, rate limits, breakers) comes with
+/// the next issues, and balancing is round robin by instance weight
+/// whatever `load_balancer` says. Every section a policy sets is reported
+/// unenforced, so `weirctl policy status` shows "partly" rather than a
+/// false "applied".
+const ENFORCED: &[&str] = &[];
+
+/// How a policy version is acknowledged: applied when it sets nothing
+/// this agent leaves out, else in part, naming the sections.
+fn outcome(change: &PolicyChange) -> (AckOutcome, Vec<String>) {
+    let unenforced: Vec<String> = change
+        .policy
+        .as_ref()
+        .map(weir_core::policy::sections::present)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| !ENFORCED.contains(s))
+        .map(str::to_owned)
+        .collect();
+    if unenforced.is_empty() {
+        (AckOutcome::Applied, unenforced)
+    } else {
+        (AckOutcome::Partly(unenforced.clone()), unenforced)
+    }
 }
 
 /// Runs the session until the process stops.
@@ -133,7 +173,17 @@ async fn follow(
     local: &Local,
     state: &watch::Sender<SessionState>,
 ) -> String {
+    let mut reported: Option<AgentStatus> = None;
     loop {
+        // The control plane keeps no status from an earlier stream: say it
+        // at the start, then whenever it changes.
+        let status = status_of(view, local);
+        if reported.as_ref() != Some(&status) {
+            if let Err(e) = session.report_status(status.clone()).await {
+                return format!("reporting the agent's status failed: {e}");
+            }
+            reported = Some(status);
+        }
         let event = match session.next().await {
             Ok(Some(event)) => event,
             Ok(None) => return "the control plane closed the stream".to_owned(),
@@ -160,19 +210,37 @@ async fn follow(
             },
             SessionEvent::Policies(update) => {
                 for change in &update.changes {
-                    if let Err(e) = acknowledge(session, change).await {
+                    let (ack, unenforced) = outcome(change);
+                    if let Err(e) = session
+                        .ack(&change.namespace, &change.service, change.version, ack)
+                        .await
+                    {
                         return format!("acknowledging a policy failed: {e}");
                     }
                     state.send_modify(|s| {
                         let key = format!("{}/{}", change.namespace, change.service);
                         if change.policy.is_some() {
-                            s.policies.insert(key, change.version);
+                            s.policies.insert(
+                                key,
+                                PolicyAck {
+                                    version: change.version,
+                                    at_unix_ms: now_unix_ms(),
+                                    unenforced,
+                                },
+                            );
                         } else {
                             s.policies.remove(&key);
                         }
                     });
                 }
             }
+            SessionEvent::Request(request) => {
+                let body = answer(&request, view, local, &state.borrow(), session);
+                if let Err(e) = session.reply(request.request_id, body).await {
+                    return format!("answering a request failed: {e}");
+                }
+            }
+            _ => {}
         }
         state.send_modify(|s| {
             s.local_instances = local.len();
@@ -183,15 +251,58 @@ async fn follow(
     }
 }
 
-/// Acknowledges one policy version. Nothing in a policy is enforced by
-/// this agent yet (the policy stack comes with the next issues), so it
-/// reports every version as received, not as enforced: see the note in
-/// `docs/agent.md`.
-async fn acknowledge(
+/// What the agent tells the control plane about itself.
+fn status_of(view: &View, local: &Local) -> AgentStatus {
+    AgentStatus {
+        degraded: false,
+        reason: String::new(),
+        local_instances: u32::try_from(local.len()).unwrap_or(u32::MAX),
+        endpoints: u32::try_from(view.endpoints()).unwrap_or(u32::MAX),
+    }
+}
+
+/// The answer to a request from the control plane.
+fn answer(
+    request: &AgentRequest,
+    view: &View,
+    local: &Local,
+    state: &SessionState,
     session: &AgentSession,
-    change: &PolicyChange,
-) -> Result<(), weir_client::Error> {
-    session
-        .ack(&change.namespace, &change.service, change.version, Ok(()))
-        .await
+) -> agent_reply::Body {
+    match &request.body {
+        Some(agent_request::Body::Describe(_)) => agent_reply::Body::Describe(AgentDescription {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            degraded: false,
+            degraded_reason: String::new(),
+            services: u32::try_from(view.routes().all().len()).unwrap_or(u32::MAX),
+            endpoints: u32::try_from(view.endpoints()).unwrap_or(u32::MAX),
+            local_instances: u32::try_from(local.len()).unwrap_or(u32::MAX),
+            registry_revision: view.revision(),
+            policy_revision: session.policy_revision(),
+            policies: state
+                .policies
+                .iter()
+                .map(|(key, ack)| {
+                    let (namespace, service) = key.split_once('/').unwrap_or(("", key));
+                    AppliedPolicy {
+                        namespace: namespace.to_owned(),
+                        service: service.to_owned(),
+                        version: ack.version,
+                        outcome: if ack.unenforced.is_empty() {
+                            applied_policy::Outcome::Applied
+                        } else {
+                            applied_policy::Outcome::Partly
+                        } as i32,
+                        unenforced: ack.unenforced.clone(),
+                        error: String::new(),
+                        at_unix_ms: ack.at_unix_ms,
+                    }
+                })
+                .collect(),
+        }),
+        None => agent_reply::Body::Error(ReplyError {
+            kind: reply_error::Kind::Unsupported as i32,
+            message: "this agent does not know the request".to_owned(),
+        }),
+    }
 }

@@ -119,6 +119,15 @@ impl View {
         &self.routes
     }
 
+    /// Endpoints over every route.
+    pub fn endpoints(&self) -> usize {
+        self.routes
+            .all()
+            .iter()
+            .map(|r| r.balancer.endpoints().len())
+            .sum()
+    }
+
     /// Whether a whole snapshot has been applied.
     pub fn is_loaded(&self) -> bool {
         self.loaded

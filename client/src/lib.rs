@@ -13,9 +13,13 @@
 //!   state through a [`tokio::sync::watch`] channel;
 //! - [`WatchView`] keeps a live copy of a namespace or service, resuming from
 //!   the last revision it saw when its stream breaks;
-//! - [`AgentSession`] and the node calls ([`Client::register_for_node`],
+//! - [`AgentSession`] is the agent's side of its session (policies pushed,
+//!   acknowledged as applied, [`AckOutcome::Partly`] or rejected; status
+//!   reports; replies to the control plane's requests), and
+//!   [`Client::list_agents`] / [`Client::ask_agent`] the operator's;
+//! - the node calls ([`Client::register_for_node`],
 //!   [`Client::report_health`], [`NodeStatusSink`]) are what a node's agent
-//!   uses: the session, the instances held by it, and their health.
+//!   does for the instances its session holds, and their health.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), weir_client::Error> {
@@ -36,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+mod agent_calls;
 mod node_calls;
 mod policy_calls;
 mod registration;
@@ -61,7 +66,7 @@ use weir_proto::registry::v1::registry_client::RegistryClient;
 
 pub use node_calls::NodeStatusSink;
 pub use registration::{retry_delay, Registration, RegistrationState};
-pub use session::{AgentSession, SessionEvent};
+pub use session::{AckOutcome, AgentSession, SessionEvent};
 pub use watch::{RegistryMirror, WatchUpdate, WatchView};
 pub use weir_proto::registry::v1::{
     health_check, watch_response::Kind as WatchKind, DeregisterRequest, DeregisterResponse, Event,
@@ -79,7 +84,7 @@ pub use weir_proto::{agent::v1 as agent, policy::v1 as policy};
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";
 
 /// Largest response the client accepts (a big ListServices page).
-const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Client errors. [`Error::is_transient`] tells which are worth retrying.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +116,9 @@ pub enum Error {
     /// The server answered with something this client does not understand.
     #[error("unexpected answer from the control plane: {0}")]
     Protocol(String),
+    /// An agent answered a request with its own error.
+    #[error("the agent could not answer: {0}")]
+    Agent(String),
 }
 
 impl Error {
@@ -342,6 +350,25 @@ impl Client {
         F: Fn(C) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_retrying(what, bound, is_transient, make, call)
+            .await
+    }
+
+    /// [`Client::call_with`], moving on to the next replica only on the
+    /// codes `retry` accepts (a call that must not be repeated after its
+    /// deadline passed, say).
+    pub(crate) async fn call_retrying<C, T, F, Fut>(
+        &self,
+        what: &'static str,
+        bound: Option<Duration>,
+        retry: fn(Code) -> bool,
+        make: impl Fn(Channel) -> C,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let mut last = None;
         for (k, index) in self.order().enumerate() {
             let attempt = call(make(self.channel(index)));
@@ -362,7 +389,7 @@ impl Client {
                     }
                     return Ok(response.into_inner());
                 }
-                Err(status) if is_transient(status.code()) => {
+                Err(status) if retry(status.code()) => {
                     tracing::debug!(
                         call = what,
                         endpoint = %self.inner.targets[index].uri,
@@ -555,25 +582,32 @@ impl Client {
     /// starting point). The pages may come from different revisions.
     pub async fn list_all_services(
         &self,
-        mut request: ListServicesRequest,
+        request: ListServicesRequest,
     ) -> Result<ListServicesResponse, Error> {
         let mut all = ListServicesResponse::default();
-        loop {
-            let page = self.list_services(request.clone()).await?;
-            all.services.extend(page.services);
-            all.summaries.extend(page.summaries);
-            all.revision = all.revision.max(page.revision);
-            if page.next_page_token.is_empty() {
-                return Ok(all);
-            }
-            if page.next_page_token == request.page_token {
-                return Err(Error::Protocol(format!(
-                    "ListServices returned the same page token twice ({:?})",
-                    page.next_page_token
-                )));
-            }
-            request.page_token = page.next_page_token;
-        }
+        let first = request.page_token.clone();
+        each_page(
+            "ListServices",
+            first,
+            |page_token| {
+                let request = ListServicesRequest {
+                    page_token,
+                    ..request.clone()
+                };
+                async move {
+                    let page = self.list_services(request).await?;
+                    let next = page.next_page_token.clone();
+                    Ok((page, next))
+                }
+            },
+            |page| {
+                all.services.extend(page.services);
+                all.summaries.extend(page.summaries);
+                all.revision = all.revision.max(page.revision);
+            },
+        )
+        .await?;
+        Ok(all)
     }
 
     /// Opens a raw watch stream. Prefer [`WatchView`], which applies the
@@ -592,6 +626,35 @@ impl Client {
     /// A live view of `namespace` (and `service`, when not empty).
     pub fn watch_view(&self, namespace: &str, service: &str) -> WatchView {
         WatchView::new(self.clone(), namespace, service)
+    }
+}
+
+/// Follows page tokens from `token` to the last page (an empty next
+/// token), handing each page to `take`. `fetch` returns a page and its next
+/// token; a server that hands the same token back is a protocol error, not
+/// a loop.
+pub(crate) async fn each_page<P, F, Fut>(
+    what: &str,
+    mut token: String,
+    mut fetch: F,
+    mut take: impl FnMut(P),
+) -> Result<(), Error>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<(P, String), Error>>,
+{
+    loop {
+        let (page, next) = fetch(token.clone()).await?;
+        take(page);
+        if next.is_empty() {
+            return Ok(());
+        }
+        if next == token {
+            return Err(Error::Protocol(format!(
+                "{what} returned the same page token twice ({next:?})"
+            )));
+        }
+        token = next;
     }
 }
 
@@ -683,6 +746,40 @@ mod tests {
         assert!(Error::from(Status::not_found("gone"))
             .field_violations()
             .is_empty());
+    }
+
+    #[tokio::test]
+    async fn pages_are_followed_to_the_last_and_a_repeated_token_stops() {
+        // Tokens "" -> "b" -> "c" -> end.
+        let mut seen = Vec::new();
+        each_page(
+            "List",
+            String::new(),
+            |token| async move {
+                let next = match token.as_str() {
+                    "" => "b",
+                    "b" => "c",
+                    _ => "",
+                };
+                Ok((token, next.to_owned()))
+            },
+            |page| seen.push(page),
+        )
+        .await
+        .expect("three pages");
+        assert_eq!(seen, ["", "b", "c"]);
+
+        let stuck = each_page(
+            "List",
+            String::new(),
+            |_| async { Ok(((), "x".to_owned())) },
+            |()| {},
+        )
+        .await;
+        assert!(
+            matches!(&stuck, Err(Error::Protocol(m)) if m.contains("List returned the same page token twice")),
+            "{stuck:?}"
+        );
     }
 
     #[test]

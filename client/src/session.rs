@@ -1,28 +1,69 @@
 //! The agent side of the agent session (`weir.agent.v1`): open a session,
 //! follow the registry and the policies it pushes, acknowledge each policy
-//! version. The weir-agent uses this; so do the tests that stand in for
-//! agents.
+//! version (applied, in part, or rejected), report the agent's status, and
+//! answer the control plane's requests. The weir-agent uses this; so do
+//! the tests that stand in for agents.
 
 use std::collections::BTreeMap;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use weir_proto::agent::v1::{
-    agent_message, agent_session_service_client::AgentSessionServiceClient, control_message,
-    policy_update, Ack, AgentMessage, ControlMessage, Hello, PolicyChange, PolicyUpdate, Welcome,
+    agent_message, agent_reply, agent_session_service_client::AgentSessionServiceClient,
+    control_message, policy_update, Ack, AgentMessage, AgentReply, AgentRequest, AgentStatus,
+    ControlMessage, Hello, PolicyChange, PolicyUpdate, Welcome,
 };
 use weir_proto::registry::v1::WatchResponse;
 
 use crate::{Client, Error};
 
-/// What one [`AgentSession::next`] brought.
+/// What one [`AgentSession::next`] brought. More kinds may come: match
+/// with a wildcard arm.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum SessionEvent {
     /// A registry message (apply it like a Watch stream's).
     Registry(WatchResponse),
     /// Policies changed (or a snapshot replaced them): the changes, as
     /// applied to [`AgentSession::policies`].
     Policies(PolicyUpdate),
+    /// The control plane asks something: answer with
+    /// [`AgentSession::reply`] and the request's `request_id`. Answer one
+    /// whose body is unset (a kind this build does not know) with a
+    /// `ReplyError` of kind `UNSUPPORTED`.
+    Request(AgentRequest),
+}
+
+/// How an agent took a policy version ([`AgentSession::ack`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Enforced in full.
+    Applied,
+    /// Enforced but for these top-level sections (`rate_limit`,
+    /// `circuit_breaker`, ...; see `weir_core::policy::sections`). An
+    /// empty list is the same as [`AckOutcome::Applied`].
+    Partly(Vec<String>),
+    /// Not enforced; the reason (at most 1024 bytes).
+    Rejected(String),
+}
+
+impl AckOutcome {
+    /// The acknowledgement of `version` of `namespace/service`.
+    fn ack(self, namespace: &str, service: &str, version: u64) -> Ack {
+        let (accepted, error, unenforced) = match self {
+            AckOutcome::Applied => (true, String::new(), Vec::new()),
+            AckOutcome::Partly(sections) => (true, String::new(), sections),
+            AckOutcome::Rejected(reason) => (false, reason, Vec::new()),
+        };
+        Ack {
+            namespace: namespace.to_owned(),
+            service: service.to_owned(),
+            version,
+            accepted,
+            error,
+            unenforced,
+        }
+    }
 }
 
 /// An open agent session on one control-plane replica.
@@ -161,36 +202,68 @@ impl AgentSession {
                 }
                 Ok(Some(SessionEvent::Policies(update)))
             }
+            Some(control_message::Kind::Request(request)) => {
+                Ok(Some(SessionEvent::Request(request)))
+            }
             Some(control_message::Kind::Welcome(_)) | None => Err(Error::Protocol(
                 "unexpected message on an open session".into(),
             )),
         }
     }
 
-    /// Reports that policy `version` of `namespace/service` was applied
-    /// (`Ok`) or rejected (`Err(reason)`).
+    async fn send(&self, kind: agent_message::Kind) -> Result<(), Error> {
+        self.outbound
+            .send(AgentMessage { kind: Some(kind) })
+            .await
+            .map_err(|_| Error::Unavailable("the session stream is closed".into()))
+    }
+
+    /// Reports how policy `version` of `namespace/service` was taken.
     pub async fn ack(
         &self,
         namespace: &str,
         service: &str,
         version: u64,
-        outcome: Result<(), String>,
+        outcome: AckOutcome,
     ) -> Result<(), Error> {
-        let (accepted, error) = match outcome {
-            Ok(()) => (true, String::new()),
-            Err(e) => (false, e),
-        };
-        self.outbound
-            .send(AgentMessage {
-                kind: Some(agent_message::Kind::Ack(Ack {
-                    namespace: namespace.to_owned(),
-                    service: service.to_owned(),
-                    version,
-                    accepted,
-                    error,
-                })),
-            })
-            .await
-            .map_err(|_| Error::Unavailable("the session stream is closed".into()))
+        self.send(agent_message::Kind::Ack(
+            outcome.ack(namespace, service, version),
+        ))
+        .await
+    }
+
+    /// Reports the agent's status. Send it at the start of every session
+    /// (the control plane keeps none from an earlier stream) and whenever
+    /// it changes.
+    pub async fn report_status(&self, status: AgentStatus) -> Result<(), Error> {
+        self.send(agent_message::Kind::Status(status)).await
+    }
+
+    /// Answers request `request_id` (from [`SessionEvent::Request`]).
+    pub async fn reply(&self, request_id: u64, body: agent_reply::Body) -> Result<(), Error> {
+        self.send(agent_message::Kind::Reply(AgentReply {
+            request_id,
+            body: Some(body),
+        }))
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_become_acks() {
+        let a = AckOutcome::Applied.ack("ns", "svc", 7);
+        assert!(a.accepted && a.error.is_empty() && a.unenforced.is_empty());
+        assert_eq!(
+            (a.namespace.as_str(), a.service.as_str(), a.version),
+            ("ns", "svc", 7)
+        );
+        let p = AckOutcome::Partly(vec!["rate_limit".into()]).ack("ns", "svc", 7);
+        assert!(p.accepted && p.unenforced == ["rate_limit"]);
+        let r = AckOutcome::Rejected("too many rules".into()).ack("ns", "svc", 7);
+        assert!(!r.accepted && r.error == "too many rules" && r.unenforced.is_empty());
     }
 }

@@ -7,6 +7,30 @@
 //! replica) before it expires keeps the same lease, so its acknowledgements
 //! survive the move. When no stream renews it, the lease expires and the
 //! agent leaves the convergence counts.
+//!
+//! Besides the leased records, each node has an unleased last-seen record
+//! (`{root}/v1/agents-seen/{node}`), so `ListAgents` shows a node whose
+//! session expired as "disconnected since". It is written when a stream
+//! opens, when the agent reports a status change and when the stream
+//! closes, and not when the lease is renewed: a renewal is a lease
+//! keep-alive, which etcd neither logs nor watches, while a put every
+//! TTL/3 per agent would be a revision in etcd's log and an event on every
+//! replica's watch (300 writes/s for 1,000 agents) to move a timestamp
+//! nobody needs finer than "connected". `sweep` marks the records of
+//! streams that ended without a close and drops them after the retention.
+//!
+//! - `streams`: this replica's open streams and the requests waiting on
+//!   them (AskAgent's local half).
+//! - `api`: `weir.agent.v1.Agents` (ListAgents, AskAgent with forwarding).
+//! - `sweep`: upkeep of the last-seen records.
+
+mod api;
+mod streams;
+mod sweep;
+
+pub use api::AgentsApi;
+pub use streams::LocalStreams;
+pub use sweep::{Sweeper, DEFAULT_RETENTION};
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -18,12 +42,12 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::{
     agent::v1::{
         agent_message, agent_session_service_server::AgentSessionService, control_message, Ack,
-        AgentMessage, ControlMessage, Hello, Welcome,
+        AgentMessage, AgentRecord, AgentStatus, ControlMessage, Hello, Welcome,
     },
     policy::v1::AgentPolicyState,
 };
 
-use weir_core::{time::now_unix_ms, validate};
+use weir_core::{policy::sections, time::now_unix_ms, validate};
 
 use crate::{
     error::ApiError,
@@ -37,6 +61,9 @@ pub const SESSION_TTL: Duration = Duration::from_secs(10);
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_ERROR_LEN: usize = 1024;
+/// Largest message an agent may send on its stream (a reply to a request
+/// can list every policy it runs).
+pub const MAX_SESSION_MESSAGE_BYTES: usize = 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct SessionService {
@@ -44,6 +71,10 @@ pub struct SessionService {
     hub: Hub,
     keys: Keys,
     replica_id: String,
+    /// The gRPC address this replica advertises (where AskAgent is
+    /// forwarded to reach the streams it holds).
+    advertise_addr: String,
+    streams: LocalStreams,
 }
 
 /// The lease of `node`'s live agent session, if it has one: the lease its
@@ -75,13 +106,50 @@ fn check_hello(h: &Hello) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn text_bound(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.len() > MAX_ERROR_LEN {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {MAX_ERROR_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an acknowledgement; returns its service's (namespace, name).
+fn check_ack(ack: &Ack) -> Result<(String, String), ApiError> {
+    let name = validate::service_name(&ack.namespace, &ack.service)?;
+    text_bound("ack.error", &ack.error)?;
+    sections::unenforced("ack.unenforced", &ack.unenforced)?;
+    if !ack.accepted && !ack.unenforced.is_empty() {
+        return Err(ApiError::invalid(
+            "ack.unenforced",
+            "only with accepted = true (a rejected version is not enforced at all)",
+        ));
+    }
+    Ok(name)
+}
+
+fn check_status(status: &AgentStatus) -> Result<(), ApiError> {
+    text_bound("status.reason", &status.reason)
+}
+
 impl SessionService {
-    pub fn new(store: Arc<dyn Store>, hub: Hub, keys: Keys, replica_id: String) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Hub,
+        keys: Keys,
+        replica_id: String,
+        advertise_addr: String,
+        streams: LocalStreams,
+    ) -> Self {
         Self {
             store,
             hub,
             keys,
             replica_id,
+            advertise_addr,
+            streams,
         }
     }
 
@@ -97,19 +165,14 @@ impl SessionService {
     }
 
     async fn record_ack(&self, node: &str, lease: LeaseId, ack: Ack) -> Result<(), ApiError> {
-        let (namespace, service) = validate::service_name(&ack.namespace, &ack.service)?;
-        if ack.error.len() > MAX_ERROR_LEN {
-            return Err(ApiError::invalid(
-                "ack.error",
-                format!("at most {MAX_ERROR_LEN} bytes"),
-            ));
-        }
+        let (namespace, service) = check_ack(&ack)?;
         let state = AgentPolicyState {
             node_id: node.to_owned(),
             version: ack.version,
             accepted: ack.accepted,
             error: ack.error,
             at_unix_ms: now_unix_ms(),
+            unenforced: ack.unenforced,
         };
         self.store
             .put(
@@ -120,8 +183,64 @@ impl SessionService {
             .await?;
         if !state.accepted {
             tracing::warn!(node, %namespace, %service, version = state.version, error = %state.error, "agent rejected a policy");
+        } else if !state.unenforced.is_empty() {
+            tracing::info!(node, %namespace, %service, version = state.version, unenforced = ?state.unenforced, "agent applied a policy in part");
         }
         Ok(())
+    }
+
+    /// Writes the node's last-seen record: `record` as of now.
+    async fn record_seen(&self, mut record: AgentRecord) -> Result<(), ApiError> {
+        record.last_seen_unix_ms = now_unix_ms();
+        self.store
+            .put(
+                &self.keys.agent_seen(&record.node_id),
+                record.encode_to_vec(),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records a status report in the last-seen record `seen` of this
+    /// stream. A report that changes nothing writes nothing, so an agent
+    /// repeating itself costs no store write.
+    async fn record_status(
+        &self,
+        seen: &mut AgentRecord,
+        status: AgentStatus,
+    ) -> Result<(), ApiError> {
+        check_status(&status)?;
+        if seen.status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        tracing::info!(
+            node = %seen.node_id,
+            degraded = status.degraded,
+            reason = %status.reason,
+            local_instances = status.local_instances,
+            endpoints = status.endpoints,
+            "agent status"
+        );
+        seen.status = Some(status);
+        self.record_seen(seen.clone()).await
+    }
+
+    /// Records that the stream `seen` describes (the last-seen record it
+    /// last wrote) has ended, unless the node's session already belongs to
+    /// a newer stream (it reconnected, here or elsewhere, before this end
+    /// was noticed).
+    async fn record_closed(&self, mut seen: AgentRecord) -> Result<(), ApiError> {
+        if let Some(kv) = self.store.get(&self.keys.agent(&seen.node_id)).await? {
+            let live = AgentRecord::decode(kv.value.as_slice()).unwrap_or_default();
+            if live.connected_at_unix_ms != seen.connected_at_unix_ms
+                || live.replica_id != seen.replica_id
+            {
+                return Ok(());
+            }
+        }
+        seen.connected = false;
+        self.record_seen(seen).await
     }
 }
 
@@ -147,13 +266,30 @@ impl SessionService {
         }
         let node = hello.node_id.clone();
         let (lease, resumed) = self.lease_for(&node).await?;
-        let info = format!(
-            "replica={} zone={} version={} ingress={}",
-            self.replica_id, hello.zone, hello.version, hello.ingress_address
-        );
+        let session = AgentRecord {
+            node_id: node.clone(),
+            zone: hello.zone.clone(),
+            version: hello.version.clone(),
+            ingress_address: hello.ingress_address.clone(),
+            replica_id: self.replica_id.clone(),
+            replica_address: self.advertise_addr.clone(),
+            connected_at_unix_ms: now_unix_ms(),
+            ..AgentRecord::default()
+        };
         self.store
-            .put(&self.keys.agent(&node), info.into_bytes(), Some(lease))
+            .put(
+                &self.keys.agent(&node),
+                session.encode_to_vec(),
+                Some(lease),
+            )
             .await?;
+        // A status is reported anew on every stream, so none is carried
+        // over from an earlier one.
+        let mut seen = AgentRecord {
+            connected: true,
+            ..session
+        };
+        self.record_seen(seen.clone()).await?;
         tracing::info!(node, resumed, lease, "agent session opened");
 
         let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(64);
@@ -164,6 +300,7 @@ impl SessionService {
         })))
         .await
         .map_err(|_| ApiError::Cancelled("agent left"))?;
+        let stream = self.streams.open(&node, tx.clone());
 
         // Registry and policy streams, multiplexed onto the one response.
         let mut registry = self.hub.subscribe(
@@ -221,7 +358,7 @@ impl SessionService {
             }
         });
 
-        // Acknowledgements.
+        // What the agent sends: acknowledgements, status, replies.
         let service = self.clone();
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
@@ -229,6 +366,22 @@ impl SessionService {
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Ack(ack)),
                     }) => service.record_ack(&node, lease, ack).await,
+                    Ok(AgentMessage {
+                        kind: Some(agent_message::Kind::Status(status)),
+                    }) => service.record_status(&mut seen, status).await,
+                    Ok(AgentMessage {
+                        kind: Some(agent_message::Kind::Reply(reply)),
+                    }) => {
+                        let id = reply.request_id;
+                        if !stream.answer(reply) {
+                            tracing::debug!(
+                                node,
+                                request_id = id,
+                                "reply to no waiting request (it gave up)"
+                            );
+                        }
+                        Ok(())
+                    }
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Hello(_)),
                     }) => Err(ApiError::invalid(
@@ -250,6 +403,10 @@ impl SessionService {
                     let _ = tx.send(Err(e.into())).await;
                     break;
                 }
+            }
+            service.streams.close(&node, &stream);
+            if let Err(e) = service.record_closed(seen).await {
+                tracing::warn!(node, error = %e, "could not record the end of an agent stream");
             }
             tracing::info!(
                 node,

@@ -1,7 +1,7 @@
 //! Configuration: defaults, then a TOML file, then environment variables,
 //! then command-line flags (each later source wins).
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use serde::Deserialize;
@@ -20,6 +20,11 @@ pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "WEIR_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
+    /// host:port at which the other replicas reach this one's gRPC API
+    /// (they forward AskAgent calls here). Default: the bound gRPC
+    /// address; set it when listening on 0.0.0.0 or behind NAT.
+    #[arg(long, env = "WEIR_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
     /// HTTP listen address for /healthz and /readyz.
     #[arg(long, env = "WEIR_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
@@ -49,6 +54,10 @@ pub struct Args {
     /// default 50; 0 disables).
     #[arg(long, env = "WEIR_PROTECTION_THRESHOLD_PERCENT")]
     pub protection_threshold_percent: Option<u32>,
+    /// How long a disconnected agent stays listed (its last-seen record is
+    /// kept), 60-31536000 seconds (default 86400, one day).
+    #[arg(long, env = "WEIR_AGENT_RETENTION_SECONDS")]
+    pub agent_retention_seconds: Option<u64>,
 }
 
 pub use weir_core::logging::LogFormat;
@@ -58,6 +67,7 @@ pub use weir_core::logging::LogFormat;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub grpc_addr: Option<SocketAddr>,
+    pub advertise_addr: Option<String>,
     pub http_addr: Option<SocketAddr>,
     pub etcd_endpoints: Option<Vec<String>>,
     pub etcd_prefix: Option<String>,
@@ -66,6 +76,7 @@ pub struct FileConfig {
     pub replica_id: Option<String>,
     pub replica_ttl_seconds: Option<u32>,
     pub protection_threshold_percent: Option<u32>,
+    pub agent_retention_seconds: Option<u64>,
 }
 
 /// Where the registry is kept.
@@ -79,6 +90,9 @@ pub enum StoreConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
+    /// host:port the other replicas use for this one; None = the bound
+    /// gRPC address.
+    pub advertise_addr: Option<String>,
     pub http_addr: SocketAddr,
     pub store: StoreConfig,
     pub etcd_prefix: String,
@@ -86,7 +100,12 @@ pub struct Config {
     pub replica_id: String,
     pub replica_ttl_seconds: u32,
     pub protection_threshold_percent: u32,
+    /// How long a disconnected agent's last-seen record is kept.
+    pub agent_retention: Duration,
 }
+
+/// Shortest and longest agent retention accepted, seconds.
+pub const AGENT_RETENTION_SECONDS: std::ops::RangeInclusive<u64> = 60..=31_536_000;
 
 /// A fresh random replica id.
 pub fn random_replica_id() -> String {
@@ -116,6 +135,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            advertise_addr: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 7071)),
             store: StoreConfig::Etcd {
                 endpoints: vec!["http://127.0.0.1:2379".to_owned()],
@@ -125,6 +145,7 @@ impl Default for Config {
             replica_id: random_replica_id(),
             replica_ttl_seconds: 3,
             protection_threshold_percent: crate::hub::DEFAULT_PROTECTION_THRESHOLD_PERCENT,
+            agent_retention: crate::agents::DEFAULT_RETENTION,
         }
     }
 }
@@ -209,10 +230,27 @@ impl Config {
                 "protection_threshold_percent must be 0-100 (got {protection_threshold_percent})"
             )));
         }
+        let advertise_addr = args.advertise_addr.or(file.advertise_addr);
+        if let Some(addr) = &advertise_addr {
+            check_advertise_addr(addr)?;
+        }
+        let agent_retention_seconds = args
+            .agent_retention_seconds
+            .or(file.agent_retention_seconds)
+            .unwrap_or(defaults.agent_retention.as_secs());
+        if !AGENT_RETENTION_SECONDS.contains(&agent_retention_seconds) {
+            return Err(ConfigError::Invalid(format!(
+                "agent_retention_seconds must be {}-{} (got {agent_retention_seconds})",
+                AGENT_RETENTION_SECONDS.start(),
+                AGENT_RETENTION_SECONDS.end()
+            )));
+        }
         Ok(Self {
             replica_id,
             replica_ttl_seconds,
             protection_threshold_percent,
+            advertise_addr,
+            agent_retention: Duration::from_secs(agent_retention_seconds),
             grpc_addr: args
                 .grpc_addr
                 .or(file.grpc_addr)
@@ -226,6 +264,24 @@ impl Config {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
+}
+
+/// An advertised address must be `host:port` (no scheme, no path), with a
+/// port: the other replicas dial `http://{addr}`.
+fn check_advertise_addr(addr: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "advertise_addr must be host:port, e.g. 10.0.0.7:7070 or cp-1.weir:7070 (got {addr:?})"
+        ))
+    };
+    let authority: axum::http::uri::Authority = addr.parse().map_err(|_| bad())?;
+    if authority.port_u16().is_none()
+        || authority.as_str().contains('@')
+        || authority.host().is_empty()
+    {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -268,5 +324,40 @@ mod tests {
         };
         assert!(Config::merge(args, FileConfig::default()).is_err());
         assert!(toml::from_str::<FileConfig>("unknown = 1").is_err());
+    }
+
+    #[test]
+    fn advertise_addr_and_agent_retention_are_checked() {
+        let file: FileConfig =
+            toml::from_str("advertise_addr = \"cp-1.weir:7070\"\nagent_retention_seconds = 3600\n")
+                .expect("toml");
+        let c = Config::merge(Args::default(), file).expect("valid");
+        assert_eq!(c.advertise_addr.as_deref(), Some("cp-1.weir:7070"));
+        assert_eq!(c.agent_retention, Duration::from_secs(3600));
+        let c = Config::merge(Args::default(), FileConfig::default()).expect("defaults");
+        assert_eq!(
+            (c.advertise_addr, c.agent_retention.as_secs()),
+            (None, 86400)
+        );
+        for bad in [
+            "cp-1",
+            "http://cp-1:7070",
+            "cp-1:7070/x",
+            "u@cp-1:7070",
+            ":7070",
+        ] {
+            let args = Args {
+                advertise_addr: Some(bad.into()),
+                ..Args::default()
+            };
+            let e = Config::merge(args, FileConfig::default()).expect_err(bad);
+            assert!(e.to_string().contains("advertise_addr"), "{bad}: {e}");
+        }
+        let args = Args {
+            agent_retention_seconds: Some(59),
+            ..Args::default()
+        };
+        let e = Config::merge(args, FileConfig::default()).expect_err("too short");
+        assert!(e.to_string().contains("agent_retention_seconds"), "{e}");
     }
 }

@@ -13,6 +13,7 @@
 //! | [`ApiError::Conflict`] | FAILED_PRECONDITION | `google.rpc.ErrorInfo` with `current_version` and `expected_version` |
 //! | [`ApiError::FailedPrecondition`] | FAILED_PRECONDITION | |
 //! | [`ApiError::Aborted`] | ABORTED | |
+//! | [`ApiError::Exhausted`] | RESOURCE_EXHAUSTED | |
 //! | [`ApiError::NotReady`], [`ApiError::Unavailable`], store unreachable | UNAVAILABLE | |
 //! | [`ApiError::DeadlineExceeded`], store too slow | DEADLINE_EXCEEDED | |
 //! | [`ApiError::Cancelled`] | CANCELLED | |
@@ -68,6 +69,10 @@ pub enum ApiError {
     /// The write lost races too often; the message says what to retry.
     #[error("{0}")]
     Aborted(String),
+    /// A bound on work in flight is reached (e.g. requests waiting on one
+    /// agent); the message says which.
+    #[error("{0}")]
+    Exhausted(String),
     /// This replica has not loaded its cache yet.
     #[error("this replica is still loading the registry; retry shortly")]
     NotReady,
@@ -128,6 +133,7 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::Store(StoreError::LeaseNotFound(_)) => Code::NotFound,
             ApiError::Conflict { .. } | ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Aborted(_) => Code::Aborted,
+            ApiError::Exhausted(_) => Code::ResourceExhausted,
             ApiError::NotReady | ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::DeadlineExceeded(_) | ApiError::Store(StoreError::Timeout(_)) => {
                 Code::DeadlineExceeded
@@ -344,6 +350,7 @@ mod tests {
                 ApiError::FailedPrecondition("node n1 has no live agent session".into()),
                 Code::FailedPrecondition,
             ),
+            (ApiError::Exhausted("busy".into()), Code::ResourceExhausted),
             (ApiError::NotReady, Code::Unavailable),
             (ApiError::Unavailable("reconnect"), Code::Unavailable),
             (

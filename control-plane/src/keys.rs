@@ -8,7 +8,9 @@
 //! {root}/v1/services/{namespace}/{service}                  ServiceConfig (protection threshold)
 //! {root}/v1/replicas/{replica_id}                           control-plane replica, leased (check sharing)
 //! {root}/v1/policies/{namespace}/{service}                  PolicyRecord (current policy + previous versions)
-//! {root}/v1/agents/{node_id}                                AgentInfo, leased by the agent's session
+//! {root}/v1/agents/{node_id}                                AgentRecord, leased by the agent's session
+//! {root}/v1/agents-seen/{node_id}                           AgentRecord, the last-seen record: no lease,
+//!                                                           dropped after the agent retention
 //! {root}/v1/acks/{namespace}/{service}/{node_id}            AgentPolicyState, leased by the agent's session
 //! ```
 //!
@@ -103,12 +105,34 @@ impl Keys {
         (!id.is_empty() && !id.contains('/')).then(|| id.to_owned())
     }
 
+    /// The unleased last-seen record of an agent.
+    pub fn agent_seen(&self, node_id: &str) -> String {
+        format!("{}agents-seen/{node_id}", self.root)
+    }
+
+    /// The node id of a last-seen key.
+    pub fn parse_agent_seen(&self, key: &str) -> Option<String> {
+        let id = key.strip_prefix(&self.root)?.strip_prefix("agents-seen/")?;
+        (!id.is_empty() && !id.contains('/')).then(|| id.to_owned())
+    }
+
     pub fn ack(&self, namespace: &str, service: &str, node_id: &str) -> String {
         format!("{}acks/{namespace}/{service}/{node_id}", self.root)
     }
 
     pub fn acks_prefix(&self, namespace: &str, service: &str) -> String {
         format!("{}acks/{namespace}/{service}/", self.root)
+    }
+
+    /// (namespace, service, node) of an ack key.
+    pub fn parse_ack(&self, key: &str) -> Option<(String, String, String)> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("acks/")?;
+        let mut parts = rest.splitn(3, '/');
+        let (namespace, service, node) = (parts.next()?, parts.next()?, parts.next()?);
+        if namespace.is_empty() || service.is_empty() || node.is_empty() || node.contains('/') {
+            return None;
+        }
+        Some((namespace.to_owned(), service.to_owned(), node.to_owned()))
     }
 
     pub fn replica(&self, id: &str) -> String {
@@ -181,5 +205,16 @@ mod tests {
             keys.parse_agent(&keys.agent("node-1")),
             Some("node-1".into())
         );
+        // The last-seen record is not a session record, nor the reverse.
+        let seen = keys.agent_seen("node-1");
+        assert_eq!(keys.parse_agent(&seen), None);
+        assert_eq!(keys.parse_agent_seen(&seen), Some("node-1".into()));
+        assert_eq!(keys.parse_agent_seen(&keys.agent("node-1")), None);
+        assert_eq!(
+            keys.parse_ack(&keys.ack("default", "a", "n1")),
+            Some(("default".into(), "a".into(), "n1".into()))
+        );
+        assert_eq!(keys.parse_ack("/weir/v1/acks/default/a/"), None);
+        assert_eq!(keys.parse_ack(&keys.policy("default", "a")), None);
     }
 }

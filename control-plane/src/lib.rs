@@ -12,7 +12,10 @@
 //!   store; reads come from the hub's cache.
 //! - `policy`: `weir.policy.v1.PolicyService` (validation and resolution
 //!   are `weir_core::policy`).
-//! - `agents`: `weir.agent.v1.AgentSessionService`, one stream per agent.
+//! - `agents`: `weir.agent.v1.AgentSessionService`, one stream per agent;
+//!   `weir.agent.v1.Agents` (list agents, connected or not; ask one a
+//!   question over its stream, forwarded to the replica holding it); the
+//!   sweep of the agents' last-seen records.
 //! - `checks`: this replica's share of the active health checks (the
 //!   checker itself is `weir_core::health`), verdicts written to the store.
 //! - `replicas`: membership under a lease and rendezvous sharing of checks.

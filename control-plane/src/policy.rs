@@ -310,12 +310,16 @@ impl PolicyServiceImpl {
                 states.insert(state.node_id.clone(), state);
             }
         }
-        let (mut applied, mut rejected, mut pending) = (0u32, 0u32, 0u32);
+        let (mut applied, mut partly, mut rejected, mut pending) = (0u32, 0u32, 0u32, 0u32);
         let mut agents = Vec::new();
         for node in &connected {
             match states.remove(node) {
                 Some(s) if s.version == current_version && s.accepted => {
-                    applied += 1;
+                    if s.unenforced.is_empty() {
+                        applied += 1;
+                    } else {
+                        partly += 1;
+                    }
                     agents.push(s);
                 }
                 Some(s) if s.version == current_version => {
@@ -339,6 +343,7 @@ impl PolicyServiceImpl {
             current_version,
             connected_agents: u32::try_from(connected.len()).unwrap_or(u32::MAX),
             applied,
+            partly,
             rejected,
             pending,
             agents,

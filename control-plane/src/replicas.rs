@@ -41,16 +41,27 @@ fn stable_hash(parts: &[&[u8]]) -> u64 {
 /// The replica that checks `key`: highest rendezvous weight, ties broken by
 /// id. None when there are no replicas.
 pub fn owner<'a>(replicas: &'a [String], key: &InstanceKey) -> Option<&'a str> {
+    owner_of(
+        replicas,
+        &[
+            key.namespace.as_bytes(),
+            key.service.as_bytes(),
+            key.instance_id.as_bytes(),
+        ],
+    )
+}
+
+/// The replica that owns whatever `name` (its parts) names, by the same
+/// rendezvous weights as [`owner`] (e.g. the sweep of an agent's last-seen
+/// record, by node id).
+pub fn owner_of<'a>(replicas: &'a [String], name: &[&[u8]]) -> Option<&'a str> {
     replicas
         .iter()
         .map(|r| {
-            let w = stable_hash(&[
-                r.as_bytes(),
-                key.namespace.as_bytes(),
-                key.service.as_bytes(),
-                key.instance_id.as_bytes(),
-            ]);
-            (w, r.as_str())
+            let mut parts = Vec::with_capacity(name.len() + 1);
+            parts.push(r.as_bytes());
+            parts.extend_from_slice(name);
+            (stable_hash(&parts), r.as_str())
         })
         .max()
         .map(|(_, r)| r)

@@ -16,13 +16,15 @@ use tokio::{
 };
 use weir_core::validate::MAX_REQUEST_BYTES;
 use weir_proto::{
-    agent::v1::agent_session_service_server::AgentSessionServiceServer,
+    agent::v1::{
+        agent_session_service_server::AgentSessionServiceServer, agents_server::AgentsServer,
+    },
     policy::v1::policy_service_server::PolicyServiceServer,
     registry::v1::registry_server::RegistryServer,
 };
 
 use crate::{
-    agents::SessionService,
+    agents::{AgentsApi, LocalStreams, SessionService, Sweeper, MAX_SESSION_MESSAGE_BYTES},
     checks::Checks,
     config::{Config, StoreConfig},
     hub::{Hub, HubConfig, HubTask},
@@ -114,6 +116,7 @@ pub struct ControlPlane {
     checks: Checks,
     hub_task: HubTask,
     _probe: StoreProbe,
+    _sweeper: Sweeper,
 }
 
 #[derive(Clone, Debug)]
@@ -263,12 +266,17 @@ impl ControlPlane {
                 source,
             })?;
 
+        // Where the other replicas reach this one (AskAgent forwarding).
+        let advertise_addr = config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| grpc_addr.to_string());
         let checks = Checks::start(
             store.clone(),
             keys.clone(),
             hub.clone(),
             config.replica_id.clone(),
-            format!("grpc={grpc_addr}").into_bytes(),
+            format!("grpc={advertise_addr}").into_bytes(),
             std::time::Duration::from_secs(u64::from(config.replica_ttl_seconds)),
         )
         .await?;
@@ -289,13 +297,29 @@ impl ControlPlane {
             keys.clone(),
         ))
         .max_decoding_message_size(MAX_POLICY_REQUEST_BYTES);
+        let streams = LocalStreams::default();
         let sessions = AgentSessionServiceServer::new(SessionService::new(
             store.clone(),
             hub.clone(),
             keys.clone(),
             config.replica_id.clone(),
+            advertise_addr,
+            streams.clone(),
+        ))
+        .max_decoding_message_size(MAX_SESSION_MESSAGE_BYTES);
+        let agents = AgentsServer::new(AgentsApi::new(
+            hub.clone(),
+            streams,
+            config.replica_id.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let sweeper = Sweeper::start(
+            store.clone(),
+            keys.clone(),
+            hub.clone(),
+            config.replica_id.clone(),
+            config.agent_retention,
+        );
         let registry = RegistryServer::new(RegistryService::new(store, hub.clone(), keys))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -338,6 +362,7 @@ impl ControlPlane {
             .add_service(registry)
             .add_service(policies)
             .add_service(sessions)
+            .add_service(agents)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -378,6 +403,7 @@ impl ControlPlane {
             checks,
             hub_task,
             _probe: probe,
+            _sweeper: sweeper,
         })
     }
 
@@ -436,6 +462,7 @@ impl ControlPlane {
         // callers go, which a drain cannot wait for forever.
         drop(self.hub_task);
         drop(self._probe);
+        drop(self._sweeper);
         let mut result = Ok(());
         for (task, mut handle) in [(ServerTask::Grpc, self.grpc), (ServerTask::Http, self.http)] {
             if dead == Some(task) {

@@ -81,7 +81,7 @@ use tokio::task::JoinSet;
 use weir_client::{
     agent::{Hello, PolicyChange},
     policy::{AgentPolicyState, EventMatch, Rule, Timeout, TrafficPolicy},
-    AgentSession, Client, SessionEvent,
+    AckOutcome, AgentSession, Client, SessionEvent,
 };
 use weir_tests::{unique_prefix, ControlPlaneProcess, Etcd};
 
@@ -264,7 +264,7 @@ async fn run_agent(mut session: AgentSession, receipts: Arc<Receipts>) -> Result
         }
         for c in changes {
             session
-                .ack(&c.namespace, &c.service, c.version, Ok(()))
+                .ack(&c.namespace, &c.service, c.version, AckOutcome::Applied)
                 .await?;
             if c.namespace == NAMESPACE && c.service == SERVICE {
                 receipts.record_sent(c.version, Instant::now());

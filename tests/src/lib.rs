@@ -17,6 +17,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod agent;
+pub mod agents;
 pub mod bench;
 pub mod fixtures;
 
@@ -432,17 +433,6 @@ pub async fn instances(
         .service
         .map(|s| s.instances)
         .unwrap_or_default())
-}
-
-/// The Hello of a stand-in agent on `node`.
-pub fn agent_hello(node: &str) -> weir_client::agent::Hello {
-    weir_client::agent::Hello {
-        node_id: node.into(),
-        zone: "a".into(),
-        version: "test".into(),
-        ingress_address: "127.0.0.1:9000".into(),
-        ..weir_client::agent::Hello::default()
-    }
 }
 
 /// Feeds a [`weir_client::WatchView`] until `done` holds; fails after

@@ -15,7 +15,7 @@ use weir_client::{
 };
 use weir_core::health::checker::{Checker, Transition};
 use weir_tests::{
-    agent_hello,
+    agents::hello,
     fixtures::{checked, ephemeral, http_check, instance, HttpInstance},
     follow, instances, never_removed, start_one, status_in, wait_until, weirctl_ok,
 };
@@ -29,7 +29,7 @@ struct Session(JoinHandle<()>);
 
 impl Session {
     async fn open(client: &Client, node: &str) -> Result<Self> {
-        let mut session = client.open_session(agent_hello(node)).await?;
+        let mut session = client.open_session(hello(node)).await?;
         Ok(Self(tokio::spawn(async move {
             while let Ok(Some(_)) = session.next().await {}
         })))

@@ -8,10 +8,13 @@ use anyhow::{bail, ensure, Context, Result};
 use tokio::task::JoinSet;
 use weir_client::{
     agent::policy_update,
-    policy::{self, rate_limit, RateLimit, Retry, TrafficPolicy},
-    AgentSession, Client, Error, Instance, SessionEvent,
+    policy::{rate_limit, RateLimit, Retry, TrafficPolicy},
+    AckOutcome, Client, Error, Instance, SessionEvent,
 };
-use weir_tests::{agent_hello, start_one, start_replicas, wait_until, workspace_binary};
+use weir_tests::{
+    agents::{hello, next_policies, policy_status_until, run_stand_in, StandIn},
+    start_one, start_replicas, workspace_binary,
+};
 
 fn policy(service: &str, attempts: u32) -> TrafficPolicy {
     TrafficPolicy {
@@ -23,52 +26,6 @@ fn policy(service: &str, attempts: u32) -> TrafficPolicy {
         }),
         ..TrafficPolicy::default()
     }
-}
-
-/// A stand-in agent: applies and acknowledges every policy it is sent.
-async fn run_agent(mut session: AgentSession) -> Result<()> {
-    while let Some(event) = session.next().await? {
-        if let SessionEvent::Policies(update) = event {
-            for c in update.changes.iter().filter(|c| c.policy.is_some()) {
-                session
-                    .ack(&c.namespace, &c.service, c.version, Ok(()))
-                    .await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Next policy update of a session (registry messages skipped), bounded.
-async fn next_policies(session: &mut AgentSession) -> Result<weir_client::agent::PolicyUpdate> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), session.next()).await?? {
-            Some(SessionEvent::Policies(u)) => return Ok(u),
-            Some(SessionEvent::Registry(_)) => continue,
-            None => bail!("session closed"),
-        }
-    }
-}
-
-/// Waits up to 10 s until the policy status of `default/service` on
-/// `client` satisfies `done`.
-async fn status_until(
-    client: &Client,
-    service: &str,
-    what: &str,
-    done: impl Fn(&policy::PolicyStatusResponse) -> bool,
-) -> Result<()> {
-    let done = &done;
-    wait_until(Duration::from_secs(10), what, || {
-        let client = client.clone();
-        async move {
-            client
-                .policy_status("default", service)
-                .await
-                .is_ok_and(|s| done(&s))
-        }
-    })
-    .await
 }
 
 #[tokio::test]
@@ -84,15 +41,15 @@ async fn a_policy_change_reaches_100_sessions_and_all_acknowledge_it() -> Result
             b.endpoint()
         }])
         .await?;
-        let session = c.open_session(agent_hello(&format!("node-{k}"))).await?;
-        agents.spawn(run_agent(session));
+        let session = c.open_session(hello(&format!("node-{k}"))).await?;
+        agents.spawn(run_stand_in(session, StandIn::default()));
     }
-    status_until(&client, "orders", "100 sessions connected", |s| {
+    policy_status_until(&client, "orders", "100 sessions connected", |s| {
         s.connected_agents == 100
     })
     .await?;
     let v = client.put_policy(policy("orders", 3), None).await?;
-    status_until(&client, "orders", "every agent applied it", |s| {
+    policy_status_until(&client, "orders", "every agent applied it", |s| {
         s.applied == 100
     })
     .await?;
@@ -197,7 +154,7 @@ async fn rollback_restores_a_previous_version_and_pushes_it() -> Result<()> {
     let v2 = client
         .put_policy(policy("inv", 7), Some(v1.version))
         .await?;
-    let mut session = client.open_session(agent_hello("node-r")).await?;
+    let mut session = client.open_session(hello("node-r")).await?;
     let snapshot = next_policies(&mut session).await?;
     ensure!(snapshot.kind == policy_update::Kind::Snapshot as i32);
     ensure!(session.policies().values().any(|p| p.version == v2.version));
@@ -250,7 +207,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
     })
     .await?;
 
-    let mut first = on_a.open_session(agent_hello("node-m")).await?;
+    let mut first = on_a.open_session(hello("node-m")).await?;
     ensure!(!first.welcome().resumed_session);
     // Policies and the registry come on the same stream, in either order.
     let mut snapshot = None;
@@ -265,6 +222,7 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
                 })
             }
             Some(SessionEvent::Policies(u)) => snapshot = Some(u),
+            Some(_) => {}
             None => bail!("session closed"),
         }
     }
@@ -272,14 +230,14 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
     ensure!(snapshot.kind == policy_update::Kind::Snapshot as i32 && snapshot.changes.len() == 2);
     for c in &snapshot.changes {
         first
-            .ack(&c.namespace, &c.service, c.version, Ok(()))
+            .ack(&c.namespace, &c.service, c.version, AckOutcome::Applied)
             .await?;
     }
-    status_until(&on_a, "two", "acks recorded", |s| s.applied == 1).await?;
+    policy_status_until(&on_a, "two", "acks recorded", |s| s.applied == 1).await?;
 
     // The agent goes away; meanwhile one policy changes, one is deleted,
     // one is created.
-    let resume = first.resume_hello(agent_hello("node-m"));
+    let resume = first.resume_hello(hello("node-m"));
     drop(first);
     let p1b = on_a.put_policy(policy("one", 5), Some(p1.version)).await?;
     let deleted = on_a
@@ -318,10 +276,10 @@ async fn a_session_that_moves_to_another_replica_gets_exactly_what_changed_meanw
             "default",
             "one",
             p1b.version,
-            Err("retry.attempts 5 is over this node's cap".into()),
+            AckOutcome::Rejected("retry.attempts 5 is over this node's cap".into()),
         )
         .await?;
-    status_until(&on_b, "one", "the rejection is reported", |s| {
+    policy_status_until(&on_b, "one", "the rejection is reported", |s| {
         s.rejected == 1
     })
     .await?;

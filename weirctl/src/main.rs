@@ -6,6 +6,8 @@
 //! weirctl get orders -o json
 //! weirctl watch orders
 //! weirctl deregister orders orders-1a2b3c4d5e6f
+//! weirctl agents
+//! weirctl agents describe node-1
 //! ```
 //!
 //! One module per command under `cmd/` (its clap `Args` and its `run`);
@@ -22,7 +24,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use weir_client::{Client, DEFAULT_ENDPOINT};
 
-use cmd::{deregister, get, health, list, policy, register, service_config, watch};
+use cmd::{agents, deregister, get, health, list, policy, register, service_config, watch};
 use output::Format;
 
 #[derive(Parser, Debug)]
@@ -65,6 +67,8 @@ enum Command {
     ServiceConfig(service_config::Args),
     /// Follow changes live (a snapshot first, then every change).
     Watch(watch::Args),
+    /// Agents, connected or not; `agents describe NODE` asks one.
+    Agents(agents::Args),
 }
 
 #[tokio::main]
@@ -98,5 +102,6 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Health(args) => health::run(&client, format, args).await,
         Command::ServiceConfig(args) => service_config::run(&client, format, args).await,
         Command::Watch(args) => watch::run(&client, format, args).await,
+        Command::Agents(args) => agents::run(&client, format, args).await,
     }
 }

@@ -151,7 +151,7 @@ pub fn protection_line(revision: u64, p: &ServiceProtection) -> String {
     )
 }
 
-fn ago(unix_ms: i64) -> String {
+pub fn ago(unix_ms: i64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -239,7 +239,41 @@ pub fn health_table(namespace: &str, service: &str, r: &GetHealthResponse) -> St
     out
 }
 
-fn dash(s: &str) -> String {
+/// A unix time in milliseconds as UTC, `2024-05-01T12:00:03Z`.
+pub fn utc(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
+/// How an agent took a policy version: `applied`, `partly (rate_limit,
+/// retry)` or `rejected`.
+pub fn ack_state(accepted: bool, unenforced: &[String]) -> String {
+    if !accepted {
+        "rejected".into()
+    } else if unenforced.is_empty() {
+        "applied".into()
+    } else {
+        format!("partly ({})", unenforced.join(", "))
+    }
+}
+
+pub fn dash(s: &str) -> String {
     if s.is_empty() {
         "-".into()
     } else {
@@ -324,6 +358,24 @@ pub fn event_line(e: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_714_564_803_999), "2024-05-01T12:00:03Z");
+        assert_eq!(utc(-1000), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn ack_states_name_what_is_not_enforced() {
+        assert_eq!(ack_state(true, &[]), "applied");
+        assert_eq!(
+            ack_state(true, &["rate_limit".into(), "retry".into()]),
+            "partly (rate_limit, retry)"
+        );
+        assert_eq!(ack_state(false, &[]), "rejected");
+    }
 
     #[test]
     fn tables_align_columns() {

@@ -20,6 +20,7 @@ use weir_proto::{
 };
 
 use super::{
+    agents::AgentTable,
     record::{decode_instance, decode_policy, policy_change},
     ServiceInstances,
 };
@@ -94,8 +95,8 @@ pub(super) struct State {
     pub(super) protected: BTreeMap<ServiceName, ServiceProtection>,
     /// Current traffic policies, version = the key's mod_revision.
     pub(super) policies: BTreeMap<ServiceName, Arc<PolicyChange>>,
-    /// Nodes with an open agent session.
-    pub(super) agents: BTreeSet<String>,
+    /// Agents: session and last-seen records, acknowledgements.
+    pub(super) agents: AgentTable,
     /// Per service: (instances not CRITICAL, all instances), kept in step
     /// with `instances`.
     counts: HashMap<ServiceName, (u32, u32)>,
@@ -116,7 +117,7 @@ impl State {
             configs: HashMap::new(),
             protected: BTreeMap::new(),
             policies: BTreeMap::new(),
-            agents: BTreeSet::new(),
+            agents: AgentTable::default(),
             counts: HashMap::new(),
         }
     }
@@ -125,8 +126,8 @@ impl State {
     pub(super) fn load(&mut self, keys: &Keys, kv: KeyValue) {
         if let Some(id) = keys.parse_replica(&kv.key) {
             self.replicas.insert(id);
-        } else if let Some(node) = keys.parse_agent(&kv.key) {
-            self.agents.insert(node);
+        } else if self.agents.apply(keys, EventKind::Put, &kv) {
+            // An agent's session, last-seen or ack record: in the table.
         } else if let Some((ns, svc)) = keys.parse_policy(&kv.key) {
             if let Some(change) = decode_policy(&ns, &svc, &kv.value, kv.mod_revision) {
                 self.policies.insert((ns, svc), Arc::new(change));
@@ -175,11 +176,8 @@ impl State {
                     EventKind::Put => self.replicas.insert(id),
                     EventKind::Delete => self.replicas.remove(&id),
                 };
-            } else if let Some(node) = keys.parse_agent(&change.kv.key) {
-                match change.kind {
-                    EventKind::Put => self.agents.insert(node),
-                    EventKind::Delete => self.agents.remove(&node),
-                };
+            } else if self.agents.apply(keys, change.kind, &change.kv) {
+                // Agents are nothing a watcher follows.
             } else if let Some((ns, svc)) = keys.parse_policy(&change.kv.key) {
                 let key = (ns.clone(), svc.clone());
                 if let Some(change) = policy_change(ns, svc, &change) {
@@ -655,11 +653,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(state.policies.len(), 1);
-        assert!(state.replicas.contains("r1") && state.agents.contains("node-1"));
+        assert!(state.replicas.contains("r1") && state.agents.sessions().contains("node-1"));
         // An agent leaving is nothing a subscriber follows.
         let applied = state.apply(&keys, vec![delete(&keys.agent("node-1"), 3)]);
         assert!(applied.batch.is_none() && !applied.topology);
-        assert!(state.agents.is_empty());
+        assert!(state.agents.sessions().is_empty());
         // A deleted policy reaches subscribers as a change without a policy.
         let applied = state.apply(&keys, vec![delete(&keys.policy("ns", "svc"), 4)]);
         match applied.batch.as_deref() {
@@ -760,7 +758,7 @@ mod tests {
         assert!(p.active && state.protected.contains_key(&("ns".into(), "svc".into())));
         assert_eq!(state.policies.len(), 1);
         assert_eq!(state.policies[&("ns".into(), "svc".into())].version, 7);
-        assert!(state.replicas.contains("r1") && state.agents.contains("node-1"));
+        assert!(state.replicas.contains("r1") && state.agents.sessions().contains("node-1"));
     }
 
     #[test]

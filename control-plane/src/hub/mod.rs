@@ -4,6 +4,8 @@
 //! - `cache`: the cache itself (instances with per-service health counts
 //!   and protection, service configs, policies, replicas, agents, and a
 //!   bounded history of change batches). Pure, unit-tested without a store.
+//! - `agents`: the cache's agent table (session and last-seen records,
+//!   acknowledgements) and what "connected" means.
 //! - `sync`: loads the cache from the store page by page at one revision,
 //!   then follows the store's watch; reloads with backoff when it ends.
 //! - `feed`: the one snapshot / resume / resync algorithm, behind a
@@ -22,6 +24,7 @@
 //! snapshot (a resync) instead of the changes it missed; the hub never waits
 //! for it and never buffers more for it. See `docs/architecture.md`.
 
+mod agents;
 mod cache;
 mod chunk;
 mod feed;
@@ -36,10 +39,11 @@ use std::{
 
 use tokio::sync::{broadcast, mpsc, watch};
 use weir_proto::{
-    agent::v1::{PolicyChange, PolicyUpdate},
+    agent::v1::{AgentInfo, AgentRecord, PolicyChange, PolicyUpdate},
     registry::v1::{Instance, ServiceConfig, ServiceProtection, WatchResponse},
 };
 
+pub use agents::Seen;
 pub use record::decode_instance;
 
 use self::{
@@ -168,7 +172,26 @@ impl Hub {
 
     /// Nodes with an open agent session.
     pub fn agents(&self) -> BTreeSet<String> {
-        self.read().agents.clone()
+        self.read().agents.sessions()
+    }
+
+    /// The session record of a node, while its session lives.
+    pub fn agent_session(&self, node: &str) -> Option<Arc<AgentRecord>> {
+        self.read().agents.session(node)
+    }
+
+    /// Every agent's last-seen record, with its node's session record if
+    /// the session lives.
+    pub fn agents_seen(&self) -> Vec<(Seen, Option<Arc<AgentRecord>>)> {
+        self.read().agents.seen()
+    }
+
+    /// Agents (with a session or a last-seen record) after `after` in node
+    /// order, at most `limit`; whether more follow; the revision.
+    pub fn agents_page(&self, after: Option<&str>, limit: usize) -> (Vec<AgentInfo>, bool, u64) {
+        let state = self.read();
+        let (page, more) = state.agents.page(after, limit);
+        (page, more, state.revision)
     }
 
     /// Follows the policies: a snapshot (or the changes after

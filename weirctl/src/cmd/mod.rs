@@ -1,5 +1,6 @@
 //! One module per command: its clap `Args` and an `async fn run`.
 
+pub mod agents;
 pub mod deregister;
 pub mod get;
 pub mod health;
