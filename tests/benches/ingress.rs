@@ -43,7 +43,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use weir_tests::{
     agent::AgentProcess,
-    bench::{self, cpu_ticks, clock_ticks, env_num, rss_mib, Figure, Plan, Run},
+    bench::{self, clock_ticks, cpu_ticks, env_num, rss_mib, Figure, Plan, Run},
     fixtures::instance,
     ControlPlaneProcess,
 };
@@ -59,7 +59,9 @@ impl Drop for Guard {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn need(tool: &str) -> Result<()> {
@@ -69,13 +71,19 @@ fn need(tool: &str) -> Result<()> {
         .stdout(Stdio::null())
         .status()?
         .success();
-    ensure!(found, "{tool} not found: apt-get install nginx haproxy wrk nghttp2-client");
+    ensure!(
+        found,
+        "{tool} not found: apt-get install nginx haproxy wrk nghttp2-client"
+    );
     Ok(())
 }
 
 async fn wait_port(port: u16, what: &str) -> Result<()> {
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         if tokio::time::Instant::now() > end {
             bail!("{what} did not listen on {port}");
         }
@@ -165,7 +173,11 @@ fn wrk(dir: &Path, url: &str, secs: u64) -> Result<(f64, f64)> {
         .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
     let requests = text
         .lines()
-        .find_map(|l| l.trim().split_once(" requests in ").map(|(n, _)| n.to_owned()))
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.to_owned())
+        })
         .and_then(|n| n.trim().parse::<f64>().ok())
         .with_context(|| format!("no request count in wrk output: {text}"))?;
     let errors = text.contains("Non-2xx") || text.contains("Socket errors");
@@ -196,13 +208,19 @@ fn h2load(dir: &Path, url: &str, rate: u64, secs: u64) -> Result<Option<Latency>
         .arg(url)
         .output()
         .context("cannot run h2load")?;
-    ensure!(out.status.success(), "h2load failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "h2load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = std::fs::read_to_string(&log).context("h2load wrote no log")?;
     let mut micros: Vec<f64> = Vec::new();
     let mut failed = 0usize;
     for line in text.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(status), Some(d)) = (fields.get(1), fields.get(2)) else { continue };
+        let (Some(status), Some(d)) = (fields.get(1), fields.get(2)) else {
+            continue;
+        };
         if *status != "200" {
             failed += 1;
             continue;
@@ -230,7 +248,8 @@ fn h2load(dir: &Path, url: &str, rate: u64, secs: u64) -> Result<Option<Latency>
 }
 
 fn cpu_secs(pid: Option<u32>) -> f64 {
-    pid.and_then(cpu_ticks).map_or(f64::NAN, |t| t as f64 / clock_ticks())
+    pid.and_then(cpu_ticks)
+        .map_or(f64::NAN, |t| t as f64 / clock_ticks())
 }
 
 async fn set_up(plan: &Plan) -> Result<Setup> {
@@ -247,14 +266,23 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
     let mut guards = vec![nginx(&dir, "n1", ports[0])?, nginx(&dir, "n2", ports[1])?];
     let haproxy_port = free_port()?;
     guards.push(haproxy(&dir, haproxy_port, ports)?);
-    for (p, what) in [(ports[0], "nginx 1"), (ports[1], "nginx 2"), (haproxy_port, "haproxy")] {
+    for (p, what) in [
+        (ports[0], "nginx 1"),
+        (ports[1], "nginx 2"),
+        (haproxy_port, "haproxy"),
+    ] {
         wait_port(p, what).await?;
     }
     let plane = ControlPlaneProcess::start_binary(&plan.this.binary, &["--dev".to_owned()])?;
     let client = weir_client::Client::connect([plane.endpoint()]).await?;
     for (n, port) in ports.iter().enumerate() {
         client
-            .register(instance("default", "bench", &format!("n{}", n + 1), u32::from(*port)))
+            .register(instance(
+                "default",
+                "bench",
+                &format!("n{}", n + 1),
+                u32::from(*port),
+            ))
             .await?;
     }
     let agent = AgentProcess::start(&[plane.endpoint()], "bench-node", &[])?;
@@ -285,7 +313,9 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
     // Warm-up, and the rate the "half saturation" figures use.
     let (agent_rate, _) = wrk(&dir, &targets[1].url, secs)?;
     let half_rate = ((agent_rate / 2.0) as u64 / 1000).max(1) * 1000;
-    println!("agent saturation (warm-up): {agent_rate:.0} req/s; half-saturation rate: {half_rate}/s");
+    println!(
+        "agent saturation (warm-up): {agent_rate:.0} req/s; half-saturation rate: {half_rate}/s"
+    );
     Ok(Setup {
         dir,
         targets,
@@ -310,9 +340,17 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
         let (rate, requests) = wrk(&setup.dir, &t.url, setup.secs)?;
         let cpu = cpu_secs(t.pid) - before;
         println!("  {:8} saturation {rate:>9.0} req/s", t.name);
-        figures.push(Figure::higher(format!("{} saturation", t.name), "req/s", rate));
+        figures.push(Figure::higher(
+            format!("{} saturation", t.name),
+            "req/s",
+            rate,
+        ));
         if t.pid.is_some() {
-            figures.push(Figure::lower(format!("{} CPU per request", t.name), "µs", cpu * 1e6 / requests));
+            figures.push(Figure::lower(
+                format!("{} CPU per request", t.name),
+                "µs",
+                cpu * 1e6 / requests,
+            ));
         }
         for (label, rate) in [("1000/s", 1000), ("half", setup.half_rate)] {
             if let Some(l) = h2load(&setup.dir, &t.url, rate, setup.secs)? {
@@ -320,9 +358,21 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
                     "  {:8} at {rate:>6}/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
                     t.name, l.p50, l.p99, l.p999
                 );
-                figures.push(Figure::lower(format!("{} p50 @{label}", t.name), "ms", l.p50));
-                figures.push(Figure::lower(format!("{} p99 @{label}", t.name), "ms", l.p99));
-                figures.push(Figure::lower(format!("{} p99.9 @{label}", t.name), "ms", l.p999));
+                figures.push(Figure::lower(
+                    format!("{} p50 @{label}", t.name),
+                    "ms",
+                    l.p50,
+                ));
+                figures.push(Figure::lower(
+                    format!("{} p99 @{label}", t.name),
+                    "ms",
+                    l.p99,
+                ));
+                figures.push(Figure::lower(
+                    format!("{} p99.9 @{label}", t.name),
+                    "ms",
+                    l.p999,
+                ));
                 p99.insert((t.name, label), l.p99);
             }
         }
@@ -330,7 +380,11 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
     for proxy in ["agent", "haproxy"] {
         for label in ["1000/s", "half"] {
             if let (Some(p), Some(d)) = (p99.get(&(proxy, label)), p99.get(&("direct", label))) {
-                figures.push(Figure::lower(format!("{proxy} added p99 @{label}"), "ms", p - d));
+                figures.push(Figure::lower(
+                    format!("{proxy} added p99 @{label}"),
+                    "ms",
+                    p - d,
+                ));
             }
         }
     }
@@ -339,7 +393,11 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
 
 /// Opens `n` keep-alive connections, each with one request answered, and
 /// returns them (open).
-async fn hold_connections(addr: SocketAddr, path: &str, n: usize) -> Result<Vec<tokio::net::TcpStream>> {
+async fn hold_connections(
+    addr: SocketAddr,
+    path: &str,
+    n: usize,
+) -> Result<Vec<tokio::net::TcpStream>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
@@ -380,7 +438,10 @@ fn main() -> Result<()> {
         let plan = Plan::of(plan.this.clone(), None, rounds);
         let setup = set_up(&plan).await?;
         let idle = rss_mib(setup.agent_pid);
-        println!("weir-agent RSS at start, idle: {:.1} MiB", idle.unwrap_or(f64::NAN));
+        println!(
+            "weir-agent RSS at start, idle: {:.1} MiB",
+            idle.unwrap_or(f64::NAN)
+        );
         plan.measure(|run| round(&setup, run)).await?;
         memory(&setup).await
     })
