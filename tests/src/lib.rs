@@ -19,6 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub mod agent;
 pub mod bench;
 pub mod fixtures;
+pub mod sample;
 
 /// Environment variable naming a shared etcd for tests.
 pub const ETCD_ENV: &str = "WEIR_TEST_ETCD_ENDPOINTS";
