@@ -1,5 +1,5 @@
 # Shared shell helpers for Weir's scripts (sourced, not run).
-# ensure_deps: installs protoc and etcd with apt when missing.
+# ensure_deps: installs protoc, curl and etcd with apt when missing.
 # start_etcd / stop_etcd: a private etcd on a free loopback port.
 
 weir_log() { printf '\033[1;34m[weir]\033[0m %s\n' "$*" >&2; }
@@ -12,14 +12,15 @@ weir_sudo() {
   fi
 }
 
-# ensure_deps [need_etcd]: cargo must exist; protoc is needed to build;
-# etcd (etcd-server) is needed when need_etcd=1.
+# ensure_deps [need_etcd]: cargo must exist; protoc is needed to build,
+# curl by the quickstart; etcd (etcd-server) is needed when need_etcd=1.
 ensure_deps() {
   local need_etcd=${1:-1} pkgs=()
   if ! command -v cargo >/dev/null 2>&1; then
     weir_log "cargo not found: install Rust (https://rustup.rs) and run this again"; return 1
   fi
   command -v protoc >/dev/null 2>&1 || pkgs+=(protobuf-compiler)
+  command -v curl >/dev/null 2>&1 || pkgs+=(curl)
   if [ "$need_etcd" = 1 ]; then
     command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
     command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Weir quickstart: builds Weir, starts a control plane (on a local etcd when
 # one is installed, on the embedded dev store otherwise, and says which),
-# registers a few sample instances with weirctl (one of them ephemeral, kept
-# alive by a background `weirctl register --keep-alive`), shows them, and
-# keeps running until Ctrl-C. `--exit` stops after that.
+# registers a few instances with weirctl (one of them ephemeral, kept alive
+# by a background `weirctl register --keep-alive`), then starts two agents
+# (node-a, node-b) and sample services built from this workspace
+# (weir-sample): three `orders` instances spread over the two nodes, and one
+# `checkout` per node sending CloudEvents to `orders` through its own node's
+# agent. It shows the registry, how the events spread over the orders
+# instances and the agents' metrics, says what to try, and keeps running
+# until Ctrl-C. `--exit` stops after printing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -11,23 +16,66 @@ cd "$(dirname "$0")/.."
 exit_after=0
 [ "${1:-}" = "--exit" ] && exit_after=1
 
-ensure_deps 0   # cargo and protoc; etcd is optional here
-weir_log "building weir-control-plane and weirctl (first build takes a few minutes)"
-cargo build --quiet -p weir-control-plane -p weirctl --bins
-BIN=target/debug
-CP_PID=
-KEEPER_PID=
+ensure_deps 0   # cargo, protoc and curl; etcd is optional here
+weir_log "building weir-control-plane, weirctl, weir-agent and weir-sample (first build takes a few minutes)"
+cargo build --quiet -p weir-control-plane -p weirctl -p weir-agent -p weir-tests --bins
+BIN=$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)
+RATE=20             # events per second from each checkout
+REPORT_EVERY=5      # seconds between checkout's report lines
+
+# Stopped in this order: samples and the keeper deregister their instances
+# on SIGTERM, agents close their sessions, then the control plane goes.
+SAMPLE_PIDS=()
+AGENT_PIDS=()
+CP_PIDS=()
+LOG_DIR=
+
+stop_pids() {
+  local pid
+  for pid in "$@"; do kill "$pid" 2>/dev/null; done
+  for pid in "$@"; do wait "$pid" 2>/dev/null; done
+}
 
 cleanup() {
   set +e
-  # The keeper deregisters its instance on SIGTERM; then the control plane.
-  for pid in $KEEPER_PID $CP_PID; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+  stop_pids ${SAMPLE_PIDS[@]+"${SAMPLE_PIDS[@]}"}
+  stop_pids ${AGENT_PIDS[@]+"${AGENT_PIDS[@]}"}
+  stop_pids ${CP_PIDS[@]+"${CP_PIDS[@]}"}
   stop_etcd
-  [ -n "${LOG_DIR:-}" ] && rm -rf "$LOG_DIR"
+  [ -n "$LOG_DIR" ] && rm -rf "$LOG_DIR"
   return 0
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+LOG_DIR=$(mktemp -d -t weir-quickstart.XXXXXX)
+
+# start_ready NAME GROUP COMMAND...: starts COMMAND in the background
+# (stdout to $LOG_DIR/NAME.out, stderr to $LOG_DIR/NAME.log), adds its pid
+# to the array GROUP (for cleanup), and waits up to 30 s for the ready line
+# Weir's binaries print first on stdout. Sets READY_PID and READY_LINE.
+start_ready() {
+  local name=$1 group=$2 _
+  shift 2
+  "$@" >"$LOG_DIR/$name.out" 2>"$LOG_DIR/$name.log" &
+  READY_PID=$!
+  eval "$group+=(\"\$READY_PID\")"
+  for _ in $(seq 1 300); do
+    READY_LINE=$(head -n 1 "$LOG_DIR/$name.out")
+    case $READY_LINE in *" ready "*) return 0 ;; esac
+    if ! kill -0 "$READY_PID" 2>/dev/null; then
+      weir_log "$name exited before it was ready; its log:"
+      tail -n 20 "$LOG_DIR/$name.log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  weir_log "$name printed no ready line within 30 s; its log:"
+  tail -n 20 "$LOG_DIR/$name.log" >&2
+  return 1
+}
+
+# ready_field NAME: the value after NAME= in the last ready line.
+ready_field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$READY_LINE"; }
 
 if command -v etcd >/dev/null 2>&1; then
   start_etcd
@@ -40,38 +88,69 @@ fi
 
 port=7070
 if ! python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',$port))" 2>/dev/null; then port=$(weir_free_port); fi
-LOG_DIR=$(mktemp -d -t weir-quickstart.XXXXXX)
-"$BIN/weir-control-plane" "${store_args[@]}" --grpc-addr "127.0.0.1:$port" --http-addr 127.0.0.1:0 \
-  >"$LOG_DIR/ready" 2>"$LOG_DIR/control-plane.log" &
-CP_PID=$!
-for _ in $(seq 1 100); do
-  grep -q ready "$LOG_DIR/ready" 2>/dev/null && break
-  kill -0 "$CP_PID" 2>/dev/null || { cat "$LOG_DIR/control-plane.log" >&2; exit 1; }
-  sleep 0.1
-done
-grep -q ready "$LOG_DIR/ready" || { weir_log "control plane did not start"; cat "$LOG_DIR/control-plane.log" >&2; exit 1; }
-http=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' "$LOG_DIR/ready")
+start_ready control-plane CP_PIDS "$BIN/weir-control-plane" "${store_args[@]}" \
+  --grpc-addr "127.0.0.1:$port" --http-addr 127.0.0.1:0 || exit 1
+http=$(ready_field http)
 export WEIR_ENDPOINT="http://127.0.0.1:$port"
 weir_log "control plane up: gRPC $WEIR_ENDPOINT, HTTP http://$http, store: $store_note"
 
 weirctl() { "$BIN/weirctl" "$@"; }
-weir_log "registering sample instances"
-weirctl register orders --host 127.0.0.1 --port 8081 --id orders-1 --version 1.4.0 --zone a --meta team=shop >/dev/null
-weirctl register orders --host 127.0.0.1 --port 8082 --id orders-2 --version 1.4.0 --zone b --meta team=shop >/dev/null
+weir_log "registering instances with weirctl"
 weirctl register payments --host 127.0.0.1 --port 9090 --id payments-1 --protocol grpc --topic payments.requested >/dev/null
 # Two actively checked ones: the control plane's own HTTP endpoint (healthy),
 # and a TCP check on a port nothing listens on (goes CRITICAL in ~2 s).
-http_port=${http##*:}
-weirctl register status-page --host 127.0.0.1 --port "$http_port" --id status-1 --check http:/healthz >/dev/null
+weirctl register status-page --host 127.0.0.1 --port "${http##*:}" --id status-1 --check http:/healthz >/dev/null
 weirctl register legacy --host 127.0.0.1 --port "$(weir_free_port)" --id legacy-1 --check tcp >/dev/null
 # An ephemeral instance on a 6 s lease, renewed in the background by weirctl.
 "$BIN/weirctl" register inventory --host 127.0.0.1 --port 8090 --id inventory-1 --ttl 6 --keep-alive \
   >/dev/null 2>"$LOG_DIR/keeper.log" &
-KEEPER_PID=$!
-for _ in $(seq 1 50); do
-  weirctl get inventory 2>/dev/null | grep -q inventory-1 && break
-  sleep 0.1
+SAMPLE_PIDS+=($!)
+
+# Two agents, one per "node"; each prints its ingress and admin addresses.
+for node in a b; do
+  start_ready "agent-$node" AGENT_PIDS "$BIN/weir-agent" --node-id "node-$node" --zone "$node" \
+    --control-plane "$WEIR_ENDPOINT" --ingress-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 || exit 1
+  printf -v "INGRESS_$node" '%s' "$(ready_field ingress)"
+  printf -v "ADMIN_$node" '%s' "$(ready_field admin)"
 done
+weir_log "agents up: node-a ingress http://$INGRESS_a, node-b ingress http://$INGRESS_b"
+
+# start_sample ZONE ID [FLAGS...]: weir-sample instance ID of the service
+# ID names (orders-a1: orders) on node-ZONE, registered at the control
+# plane. Sets PID_<id> and ADDR_<id> (dashes as underscores).
+start_sample() {
+  local zone=$1 id=$2
+  shift 2
+  start_ready "$id" SAMPLE_PIDS "$BIN/weir-sample" --service "${id%-*}" --instance-id "$id" \
+    --zone "$zone" --node "node-$zone" --registry "$WEIR_ENDPOINT" "$@" || exit 1
+  printf -v "PID_${id//-/_}" '%s' "$READY_PID"
+  printf -v "ADDR_${id//-/_}" '%s' "$(ready_field addr)"
+}
+ORDERS=(orders-a1 orders-a2 orders-b1)
+# The zone is the letter in the id: orders-a1 and orders-a2 on node-a, orders-b1 on node-b.
+for id in "${ORDERS[@]}"; do start_sample "${id: -2:1}" "$id"; done
+
+# routes_to ADMIN SERVICE: how many endpoints that agent routes SERVICE to.
+routes_to() {
+  curl -fsS "http://$1/v1/state" 2>/dev/null \
+    | sed -n "s/.*\"service\":\"$2\",[^]]*\"endpoints\":\[\([^]]*\)\].*/\1/p" \
+    | grep -o '"id":' | wc -l
+}
+for node in a b; do
+  admin_var=ADMIN_$node
+  for _ in $(seq 1 100); do
+    [ "$(routes_to "${!admin_var}" orders)" -eq 3 ] && break
+    sleep 0.1
+  done
+  if [ "$(routes_to "${!admin_var}" orders)" -ne 3 ]; then
+    weir_log "after 10 s agent node-$node does not route orders to 3 instances:"
+    curl -fsS "http://${!admin_var}/v1/state" >&2 || true
+    exit 1
+  fi
+done
+weir_log "both agents route orders to ${ORDERS[*]}; starting the checkouts ($RATE events/s each)"
+start_sample a checkout-a1 --emit-to orders --agent "http://$INGRESS_a" --rate "$RATE" --report-every "$REPORT_EVERY"
+start_sample b checkout-b1 --emit-to orders --agent "http://$INGRESS_b" --rate "$RATE" --report-every "$REPORT_EVERY"
 
 echo
 echo "\$ weirctl list"
@@ -87,30 +166,68 @@ echo
 echo "\$ weirctl get legacy"
 weirctl get legacy
 echo
-echo "\$ weirctl health status-page"
-weirctl health status-page
-echo
 echo "\$ weirctl policy set -f docs/examples/orders-policy.yaml"
 weirctl policy set -f docs/examples/orders-policy.yaml
-echo "\$ weirctl policy list"
-weirctl policy list
+
+# The checkouts' first report lines come after REPORT_EVERY seconds.
+for _ in $(seq 1 $(( (REPORT_EVERY + 5) * 10 ))); do
+  if grep -q 'weir-sample report' "$LOG_DIR/checkout-a1.out" \
+    && grep -q 'weir-sample report' "$LOG_DIR/checkout-b1.out"; then break; fi
+  sleep 0.1
+done
+
+# json_num NAME JSON: the number after "NAME": in JSON.
+json_num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$2"; }
+echo
+echo "Event traffic: checkout-a1 (node-a) and checkout-b1 (node-b) each send $RATE CloudEvents/s"
+echo "to orders through their own node's agent; each agent balances them over all three instances:"
+total=0
+declare -A received from
+for id in "${ORDERS[@]}"; do
+  addr_var=ADDR_${id//-/_}
+  stats=$(curl -fsS "http://${!addr_var}/stats" || echo '{}')
+  received[$id]=$(json_num received "$stats")
+  received[$id]=${received[$id]:-0}
+  from[$id]=$(grep -o '"/checkout/[^"]*":[0-9]*' <<<"$stats" | sed 's|"/checkout/\([^"]*\)":\([0-9]*\)|\1 \2|' | paste -sd, - | sed 's/,/, /g')
+  total=$(( total + received[$id] ))
+done
+for id in "${ORDERS[@]}"; do
+  awk -v id="$id" -v node="node-${id: -2:1}" -v n="${received[$id]}" -v t="$total" -v from="${from[$id]}" \
+    'BEGIN { printf "  %-10s %-7s %5d events  %5.1f%%   from %s\n", id, node, n, t ? 100 * n / t : 0, from }'
+done
+echo "What the senders saw (their latest report line, every ${REPORT_EVERY} s):"
+for id in checkout-a1 checkout-b1; do
+  line=$(grep 'weir-sample report' "$LOG_DIR/$id.out" | tail -n 1)
+  echo "  ${line:-$id has not reported yet}"
+done
+echo
+echo "Agents (admin API: /v1/state /metrics /readyz /healthz):"
+for node in a b; do
+  ingress_var=INGRESS_$node admin_var=ADMIN_$node
+  echo "  node-$node  ingress http://${!ingress_var}  admin http://${!admin_var}/v1/state"
+  curl -fsS "http://${!admin_var}/metrics" 2>/dev/null \
+    | awk '/^weir_agent_(requests|rejections|upstream_errors)_total/ && $NF != 0 { print "    " $0 }' || true
+done
 echo
 cat <<MSG
-Weir's control plane is running:
-  gRPC API   $WEIR_ENDPOINT  (weir.registry.v1.Registry, grpc.health.v1, server reflection)
-  HTTP       http://$http/healthz  http://$http/readyz
-  store      $store_note
-Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $PWD/$BIN/weirctl):
-  weirctl watch                        # live changes in the default namespace
-  weirctl get inventory -o json        # the ephemeral one, on a lease weirctl renews
-  weirctl register orders --host 127.0.0.1 --port 8083 --ttl 5   # gone after 5 s: no heartbeats
-  weirctl deregister orders orders-2
-  weirctl health legacy                # status history with reasons
-  weirctl policy get orders            # the traffic policy the agents will enforce
-  weirctl policy status orders         # which agents run it (none until the agent lands)
-grpcurl works too, without the .proto (server reflection):
-  grpcurl -plaintext -d '{"namespace":"default"}' 127.0.0.1:$port weir.registry.v1.Registry/Watch
-Agents, sample event traffic and the dashboard come with later stages. Ctrl-C here stops everything.
+Weir is running: a control plane, two agents, three orders instances and two checkouts.
+  control plane  $WEIR_ENDPOINT (gRPC: weir.registry.v1.Registry, health, reflection)
+                 http://$http/readyz   store: $store_note
+  logs           $LOG_DIR (one .out and one .log per process)
+Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $BIN/weirctl):
+  tail -f $LOG_DIR/checkout-a1.out   # which orders instance answered, every ${REPORT_EVERY} s
+  kill $PID_orders_a2          # orders-a2 deregisters: the split moves to the other two at once
+  kill -9 $PID_orders_b1       # no deregistration: upstream-unavailable failures until its 10 s lease expires
+  weirctl get orders                 # instances, zones, leases
+  weirctl watch orders               # every change, live
+  curl -i http://$INGRESS_a/v1/services/orders/events -H 'ce-specversion: 1.0' -H 'ce-id: hand-1' \\
+    -H 'ce-source: /you' -H 'ce-type: sample.manual' -H 'content-type: application/json' -d '{"hi":1}'
+  curl -i http://$INGRESS_a/v1/services/orders/events -H 'ce-specversion: 1.0' -H 'ce-id: hand-2' \\
+    -H 'ce-source: /you' -d '{}'     # 400, weir-reason: bad-event, "header ce-type is required"
+  curl -s http://$ADMIN_b/v1/state   # what node-b's agent knows: session, routes, endpoints
+  weirctl health legacy              # status history with reasons
+  weirctl policy status orders       # both agents acknowledge it (not enforced yet)
+Rate limits, retries, breakers and the dashboard come with later stages. Ctrl-C here stops everything.
 MSG
 if [ "$exit_after" = 1 ]; then exit 0; fi
-wait "$CP_PID"
+wait "${CP_PIDS[0]}"
