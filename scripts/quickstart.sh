@@ -109,20 +109,24 @@ SAMPLE_PIDS+=($!)
 # Two agents, one per "node"; each prints its ingress and admin addresses.
 for node in a b; do
   start_ready "agent-$node" AGENT_PIDS "$BIN/weir-agent" --node-id "node-$node" --zone "$node" \
-    --control-plane "$WEIR_ENDPOINT" --ingress-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 || exit 1
+    --control-plane "$WEIR_ENDPOINT" --ingress-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+    --registry-addr 127.0.0.1:0 || exit 1
   printf -v "INGRESS_$node" '%s' "$(ready_field ingress)"
   printf -v "ADMIN_$node" '%s' "$(ready_field admin)"
+  printf -v "REGISTRY_$node" '%s' "$(ready_field registry)"
 done
 weir_log "agents up: node-a ingress http://$INGRESS_a, node-b ingress http://$INGRESS_b"
 
 # start_sample ZONE ID [FLAGS...]: weir-sample instance ID of the service
-# ID names (orders-a1: orders) on node-ZONE, registered at the control
-# plane. Sets PID_<id> and ADDR_<id> (dashes as underscores).
+# ID names (orders-a1: orders) on node-ZONE, registered with node-ZONE's
+# agent, which holds it on its node session. Sets PID_<id> and ADDR_<id>
+# (dashes as underscores).
 start_sample() {
-  local zone=$1 id=$2
+  local zone=$1 id=$2 registry
   shift 2
+  registry=REGISTRY_$zone
   start_ready "$id" SAMPLE_PIDS "$BIN/weir-sample" --service "${id%-*}" --instance-id "$id" \
-    --zone "$zone" --node "node-$zone" --registry "$WEIR_ENDPOINT" "$@" || exit 1
+    --zone "$zone" --node "node-$zone" --registry "http://${!registry}" "$@" || exit 1
   printf -v "PID_${id//-/_}" '%s' "$READY_PID"
   printf -v "ADDR_${id//-/_}" '%s' "$(ready_field addr)"
 }
