@@ -45,6 +45,11 @@ pub struct Args {
     /// CloudEvents), in bytes.
     #[arg(long, env = "WEIR_AGENT_MAX_EVENT_BYTES")]
     pub max_event_bytes: Option<usize>,
+    /// After the session comes back from a disconnection, how long an
+    /// instance the control plane no longer lists keeps being routed while
+    /// its agent registers it again (seconds, 0-600, default 30).
+    #[arg(long, env = "WEIR_AGENT_STALE_GRACE_SECONDS")]
+    pub stale_grace_seconds: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "WEIR_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -62,6 +67,7 @@ pub struct FileConfig {
     pub admin_addr: Option<SocketAddr>,
     pub registry_addr: Option<SocketAddr>,
     pub max_event_bytes: Option<usize>,
+    pub stale_grace_seconds: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -76,6 +82,7 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub registry_addr: SocketAddr,
     pub max_event_bytes: usize,
+    pub stale_grace: std::time::Duration,
     pub log_format: LogFormat,
 }
 
@@ -112,6 +119,7 @@ impl Default for Config {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 7081)),
             registry_addr: SocketAddr::from(([127, 0, 0, 1], 7082)),
             max_event_bytes: 1024 * 1024,
+            stale_grace: std::time::Duration::from_secs(30),
             log_format: LogFormat::Text,
         }
     }
@@ -175,8 +183,18 @@ impl Config {
                 "max_event_bytes must be 1024-{MAX_EVENT_BYTES_CAP} (got {max_event_bytes})"
             )));
         }
+        let stale_grace = match args.stale_grace_seconds.or(file.stale_grace_seconds) {
+            Some(s) if s > 600 => {
+                return Err(ConfigError::Invalid(format!(
+                    "stale_grace_seconds must be 0-600 (got {s})"
+                )))
+            }
+            Some(s) => std::time::Duration::from_secs(s),
+            None => d.stale_grace,
+        };
         Ok(Self {
             node_id,
+            stale_grace,
             zone,
             control_plane,
             namespace,

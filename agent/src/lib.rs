@@ -107,7 +107,7 @@ impl Agent {
             ingress_address: ingress_addr.to_string(),
             ..Hello::default()
         };
-        let view = view::View::new(routes.clone());
+        let view = view::View::new(routes.clone(), config.stale_grace);
         let local = Arc::new(local::Local::new(config.node_id.clone(), client.clone()));
         let registry_service = local::LocalRegistry::new(local.clone(), view.mirror());
         let session = tokio::spawn(session::run(client, hello, view, local.clone(), state_tx));

@@ -29,8 +29,6 @@ pub enum Reason {
     TooLarge,
     /// The instance could not be reached or broke the exchange.
     UpstreamUnavailable,
-    /// The agent is shutting down.
-    Draining,
 }
 
 impl Reason {
@@ -43,7 +41,6 @@ impl Reason {
             Reason::BadEvent => "bad-event",
             Reason::TooLarge => "too-large",
             Reason::UpstreamUnavailable => "upstream-unavailable",
-            Reason::Draining => "draining",
         }
     }
 
@@ -52,7 +49,7 @@ impl Reason {
             Reason::UnknownService => StatusCode::NOT_FOUND,
             Reason::NoTarget | Reason::BadEvent => StatusCode::BAD_REQUEST,
             Reason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reason::NoEndpoint | Reason::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
         }
     }
@@ -60,22 +57,21 @@ impl Reason {
     /// The gRPC status code (as in `google.rpc.Code`).
     pub fn grpc_code(self) -> u16 {
         match self {
-            Reason::UnknownService => 5,              // NOT_FOUND
-            Reason::NoTarget | Reason::BadEvent => 3, // INVALID_ARGUMENT
-            Reason::TooLarge => 8,                    // RESOURCE_EXHAUSTED
-            Reason::NoEndpoint | Reason::Draining | Reason::UpstreamUnavailable => 14, // UNAVAILABLE
+            Reason::UnknownService => 5,                            // NOT_FOUND
+            Reason::NoTarget | Reason::BadEvent => 3,               // INVALID_ARGUMENT
+            Reason::TooLarge => 8,                                  // RESOURCE_EXHAUSTED
+            Reason::NoEndpoint | Reason::UpstreamUnavailable => 14, // UNAVAILABLE
         }
     }
 
     /// Every reason, for metrics set up front.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 6] = [
         Reason::UnknownService,
         Reason::NoTarget,
         Reason::NoEndpoint,
         Reason::BadEvent,
         Reason::TooLarge,
         Reason::UpstreamUnavailable,
-        Reason::Draining,
     ];
 }
 

@@ -42,6 +42,8 @@ pub struct SessionState {
     pub local_registered: bool,
     /// Local instances held.
     pub local_instances: usize,
+    /// Instances routed as stale after a reconnect (see `View`).
+    pub stale_instances: usize,
     pub registry_revision: u64,
     pub policy_revision: u64,
     /// How each `namespace/service` policy version was acknowledged.
@@ -114,6 +116,9 @@ pub async fn run(
             Ok(mut session) => {
                 if let Some(p) = &previous {
                     session.adopt(p);
+                    // Back after a disconnection: what the control plane
+                    // lost meanwhile is being registered again.
+                    view.begin_grace();
                 }
                 view.stream_restarted();
                 backoff.reset();
@@ -184,7 +189,15 @@ async fn follow(
             }
             reported = Some(status);
         }
-        let event = match session.next().await {
+        let expiry = view.next_expiry();
+        let next = tokio::select! {
+            next = session.next() => next,
+            () = sleep_until(expiry), if expiry.is_some() => {
+                view.expire(tokio::time::Instant::now());
+                continue;
+            }
+        };
+        let event = match next {
             Ok(Some(event)) => event,
             Ok(None) => return "the control plane closed the stream".to_owned(),
             Err(e) => return e.to_string(),
@@ -244,10 +257,18 @@ async fn follow(
         }
         state.send_modify(|s| {
             s.local_instances = local.len();
+            s.stale_instances = view.stale();
             s.view_loaded = view.is_loaded();
             s.registry_revision = view.revision();
             s.policy_revision = session.policy_revision();
         });
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

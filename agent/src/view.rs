@@ -9,9 +9,11 @@
 //! and never waits on a rebuild of anything but the map entry.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, RwLock},
 };
+
+use tokio::time::Instant;
 
 use serde::Serialize;
 use weir_client::{Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate};
@@ -86,7 +88,28 @@ impl Routes {
     }
 }
 
+type InstanceId = (String, String, String);
+
+fn id_of(i: &Instance) -> InstanceId {
+    (
+        i.namespace.clone(),
+        i.service.clone(),
+        i.instance_id.clone(),
+    )
+}
+
 /// The registry as this agent knows it, and the routes derived from it.
+///
+/// **Stale instances.** After the session comes back from a disconnection
+/// (say the control plane was away for longer than the session TTL), the
+/// instances of every node's agents may be missing from what the control
+/// plane sends, for the seconds their agents take to register them again.
+/// For a grace period after such a reconnect ([`View::begin_grace`]), an
+/// instance that a resync snapshot omits or a change deletes stays routed
+/// as *stale* until it is registered again or the period ends; then it is
+/// dropped. So the view is never emptied because the control plane went
+/// away and came back. The price: an instance deregistered during the
+/// grace period keeps getting traffic until it ends.
 #[derive(Debug)]
 pub struct View {
     /// Shared with the local registry, which answers reads from it.
@@ -94,6 +117,10 @@ pub struct View {
     routes: Arc<Routes>,
     /// A complete snapshot was applied.
     loaded: bool,
+    grace: std::time::Duration,
+    grace_until: Option<Instant>,
+    /// Instances kept past their removal, until the deadline.
+    stale: BTreeMap<InstanceId, (Instance, Instant)>,
 }
 
 /// `host:port` with IPv6 literals bracketed.
@@ -107,11 +134,55 @@ fn authority_of(i: &Instance) -> Option<http::uri::Authority> {
 }
 
 impl View {
-    pub fn new(routes: Arc<Routes>) -> Self {
+    /// A view feeding `routes`, keeping removed instances as stale for
+    /// `grace` after a reconnect.
+    pub fn new(routes: Arc<Routes>, grace: std::time::Duration) -> Self {
         Self {
             mirror: Arc::default(),
             routes,
             loaded: false,
+            grace,
+            grace_until: None,
+            stale: BTreeMap::new(),
+        }
+    }
+
+    /// The session came back after a disconnection: for the grace period,
+    /// removals keep the instance as stale.
+    pub fn begin_grace(&mut self) {
+        if self.loaded && !self.grace.is_zero() {
+            self.grace_until = Some(Instant::now() + self.grace);
+        }
+    }
+
+    /// Instances routed as stale now.
+    pub fn stale(&self) -> usize {
+        self.stale.len()
+    }
+
+    /// When the next stale instance is due to be dropped.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.stale.values().map(|(_, t)| *t).min()
+    }
+
+    /// Drops the stale instances whose grace ended by `now`.
+    pub fn expire(&mut self, now: Instant) {
+        let due: Vec<InstanceId> = self
+            .stale
+            .iter()
+            .filter(|(_, (_, t))| *t <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut touched = BTreeSet::new();
+        for k in due {
+            if let Some((i, _)) = self.stale.remove(&k) {
+                tracing::info!(namespace = %i.namespace, service = %i.service, instance = %i.instance_id,
+                    "a stale instance was not registered again within the grace period; dropped");
+                touched.insert((i.namespace, i.service));
+            }
+        }
+        for (ns, svc) in &touched {
+            self.rebuild(ns, svc);
         }
     }
 
@@ -166,10 +237,27 @@ impl View {
         &mut self,
         message: weir_client::WatchResponse,
     ) -> Result<Option<WatchUpdate>, weir_client::Error> {
+        let grace_until = self.grace_until.filter(|t| Instant::now() < *t);
+        // What a removal would drop, while removals keep instances stale.
+        let mut removed: Vec<Instance> = Vec::new();
+        if grace_until.is_some() {
+            if message.kind == weir_client::WatchKind::Snapshot as i32 && message.snapshot_complete
+            {
+                removed.extend(self.read().instances().cloned());
+            } else if message.kind == weir_client::WatchKind::Changes as i32 {
+                removed.extend(
+                    message
+                        .events
+                        .iter()
+                        .filter(|e| e.r#type == weir_client::EventType::Delete as i32)
+                        .filter_map(|e| e.instance.clone()),
+                );
+            }
+        }
         let Some(update) = self.write().apply(message)? else {
             return Ok(None);
         };
-        let touched: BTreeSet<(String, String)> = match &update {
+        let mut touched: BTreeSet<(String, String)> = match &update {
             WatchUpdate::Snapshot { .. } => {
                 self.loaded = true;
                 let mut all = self.routes.services();
@@ -194,6 +282,23 @@ impl View {
                 .collect(),
             WatchUpdate::Progress { .. } => BTreeSet::new(),
         };
+        {
+            let mirror = self.mirror.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(deadline) = grace_until {
+                for i in removed {
+                    if mirror
+                        .get(&i.namespace, &i.service, &i.instance_id)
+                        .is_none()
+                    {
+                        touched.insert((i.namespace.clone(), i.service.clone()));
+                        self.stale.insert(id_of(&i), (i, deadline));
+                    }
+                }
+            }
+            // Registered again: no longer stale.
+            self.stale
+                .retain(|(ns, svc, id), _| mirror.get(ns, svc, id).is_none());
+        }
         for (ns, svc) in &touched {
             self.rebuild(ns, svc);
         }
@@ -204,7 +309,12 @@ impl View {
     /// not change keep their identity (and in-flight counts).
     fn rebuild(&self, namespace: &str, service: &str) {
         let mirror = self.read();
-        let instances: Vec<&Instance> = mirror.service(namespace, service).collect();
+        let stale = self
+            .stale
+            .range((namespace.to_owned(), service.to_owned(), String::new())..)
+            .take_while(|((ns, svc, _), _)| ns == namespace && svc == service)
+            .map(|(_, (i, _))| i);
+        let instances: Vec<&Instance> = mirror.service(namespace, service).chain(stale).collect();
         if instances.is_empty() {
             self.routes.set(namespace, service, None);
             return;
@@ -376,7 +486,7 @@ mod tests {
     #[test]
     fn routes_follow_snapshots_and_changes_and_skip_critical_instances() {
         let routes = Arc::new(Routes::default());
-        let mut view = View::new(routes.clone());
+        let mut view = View::new(routes.clone(), std::time::Duration::from_secs(30));
         assert!(!view.is_loaded());
         view.apply(snapshot(
             vec![
@@ -439,7 +549,7 @@ mod tests {
     #[test]
     fn protection_routes_to_every_instance() {
         let routes = Arc::new(Routes::default());
-        let mut view = View::new(routes.clone());
+        let mut view = View::new(routes.clone(), std::time::Duration::from_secs(30));
         view.apply(snapshot(
             vec![
                 inst("orders", "a", 1, HealthStatus::Critical),
@@ -471,6 +581,59 @@ mod tests {
         let route = routes.get("default", "orders").expect("route");
         assert!(route.protection);
         assert_eq!(ids(&routes, "orders"), ["a", "b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_reconnect_removed_instances_stay_stale_for_the_grace_period() {
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), std::time::Duration::from_secs(30));
+        let a = inst("orders", "a", 1, HealthStatus::Passing);
+        let b = inst("orders", "b", 2, HealthStatus::Passing);
+        view.apply(snapshot(vec![a.clone(), b.clone()], 5))
+            .expect("applies");
+
+        // Outside a grace period a removal is a removal.
+        view.apply(change(EventType::Delete, b.clone(), 6))
+            .expect("applies");
+        assert_eq!(ids(&routes, "orders"), ["a"]);
+        view.apply(change(EventType::Put, b.clone(), 7))
+            .expect("applies");
+
+        // Back from an outage: the resync snapshot lacks a (its agent has
+        // not registered it again yet) and a delete takes b.
+        view.begin_grace();
+        view.apply(snapshot(vec![b.clone()], 20)).expect("applies");
+        view.apply(change(EventType::Delete, b.clone(), 21))
+            .expect("applies");
+        assert_eq!(ids(&routes, "orders"), ["a", "b"], "both kept, stale");
+        assert_eq!(view.stale(), 2);
+
+        // a is registered again: no longer stale.
+        tokio::time::advance(std::time::Duration::from_secs(10)).await;
+        view.apply(change(EventType::Put, a.clone(), 22))
+            .expect("applies");
+        assert_eq!(view.stale(), 1);
+        let due = view.next_expiry().expect("b is due");
+        view.expire(tokio::time::Instant::now());
+        assert_eq!(
+            ids(&routes, "orders"),
+            ["a", "b"],
+            "b's grace has 20 s left"
+        );
+
+        tokio::time::advance(due - tokio::time::Instant::now()).await;
+        view.expire(tokio::time::Instant::now());
+        assert_eq!(
+            ids(&routes, "orders"),
+            ["a"],
+            "b dropped when the grace ended"
+        );
+        assert_eq!(view.stale(), 0);
+
+        // After the grace period removals are removals again.
+        view.apply(change(EventType::Delete, a, 23))
+            .expect("applies");
+        assert!(routes.get("default", "orders").is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Result};
 
-use crate::{http_get, ready_field, spawn_ready, workspace_binary};
+use crate::{free_ports_unless_given, http_get, ready_field, spawn_ready, workspace_binary};
 
 /// A running `weir-agent` (killed when dropped).
 #[derive(Debug)]
@@ -38,11 +38,11 @@ impl AgentProcess {
         command
             .arg(format!("--node-id={node}"))
             .arg(format!("--control-plane={}", endpoints.join(",")));
-        for flag in ["--ingress-addr", "--admin-addr", "--registry-addr"] {
-            if !extra.iter().any(|e| e.starts_with(flag)) {
-                command.arg(format!("{flag}=127.0.0.1:0"));
-            }
-        }
+        free_ports_unless_given(
+            &mut command,
+            extra,
+            &["--ingress-addr", "--admin-addr", "--registry-addr"],
+        );
         command.args(extra);
         let (child, line) = spawn_ready(command, "weir-agent")?;
         Ok(Self {

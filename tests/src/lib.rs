@@ -229,6 +229,17 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `FLAG=127.0.0.1:0` (a free loopback port) for each of `flags` that
+/// `given` does not set, so a test can fix one port (to restart a process
+/// on it) and leave the rest free.
+pub fn free_ports_unless_given(command: &mut Command, given: &[String], flags: &[&str]) {
+    for flag in flags {
+        if !given.iter().any(|g| g.starts_with(flag)) {
+            command.arg(format!("{flag}=127.0.0.1:0"));
+        }
+    }
+}
+
 /// SIGTERM to `child`, then waits for its exit status.
 pub fn sigterm(child: &mut Child) -> Result<std::process::ExitStatus> {
     let status = Command::new("kill")
@@ -310,10 +321,8 @@ impl ControlPlaneProcess {
     /// benchmark) with these flags (listen addresses are added).
     pub fn start_binary(binary: &std::path::Path, args: &[String]) -> Result<Self> {
         let mut command = Command::new(binary);
-        command
-            .args(args)
-            .arg("--grpc-addr=127.0.0.1:0")
-            .arg("--http-addr=127.0.0.1:0");
+        command.args(args);
+        free_ports_unless_given(&mut command, args, &["--grpc-addr", "--http-addr"]);
         let (child, line) = spawn_ready(command, "weir-control-plane")?;
         let grpc_addr = ready_field(&line, "grpc=")?;
         let http_addr = ready_field(&line, "http=")?;

@@ -163,3 +163,183 @@ async fn instances_registered_at_an_agent_live_and_leave_with_it() -> Result<()>
     drop(keepers);
     Ok(())
 }
+
+/// Counts of requests sent through the agents while something happens.
+#[derive(Default)]
+struct Traffic {
+    ok: std::sync::atomic::AtomicUsize,
+    failed: std::sync::Mutex<Vec<String>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// Sends a request through each agent every 20 ms until told to stop.
+async fn keep_sending(traffic: std::sync::Arc<Traffic>, ingresses: Vec<std::net::SocketAddr>) {
+    use std::sync::atomic::Ordering;
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<hyper::body::Bytes>>();
+    while !traffic.stop.load(Ordering::Relaxed) {
+        for addr in &ingresses {
+            let request = hyper::Request::post(format!("http://{addr}/v1/services/orders/tick"))
+                .body(http_body_util::Full::new(hyper::body::Bytes::from_static(
+                    b"x",
+                )));
+            let outcome = match request {
+                Ok(r) => match http.request(r).await {
+                    Ok(resp) if resp.status().is_success() => Ok(()),
+                    Ok(resp) => Err(format!(
+                        "{} {:?}",
+                        resp.status(),
+                        resp.headers().get("weir-reason")
+                    )),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(()) => {
+                    traffic.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => traffic
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("via {addr}: {e}")),
+            }
+        }
+        // Pacing, not a wait for a condition.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls an agent's `/v1/state` until `done` holds; fails after `deadline`.
+async fn state_until(
+    agent: &AgentProcess,
+    deadline: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<()> {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        let state = agent.state().await?;
+        if done(&state) {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < end,
+            "after {deadline:?}, {what}: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn agents_ride_out_a_control_plane_outage_longer_than_the_session_ttl() -> Result<()> {
+    use std::sync::{atomic::Ordering, Arc};
+    use weir_tests::{fixtures::HttpInstance, unique_prefix, ControlPlaneProcess, Etcd};
+
+    let etcd = Etcd::start().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let args = [
+        format!("--etcd-endpoints={}", etcd.endpoints().join(",")),
+        format!("--etcd-prefix={}", unique_prefix("agent-outage")),
+        format!("--grpc-addr=127.0.0.1:{port}"),
+    ];
+    let mut plane = ControlPlaneProcess::start_args(&args)?;
+    let client = Client::connect([plane.endpoint()]).await?;
+    let agents = [
+        AgentProcess::start(&[plane.endpoint()], "node-1", &[])?,
+        AgentProcess::start(&[plane.endpoint()], "node-2", &[])?,
+    ];
+    let servers = [
+        HttpInstance::start().await?,
+        HttpInstance::start().await?,
+        HttpInstance::start().await?,
+    ];
+    let on_node = |n: usize| Client::connect([agents[n].registry_endpoint()]);
+    let (at_1, at_2) = (on_node(0).await?, on_node(1).await?);
+    let mut keepers = Vec::new();
+    for (n, id) in ["a", "b"].iter().enumerate() {
+        let mut i = local(id, 5);
+        i.port = u32::from(servers[n].port());
+        keepers.push(at_1.register_and_keep_alive(i).await?);
+    }
+    for agent in &agents {
+        agent
+            .wait_for_endpoints("default", "orders", 2, SETTLE)
+            .await?;
+    }
+    let traffic = Arc::new(Traffic::default());
+    let sender = tokio::spawn(keep_sending(
+        traffic.clone(),
+        agents.iter().map(AgentProcess::ingress_addr).collect(),
+    ));
+
+    // The control plane goes away for 30 s, three session TTLs.
+    let outage = Duration::from_secs(30);
+    let down_at = tokio::time::Instant::now();
+    plane.kill()?;
+    for agent in &agents {
+        state_until(agent, SETTLE, "the agent says it is degraded", |s| {
+            s["session"]["degraded"] == true
+        })
+        .await?;
+    }
+    // The outage itself: a duration of the scenario, not a wait for a condition.
+    tokio::time::sleep_until(down_at + outage).await;
+    let during = traffic.ok.load(Ordering::Relaxed);
+    let plane = ControlPlaneProcess::start_args(&args)?;
+
+    // Both sessions expired during the outage: node-1 registers its
+    // instances again on its new session, well within the grace period.
+    until(
+        &client,
+        "orders",
+        Duration::from_secs(25),
+        "a and b back on node-1",
+        |s| {
+            s == [
+                ("a".to_owned(), "node-1".to_owned()),
+                ("b".to_owned(), "node-1".to_owned()),
+            ]
+        },
+    )
+    .await?;
+    for agent in &agents {
+        state_until(agent, SETTLE, "the agent is connected again", |s| {
+            s["session"]["connected"] == true && s["session"]["degraded"] == false
+        })
+        .await?;
+    }
+    // A registration made after the restart reaches both agents.
+    let mut c = local("c", 5);
+    c.port = u32::from(servers[2].port());
+    keepers.push(at_2.register_and_keep_alive(c).await?);
+    for agent in &agents {
+        agent
+            .wait_for_endpoints("default", "orders", 3, SETTLE)
+            .await?;
+    }
+    traffic.stop.store(true, Ordering::Relaxed);
+    sender.await?;
+    let failed = traffic
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let ok = traffic.ok.load(Ordering::Relaxed);
+    ensure!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    ensure!(
+        during > 1000,
+        "traffic flowed during the outage ({during} requests by its end)"
+    );
+    drop(plane);
+    Ok(())
+}

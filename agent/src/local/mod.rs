@@ -343,7 +343,11 @@ mod tests {
         );
         tokio::time::advance(Duration::from_millis(2100)).await;
         let gone = h.lapsed(Instant::now());
-        assert_eq!(gone, std::slice::from_ref(&a), "a's 2 s ran out; b has 0.9 s left");
+        assert_eq!(
+            gone,
+            std::slice::from_ref(&a),
+            "a's 2 s ran out; b has 0.9 s left"
+        );
         assert_eq!(
             h.beat(&a, Instant::now()),
             None,
