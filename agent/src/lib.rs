@@ -116,9 +116,15 @@ impl Agent {
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(local::SWEEP);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut last = tokio::time::Instant::now();
                 loop {
                     every.tick().await;
-                    local.sweep().await;
+                    let now = tokio::time::Instant::now();
+                    let stalled = now
+                        .saturating_duration_since(last)
+                        .saturating_sub(local::SWEEP);
+                    last = now;
+                    local.sweep(stalled).await;
                 }
             })
         };

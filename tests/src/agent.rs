@@ -115,6 +115,28 @@ impl AgentProcess {
         }
     }
 
+    /// SIGSTOP: the process is frozen (its sockets stay open) until
+    /// [`AgentProcess::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT after [`AgentProcess::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, which: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(which)
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill {which} failed");
+        }
+        Ok(())
+    }
+
     /// kill -9.
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill()?;

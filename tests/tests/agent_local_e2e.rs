@@ -270,11 +270,12 @@ async fn agents_ride_out_a_control_plane_outage_longer_than_the_session_ttl() ->
             .wait_for_endpoints("default", "orders", 2, SETTLE)
             .await?;
     }
+    // One sender per agent, so a frozen agent holds up only its own.
     let traffic = Arc::new(Traffic::default());
-    let sender = tokio::spawn(keep_sending(
-        traffic.clone(),
-        agents.iter().map(AgentProcess::ingress_addr).collect(),
-    ));
+    let senders: Vec<_> = agents
+        .iter()
+        .map(|a| tokio::spawn(keep_sending(traffic.clone(), vec![a.ingress_addr()])))
+        .collect();
 
     // The control plane goes away for 30 s, three session TTLs.
     let outage = Duration::from_secs(30);
@@ -289,7 +290,20 @@ async fn agents_ride_out_a_control_plane_outage_longer_than_the_session_ttl() ->
     // The outage itself: a duration of the scenario, not a wait for a condition.
     tokio::time::sleep_until(down_at + outage).await;
     let during = traffic.ok.load(Ordering::Relaxed);
+    // node-1 is frozen while node-2 reconnects first: node-2 learns that
+    // a and b are gone (their session expired) before node-1 can register
+    // them again, and keeps routing to them as stale meanwhile.
+    agents[0].pause()?;
     let plane = ControlPlaneProcess::start_args(&args)?;
+    let resumed = state_until(
+        &agents[1],
+        SETTLE,
+        "node-2 back, routing to a and b as stale",
+        |s| s["session"]["connected"] == true && s["session"]["stale_instances"] == 2,
+    )
+    .await;
+    agents[0].resume()?;
+    resumed?;
 
     // Both sessions expired during the outage: node-1 registers its
     // instances again on its new session, well within the grace period.
@@ -321,8 +335,14 @@ async fn agents_ride_out_a_control_plane_outage_longer_than_the_session_ttl() ->
             .wait_for_endpoints("default", "orders", 3, SETTLE)
             .await?;
     }
+    state_until(&agents[1], SETTLE, "nothing stale any more", |s| {
+        s["session"]["stale_instances"] == 0
+    })
+    .await?;
     traffic.stop.store(true, Ordering::Relaxed);
-    sender.await?;
+    for s in senders {
+        s.await?;
+    }
     let failed = traffic
         .failed
         .lock()

@@ -105,6 +105,15 @@ impl Holdings {
         self.held.remove(key).is_some()
     }
 
+    /// Pushes every heartbeat clock forward by `by` (capped at `now`): the
+    /// agent itself was not running (suspended, frozen) for that long, so
+    /// no service could reach it.
+    pub fn excuse(&mut self, by: Duration, now: Instant) {
+        for h in self.held.values_mut() {
+            h.last_beat = (h.last_beat + by).min(now);
+        }
+    }
+
     /// The instances whose TTL ran out by `now`, forgotten.
     pub fn lapsed(&mut self, now: Instant) -> Vec<InstanceKey> {
         let gone: Vec<InstanceKey> = self
@@ -243,9 +252,17 @@ impl Local {
         }
     }
 
-    /// Deregisters the instances whose TTL lapsed.
-    pub async fn sweep(&self) {
-        let lapsed = self.with(|h| h.lapsed(Instant::now()));
+    /// Deregisters the instances whose TTL lapsed. `stalled`: how much
+    /// later than due this sweep runs; a gap the agent itself caused
+    /// (suspended, frozen) is not held against the services.
+    pub async fn sweep(&self, stalled: Duration) {
+        let now = Instant::now();
+        let lapsed = self.with(|h| {
+            if stalled > SWEEP {
+                h.excuse(stalled, now);
+            }
+            h.lapsed(now)
+        });
         if lapsed.is_empty() {
             return;
         }
@@ -356,6 +373,22 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(h.lapsed(Instant::now()).len(), 1);
         assert!(h.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_the_agent_was_not_running_is_excused() {
+        let mut h = Holdings::default();
+        h.hold(inst("a", 2), inst("a", 2), Instant::now());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // The agent was frozen for 9.5 of those 10 s.
+        h.excuse(Duration::from_millis(9500), Instant::now());
+        assert!(h.lapsed(Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_millis(1600)).await;
+        assert_eq!(
+            h.lapsed(Instant::now()).len(),
+            1,
+            "the rest of its TTL still counts"
+        );
     }
 
     #[test]
