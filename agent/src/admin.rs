@@ -8,14 +8,20 @@
 //!   requests in flight, as JSON.
 //! - `GET /metrics`: Prometheus text (see `docs/metrics.md`).
 
-use std::sync::{atomic::Ordering, Arc, OnceLock};
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, OnceLock,
+};
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{ingress::Ingress, session::SessionState, view::RouteState};
+use crate::{
+    session::SessionState,
+    view::{RouteState, Routes},
+};
 
 /// The process-wide Prometheus recorder, installed by the first agent.
 pub fn prometheus() -> &'static PrometheusHandle {
@@ -36,7 +42,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
 pub struct Admin {
     pub node_id: String,
     pub session: watch::Receiver<SessionState>,
-    pub ingress: Arc<Ingress>,
+    pub routes: Arc<Routes>,
+    /// Requests in flight over every ingress worker.
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 #[derive(Serialize)]
@@ -79,9 +87,8 @@ async fn state(State(a): State<Admin>) -> Json<StateBody> {
     Json(StateBody {
         node_id: a.node_id.clone(),
         session: a.session.borrow().clone(),
-        in_flight: a.ingress.in_flight.load(Ordering::Relaxed),
+        in_flight: a.in_flight.load(Ordering::Relaxed),
         routes: a
-            .ingress
             .routes
             .all()
             .iter()

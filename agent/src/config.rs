@@ -50,6 +50,10 @@ pub struct Args {
     /// its agent registers it again (seconds, 0-600, default 30).
     #[arg(long, env = "WEIR_AGENT_STALE_GRACE_SECONDS")]
     pub stale_grace_seconds: Option<u64>,
+    /// Ingress worker threads, each with its own runtime, listening socket
+    /// and upstream pools (default: the number of CPUs; 1-64).
+    #[arg(long, env = "WEIR_AGENT_WORKERS")]
+    pub workers: Option<usize>,
     /// Log format: text or json.
     #[arg(long, env = "WEIR_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -68,6 +72,7 @@ pub struct FileConfig {
     pub registry_addr: Option<SocketAddr>,
     pub max_event_bytes: Option<usize>,
     pub stale_grace_seconds: Option<u64>,
+    pub workers: Option<usize>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -83,6 +88,7 @@ pub struct Config {
     pub registry_addr: SocketAddr,
     pub max_event_bytes: usize,
     pub stale_grace: std::time::Duration,
+    pub workers: usize,
     pub log_format: LogFormat,
 }
 
@@ -120,6 +126,7 @@ impl Default for Config {
             registry_addr: SocketAddr::from(([127, 0, 0, 1], 7082)),
             max_event_bytes: 1024 * 1024,
             stale_grace: std::time::Duration::from_secs(30),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
             log_format: LogFormat::Text,
         }
     }
@@ -192,9 +199,16 @@ impl Config {
             Some(s) => std::time::Duration::from_secs(s),
             None => d.stale_grace,
         };
+        let workers = args.workers.or(file.workers).unwrap_or(d.workers);
+        if !(1..=64).contains(&workers) {
+            return Err(ConfigError::Invalid(format!(
+                "workers must be 1-64 (got {workers})"
+            )));
+        }
         Ok(Self {
             node_id,
             stale_grace,
+            workers,
             zone,
             control_plane,
             namespace,

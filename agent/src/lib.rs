@@ -59,7 +59,7 @@ pub struct Agent {
     admin_addr: SocketAddr,
     registry_addr: SocketAddr,
     stop: watch::Sender<bool>,
-    ingress: JoinHandle<()>,
+    ingress: ingress::Workers,
     admin: JoinHandle<()>,
     registry: JoinHandle<()>,
     session: JoinHandle<()>,
@@ -90,15 +90,37 @@ impl Agent {
     /// the node session.
     pub async fn start(config: Config) -> Result<Self, AgentError> {
         admin::prometheus();
-        let ingress_listener = bind("ingress", config.ingress_addr).await?;
         let admin_listener = bind("admin", config.admin_addr).await?;
         let registry_listener = bind("registry", config.registry_addr).await?;
-        let ingress_addr = local_addr("ingress", &ingress_listener, config.ingress_addr)?;
         let admin_addr = local_addr("admin", &admin_listener, config.admin_addr)?;
         let registry_addr = local_addr("registry", &registry_listener, config.registry_addr)?;
 
         let client = Client::with_config(&config.control_plane, ClientConfig::default())?;
         let routes = Arc::new(view::Routes::default());
+        let (stop, stopped) = watch::channel(false);
+        let until = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ingress = {
+            let (routes, in_flight) = (routes.clone(), in_flight.clone());
+            let (namespace, max) = (config.namespace.clone(), config.max_event_bytes);
+            ingress::Workers::start(
+                config.ingress_addr,
+                config.workers,
+                move || {
+                    ingress::Ingress::new(routes.clone(), namespace.clone(), max, in_flight.clone())
+                },
+                stopped.clone(),
+                DRAIN,
+            )
+            .map_err(|source| AgentError::Bind {
+                what: "ingress",
+                addr: config.ingress_addr,
+                source,
+            })?
+        };
+        let ingress_addr = ingress.addr();
         let (state_tx, state_rx) = watch::channel(session::SessionState::default());
         let hello = Hello {
             node_id: config.node_id.clone(),
@@ -129,25 +151,11 @@ impl Agent {
             })
         };
 
-        let ingress = Arc::new(ingress::Ingress::new(
-            routes,
-            config.namespace.clone(),
-            config.max_event_bytes,
-        ));
-        let (stop, stopped) = watch::channel(false);
-        let until = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let ingress_task = tokio::spawn(ingress::serve(
-            ingress_listener,
-            ingress.clone(),
-            until(stopped.clone()),
-            DRAIN,
-        ));
         let router = admin::router(admin::Admin {
             node_id: config.node_id.clone(),
             session: state_rx,
-            ingress,
+            routes,
+            in_flight,
         });
         let registry_stop = until(stopped.clone());
         let registry = tokio::spawn(async move {
@@ -181,7 +189,7 @@ impl Agent {
             admin_addr,
             registry_addr,
             stop,
-            ingress: ingress_task,
+            ingress,
             admin,
             registry,
             session,
@@ -210,16 +218,14 @@ impl Agent {
     pub async fn serve_until(mut self, signal: impl Future<Output = ()>) -> Result<(), AgentError> {
         let failed = tokio::select! {
             () = signal => None,
-            _ = &mut self.ingress => Some("ingress"),
+            () = self.ingress.one_ended() => Some("ingress"),
             _ = &mut self.admin => Some("admin"),
             _ = &mut self.registry => Some("registry"),
             _ = &mut self.session => Some("session"),
             _ = &mut self.sweeper => Some("sweeper"),
         };
         let _ = self.stop.send(true);
-        if failed != Some("ingress") {
-            let _ = (&mut self.ingress).await;
-        }
+        self.ingress.all_ended().await;
         self.sweeper.abort();
         self.local.deregister_all().await;
         self.session.abort();

@@ -10,6 +10,9 @@
 pub mod cloudevents;
 pub mod forward;
 pub mod target;
+mod workers;
+
+pub use workers::Workers;
 
 use std::{
     convert::Infallible,
@@ -49,8 +52,8 @@ pub struct Ingress {
     pub upstreams: Upstreams,
     pub default_namespace: String,
     pub max_event_bytes: usize,
-    /// Requests being handled.
-    pub in_flight: AtomicUsize,
+    /// Requests being handled (by every worker).
+    pub in_flight: Arc<AtomicUsize>,
     rejections: [metrics::Counter; Reason::ALL.len()],
 }
 
@@ -77,13 +80,19 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 }
 
 impl Ingress {
-    pub fn new(routes: Arc<Routes>, default_namespace: String, max_event_bytes: usize) -> Self {
+    /// One worker's ingress: `routes` and `in_flight` are shared by all.
+    pub fn new(
+        routes: Arc<Routes>,
+        default_namespace: String,
+        max_event_bytes: usize,
+        in_flight: Arc<AtomicUsize>,
+    ) -> Self {
         Self {
             routes,
             upstreams: Upstreams::new(),
             default_namespace,
             max_event_bytes,
-            in_flight: AtomicUsize::new(0),
+            in_flight,
             rejections: Reason::ALL
                 .map(|r| metrics::counter!("weir_agent_rejections_total", "reason" => r.as_str())),
         }
