@@ -230,7 +230,7 @@ Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $BIN/weirctl)
     -H 'ce-source: /you' -d '{}'     # 400, weir-reason: bad-event, "header ce-type is required"
   curl -s http://$ADMIN_b/v1/state   # what node-b's agent knows: session, routes, endpoints
   weirctl health legacy              # status history with reasons
-  weirctl policy status orders       # both agents acknowledge it (not enforced yet)
+  weirctl policy status orders       # "partly": the agents name the sections they do not enforce yet
 Rate limits, retries, breakers and the dashboard come with later stages. Ctrl-C here stops everything.
 MSG
 if [ "$exit_after" = 1 ]; then exit 0; fi

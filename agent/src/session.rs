@@ -16,6 +16,7 @@ use weir_client::{
         agent_reply, agent_request, applied_policy, reply_error, AgentDescription, AgentRequest,
         AgentStatus, AppliedPolicy, Hello, PolicyChange, ReplyError,
     },
+    policy::{load_balancer::Algorithm, TrafficPolicy},
     AckOutcome, AgentSession, Client, EventType, SessionEvent, WatchUpdate,
 };
 use weir_core::{
@@ -64,24 +65,32 @@ pub struct PolicyAck {
     pub unenforced: Vec<String>,
 }
 
-/// Sections of a traffic policy this agent enforces. None yet: the policy
-/// stack (timeouts, retries, ejection, rate limits, breakers) comes with
-/// the next issues, and balancing is round robin by instance weight
-/// whatever `load_balancer` says. Every section a policy sets is reported
-/// unenforced, so `weirctl policy status` shows "partly" rather than a
-/// false "applied".
-const ENFORCED: &[&str] = &[];
+/// Whether this agent enforces a policy's `load_balancer` section: round
+/// robin, plain or weighted, not in shadow mode. The other algorithms
+/// (least request, peak EWMA, consistent hash) come with the next issue.
+fn balancing_enforced(p: &TrafficPolicy) -> bool {
+    p.load_balancer.as_ref().is_none_or(|lb| {
+        !lb.shadow
+            && matches!(
+                Algorithm::try_from(lb.algorithm),
+                Ok(Algorithm::Unspecified | Algorithm::RoundRobin | Algorithm::WeightedRoundRobin)
+            )
+    })
+}
 
-/// How a policy version is acknowledged: applied when it sets nothing
-/// this agent leaves out, else in part, naming the sections.
+/// How a policy version is acknowledged: applied when this agent enforces
+/// every section it sets, else in part, naming the sections it does not.
+/// Enforced now: `load_balancer` (round robin, plain or weighted). Not
+/// yet: rate limits, breakers, retries, timeouts, delivery, and rules (per
+/// event type and source), which come with the policy stack of the next
+/// issues.
 fn outcome(change: &PolicyChange) -> (AckOutcome, Vec<String>) {
-    let unenforced: Vec<String> = change
-        .policy
-        .as_ref()
-        .map(weir_core::policy::sections::present)
-        .unwrap_or_default()
+    let Some(policy) = change.policy.as_ref() else {
+        return (AckOutcome::Applied, Vec::new());
+    };
+    let unenforced: Vec<String> = weir_core::policy::sections::present(policy)
         .into_iter()
-        .filter(|s| !ENFORCED.contains(s))
+        .filter(|s| *s != "load_balancer" || !balancing_enforced(policy))
         .map(str::to_owned)
         .collect();
     if unenforced.is_empty() {
@@ -222,6 +231,12 @@ async fn follow(
                 }
             },
             SessionEvent::Policies(update) => {
+                view.apply_policies(
+                    session
+                        .policies()
+                        .iter()
+                        .map(|(k, c)| (k, c.policy.as_ref())),
+                );
                 for change in &update.changes {
                     let (ack, unenforced) = outcome(change);
                     if let Err(e) = session

@@ -16,7 +16,10 @@ use std::{
 use tokio::time::Instant;
 
 use serde::Serialize;
-use weir_client::{Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate};
+use weir_client::{
+    policy::{load_balancer::Algorithm, TrafficPolicy},
+    Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate,
+};
 
 use crate::balance::{Balance, Endpoint, Protocol, RoundRobin};
 
@@ -90,6 +93,14 @@ impl Routes {
 
 type InstanceId = (String, String, String);
 
+/// Whether a policy's balancing (outside its rules) follows instance
+/// weights.
+pub fn weighted_round_robin(p: &TrafficPolicy) -> bool {
+    p.load_balancer
+        .as_ref()
+        .is_some_and(|lb| lb.algorithm == Algorithm::WeightedRoundRobin as i32)
+}
+
 fn id_of(i: &Instance) -> InstanceId {
     (
         i.namespace.clone(),
@@ -121,6 +132,9 @@ pub struct View {
     grace_until: Option<Instant>,
     /// Instances kept past their removal, until the deadline.
     stale: BTreeMap<InstanceId, (Instance, Instant)>,
+    /// Services whose policy asks for `WEIGHTED_ROUND_ROBIN`; the others
+    /// get plain round robin (the policy default).
+    weighted: BTreeSet<(String, String)>,
 }
 
 /// `host:port` with IPv6 literals bracketed.
@@ -144,6 +158,29 @@ impl View {
             grace,
             grace_until: None,
             stale: BTreeMap::new(),
+            weighted: BTreeSet::new(),
+        }
+    }
+
+    /// Takes the balancing of every service from its policy (all the
+    /// policies the session holds): services whose choice changed are
+    /// rebuilt.
+    pub fn apply_policies<'a>(
+        &mut self,
+        policies: impl IntoIterator<Item = (&'a (String, String), Option<&'a TrafficPolicy>)>,
+    ) {
+        let weighted: BTreeSet<(String, String)> = policies
+            .into_iter()
+            .filter(|(_, p)| p.is_some_and(weighted_round_robin))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let changed: Vec<(String, String)> = weighted
+            .symmetric_difference(&self.weighted)
+            .cloned()
+            .collect();
+        self.weighted = weighted;
+        for (ns, svc) in &changed {
+            self.rebuild(ns, svc);
         }
     }
 
@@ -365,7 +402,12 @@ impl View {
         let route = ServiceRoute {
             namespace: namespace.into(),
             service: service.into(),
-            balancer: RoundRobin::new(endpoints, start),
+            balancer: RoundRobin::new(
+                endpoints,
+                start,
+                self.weighted
+                    .contains(&(namespace.to_owned(), service.to_owned())),
+            ),
             instances: instances.len(),
             protection,
             requests: metrics::counter!("weir_agent_requests_total", &labels),

@@ -10,7 +10,10 @@ use hyper_util::{
     client::legacy::{connect::HttpConnector, Client as HttpClient},
     rt::TokioExecutor,
 };
-use weir_client::{Client, Protocol};
+use weir_client::{
+    policy::{load_balancer::Algorithm, LoadBalancer, TrafficPolicy},
+    Client, Protocol,
+};
 use weir_tests::{
     agent::AgentProcess,
     fixtures::{instance, HttpInstance},
@@ -83,13 +86,28 @@ async fn two_agents_spread_requests_by_round_robin_and_by_weight() -> Result<()>
         HttpInstance::start().await?,
         HttpInstance::start().await?,
     ];
-    register(&client, "orders", &servers, &[]).await?;
+    // Unequal weights, but no policy: plain round robin, the default.
+    register(&client, "orders", &servers, &[100, 300, 500]).await?;
     let weighted = [
         HttpInstance::start().await?,
         HttpInstance::start().await?,
         HttpInstance::start().await?,
     ];
     register(&client, "billing", &weighted, &[100, 200, 300]).await?;
+    client
+        .put_policy(
+            TrafficPolicy {
+                namespace: "default".into(),
+                service: "billing".into(),
+                load_balancer: Some(LoadBalancer {
+                    algorithm: Algorithm::WeightedRoundRobin as i32,
+                    ..LoadBalancer::default()
+                }),
+                ..TrafficPolicy::default()
+            },
+            None,
+        )
+        .await?;
     let agents = [
         AgentProcess::start(&[plane.endpoint()], "node-1", &[])?,
         AgentProcess::start(&[plane.endpoint()], "node-2", &[])?,
@@ -103,6 +121,19 @@ async fn two_agents_spread_requests_by_round_robin_and_by_weight() -> Result<()>
             .wait_for_endpoints("default", "billing", 3, SETTLE)
             .await?;
     }
+    // Both agents enforce the whole policy (its one section is balancing).
+    let end = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let s = client.policy_status("default", "billing").await?;
+        if s.applied == 2 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < end,
+            "policy status after {SETTLE:?}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     for n in 0..3000 {
         let agent = &agents[n % 2];
@@ -114,7 +145,7 @@ async fn two_agents_spread_requests_by_round_robin_and_by_weight() -> Result<()>
     let counts: Vec<usize> = servers.iter().map(|s| s.hits().len()).collect();
     ensure!(
         counts.iter().all(|c| within(*c, 1000.0, 0.05)),
-        "round robin spread 3,000 requests as {counts:?}"
+        "round robin (weights ignored without a policy) spread 3,000 requests as {counts:?}"
     );
     ensure!(
         servers
@@ -127,7 +158,7 @@ async fn two_agents_spread_requests_by_round_robin_and_by_weight() -> Result<()>
         within(counts[0], 500.0, 0.05)
             && within(counts[1], 1000.0, 0.05)
             && within(counts[2], 1500.0, 0.05),
-        "weights 100/200/300 spread 3,000 requests as {counts:?}"
+        "WEIGHTED_ROUND_ROBIN with weights 100/200/300 spread 3,000 requests as {counts:?}"
     );
 
     // A Host naming the service routes like the path does.

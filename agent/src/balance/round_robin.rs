@@ -54,10 +54,19 @@ impl RoundRobin {
     /// A balancer over `endpoints` starting its rotation at `start` (pass
     /// the previous balancer's [`RoundRobin::position`] so a change of the
     /// set does not send the next requests to the first endpoints again).
-    pub fn new(endpoints: Vec<Arc<Endpoint>>, start: usize) -> Self {
+    /// `weighted`: by the endpoints' weights (the policy's
+    /// `WEIGHTED_ROUND_ROBIN`), else one turn each (`ROUND_ROBIN`, the
+    /// default).
+    pub fn new(endpoints: Vec<Arc<Endpoint>>, start: usize, weighted: bool) -> Self {
         let mut weights: Vec<u64> = endpoints
             .iter()
-            .map(|e| u64::from(e.weight.max(1)))
+            .map(|e| {
+                if weighted {
+                    u64::from(e.weight.max(1))
+                } else {
+                    1
+                }
+            })
             .collect();
         let g = weights.iter().copied().fold(0, gcd).max(1);
         weights.iter_mut().for_each(|w| *w /= g);
@@ -132,15 +141,15 @@ mod tests {
 
     #[test]
     fn equal_weights_rotate_in_order() {
-        let rr = RoundRobin::new(vec![ep("a", 100), ep("b", 100), ep("c", 100)], 0);
+        let rr = RoundRobin::new(vec![ep("a", 100), ep("b", 100), ep("c", 100)], 0, true);
         assert_eq!(picks(&rr, 6), ["a", "b", "c", "a", "b", "c"]);
     }
 
     #[test]
     fn weights_are_followed_and_spread_out() {
-        let rr = RoundRobin::new(vec![ep("a", 5), ep("b", 1), ep("c", 1)], 0);
+        let rr = RoundRobin::new(vec![ep("a", 5), ep("b", 1), ep("c", 1)], 0, true);
         assert_eq!(picks(&rr, 7), ["a", "a", "b", "a", "c", "a", "a"]);
-        let rr = RoundRobin::new(vec![ep("a", 300), ep("b", 200), ep("c", 100)], 0);
+        let rr = RoundRobin::new(vec![ep("a", 300), ep("b", 200), ep("c", 100)], 0, true);
         let mut counts = HashMap::new();
         for id in picks(&rr, 6000) {
             *counts.entry(id).or_insert(0) += 1;
@@ -151,8 +160,14 @@ mod tests {
     }
 
     #[test]
+    fn plain_round_robin_ignores_weights() {
+        let rr = RoundRobin::new(vec![ep("a", 5), ep("b", 1), ep("c", 1)], 0, false);
+        assert_eq!(picks(&rr, 6), ["a", "b", "c", "a", "b", "c"]);
+    }
+
+    #[test]
     fn huge_weight_sums_are_scaled_not_dropped() {
-        let rr = RoundRobin::new(vec![ep("a", 10_000), ep("b", 9_999), ep("c", 1)], 0);
+        let rr = RoundRobin::new(vec![ep("a", 10_000), ep("b", 9_999), ep("c", 1)], 0, true);
         assert!(rr.sequence.len() as u64 <= MAX_SEQUENCE);
         let seen = picks(&rr, rr.sequence.len());
         assert!(
@@ -163,23 +178,24 @@ mod tests {
 
     #[test]
     fn excluded_endpoints_are_skipped_and_all_excluded_is_none() {
-        let rr = RoundRobin::new(vec![ep("a", 1), ep("b", 1), ep("c", 1)], 0);
+        let rr = RoundRobin::new(vec![ep("a", 1), ep("b", 1), ep("c", 1)], 0, true);
         let not_b = |e: &Endpoint| &*e.id == "b";
         let seen: Vec<String> = (0..4)
             .map(|_| rr.pick(&not_b).expect("one").id.to_string())
             .collect();
         assert_eq!(seen, ["a", "c", "a", "c"]);
         assert!(rr.pick(&|_| true).is_none());
-        assert!(RoundRobin::new(Vec::new(), 0).pick(&any).is_none());
+        assert!(RoundRobin::new(Vec::new(), 0, true).pick(&any).is_none());
     }
 
     #[test]
     fn a_rebuilt_balancer_continues_the_rotation() {
-        let first = RoundRobin::new(vec![ep("a", 1), ep("b", 1), ep("c", 1)], 0);
+        let first = RoundRobin::new(vec![ep("a", 1), ep("b", 1), ep("c", 1)], 0, true);
         assert_eq!(picks(&first, 1), ["a"]);
         let next = RoundRobin::new(
             vec![ep("a", 1), ep("b", 1), ep("c", 1), ep("d", 1)],
             first.position(),
+            true,
         );
         assert_eq!(picks(&next, 3), ["b", "c", "d"]);
     }
