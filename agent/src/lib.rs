@@ -130,7 +130,11 @@ impl Agent {
             ..Hello::default()
         };
         let view = view::View::new(routes.clone(), config.stale_grace);
-        let local = Arc::new(local::Local::new(config.node_id.clone(), client.clone()));
+        let local = Arc::new(local::Local::new(
+            config.node_id.clone(),
+            client.clone(),
+            state_rx.clone(),
+        ));
         let registry_service = local::LocalRegistry::new(local.clone(), view.mirror());
         let session = tokio::spawn(session::run(client, hello, view, local.clone(), state_tx));
         let sweeper = {

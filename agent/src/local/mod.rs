@@ -42,6 +42,9 @@ use weir_core::{health::checker::Checker, InstanceKey};
 
 pub use service::LocalRegistry;
 
+/// How long a registration waits for the node session to open.
+pub const SESSION_WAIT: Duration = Duration::from_secs(5);
+
 /// How often lapsed instances are looked for.
 pub const SWEEP: Duration = Duration::from_millis(500);
 
@@ -150,6 +153,8 @@ impl Holdings {
 pub struct Local {
     node: String,
     client: Client,
+    /// The node session's state: registrations wait for it to be open.
+    session: tokio::sync::watch::Receiver<crate::session::SessionState>,
     holdings: Mutex<Holdings>,
     checker: Checker,
 }
@@ -159,17 +164,26 @@ pub struct Local {
 pub enum LocalError {
     #[error("{field}: {rule}")]
     Invalid { field: String, rule: String },
+    /// The agent has no open session with the control plane (starting,
+    /// or the control plane is away): try again shortly.
+    #[error("this agent has no session with the control plane right now; try again shortly")]
+    NoSession,
     #[error(transparent)]
     ControlPlane(#[from] weir_client::Error),
 }
 
 impl Local {
-    pub fn new(node: String, client: Client) -> Self {
+    pub fn new(
+        node: String,
+        client: Client,
+        session: tokio::sync::watch::Receiver<crate::session::SessionState>,
+    ) -> Self {
         let sink = Arc::new(NodeStatusSink::new(client.clone(), node.clone()));
         let checker = Checker::new(sink, format!("agent:{node}"));
         Self {
             node,
             client,
+            session,
             holdings: Mutex::default(),
             checker,
         }
@@ -207,10 +221,27 @@ impl Local {
             // A stable id, so a retried registration replaces, not adds.
             instance.instance_id = format!("{:016x}", rand::random::<u64>());
         }
-        let response = self
+        // The control plane registers for a node only while its session is
+        // open: a service that starts with its agent waits for it, briefly.
+        let mut session = self.session.clone();
+        let open = tokio::time::timeout(SESSION_WAIT, async {
+            session.wait_for(|s| s.connected).await.is_ok()
+        })
+        .await;
+        if open != Ok(true) {
+            return Err(LocalError::NoSession);
+        }
+        let response = match self
             .client
             .register_for_node(&self.node, instance.clone())
-            .await?;
+            .await
+        {
+            // The session ended between the check and the call.
+            Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => {
+                return Err(LocalError::NoSession)
+            }
+            other => other?,
+        };
         let record = response
             .instance
             .clone()

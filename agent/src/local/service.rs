@@ -63,6 +63,7 @@ impl From<LocalError> for Status {
     fn from(e: LocalError) -> Self {
         match e {
             LocalError::Invalid { field, rule } => invalid(&field, &rule),
+            no_session @ LocalError::NoSession => Status::unavailable(no_session.to_string()),
             LocalError::ControlPlane(e) => relayed(e),
         }
     }
