@@ -533,15 +533,33 @@ mod tests {
         assert!(matches!(store.read(), Err(LoadError::Format(_))));
     }
 
+    #[test]
+    fn an_unusable_data_dir_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").expect("write");
+        let e = Store::open(&file.join("data"), "node-a").expect_err("under a file");
+        assert!(matches!(e, PersistError::Create { .. }), "{e}");
+        assert!(e.to_string().contains("cannot create the data dir"), "{e}");
+        let e = Store::open(&file, "node-a").expect_err("a file, not a directory");
+        assert!(
+            matches!(
+                e,
+                PersistError::NotWritable { .. } | PersistError::Create { .. }
+            ),
+            "{e}"
+        );
+    }
+
     #[cfg(unix)]
     #[test]
-    fn an_unwritable_data_dir_is_a_clear_error() {
+    fn a_read_only_data_dir_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let ro = dir.path().join("ro");
         std::fs::create_dir(&ro).expect("mkdir");
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).expect("chmod");
-        // Root writes anywhere: then there is nothing to show.
+        // Root writes anywhere: the test above covers it.
         if std::fs::File::create(ro.join("x")).is_ok() {
             return;
         }
