@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "weir/registry/v1/registry.proto",
         "weir/policy/v1/policy.proto",
         "weir/agent/v1/agent.proto",
+        "weir/agent/v1/state.proto",
     ];
     let descriptor = out.join("weir_descriptor.bin");
     let mut config = prost_build::Config::new();

@@ -54,6 +54,11 @@ pub struct Args {
     /// and upstream pools (default: the number of CPUs; 1-64).
     #[arg(long, env = "WEIR_AGENT_WORKERS")]
     pub workers: Option<usize>,
+    /// Directory where the agent keeps its registry view and policies
+    /// (`view.pb`), so that it can route on them when it starts while no
+    /// control plane answers. Created if missing. Unset: nothing is kept.
+    #[arg(long, env = "WEIR_AGENT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "WEIR_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -73,6 +78,7 @@ pub struct FileConfig {
     pub max_event_bytes: Option<usize>,
     pub stale_grace_seconds: Option<u64>,
     pub workers: Option<usize>,
+    pub data_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -89,6 +95,8 @@ pub struct Config {
     pub max_event_bytes: usize,
     pub stale_grace: std::time::Duration,
     pub workers: usize,
+    /// Where the view and policies are persisted (none: not persisted).
+    pub data_dir: Option<PathBuf>,
     pub log_format: LogFormat,
 }
 
@@ -127,6 +135,7 @@ impl Default for Config {
             max_event_bytes: 1024 * 1024,
             stale_grace: std::time::Duration::from_secs(30),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
+            data_dir: None,
             log_format: LogFormat::Text,
         }
     }
@@ -222,6 +231,10 @@ impl Config {
                 .or(file.registry_addr)
                 .unwrap_or(d.registry_addr),
             max_event_bytes,
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .filter(|d| !d.as_os_str().is_empty()),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
@@ -248,6 +261,10 @@ mod tests {
         assert_eq!(c.admin_addr.port(), 7081);
         assert_eq!(c.control_plane, ["http://a:1", "http://b:2"]);
         assert_eq!(c.namespace, "default");
+        assert_eq!(c.data_dir, None, "nothing is persisted unless asked");
+        let file: FileConfig = toml::from_str("data_dir = \"/var/lib/weir\"").expect("toml");
+        let c = Config::merge(Args::default(), file).expect("valid");
+        assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/weir")));
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //! - [`reject`]: every answer the agent makes itself.
 //! - [`admin`]: state, health, readiness and metrics.
 //!
-//! Not built yet (see `docs/agent.md`): policy enforcement (timeouts, retries, rate limits, breakers), persistence of
-//! the view, the durable outbox.
+//! - [`persist`]: the view and policies kept under `--data-dir`.
+//!
+//! Not built yet (see `docs/agent.md`): policy enforcement (timeouts,
+//! retries, rate limits, breakers), the durable outbox.
 
 pub mod admin;
 pub mod balance;
@@ -22,6 +24,7 @@ pub mod body;
 pub mod config;
 pub mod ingress;
 pub mod local;
+pub mod persist;
 pub mod reject;
 pub mod session;
 pub mod view;
@@ -48,6 +51,8 @@ pub enum AgentError {
     },
     #[error("control-plane endpoints: {0}")]
     Client(#[from] weir_client::Error),
+    #[error("data dir: {0}")]
+    Persist(#[from] persist::PersistError),
     #[error("the {0} task ended on its own")]
     Task(&'static str),
 }
@@ -65,6 +70,7 @@ pub struct Agent {
     session: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     local: Arc<local::Local>,
+    persister: Option<(persist::Persister, JoinHandle<()>)>,
 }
 
 fn local_addr(
@@ -90,6 +96,13 @@ impl Agent {
     /// the node session.
     pub async fn start(config: Config) -> Result<Self, AgentError> {
         admin::prometheus();
+        // Before binding anything: a data dir that cannot be used stops
+        // the start with a clear error.
+        let store = config
+            .data_dir
+            .as_deref()
+            .map(|dir| persist::Store::open(dir, &config.node_id))
+            .transpose()?;
         let admin_listener = bind("admin", config.admin_addr).await?;
         let registry_listener = bind("registry", config.registry_addr).await?;
         let admin_addr = local_addr("admin", &admin_listener, config.admin_addr)?;
@@ -129,14 +142,34 @@ impl Agent {
             ingress_address: ingress_addr.to_string(),
             ..Hello::default()
         };
-        let view = view::View::new(routes.clone(), config.stale_grace);
+        let mut view = view::View::new(routes.clone(), config.stale_grace);
+        let (persister, seed) = match store {
+            Some(store) => {
+                let seed = store.restore(&mut view);
+                let persister =
+                    persist::Persister::new(store, view.mirror(), state_rx.clone(), seed.as_ref());
+                let writer = tokio::spawn(persister.clone().run());
+                (Some((persister, writer)), seed)
+            }
+            None => (None, None),
+        };
         let local = Arc::new(local::Local::new(
             config.node_id.clone(),
             client.clone(),
             state_rx.clone(),
         ));
         let registry_service = local::LocalRegistry::new(local.clone(), view.mirror());
-        let session = tokio::spawn(session::run(client, hello, view, local.clone(), state_tx));
+        let session = tokio::spawn(session::run(
+            client,
+            hello,
+            view,
+            local.clone(),
+            state_tx,
+            session::Persistence {
+                persister: persister.as_ref().map(|(p, _)| p.clone()),
+                seed,
+            },
+        ));
         let sweeper = {
             let local = local.clone();
             tokio::spawn(async move {
@@ -199,6 +232,7 @@ impl Agent {
             session,
             sweeper,
             local,
+            persister,
         })
     }
 
@@ -216,9 +250,9 @@ impl Agent {
 
     /// Serves until `signal`, then drains: stops accepting, lets requests
     /// in flight finish (up to [`DRAIN`]), deregisters the node's local
-    /// instances (so they leave at once, not after the session TTL) and
-    /// closes the node session. A server task that ends on its own stops
-    /// the agent with an error.
+    /// instances (so they leave at once, not after the session TTL),
+    /// closes the node session and saves the view (with `--data-dir`). A
+    /// server task that ends on its own stops the agent with an error.
     pub async fn serve_until(mut self, signal: impl Future<Output = ()>) -> Result<(), AgentError> {
         let failed = tokio::select! {
             () = signal => None,
@@ -233,6 +267,11 @@ impl Agent {
         self.sweeper.abort();
         self.local.deregister_all().await;
         self.session.abort();
+        if let Some((persister, writer)) = &self.persister {
+            writer.abort();
+            // What changed in the last second is not lost.
+            persister.flush().await;
+        }
         // Long-lived streams (a service's KeepAlive, say) would hold a
         // graceful shutdown open: their instances are deregistered by now.
         for (name, task) in [("admin", &mut self.admin), ("registry", &mut self.registry)] {

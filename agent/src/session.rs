@@ -24,7 +24,11 @@ use weir_core::{
     time::now_unix_ms,
 };
 
-use crate::{local::Local, view::View};
+use crate::{
+    local::Local,
+    persist::{Persister, Seed},
+    view::View,
+};
 
 /// What the session is doing, for the admin API and readiness.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -100,18 +104,49 @@ fn outcome(change: &PolicyChange) -> (AckOutcome, Vec<String>) {
     }
 }
 
-/// Runs the session until the process stops.
+/// Where the session starts from and where it saves what it applies.
+#[derive(Debug, Default)]
+pub struct Persistence {
+    /// Saves the view and policies (`--data-dir`).
+    pub persister: Option<Persister>,
+    /// The policies read from disk; the view was loaded from the same
+    /// file ([`crate::persist::Store::restore`]).
+    pub seed: Option<Seed>,
+}
+
+/// Runs the session until the process stops. With a view loaded from
+/// disk (`persistence.seed`), the agent routes on it, says it is degraded
+/// until a stream opens, and resumes both streams from the saved
+/// revisions.
 pub async fn run(
     client: Client,
     hello: Hello,
     mut view: View,
     local: std::sync::Arc<Local>,
     state: watch::Sender<SessionState>,
+    persistence: Persistence,
 ) {
     let mut backoff =
         Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).with_jitter(Jitter::Half);
     let connected = metrics::gauge!("weir_agent_session_connected");
     let degraded = metrics::gauge!("weir_agent_degraded");
+    let Persistence {
+        persister,
+        mut seed,
+    } = persistence;
+    if let Some(seed) = seed.as_ref().filter(|_| view.is_loaded()) {
+        degraded.set(1.0);
+        state.send_modify(|s| {
+            s.degraded = true;
+            s.view_loaded = true;
+            // A fresh process holds no local instance yet.
+            s.local_registered = local.is_empty();
+            s.registry_revision = view.revision();
+            s.policy_revision = seed.policy_revision;
+            s.policies = seed.acks.clone();
+            s.since_unix_ms = now_unix_ms();
+        });
+    }
     let mut previous: Option<AgentSession> = None;
     loop {
         let mut resume = hello.clone();
@@ -120,6 +155,8 @@ pub async fn run(
         }
         if let Some(p) = &previous {
             resume.policy_revision = p.policy_revision();
+        } else if let Some(seed) = &seed {
+            resume.policy_revision = seed.policy_revision;
         }
         match client.open_session(resume).await {
             Ok(mut session) => {
@@ -127,6 +164,11 @@ pub async fn run(
                     session.adopt(p);
                     // Back after a disconnection: what the control plane
                     // lost meanwhile is being registered again.
+                    view.begin_grace();
+                } else if let Some(seed) = seed.take() {
+                    // Started from disk: the same, after an outage of
+                    // unknown length.
+                    session.seed_policies(seed.policies);
                     view.begin_grace();
                 }
                 view.stream_restarted();
@@ -159,7 +201,8 @@ pub async fn run(
                     s.local_registered = true;
                     s.local_instances = local.len();
                 });
-                let error = follow(&mut session, &mut view, &local, &state).await;
+                let error =
+                    follow(&mut session, &mut view, &local, &state, persister.as_ref()).await;
                 tracing::warn!(error = %error, "node session ended; reconnecting");
                 connected.set(0.0);
                 degraded.set(if view.is_loaded() { 1.0 } else { 0.0 });
@@ -186,6 +229,7 @@ async fn follow(
     view: &mut View,
     local: &Local,
     state: &watch::Sender<SessionState>,
+    persister: Option<&Persister>,
 ) -> String {
     let mut reported: Option<AgentStatus> = None;
     loop {
@@ -213,16 +257,20 @@ async fn follow(
         };
         match event {
             SessionEvent::Registry(message) => match view.apply(message) {
-                Ok(Some(WatchUpdate::Changes { events, .. })) => {
-                    for e in &events {
-                        if e.r#type == EventType::Delete as i32 {
-                            if let Some(i) = &e.instance {
-                                local.removed_elsewhere(i);
+                Ok(update) => {
+                    if let (Some(p), Some(_)) = (persister, &update) {
+                        p.touch();
+                    }
+                    if let Some(WatchUpdate::Changes { events, .. }) = update {
+                        for e in &events {
+                            if e.r#type == EventType::Delete as i32 {
+                                if let Some(i) = &e.instance {
+                                    local.removed_elsewhere(i);
+                                }
                             }
                         }
                     }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     // The stream disagrees with the view: start over from
                     // a snapshot rather than route on a wrong one.
@@ -260,6 +308,9 @@ async fn follow(
                             s.policies.remove(&key);
                         }
                     });
+                }
+                if let Some(p) = persister {
+                    p.set_policies(session.policies(), session.policy_revision());
                 }
             }
             SessionEvent::Request(request) => {

@@ -167,6 +167,15 @@ impl AgentSession {
         self.policies = earlier.policies.clone();
     }
 
+    /// Takes a policy set saved earlier (by an agent, on disk), as of the
+    /// revision this session was opened from (`Hello.policy_revision`).
+    /// Like [`AgentSession::adopt`] when there is no earlier session in
+    /// memory: a resumed stream sends only the changes after that
+    /// revision, so the set must be seeded for them to apply to.
+    pub fn seed_policies(&mut self, policies: BTreeMap<(String, String), PolicyChange>) {
+        self.policies = policies;
+    }
+
     /// The next message, applied. `Ok(None)` when the server closed the
     /// stream.
     pub async fn next(&mut self) -> Result<Option<SessionEvent>, Error> {
