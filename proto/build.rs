@@ -35,7 +35,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "weir/registry/v1/registry.proto",
         "weir/policy/v1/policy.proto",
         "weir/agent/v1/agent.proto",
+        "weir/events/v1/events.proto",
     ];
+    // The CloudEvents format has no services. It is generated on its own
+    // and referred to by path: prost would otherwise refer to it relative
+    // to `weir.*` (three `super`s), which our one-module-per-package
+    // layout (`crate::cloudevents::v1`) does not match.
+    let cloudevents = "io/cloudevents/v1/cloudevents.proto";
+    prost_build::Config::new()
+        .out_dir(&out)
+        .type_attribute(".", "#[allow(clippy::all)]")
+        .compile_protos(&[cloudevents], &["."])?;
+    println!("cargo:rerun-if-changed={cloudevents}");
     let descriptor = out.join("weir_descriptor.bin");
     let mut config = prost_build::Config::new();
     config
@@ -43,6 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // As tonic-prost-build's own compile_protos does.
         .type_attribute(".", "#[allow(clippy::all)]")
         .file_descriptor_set_path(&descriptor)
+        .extern_path(".io.cloudevents.v1", "crate::cloudevents::v1")
         .service_generator(Box::new(SplitCodecs {
             clients: tonic_prost_build::configure()
                 .build_server(false)

@@ -1,7 +1,10 @@
-//! Weir's gRPC API, generated from the `.proto` files under `proto/weir/`.
+//! Weir's gRPC API, generated from the `.proto` files under `proto/weir/`,
+//! and the CloudEvents protobuf format (`proto/io/cloudevents/`).
 //!
 //! Each package is a module named after it (`weir.registry.v1` is
-//! [`registry::v1`]). [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+//! [`registry::v1`], `io.cloudevents.v1` is [`cloudevents::v1`]).
+//! Well-known types (`google.protobuf.Any`, `Timestamp`) are
+//! [`prost_types`]'s. [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
 #![allow(missing_debug_implementations, clippy::all)]
 
 pub mod codec;
@@ -28,3 +31,19 @@ pub mod agent {
         tonic::include_proto!("weir.agent.v1");
     }
 }
+
+pub mod events {
+    pub mod v1 {
+        tonic::include_proto!("weir.events.v1");
+    }
+}
+
+/// The CloudEvents protobuf format (`io.cloudevents.v1`), as the spec
+/// defines it.
+pub mod cloudevents {
+    pub mod v1 {
+        tonic::include_proto!("io.cloudevents.v1");
+    }
+}
+
+pub use prost_types;
