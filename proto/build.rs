@@ -45,6 +45,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         .out_dir(&out)
         .type_attribute(".", "#[allow(clippy::all)]")
+        // Event data passes through the agent without a copy.
+        .bytes(["."])
         .compile_protos(&[cloudevents], &["."])?;
     println!("cargo:rerun-if-changed={cloudevents}");
     let descriptor = out.join("weir_descriptor.bin");
@@ -55,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".", "#[allow(clippy::all)]")
         .file_descriptor_set_path(&descriptor)
         .extern_path(".io.cloudevents.v1", "crate::cloudevents::v1")
+        .bytes([".weir.events.v1"])
         .service_generator(Box::new(SplitCodecs {
             clients: tonic_prost_build::configure()
                 .build_server(false)
