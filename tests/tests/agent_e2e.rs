@@ -481,7 +481,7 @@ async fn publisher_send_reaches_an_http_instance_as_a_binary_event() -> Result<(
         .headers
         .get("ce-dataschema")
         .is_some_and(|h| h == "type.googleapis.com/shop.Order"));
-    ensure!(&hit.body[..] == [8, 7], "{:?}", hit.body);
+    ensure!(hit.body[..] == [8, 7], "{:?}", hit.body);
 
     // A bad event: INVALID_ARGUMENT naming the field, not delivered.
     let before = servers[0].hits().len();
