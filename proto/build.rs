@@ -1,4 +1,7 @@
-use std::{env, path::PathBuf};
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
 
 use prost_build::{Service, ServiceGenerator};
 
@@ -29,21 +32,15 @@ impl ServiceGenerator for SplitCodecs {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let out = PathBuf::from(env::var("OUT_DIR")?);
-    let protos = [
-        "weir/registry/v1/registry.proto",
-        "weir/policy/v1/policy.proto",
-        "weir/agent/v1/agent.proto",
-        "weir/agent/v1/state.proto",
-    ];
-    let descriptor = out.join("weir_descriptor.bin");
+/// A config for protos with services: tonic clients and servers, one
+/// descriptor set.
+fn grpc_config(out: &Path, descriptor: &Path) -> prost_build::Config {
     let mut config = prost_build::Config::new();
     config
-        .out_dir(&out)
+        .out_dir(out)
         // As tonic-prost-build's own compile_protos does.
         .type_attribute(".", "#[allow(clippy::all)]")
-        .file_descriptor_set_path(&descriptor)
+        .file_descriptor_set_path(descriptor)
         .service_generator(Box::new(SplitCodecs {
             clients: tonic_prost_build::configure()
                 .build_server(false)
@@ -53,13 +50,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .codec_path("crate::codec::RequestCodec")
                 .service_generator(),
         }));
-    config.compile_protos(&protos, &["."])?;
+    config
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    // What the control plane serves (and lists through reflection).
+    let protos = [
+        "weir/registry/v1/registry.proto",
+        "weir/policy/v1/policy.proto",
+        "weir/agent/v1/agent.proto",
+        // No services: what an agent keeps on disk (`--data-dir`).
+        "weir/agent/v1/state.proto",
+    ];
+    let descriptor = out.join("weir_descriptor.bin");
+    grpc_config(&out, &descriptor).compile_protos(&protos, &["."])?;
     // Proto3 JSON (and so YAML) for policies: `weirctl policy set -f`.
     let descriptor_set = std::fs::read(&descriptor)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_set)?
         .build(&[".weir.policy"])?;
-    for p in protos {
+
+    // The CloudEvents format has no services. It is generated on its own
+    // and referred to by path: prost would otherwise refer to it relative
+    // to `weir.*` (three `super`s), which our one-module-per-package
+    // layout (`crate::cloudevents::v1`) does not match.
+    let cloudevents = "io/cloudevents/v1/cloudevents.proto";
+    prost_build::Config::new()
+        .out_dir(&out)
+        .type_attribute(".", "#[allow(clippy::all)]")
+        // Event data passes through the agent without a copy.
+        .bytes(["."])
+        .compile_protos(&[cloudevents], &["."])?;
+    // What the agent serves on its ingress: a descriptor set of its own,
+    // so the control plane's reflection does not list it.
+    let events = "weir/events/v1/events.proto";
+    grpc_config(&out, &out.join("weir_events_descriptor.bin"))
+        .extern_path(".io.cloudevents.v1", "crate::cloudevents::v1")
+        .bytes([".weir.events.v1"])
+        .compile_protos(&[events], &["."])?;
+
+    for p in protos.iter().chain([&cloudevents, &events]) {
         println!("cargo:rerun-if-changed={p}");
     }
     Ok(())

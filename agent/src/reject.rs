@@ -1,8 +1,9 @@
 //! Every answer the agent makes itself, in one place: why ([`Reason`]),
 //! and how that reads to an HTTP caller (status, `weir-reason`,
 //! `Retry-After`, a plain-text line a person can read) and to a gRPC
-//! caller (a trailers-only response with `grpc-status` and `grpc-message`).
-//! Each stage of the policy stack returns a [`Rejection`]; none builds a
+//! caller (a trailers-only response with `grpc-status` and `grpc-message`,
+//! or, for the services the agent serves itself, a [`tonic::Status`] with
+//! `weir-reason` metadata). Each stage of the policy stack returns a [`Rejection`]; none builds a
 //! response of its own.
 
 use std::{borrow::Cow, time::Duration};
@@ -29,6 +30,9 @@ pub enum Reason {
     TooLarge,
     /// The instance could not be reached or broke the exchange.
     UpstreamUnavailable,
+    /// The service's instances speak a protocol the request cannot be
+    /// carried over (`Publisher/Send` to gRPC instances).
+    UnsupportedProtocol,
 }
 
 impl Reason {
@@ -41,6 +45,7 @@ impl Reason {
             Reason::BadEvent => "bad-event",
             Reason::TooLarge => "too-large",
             Reason::UpstreamUnavailable => "upstream-unavailable",
+            Reason::UnsupportedProtocol => "unsupported-protocol",
         }
     }
 
@@ -51,6 +56,7 @@ impl Reason {
             Reason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Reason::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -61,17 +67,19 @@ impl Reason {
             Reason::NoTarget | Reason::BadEvent => 3,               // INVALID_ARGUMENT
             Reason::TooLarge => 8,                                  // RESOURCE_EXHAUSTED
             Reason::NoEndpoint | Reason::UpstreamUnavailable => 14, // UNAVAILABLE
+            Reason::UnsupportedProtocol => 9,                       // FAILED_PRECONDITION
         }
     }
 
     /// Every reason, for metrics set up front.
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::UnknownService,
         Reason::NoTarget,
         Reason::NoEndpoint,
         Reason::BadEvent,
         Reason::TooLarge,
         Reason::UpstreamUnavailable,
+        Reason::UnsupportedProtocol,
     ];
 }
 
@@ -84,6 +92,9 @@ pub struct Rejection {
     pub detail: Cow<'static, str>,
     /// When to try again, if the stage knows.
     pub retry_after: Option<Duration>,
+    /// The request field at fault, when a gRPC request names it: a
+    /// `google.rpc.BadRequest` violation in [`Rejection::into_status`].
+    pub field: Option<Cow<'static, str>>,
 }
 
 impl Rejection {
@@ -92,7 +103,46 @@ impl Rejection {
             reason,
             detail: detail.into(),
             retry_after: None,
+            field: None,
         }
+    }
+
+    /// The same, naming the request field at fault.
+    pub fn with_field(mut self, field: impl Into<Cow<'static, str>>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// The status for a caller of a gRPC service the agent serves itself
+    /// (`weir.events.v1.Publisher`): the reason's code, the detail as the
+    /// message, `weir-reason` (and `retry-after`) metadata, and a
+    /// `google.rpc.BadRequest` naming the field when there is one.
+    pub fn into_status(self) -> tonic::Status {
+        let code = tonic::Code::from_i32(i32::from(self.reason.grpc_code()));
+        let mut status = match &self.field {
+            Some(field) => {
+                use tonic_types::StatusExt;
+                tonic::Status::with_error_details(
+                    code,
+                    self.detail.to_string(),
+                    tonic_types::ErrorDetails::with_bad_request_violation(
+                        field.to_string(),
+                        self.detail.to_string(),
+                    ),
+                )
+            }
+            None => tonic::Status::new(code, self.detail.to_string()),
+        };
+        let metadata = status.metadata_mut();
+        metadata.insert(
+            WEIR_REASON,
+            tonic::metadata::MetadataValue::from_static(self.reason.as_str()),
+        );
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            metadata.insert("retry-after", secs.max(1).into());
+        }
+        status
     }
 
     /// The response for a caller; `grpc` when the request was gRPC.
@@ -167,6 +217,33 @@ mod tests {
         );
         assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
         assert_eq!(resp.headers()[WEIR_REASON], "bad-event");
+    }
+
+    #[test]
+    fn statuses_carry_code_reason_and_the_field_at_fault() {
+        use tonic_types::StatusExt;
+        let s = Rejection::new(Reason::BadEvent, "event.type is required")
+            .with_field("event.type")
+            .into_status();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(s.message(), "event.type is required");
+        assert_eq!(
+            s.metadata().get(WEIR_REASON).map(|v| v.as_encoded_bytes()),
+            Some(&b"bad-event"[..])
+        );
+        let details = s.get_error_details();
+        let violations = &details
+            .bad_request()
+            .expect("a BadRequest")
+            .field_violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "event.type");
+
+        let s = Rejection::new(Reason::UnsupportedProtocol, "grpc").into_status();
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.get_error_details().bad_request().is_none());
+        let s = Rejection::new(Reason::UnknownService, "none").into_status();
+        assert_eq!(s.code(), tonic::Code::NotFound);
     }
 
     #[test]

@@ -1,13 +1,23 @@
-//! Weir's gRPC API, generated from the `.proto` files under `proto/weir/`.
+//! Weir's gRPC API, generated from the `.proto` files under `proto/weir/`,
+//! and the CloudEvents protobuf format (`proto/io/cloudevents/`).
 //!
 //! Each package is a module named after it (`weir.registry.v1` is
-//! [`registry::v1`]). [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+//! [`registry::v1`], `io.cloudevents.v1` is [`cloudevents::v1`]).
+//! Well-known types (`google.protobuf.Any`, `Timestamp`) are
+//! [`prost_types`]'s. [`FILE_DESCRIPTOR_SET`] feeds the control plane's
+//! gRPC server reflection.
 #![allow(missing_debug_implementations, clippy::all)]
 
 pub mod codec;
 
-/// Encoded `FileDescriptorSet` of every Weir proto, for server reflection.
+/// Encoded `FileDescriptorSet` of the control plane's protos (registry,
+/// policy, agent session), for its server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("weir_descriptor");
+
+/// Encoded `FileDescriptorSet` of `weir.events.v1` (with the CloudEvents
+/// format it imports), which agents serve on their ingress.
+pub const EVENTS_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("weir_events_descriptor");
 
 pub mod registry {
     pub mod v1 {
@@ -28,3 +38,19 @@ pub mod agent {
         tonic::include_proto!("weir.agent.v1");
     }
 }
+
+pub mod events {
+    pub mod v1 {
+        tonic::include_proto!("weir.events.v1");
+    }
+}
+
+/// The CloudEvents protobuf format (`io.cloudevents.v1`), as the spec
+/// defines it.
+pub mod cloudevents {
+    pub mod v1 {
+        tonic::include_proto!("io.cloudevents.v1");
+    }
+}
+
+pub use prost_types;

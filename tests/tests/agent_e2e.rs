@@ -373,3 +373,205 @@ async fn grpc_unary_and_server_streaming_pass_through_the_agent() -> Result<()> 
     ensure!(status.message().contains("default/nowhere"), "{status:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn publisher_send_reaches_an_http_instance_as_a_binary_event() -> Result<()> {
+    use std::collections::HashMap;
+
+    use tonic_types::StatusExt;
+    use weir_proto::{
+        cloudevents::v1::{
+            cloud_event::{cloud_event_attribute_value::Attr, CloudEventAttributeValue, Data},
+            CloudEvent,
+        },
+        events::v1::{publisher_client::PublisherClient, SendRequest},
+        prost_types,
+    };
+
+    let (_etcd, plane, client) = start_one("agent-publisher").await?;
+    let servers = [HttpInstance::start().await?];
+    servers[0].set_status("/events", 202);
+    register(&client, "orders", &servers, &[]).await?;
+    // A service whose only instance speaks gRPC: Send refuses it before
+    // connecting, so no server is needed behind the address.
+    let mut g = instance("default", "rpc-only", "g0", u32::from(servers[0].port()));
+    g.protocol = Protocol::Grpc as i32;
+    client.register(g).await?;
+    let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
+    agent
+        .wait_for_endpoints("default", "orders", 1, SETTLE)
+        .await?;
+    agent
+        .wait_for_endpoints("default", "rpc-only", 1, SETTLE)
+        .await?;
+    let mut publisher =
+        PublisherClient::connect(format!("http://{}", agent.ingress_addr())).await?;
+
+    let attr = |a: Attr| CloudEventAttributeValue { attr: Some(a) };
+    let event = CloudEvent {
+        id: "g-1".into(),
+        source: "/shop/cart".into(),
+        spec_version: "1.0".into(),
+        r#type: "shop.order.created".into(),
+        attributes: HashMap::from([
+            (
+                "datacontenttype".to_owned(),
+                attr(Attr::CeString("application/json".into())),
+            ),
+            ("subject".to_owned(), attr(Attr::CeString("order 7".into()))),
+            (
+                "time".to_owned(),
+                attr(Attr::CeTimestamp(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 0,
+                })),
+            ),
+            (
+                "traceparent".to_owned(),
+                attr(Attr::CeString(
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                )),
+            ),
+            ("priority".to_owned(), attr(Attr::CeInteger(3))),
+            ("urgent".to_owned(), attr(Attr::CeBoolean(false))),
+            (
+                "signature".to_owned(),
+                attr(Attr::CeBytes(Bytes::from_static(b"\x00\xffhi"))),
+            ),
+        ]),
+        data: Some(Data::TextData(r#"{"total":12}"#.into())),
+    };
+    let request = |service: &str, event: CloudEvent| SendRequest {
+        namespace: String::new(),
+        service: service.into(),
+        path: "/events?x=1".into(),
+        event: Some(event),
+    };
+
+    // Every attribute as a ce-* header, the data as the body; the answer
+    // is the instance's.
+    let answer = publisher
+        .send(request("orders", event.clone()))
+        .await?
+        .into_inner();
+    ensure!(
+        answer.status == 202 && answer.instance_id == "i0",
+        "{answer:?}"
+    );
+    let hit = servers[0]
+        .hits()
+        .pop()
+        .context("the instance got the event")?;
+    ensure!(hit.path == "/events", "path {}", hit.path);
+    let expected = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "g-1"),
+        ("ce-source", "/shop/cart"),
+        ("ce-type", "shop.order.created"),
+        ("content-type", "application/json"),
+        ("ce-subject", "order%207"),
+        ("ce-time", "2023-11-14T22:13:20Z"),
+        (
+            "ce-traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("ce-priority", "3"),
+        ("ce-urgent", "false"),
+        ("ce-signature", "AP9oaQ=="),
+    ];
+    for (k, v) in expected {
+        ensure!(
+            hit.headers.get(k).is_some_and(|h| h == v),
+            "header {k} arrived as {:?}",
+            hit.headers.get(k)
+        );
+    }
+    ensure!(
+        hit.body == r#"{"total":12}"#,
+        "body arrived as {:?}",
+        hit.body
+    );
+
+    // Proto data: the Any's value as application/protobuf.
+    let mut proto = event.clone();
+    proto.attributes.remove("datacontenttype");
+    proto.data = Some(Data::ProtoData(prost_types::Any {
+        type_url: "type.googleapis.com/shop.Order".into(),
+        value: vec![8, 7],
+    }));
+    publisher.send(request("orders", proto)).await?;
+    let hit = servers[0]
+        .hits()
+        .pop()
+        .context("the instance got the event")?;
+    ensure!(hit
+        .headers
+        .get("content-type")
+        .is_some_and(|h| h == "application/protobuf"));
+    ensure!(hit
+        .headers
+        .get("ce-dataschema")
+        .is_some_and(|h| h == "type.googleapis.com/shop.Order"));
+    ensure!(hit.body[..] == [8, 7], "{:?}", hit.body);
+
+    // A bad event: INVALID_ARGUMENT naming the field, not delivered.
+    let before = servers[0].hits().len();
+    let mut bad = event.clone();
+    bad.r#type.clear();
+    let status = publisher
+        .send(request("orders", bad))
+        .await
+        .expect_err("no type");
+    ensure!(
+        status.code() == tonic::Code::InvalidArgument && status.message().contains("event.type"),
+        "{status:?}"
+    );
+    let fields: Vec<String> = status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    ensure!(fields == ["event.type"], "{fields:?}");
+    ensure!(
+        status
+            .metadata()
+            .get("weir-reason")
+            .is_some_and(|v| v == "bad-event"),
+        "{status:?}"
+    );
+    ensure!(
+        servers[0].hits().len() == before,
+        "a bad event was delivered"
+    );
+
+    // An unknown service: NOT_FOUND, naming it.
+    let status = publisher
+        .send(request("nope", event.clone()))
+        .await
+        .expect_err("unknown service");
+    ensure!(
+        status.code() == tonic::Code::NotFound
+            && status.message().contains("default/nope")
+            && status
+                .metadata()
+                .get("weir-reason")
+                .is_some_and(|v| v == "unknown-service"),
+        "{status:?}"
+    );
+
+    // Only gRPC instances: FAILED_PRECONDITION, saying so.
+    let status = publisher
+        .send(request("rpc-only", event))
+        .await
+        .expect_err("grpc instances");
+    ensure!(
+        status.code() == tonic::Code::FailedPrecondition
+            && status.message().contains("HTTP instances only"),
+        "{status:?}"
+    );
+    ensure!(
+        servers[0].hits().len() == before,
+        "nothing else was delivered"
+    );
+    Ok(())
+}

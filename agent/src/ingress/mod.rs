@@ -5,10 +5,12 @@
 //! ([`cloudevents`]), balanced over the service's usable endpoints and
 //! forwarded ([`forward`]); the instance's answer streams back unchanged
 //! (gRPC trailers included). Whatever the agent answers itself is a
-//! [`Rejection`](crate::reject::Rejection).
+//! [`Rejection`](crate::reject::Rejection). Calls to the agent's own
+//! `weir.events.v1.Publisher` are served on the same port ([`publisher`]).
 
 pub mod cloudevents;
 pub mod forward;
+pub mod publisher;
 pub mod target;
 mod workers;
 
@@ -26,13 +28,14 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Either, Limited};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use tokio::net::TcpListener;
+use tonic::codegen::Service as _;
 
 use crate::{
     balance::{any, Balance, Endpoint},
@@ -98,10 +101,15 @@ impl Ingress {
         }
     }
 
-    fn rejected(&self, r: Rejection, grpc: bool) -> Response<Body> {
+    /// Counts a rejection in `weir_agent_rejections_total`.
+    fn count(&self, r: &Rejection) {
         if let Some(i) = Reason::ALL.iter().position(|x| *x == r.reason) {
             self.rejections[i].increment(1);
         }
+    }
+
+    fn rejected(&self, r: Rejection, grpc: bool) -> Response<Body> {
+        self.count(&r);
         r.into_response(grpc)
     }
 
@@ -277,6 +285,8 @@ pub async fn serve(
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    // This worker's Publisher; a call is the only request that uses it.
+    let publisher = publisher::server(ingress.clone());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer): (_, SocketAddr) = tokio::select! {
@@ -293,9 +303,21 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let ingress = ingress.clone();
-        let service = service_fn(move |request| {
+        let publisher = publisher.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
             let ingress = ingress.clone();
-            async move { Ok::<_, Infallible>(ingress.handle(request).await) }
+            let call = publisher::is_call(&request).then(|| publisher.clone());
+            async move {
+                let response = match call {
+                    None => ingress.handle(request).await.map(Either::Left),
+                    // The generated server is always ready: no poll_ready.
+                    Some(mut publisher) => match publisher.call(request).await {
+                        Ok(r) => r.map(Either::Right),
+                        Err(never) => match never {},
+                    },
+                };
+                Ok::<_, Infallible>(response)
+            }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());

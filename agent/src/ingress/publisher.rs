@@ -1,0 +1,575 @@
+//! `weir.events.v1.Publisher` on the ingress port: a gRPC call whose path
+//! starts with `/weir.events.v1.Publisher/` is the agent's own, not routed
+//! by `:authority`.
+//!
+//! `Send` carries a `io.cloudevents.v1.CloudEvent` to one instance of a
+//! service as a binary-mode CloudEvents HTTP request ([`binary_request`]),
+//! balanced as any request through the agent, and answers with the
+//! instance's status and body. Refusals are [`Rejection`]s, turned into a
+//! `tonic::Status` in one place ([`Rejection::into_status`]).
+
+use std::{
+    borrow::Cow,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, uri::PathAndQuery, HeaderMap, HeaderName, HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Limited};
+use weir_proto::{
+    cloudevents::v1::{
+        cloud_event::{cloud_event_attribute_value::Attr, CloudEventAttributeValue, Data},
+        CloudEvent,
+    },
+    events::v1::{
+        publisher_server::{Publisher, PublisherServer},
+        SendRequest, SendResponse,
+    },
+};
+
+use super::{target::Target, InFlight, Ingress};
+use crate::{
+    balance::{Balance, Endpoint, Protocol},
+    body::Body,
+    reject::{Reason, Rejection},
+    view::ServiceRoute,
+};
+
+/// Paths of the Publisher's methods start with this.
+pub const PATH_PREFIX: &str = "/weir.events.v1.Publisher/";
+
+/// Whether a request is a call to the agent's Publisher.
+pub fn is_call<B>(request: &Request<B>) -> bool {
+    request.uri().path().starts_with(PATH_PREFIX) && super::is_grpc(request.headers())
+}
+
+/// The tonic server a worker hands Publisher calls to.
+pub type Server = PublisherServer<EventsPublisher>;
+
+/// One worker's Publisher server: messages up to `max_event_bytes`.
+pub fn server(ingress: Arc<Ingress>) -> Server {
+    let max = ingress.max_event_bytes;
+    PublisherServer::new(EventsPublisher { ingress }).max_decoding_message_size(max)
+}
+
+/// The Publisher service, over a worker's [`Ingress`].
+#[derive(Debug)]
+pub struct EventsPublisher {
+    ingress: Arc<Ingress>,
+}
+
+/// Counts a call in the agent's requests in flight while alive (also when
+/// the caller goes away mid-call and the future is dropped).
+struct AgentInFlight<'a>(&'a AtomicUsize);
+
+impl<'a> AgentInFlight<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for AgentInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[tonic::async_trait]
+impl Publisher for EventsPublisher {
+    async fn send(
+        &self,
+        request: tonic::Request<SendRequest>,
+    ) -> Result<tonic::Response<SendResponse>, tonic::Status> {
+        let _in_flight = AgentInFlight::new(&self.ingress.in_flight);
+        match self.send_event(request.into_inner()).await {
+            Ok(response) => Ok(tonic::Response::new(response)),
+            Err(r) => {
+                tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher/Send refused");
+                self.ingress.count(&r);
+                Err(r.into_status())
+            }
+        }
+    }
+}
+
+impl EventsPublisher {
+    async fn send_event(&self, request: SendRequest) -> Result<SendResponse, Rejection> {
+        if request.service.is_empty() {
+            return Err(
+                Rejection::new(Reason::NoTarget, "service is required").with_field("service")
+            );
+        }
+        let namespace = if request.namespace.is_empty() {
+            self.ingress.default_namespace.as_str()
+        } else {
+            request.namespace.as_str()
+        };
+        let path = path_of(&request.path)?;
+        let event = request.event.ok_or_else(|| {
+            Rejection::new(Reason::BadEvent, "event is required").with_field("event")
+        })?;
+        let (headers, body) = binary_request(event)?;
+        let route = self.ingress.route(&Target {
+            namespace,
+            service: &request.service,
+            rewrite: None,
+        })?;
+        let endpoint = pick_http(&route)?;
+
+        let mut upstream = Request::new(Body::full(body));
+        *upstream.method_mut() = Method::POST;
+        *upstream.headers_mut() = headers;
+        route.requests.increment(1);
+        let _in_flight = InFlight::new(endpoint);
+        let response = match self
+            .ingress
+            .upstreams
+            .send(endpoint, upstream, Some(path), false)
+            .await
+        {
+            Ok(r) => r,
+            Err(r) => {
+                route.upstream_errors.increment(1);
+                return Err(r);
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let max = self.ingress.max_event_bytes;
+        let body = match Limited::new(body, max).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Rejection::new(
+                    Reason::TooLarge,
+                    format!(
+                        "the answer of instance {} is larger than {max} bytes",
+                        endpoint.id
+                    ),
+                ))
+            }
+            Err(e) => {
+                route.upstream_errors.increment(1);
+                return Err(Rejection::new(
+                    Reason::UpstreamUnavailable,
+                    format!(
+                        "instance {} at {} broke off its answer: {e}",
+                        endpoint.id, endpoint.authority
+                    ),
+                ));
+            }
+        };
+        Ok(SendResponse {
+            status: u32::from(parts.status.as_u16()),
+            body,
+            content_type: parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            instance_id: endpoint.id.to_string(),
+        })
+    }
+}
+
+/// The path the instance sees: `/` when empty.
+fn path_of(path: &str) -> Result<PathAndQuery, Rejection> {
+    if path.is_empty() {
+        return Ok(PathAndQuery::from_static("/"));
+    }
+    let bad =
+        |why: &str| Rejection::new(Reason::NoTarget, format!("path {why}")).with_field("path");
+    if !path.starts_with('/') {
+        return Err(bad("must start with \"/\""));
+    }
+    PathAndQuery::try_from(path).map_err(|_| bad("is not a valid path and query"))
+}
+
+/// An HTTP endpoint of `route`, balanced; a service whose usable instances
+/// all speak gRPC is refused, saying so.
+fn pick_http(route: &ServiceRoute) -> Result<&Arc<Endpoint>, Rejection> {
+    if let Some(e) = route
+        .balancer
+        .pick(&|e: &Endpoint| e.protocol != Protocol::Http)
+    {
+        return Ok(e);
+    }
+    if route.balancer.endpoints().is_empty() {
+        return Err(Rejection::new(
+            Reason::NoEndpoint,
+            format!(
+                "service {}/{} has no usable instance ({} registered)",
+                route.namespace, route.service, route.instances
+            ),
+        ));
+    }
+    Err(Rejection::new(
+        Reason::UnsupportedProtocol,
+        format!(
+            "service {}/{} has only gRPC instances; Publisher/Send reaches HTTP instances only",
+            route.namespace, route.service
+        ),
+    ))
+}
+
+fn bad_event(field: String, detail: String) -> Rejection {
+    Rejection::new(Reason::BadEvent, detail).with_field(field)
+}
+
+/// Checks a required attribute.
+fn required(field: &'static str, value: &str) -> Result<(), Rejection> {
+    if value.is_empty() {
+        return Err(bad_event(field.into(), format!("{field} is required")));
+    }
+    Ok(())
+}
+
+/// An attribute value as a header carries it: space, `"`, `%` and every
+/// byte outside printable ASCII percent-encoded (CloudEvents HTTP binding,
+/// 3.1.3.2), so any UTF-8 string makes a valid header value.
+fn header_value(text: &str) -> HeaderValue {
+    let encode = |b: u8| b == b' ' || b == b'"' || b == b'%' || !(0x21..=0x7e).contains(&b);
+    let text: Cow<'_, str> = if text.bytes().any(encode) {
+        let mut out = String::with_capacity(text.len() + 8);
+        for b in text.bytes() {
+            if encode(b) {
+                out.push_str(&format!("%{b:02X}"));
+            } else {
+                out.push(char::from(b));
+            }
+        }
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(text)
+    };
+    // Printable ASCII only, by construction.
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// An attribute's canonical string form (CloudEvents type system): booleans
+/// `true`/`false`, integers in decimal, bytes in base64, timestamps in
+/// RFC 3339, the rest as they are.
+fn canonical(name: &str, value: &CloudEventAttributeValue) -> Result<String, Rejection> {
+    let field = || format!("event.attributes[{name}]");
+    match &value.attr {
+        None => Err(bad_event(field(), format!("attribute {name} has no value"))),
+        Some(Attr::CeBoolean(b)) => Ok(b.to_string()),
+        Some(Attr::CeInteger(i)) => Ok(i.to_string()),
+        Some(Attr::CeString(s) | Attr::CeUri(s) | Attr::CeUriRef(s)) => Ok(s.clone()),
+        Some(Attr::CeBytes(b)) => Ok(base64::engine::general_purpose::STANDARD.encode(b)),
+        Some(Attr::CeTimestamp(t)) => {
+            if !(0..1_000_000_000).contains(&t.nanos) {
+                return Err(bad_event(
+                    field(),
+                    format!("attribute {name}: timestamp nanos must be in 0..1e9"),
+                ));
+            }
+            Ok(t.to_string())
+        }
+    }
+}
+
+/// Attribute names are lower-case letters and digits (CloudEvents 1.0,
+/// "Attribute Naming Convention").
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The headers and body of a binary-mode CloudEvents HTTP request carrying
+/// `event`: `ce-id`, `ce-source`, `ce-specversion`, `ce-type`, one
+/// `ce-{name}` per other attribute (`datacontenttype` is `Content-Type`),
+/// the data as the body. Proto data is its `Any`'s value, as
+/// `application/protobuf` unless `datacontenttype` says otherwise, with
+/// `ce-dataschema` the `Any`'s type URL unless the event sets one.
+pub fn binary_request(event: CloudEvent) -> Result<(HeaderMap, Bytes), Rejection> {
+    if event.spec_version.is_empty() {
+        return Err(bad_event(
+            "event.spec_version".into(),
+            "event.spec_version is required".into(),
+        ));
+    }
+    if event.spec_version != "1.0" {
+        return Err(bad_event(
+            "event.spec_version".into(),
+            format!(
+                "event.spec_version must be \"1.0\" (got {:?})",
+                event.spec_version
+            ),
+        ));
+    }
+    required("event.id", &event.id)?;
+    required("event.source", &event.source)?;
+    required("event.type", &event.r#type)?;
+
+    let mut headers = HeaderMap::with_capacity(5 + event.attributes.len());
+    headers.insert("ce-specversion", HeaderValue::from_static("1.0"));
+    headers.insert("ce-id", header_value(&event.id));
+    headers.insert("ce-source", header_value(&event.source));
+    headers.insert("ce-type", header_value(&event.r#type));
+    for (name, value) in &event.attributes {
+        if !valid_name(name) {
+            return Err(bad_event(
+                format!("event.attributes[{name}]"),
+                format!("attribute name {name:?} must be lower-case letters and digits"),
+            ));
+        }
+        if matches!(name.as_str(), "id" | "source" | "specversion" | "type") {
+            return Err(bad_event(
+                format!("event.attributes[{name}]"),
+                format!("attribute {name} has a field of its own, not an attributes entry"),
+            ));
+        }
+        let text = canonical(name, value)?;
+        if name == "datacontenttype" {
+            let v = HeaderValue::from_str(&text).map_err(|_| {
+                bad_event(
+                    "event.attributes[datacontenttype]".into(),
+                    "attribute datacontenttype must be a valid Content-Type".into(),
+                )
+            })?;
+            headers.insert(header::CONTENT_TYPE, v);
+            continue;
+        }
+        // Lower-case letters and digits: a valid header name.
+        let header = HeaderName::try_from(format!("ce-{name}")).map_err(|_| {
+            bad_event(
+                format!("event.attributes[{name}]"),
+                format!("attribute name {name:?} is not a valid header name"),
+            )
+        })?;
+        headers.insert(header, header_value(&text));
+    }
+    let body = match event.data {
+        None => Bytes::new(),
+        Some(Data::BinaryData(b)) => b,
+        Some(Data::TextData(t)) => Bytes::from(t),
+        Some(Data::ProtoData(any)) => {
+            if !headers.contains_key(header::CONTENT_TYPE) {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/protobuf"),
+                );
+            }
+            if !any.type_url.is_empty() && !headers.contains_key("ce-dataschema") {
+                headers.insert("ce-dataschema", header_value(&any.type_url));
+            }
+            Bytes::from(any.value)
+        }
+    };
+    Ok((headers, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use weir_proto::{events::v1::publisher_server::SERVICE_NAME, prost_types};
+
+    use super::*;
+
+    fn value(attr: Attr) -> CloudEventAttributeValue {
+        CloudEventAttributeValue { attr: Some(attr) }
+    }
+
+    fn event(attributes: Vec<(&str, Attr)>, data: Option<Data>) -> CloudEvent {
+        CloudEvent {
+            id: "e-1".into(),
+            source: "/orders".into(),
+            spec_version: "1.0".into(),
+            r#type: "com.example.order.created".into(),
+            attributes: attributes
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), value(v)))
+                .collect::<HashMap<_, _>>(),
+            data,
+        }
+    }
+
+    fn get<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+        h.get(name)
+            .unwrap_or_else(|| panic!("no header {name}"))
+            .to_str()
+            .expect("ascii")
+    }
+
+    #[test]
+    fn the_prefix_is_the_generated_service_name() {
+        assert_eq!(PATH_PREFIX, format!("/{SERVICE_NAME}/"));
+    }
+
+    #[test]
+    fn attributes_become_ce_headers_in_canonical_form() {
+        let e = event(
+            vec![
+                ("datacontenttype", Attr::CeString("application/json".into())),
+                ("subject", Attr::CeString("order 7 \"big\" 100% ü".into())),
+                (
+                    "time",
+                    Attr::CeTimestamp(prost_types::Timestamp {
+                        seconds: 1_700_000_000,
+                        nanos: 0,
+                    }),
+                ),
+                ("dataschema", Attr::CeUri("https://example.com/s".into())),
+                ("traceparent", Attr::CeString("00-ab-cd-01".into())),
+                ("retries", Attr::CeInteger(-3)),
+                ("urgent", Attr::CeBoolean(true)),
+                (
+                    "signature",
+                    Attr::CeBytes(Bytes::from_static(b"\x00\xffhi")),
+                ),
+            ],
+            Some(Data::TextData("{\"n\":7}".into())),
+        );
+        let (h, body) = binary_request(e).expect("a good event");
+        assert_eq!(get(&h, "ce-specversion"), "1.0");
+        assert_eq!(get(&h, "ce-id"), "e-1");
+        assert_eq!(get(&h, "ce-source"), "/orders");
+        assert_eq!(get(&h, "ce-type"), "com.example.order.created");
+        assert_eq!(get(&h, "content-type"), "application/json");
+        assert!(h.get("ce-datacontenttype").is_none());
+        assert_eq!(
+            get(&h, "ce-subject"),
+            "order%207%20%22big%22%20100%25%20%C3%BC"
+        );
+        assert_eq!(get(&h, "ce-time"), "2023-11-14T22:13:20Z");
+        assert_eq!(get(&h, "ce-dataschema"), "https://example.com/s");
+        assert_eq!(get(&h, "ce-traceparent"), "00-ab-cd-01");
+        assert_eq!(get(&h, "ce-retries"), "-3");
+        assert_eq!(get(&h, "ce-urgent"), "true");
+        assert_eq!(get(&h, "ce-signature"), "AP9oaQ==");
+        assert_eq!(h.len(), 12);
+        assert_eq!(&body[..], b"{\"n\":7}");
+    }
+
+    #[test]
+    fn fractional_timestamps_keep_their_fraction() {
+        let e = event(
+            vec![(
+                "time",
+                Attr::CeTimestamp(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: 500_000_000,
+                }),
+            )],
+            None,
+        );
+        let (h, body) = binary_request(e).expect("a good event");
+        let time = get(&h, "ce-time");
+        assert!(time.starts_with("1970-01-01T00:00:00.5"), "{time}");
+        assert!(time.ends_with('Z'), "{time}");
+        assert!(body.is_empty());
+        assert!(h.get("content-type").is_none());
+
+        let e = event(
+            vec![(
+                "time",
+                Attr::CeTimestamp(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1,
+                }),
+            )],
+            None,
+        );
+        let r = binary_request(e).expect_err("bad nanos");
+        assert_eq!(r.field.as_deref(), Some("event.attributes[time]"));
+    }
+
+    #[test]
+    fn binary_and_proto_data_are_the_body() {
+        let (h, body) = binary_request(event(
+            vec![],
+            Some(Data::BinaryData(Bytes::from_static(b"\x01\x02"))),
+        ))
+        .expect("ok");
+        assert_eq!(&body[..], b"\x01\x02");
+        assert!(h.get("content-type").is_none());
+
+        let any = prost_types::Any {
+            type_url: "type.googleapis.com/shop.Order".into(),
+            value: vec![8, 7],
+        };
+        let (h, body) =
+            binary_request(event(vec![], Some(Data::ProtoData(any.clone())))).expect("ok");
+        assert_eq!(&body[..], &[8, 7]);
+        assert_eq!(get(&h, "content-type"), "application/protobuf");
+        assert_eq!(get(&h, "ce-dataschema"), "type.googleapis.com/shop.Order");
+
+        // The event's own content type and schema win.
+        let (h, _) = binary_request(event(
+            vec![
+                (
+                    "datacontenttype",
+                    Attr::CeString("application/x-protobuf".into()),
+                ),
+                ("dataschema", Attr::CeUri("urn:order".into())),
+            ],
+            Some(Data::ProtoData(any)),
+        ))
+        .expect("ok");
+        assert_eq!(get(&h, "content-type"), "application/x-protobuf");
+        assert_eq!(get(&h, "ce-dataschema"), "urn:order");
+    }
+
+    #[test]
+    fn bad_events_name_the_field() {
+        let field = |e: CloudEvent| {
+            let r = binary_request(e).expect_err("a bad event");
+            assert_eq!(r.reason, Reason::BadEvent);
+            (
+                r.field.map(|f| f.into_owned()).unwrap_or_default(),
+                r.detail.into_owned(),
+            )
+        };
+        let mut e = event(vec![], None);
+        e.r#type.clear();
+        assert_eq!(
+            field(e),
+            ("event.type".into(), "event.type is required".into())
+        );
+        let mut e = event(vec![], None);
+        e.source.clear();
+        assert_eq!(field(e).0, "event.source");
+        let mut e = event(vec![], None);
+        e.id.clear();
+        assert_eq!(field(e).0, "event.id");
+        let mut e = event(vec![], None);
+        e.spec_version = "0.3".into();
+        let (f, detail) = field(e);
+        assert_eq!(f, "event.spec_version");
+        assert!(detail.contains("must be \"1.0\""), "{detail}");
+        let mut e = event(vec![], None);
+        e.spec_version.clear();
+        assert_eq!(field(e).0, "event.spec_version");
+
+        let e = event(vec![("Bad-Name", Attr::CeString("x".into()))], None);
+        assert_eq!(field(e).0, "event.attributes[Bad-Name]");
+        let e = event(vec![("type", Attr::CeString("x".into()))], None);
+        assert_eq!(field(e).0, "event.attributes[type]");
+        let mut e = event(vec![], None);
+        e.attributes
+            .insert("empty".into(), CloudEventAttributeValue { attr: None });
+        assert_eq!(field(e).0, "event.attributes[empty]");
+        let e = event(
+            vec![("datacontenttype", Attr::CeString("a\nb".into()))],
+            None,
+        );
+        assert_eq!(field(e).0, "event.attributes[datacontenttype]");
+    }
+
+    #[test]
+    fn paths_default_to_root_and_must_be_absolute() {
+        assert_eq!(path_of("").expect("root").as_str(), "/");
+        assert_eq!(path_of("/a/b?x=1").expect("ok").as_str(), "/a/b?x=1");
+        let r = path_of("a").expect_err("relative");
+        assert_eq!(r.reason, Reason::NoTarget);
+        assert_eq!(r.field.as_deref(), Some("path"));
+    }
+}
