@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::{
     header::{self, HeaderName},
     uri::{PathAndQuery, Scheme},
-    HeaderMap, Request, Response, Uri, Version,
+    HeaderMap, HeaderValue, Request, Response, Uri, Version,
 };
 use hyper::body::Incoming;
 use hyper_util::{
@@ -15,16 +15,17 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
+use super::h1pool::H1Pool;
 use crate::{
     balance::{Endpoint, Protocol},
     body::Body,
     reject::{Reason, Rejection},
 };
 
-/// Connection pools to instances.
+/// Connection pools to instances (one set per ingress worker).
 #[derive(Debug, Clone)]
 pub struct Upstreams {
-    http1: Client<HttpConnector, Body>,
+    http1: std::sync::Arc<H1Pool>,
     h2: Client<HttpConnector, Body>,
 }
 
@@ -45,10 +46,7 @@ impl Default for Upstreams {
 
 impl Upstreams {
     pub fn new() -> Self {
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector());
+        let http1 = std::sync::Arc::default();
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -74,25 +72,36 @@ impl Upstreams {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(endpoint.authority.clone());
-        parts.path_and_query = Some(path);
-        *request.uri_mut() = Uri::from_parts(parts).map_err(|e| {
-            Rejection::new(
-                Reason::UpstreamUnavailable,
-                format!("bad upstream address: {e}"),
-            )
-        })?;
         strip_hop_by_hop(request.headers_mut(), grpc);
-        let response = if h2 {
+        let response: Result<Response<Incoming>, String> = if h2 {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(endpoint.authority.clone());
+            parts.path_and_query = Some(path);
+            *request.uri_mut() = Uri::from_parts(parts).map_err(|e| {
+                Rejection::new(
+                    Reason::UpstreamUnavailable,
+                    format!("bad upstream address: {e}"),
+                )
+            })?;
             *request.version_mut() = Version::HTTP_2;
             // The authority travels as :authority.
             request.headers_mut().remove(header::HOST);
-            self.h2.request(request).await
+            self.h2.request(request).await.map_err(|e| e.to_string())
         } else {
+            // Origin-form on a connection of our own; the caller's Host
+            // stays (the instance may route on it), else the instance's.
+            *request.uri_mut() = Uri::from(path);
             *request.version_mut() = Version::HTTP_11;
-            self.http1.request(request).await
+            if !request.headers().contains_key(header::HOST) {
+                if let Ok(host) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                    request.headers_mut().insert(header::HOST, host);
+                }
+            }
+            self.http1
+                .send(&endpoint.authority, request)
+                .await
+                .map_err(|e| e.to_string())
         };
         match response {
             Ok(response) => {

@@ -10,6 +10,7 @@
 
 pub mod cloudevents;
 pub mod forward;
+mod h1pool;
 pub mod publisher;
 pub mod target;
 mod workers;
