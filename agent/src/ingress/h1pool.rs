@@ -24,6 +24,9 @@ use crate::body::Body;
 
 /// Idle connections kept per instance and worker.
 const MAX_IDLE: usize = 256;
+/// Instances with a pool entry, per worker, before entries that hold no
+/// open connection (instances gone from the registry) are dropped.
+const MAX_AUTHORITIES: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a request did not get a response.
@@ -55,6 +58,12 @@ impl H1Pool {
 
     fn checkin(&self, authority: &Authority, conn: SendRequest<Body>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= MAX_AUTHORITIES && !idle.contains_key(authority) {
+            idle.retain(|_, conns| {
+                conns.retain(|c| !c.is_closed());
+                !conns.is_empty()
+            });
+        }
         let conns = idle.entry(authority.clone()).or_default();
         if conns.len() < MAX_IDLE {
             conns.push(conn);
@@ -101,5 +110,122 @@ impl H1Pool {
         let response = conn.send_request(request).await?;
         self.checkin(authority, conn);
         Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+
+    use http_body_util::BodyExt;
+    use hyper::{server::conn::http1 as server, service::service_fn};
+
+    use super::*;
+
+    type Held = Arc<std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<FrameResult>>>>;
+    type FrameResult = Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>;
+
+    /// An HTTP/1.1 server on loopback: `/` answers "ok"; `/open` answers a
+    /// head and a body that does not end while the test holds it. Counts
+    /// connections.
+    async fn upstream() -> (Authority, Arc<AtomicUsize>, Held) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let held: Held = Arc::default();
+        let (count, keep) = (accepted.clone(), held.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                let keep = keep.clone();
+                tokio::spawn(server::Builder::new().serve_connection(
+                    TokioIo::new(stream),
+                    service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let keep = keep.clone();
+                        async move {
+                            let (tx, rx) = tokio::sync::mpsc::channel::<FrameResult>(1);
+                            if req.uri().path() == "/open" {
+                                keep.lock().expect("lock").push(tx);
+                            } else {
+                                let _ = tx.try_send(Ok(hyper::body::Frame::data("ok".into())));
+                            }
+                            let body = http_body_util::StreamBody::new(
+                                tokio_stream::wrappers::ReceiverStream::new(rx),
+                            );
+                            Ok::<_, std::convert::Infallible>(Response::new(body))
+                        }
+                    }),
+                ));
+            }
+        });
+        (addr.to_string().parse().expect("authority"), accepted, held)
+    }
+
+    fn request(authority: &Authority) -> Request<Body> {
+        request_to(authority, "/")
+    }
+
+    fn request_to(authority: &Authority, path: &str) -> Request<Body> {
+        Request::post(path)
+            .header(http::header::HOST, authority.as_str())
+            .body(Body::full("x"))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_was_read() {
+        let (authority, accepted, _held) = upstream().await;
+        let pool = H1Pool::default();
+        for _ in 0..5 {
+            let response = pool
+                .send(&authority, request(&authority))
+                .await
+                .expect("answer");
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            1,
+            "one connection for sequential requests"
+        );
+
+        // While a response body is still coming, its connection is busy:
+        // the next request gets another one.
+        let open = pool
+            .send(&authority, request_to(&authority, "/open"))
+            .await
+            .expect("answer");
+        let next = pool
+            .send(&authority, request(&authority))
+            .await
+            .expect("answer");
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+        drop((open, next));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_instance_is_a_connect_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let authority: Authority = format!("127.0.0.1:{port}").parse().expect("authority");
+        let e = H1Pool::default()
+            .send(&authority, request(&authority))
+            .await
+            .expect_err("nobody listens");
+        assert!(matches!(e, H1Error::Connect(..)), "{e:?}");
     }
 }
