@@ -58,10 +58,26 @@ impl Drop for Guard {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `N` distinct free loopback ports. The listeners are held until all
+/// are chosen: a port given back at once can be handed out again, and two
+/// servers would then race for it (one of them silently gone).
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for port in &mut ports {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        *port = listener.local_addr()?.port();
+        held.push(listener);
+    }
+    Ok(ports)
+}
+
+/// Fails if a server this benchmark started has exited.
+fn alive(guard: &mut Guard, what: &str) -> Result<()> {
+    if let Some(status) = guard.0.try_wait()? {
+        bail!("{what} exited ({status}); its port may be taken");
+    }
+    Ok(())
 }
 
 fn need(tool: &str) -> Result<()> {
@@ -262,16 +278,15 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
         dir.join("post1k.lua"),
         "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", 1024)\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n",
     )?;
-    let ports = [free_port()?, free_port()?];
-    let mut guards = vec![nginx(&dir, "n1", ports[0])?, nginx(&dir, "n2", ports[1])?];
-    let haproxy_port = free_port()?;
+    let [n1, n2, haproxy_port] = free_ports::<3>()?;
+    let ports = [n1, n2];
+    let mut guards = vec![nginx(&dir, "n1", n1)?, nginx(&dir, "n2", n2)?];
     guards.push(haproxy(&dir, haproxy_port, ports)?);
-    for (p, what) in [
-        (ports[0], "nginx 1"),
-        (ports[1], "nginx 2"),
-        (haproxy_port, "haproxy"),
-    ] {
+    for (p, what) in [(n1, "nginx 1"), (n2, "nginx 2"), (haproxy_port, "haproxy")] {
         wait_port(p, what).await?;
+    }
+    for (guard, what) in guards.iter_mut().zip(["nginx 1", "nginx 2", "haproxy"]) {
+        alive(guard, what)?;
     }
     let plane = ControlPlaneProcess::start_binary(&plan.this.binary, &["--dev".to_owned()])?;
     let client = weir_client::Client::connect([plane.endpoint()]).await?;
@@ -346,6 +361,11 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
             rate,
         ));
         if t.pid.is_some() {
+            ensure!(
+                cpu.is_finite() && cpu > 0.0,
+                "{} used no CPU under load: is it still running?",
+                t.name
+            );
             figures.push(Figure::lower(
                 format!("{} CPU per request", t.name),
                 "µs",
