@@ -85,14 +85,6 @@ impl NodeStatusSink {
     }
 }
 
-fn reference(key: &InstanceKey) -> InstanceRef {
-    InstanceRef {
-        namespace: key.namespace.clone(),
-        service: key.service.clone(),
-        instance_id: key.instance_id.clone(),
-    }
-}
-
 #[async_trait]
 impl StatusSink for NodeStatusSink {
     async fn transition(
@@ -102,7 +94,12 @@ impl StatusSink for NodeStatusSink {
         t: &Transition,
     ) -> Result<bool, SinkError> {
         self.client
-            .report_health(&self.node, &reference(key), registered_at_unix_ms, t)
+            .report_health(
+                &self.node,
+                &InstanceRef::from(key),
+                registered_at_unix_ms,
+                t,
+            )
             .await
             .map_err(|e| SinkError(e.to_string()))
     }
@@ -111,7 +108,7 @@ impl StatusSink for NodeStatusSink {
     /// session holds none; kept for completeness.
     async fn deregister(&self, key: &InstanceKey) -> Result<(), SinkError> {
         self.client
-            .deregister(&reference(key))
+            .deregister(&InstanceRef::from(key))
             .await
             .map(|_| ())
             .map_err(|e| SinkError(e.to_string()))

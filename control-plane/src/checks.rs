@@ -195,14 +195,6 @@ fn checked_here(i: &Instance) -> bool {
     i.health_check.is_some() && i.agent_node.is_empty()
 }
 
-fn key_of(i: &Instance) -> InstanceKey {
-    InstanceKey {
-        namespace: i.namespace.clone(),
-        service: i.service.clone(),
-        instance_id: i.instance_id.clone(),
-    }
-}
-
 /// How long etcd may take, past a lease's TTL, to notice it expired (its
 /// lessor looks every 500 ms), plus the watch and the share recomputation.
 const EXPIRY_SLACK: Duration = Duration::from_secs(1);
@@ -298,7 +290,7 @@ async fn assign(hub: Hub, checker: Arc<Checker>, me: String) {
             hub.all_instances()
                 .into_iter()
                 .filter(|i| checked_here(i))
-                .filter(|i| owner(&replicas, &key_of(i)) == Some(me.as_str()))
+                .filter(|i| owner(&replicas, &InstanceKey::of(i)) == Some(me.as_str()))
                 .collect()
         } else {
             Vec::new()
@@ -362,7 +354,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedStoreConfig::default()));
         let keys = Keys::new("/t");
         let sink = StoreSink::new(store.clone(), keys.clone());
-        let key = key_of(&checked(""));
+        let key = InstanceKey::of(&checked(""));
         let lease = store
             .grant_lease(Duration::from_secs(10))
             .await

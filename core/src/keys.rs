@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use weir_proto::registry::v1::{Instance, InstanceRef};
+
 /// The three names that identify an instance. Displays as
 /// `namespace/service/instance_id`, the form logs and messages use.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -19,6 +21,28 @@ impl fmt::Display for InstanceKey {
             "{}/{}/{}",
             self.namespace, self.service, self.instance_id
         )
+    }
+}
+
+impl InstanceKey {
+    /// The key of an instance record (its namespace as stored: records
+    /// carry it filled in).
+    pub fn of(i: &Instance) -> Self {
+        Self {
+            namespace: i.namespace.clone(),
+            service: i.service.clone(),
+            instance_id: i.instance_id.clone(),
+        }
+    }
+}
+
+impl From<&InstanceKey> for InstanceRef {
+    fn from(k: &InstanceKey) -> Self {
+        Self {
+            namespace: k.namespace.clone(),
+            service: k.service.clone(),
+            instance_id: k.instance_id.clone(),
+        }
     }
 }
 

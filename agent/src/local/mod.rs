@@ -37,7 +37,7 @@ use std::{
 };
 
 use tokio::time::Instant;
-use weir_client::{Client, Instance, InstanceRef, NodeStatusSink, RegisterResponse};
+use weir_client::{Client, Instance, NodeStatusSink, RegisterResponse};
 use weir_core::{health::checker::Checker, InstanceKey};
 
 pub use service::LocalRegistry;
@@ -65,25 +65,9 @@ pub struct Holdings {
     held: HashMap<InstanceKey, Held>,
 }
 
-fn key_of(namespace: &str, service: &str, id: &str) -> InstanceKey {
-    InstanceKey {
-        namespace: if namespace.is_empty() {
-            "default".to_owned()
-        } else {
-            namespace.to_owned()
-        },
-        service: service.to_owned(),
-        instance_id: id.to_owned(),
-    }
-}
-
-fn key_of_ref(r: &InstanceRef) -> InstanceKey {
-    key_of(&r.namespace, &r.service, &r.instance_id)
-}
-
 impl Holdings {
     fn hold(&mut self, spec: Instance, record: Instance, now: Instant) {
-        let key = key_of(&record.namespace, &record.service, &record.instance_id);
+        let key = InstanceKey::of(&record);
         let ttl = Duration::from_secs(u64::from(spec.ttl_seconds.max(1)));
         self.held.insert(
             key,
@@ -252,15 +236,15 @@ impl Local {
     }
 
     /// Deregisters one instance (here and at the control plane).
-    pub async fn deregister(&self, r: &InstanceRef) -> Result<bool, LocalError> {
-        self.with(|h| h.forget(&key_of_ref(r)));
+    pub async fn deregister(&self, key: &InstanceKey) -> Result<bool, LocalError> {
+        self.with(|h| h.forget(key));
         self.sync_checks();
-        Ok(self.client.deregister(r).await?.existed)
+        Ok(self.client.deregister(&key.into()).await?.existed)
     }
 
     /// A heartbeat from the instance's service.
-    pub fn beat(&self, r: &InstanceRef) -> Option<Duration> {
-        self.with(|h| h.beat(&key_of_ref(r), Instant::now()))
+    pub fn beat(&self, key: &InstanceKey) -> Option<Duration> {
+        self.with(|h| h.beat(key, Instant::now()))
     }
 
     /// The control plane deleted `i`, an instance of this node (as last
@@ -271,7 +255,7 @@ impl Local {
         if i.agent_node != self.node {
             return;
         }
-        let key = key_of(&i.namespace, &i.service, &i.instance_id);
+        let key = InstanceKey::of(i);
         let forgotten = self.with(|h| match h.held.get(&key) {
             Some(held) if i.revision >= held.record.revision => h.forget(&key),
             _ => false,
@@ -301,12 +285,7 @@ impl Local {
         for k in lapsed {
             tracing::info!(namespace = %k.namespace, service = %k.service, instance = %k.instance_id,
                 "a local instance stopped heartbeating; deregistering it");
-            let r = InstanceRef {
-                namespace: k.namespace,
-                service: k.service,
-                instance_id: k.instance_id,
-            };
-            if let Err(e) = self.client.deregister(&r).await {
+            if let Err(e) = self.client.deregister(&(&k).into()).await {
                 // The session lease still bounds its life.
                 tracing::warn!(error = %e, "deregistering a lapsed instance failed");
             }
@@ -328,7 +307,7 @@ impl Local {
                     let record = response.instance.unwrap_or_else(|| spec.clone());
                     // Keep the heartbeat clock: re-registering is not a beat.
                     self.with(|h| {
-                        let key = key_of(&record.namespace, &record.service, &record.instance_id);
+                        let key = InstanceKey::of(&record);
                         let last = h.held.get(&key).map(|x| x.last_beat);
                         h.hold(spec, record, last.unwrap_or_else(Instant::now));
                     });
@@ -348,13 +327,8 @@ impl Local {
         let records = self.with(|h| std::mem::take(&mut h.held));
         self.checker.clear();
         for (k, _) in records {
-            let r = InstanceRef {
-                namespace: k.namespace,
-                service: k.service,
-                instance_id: k.instance_id,
-            };
-            if let Err(e) = self.client.deregister(&r).await {
-                tracing::warn!(error = %e, instance = %r.instance_id, "deregistering on shutdown failed");
+            if let Err(e) = self.client.deregister(&(&k).into()).await {
+                tracing::warn!(error = %e, instance = %k, "deregistering on shutdown failed");
             }
         }
     }
@@ -381,7 +355,7 @@ mod tests {
         let t0 = Instant::now();
         h.hold(inst("a", 2), inst("a", 2), t0);
         h.hold(inst("b", 6), inst("b", 6), t0);
-        let a = key_of("", "orders", "a");
+        let a = InstanceKey::of(&inst("a", 2));
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert_eq!(h.beat(&a, Instant::now()), Some(Duration::from_secs(2)));
         tokio::time::advance(Duration::from_millis(1500)).await;
@@ -420,15 +394,5 @@ mod tests {
             1,
             "the rest of its TTL still counts"
         );
-    }
-
-    #[test]
-    fn keys_default_the_namespace() {
-        let r = InstanceRef {
-            namespace: String::new(),
-            service: "s".into(),
-            instance_id: "i".into(),
-        };
-        assert_eq!(key_of_ref(&r).namespace, "default");
     }
 }

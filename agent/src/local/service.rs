@@ -19,6 +19,8 @@ use weir_proto::registry::v1::{
     WatchResponse,
 };
 
+use weir_core::InstanceKey;
+
 use super::{Local, LocalError};
 
 /// Most instances in one KeepAlive message, as the control plane.
@@ -75,15 +77,9 @@ fn not_here(what: &str) -> Status {
     ))
 }
 
-fn reference(r: Option<InstanceRef>) -> Result<InstanceRef, Status> {
-    let r = r.ok_or_else(|| invalid("instance", "is required"))?;
-    let key = weir_core::validate::instance_ref("instance", Some(&r))
-        .map_err(|e| invalid(&e.field, &e.rule))?;
-    Ok(InstanceRef {
-        namespace: key.namespace,
-        service: key.service,
-        instance_id: key.instance_id,
-    })
+/// A valid instance reference, as a key (the namespace defaulted).
+fn reference(r: Option<&InstanceRef>) -> Result<InstanceKey, Status> {
+    weir_core::validate::instance_ref("instance", r).map_err(|e| invalid(&e.field, &e.rule))
 }
 
 impl LocalRegistry {
@@ -116,7 +112,7 @@ impl Registry for LocalRegistry {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
-        let r = reference(request.into_inner().instance)?;
+        let r = reference(request.into_inner().instance.as_ref())?;
         let existed = self.local.deregister(&r).await?;
         Ok(Response::new(DeregisterResponse {
             existed,
@@ -128,14 +124,13 @@ impl Registry for LocalRegistry {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let r = reference(request.into_inner().instance)?;
+        let r = reference(request.into_inner().instance.as_ref())?;
         match self.local.beat(&r) {
             Some(ttl) => Ok(Response::new(HeartbeatResponse {
                 ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
             })),
             None => Err(Status::not_found(format!(
-                "{}/{}/{} is not registered with this agent: register it again",
-                r.namespace, r.service, r.instance_id
+                "{r} is not registered with this agent: register it again"
             ))),
         }
     }
@@ -159,7 +154,7 @@ impl Registry for LocalRegistry {
                 .instances
                 .into_iter()
                 .map(|r| {
-                    let checked = reference(Some(r.clone()));
+                    let checked = reference(Some(&r));
                     let (alive, ttl, code, error) = match checked {
                         Err(s) => (false, 0, Code::InvalidArgument, s.message().to_owned()),
                         Ok(r) => match local.beat(&r) {

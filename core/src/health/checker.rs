@@ -124,11 +124,7 @@ impl Checker {
             let Some(spec) = spec::resolve(instance) else {
                 continue;
             };
-            let key = InstanceKey {
-                namespace: instance.namespace.clone(),
-                service: instance.service.clone(),
-                instance_id: instance.instance_id.clone(),
-            };
+            let key = InstanceKey::of(instance);
             match running.remove(&key) {
                 Some(r) if r.spec == spec && r.registered_at == instance.registered_at_unix_ms => {
                     next.insert(key, r);
