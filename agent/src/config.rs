@@ -100,24 +100,7 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-/// Why the configuration could not be resolved.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use weir_core::config::ConfigError;
 
 /// Largest `max_event_bytes` accepted: events are read whole into memory.
 const MAX_EVENT_BYTES_CAP: usize = 64 * 1024 * 1024;
@@ -154,19 +137,7 @@ impl Config {
     /// Resolves flags (which already folded in the environment) over the
     /// config file over the defaults.
     pub fn resolve(args: Args) -> Result<Self, ConfigError> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            None => FileConfig::default(),
-        };
+        let file: FileConfig = weir_core::config::read_file(args.config.as_deref())?;
         Self::merge(args, file)
     }
 

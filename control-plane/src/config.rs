@@ -112,24 +112,7 @@ pub fn random_replica_id() -> String {
     format!("cp-{:08x}", rand::random::<u32>())
 }
 
-/// Why the configuration could not be resolved.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use weir_core::config::ConfigError;
 
 impl Default for Config {
     fn default() -> Self {
@@ -154,19 +137,7 @@ impl Config {
     /// Resolves flags (which already folded in the environment) over the
     /// config file over the defaults.
     pub fn resolve(args: Args) -> Result<Self, ConfigError> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            None => FileConfig::default(),
-        };
+        let file: FileConfig = weir_core::config::read_file(args.config.as_deref())?;
         Self::merge(args, file)
     }
 

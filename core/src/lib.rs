@@ -13,14 +13,16 @@
 //! - [`time`] (wall clock as records store it) and [`backoff`] (capped
 //!   exponential backoff with optional jitter).
 //! - [`signal::shutdown_signal`]: Ctrl-C or SIGTERM, for every binary.
-//! - `logging` (feature `cli`): the log format switch and set-up the
-//!   binaries share.
+//! - `logging` and `config` (feature `cli`): the log format switch and
+//!   set-up, and the config-file reading, that the binaries share.
 //!
 //! The control plane adds the store, the gRPC services and replica
 //! coordination on top; the agent will add its node session and policy
 //! stack. Nothing here opens a listening socket.
 
 pub mod backoff;
+#[cfg(feature = "cli")]
+pub mod config;
 pub mod health;
 pub mod keys;
 #[cfg(feature = "cli")]
