@@ -9,7 +9,9 @@ use std::{
 
 use anyhow::{bail, Result};
 
-use crate::{free_ports_unless_given, http_get, ready_field, spawn_ready, workspace_binary};
+use crate::{
+    free_ports_unless_given, http_get, poll_until, ready_field, spawn_ready, workspace_binary,
+};
 
 /// A running `weir-agent` (killed when dropped).
 #[derive(Debug)]
@@ -102,17 +104,14 @@ impl AgentProcess {
         count: usize,
         deadline: Duration,
     ) -> Result<()> {
-        let end = tokio::time::Instant::now() + deadline;
-        loop {
-            let seen = self.endpoints(namespace, service).await.unwrap_or_default();
-            if seen.len() == count {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= end {
-                bail!("after {deadline:?} the agent routes {namespace}/{service} to {seen:?}, not {count} endpoints");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(
+            deadline,
+            &format!("the agent routing {namespace}/{service} to {count} endpoints"),
+            || self.endpoints(namespace, service),
+            |seen| seen.len() == count,
+        )
+        .await
+        .map(drop)
     }
 
     /// SIGSTOP: the process is frozen (its sockets stay open) until

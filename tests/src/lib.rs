@@ -57,6 +57,33 @@ where
     }
 }
 
+/// Calls `probe` every 20 ms until what it returns satisfies `done`, and
+/// returns that; fails after `deadline`, saying what it saw last (probe
+/// errors included). A bounded wait for a condition, not a sleep.
+pub async fn poll_until<T, F, Fut>(
+    deadline: Duration,
+    what: &str,
+    mut probe: F,
+    done: impl Fn(&T) -> bool,
+) -> Result<T>
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let start = Instant::now();
+    loop {
+        let seen = probe().await;
+        match &seen {
+            Ok(value) if done(value) => return seen,
+            _ if start.elapsed() > deadline => {
+                bail!("after {deadline:?}, {what}: last seen {seen:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// GETs `path` over plain HTTP/1.1 from `addr`: the whole response, status
 /// line and headers included. Fails after 5 s without the full answer.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {

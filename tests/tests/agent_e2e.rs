@@ -17,7 +17,7 @@ use weir_client::{
 use weir_tests::{
     agent::AgentProcess,
     fixtures::{instance, HttpInstance},
-    start_one,
+    poll_until, start_one,
 };
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -122,18 +122,13 @@ async fn two_agents_spread_requests_by_round_robin_and_by_weight() -> Result<()>
             .await?;
     }
     // Both agents enforce the whole policy (its one section is balancing).
-    let end = tokio::time::Instant::now() + SETTLE;
-    loop {
-        let s = client.policy_status("default", "billing").await?;
-        if s.applied == 2 {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < end,
-            "policy status after {SETTLE:?}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(
+        SETTLE,
+        "both agents applying billing's policy",
+        || async { Ok(client.policy_status("default", "billing").await?) },
+        |s| s.applied == 2,
+    )
+    .await?;
 
     for n in 0..3000 {
         let agent = &agents[n % 2];

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use weir_client::{Client, GetServiceRequest, Instance, InstanceRef};
-use weir_tests::{agent::AgentProcess, fixtures::ephemeral, start_one};
+use weir_tests::{agent::AgentProcess, fixtures::ephemeral, poll_until, start_one};
 
 const SETTLE: Duration = Duration::from_secs(10);
 /// The session TTL (10 s) and a margin for the lease to be noticed.
@@ -41,18 +41,10 @@ async fn until(
     what: &str,
     done: impl Fn(&[(String, String)]) -> bool,
 ) -> Result<()> {
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        let seen = held(client, service).await?;
-        if done(&seen) {
-            return Ok(());
-        }
-        ensure!(
-            tokio::time::Instant::now() < end,
-            "after {deadline:?}, {what}: the control plane shows {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{what} (the control plane's {service} instances)");
+    poll_until(deadline, &what, || held(client, service), |s| done(s))
+        .await
+        .map(drop)
 }
 
 fn local(id: &str, ttl: u32) -> Instance {
@@ -218,18 +210,9 @@ async fn state_until(
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> Result<()> {
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        let state = agent.state().await?;
-        if done(&state) {
-            return Ok(());
-        }
-        ensure!(
-            tokio::time::Instant::now() < end,
-            "after {deadline:?}, {what}: {state}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(deadline, what, || agent.state(), done)
+        .await
+        .map(drop)
 }
 
 #[tokio::test]
