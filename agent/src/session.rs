@@ -361,7 +361,7 @@ fn answer(
             version: env!("CARGO_PKG_VERSION").to_owned(),
             degraded: false,
             degraded_reason: String::new(),
-            services: u32::try_from(view.routes().all().len()).unwrap_or(u32::MAX),
+            services: u32::try_from(view.routes().count().0).unwrap_or(u32::MAX),
             endpoints: u32::try_from(view.endpoints()).unwrap_or(u32::MAX),
             local_instances: u32::try_from(local.len()).unwrap_or(u32::MAX),
             registry_revision: view.revision(),

@@ -62,6 +62,18 @@ impl Routes {
         all
     }
 
+    /// (services, endpoints) routed now, without copying the table: the
+    /// session asks after every message it applies.
+    pub fn count(&self) -> (usize, usize) {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        table
+            .values()
+            .flat_map(|m| m.values())
+            .fold((0, 0), |(s, e), r| {
+                (s + 1, e + r.balancer.endpoints().len())
+            })
+    }
+
     fn set(&self, namespace: &str, service: &str, route: Option<ServiceRoute>) {
         let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
         match route {
@@ -229,11 +241,7 @@ impl View {
 
     /// Endpoints over every route.
     pub fn endpoints(&self) -> usize {
-        self.routes
-            .all()
-            .iter()
-            .map(|r| r.balancer.endpoints().len())
-            .sum()
+        self.routes.count().1
     }
 
     /// Whether a whole snapshot has been applied.
