@@ -1,6 +1,7 @@
 //! The one body type the agent's HTTP paths use, both ways: a streamed
-//! body passed through untouched, bytes the agent holds (a structured
-//! event, a rejection), or nothing. An enum, not a boxed trait object, so
+//! body passed through untouched, an instance's HTTP/1.1 answer read off
+//! the agent's own connection, bytes the agent holds (a structured event,
+//! a rejection), or nothing. An enum, not a boxed trait object, so
 //! proxying a request costs no allocation for its body.
 
 use std::{
@@ -12,10 +13,23 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::ingress::h1::{H1Error, ResponseBody};
+
+/// Why a body could not be read through.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Peer(#[from] hyper::Error),
+    #[error(transparent)]
+    Instance(#[from] H1Error),
+}
+
 #[derive(Debug, Default)]
 pub enum Body {
     /// A body streamed from a peer.
     Stream(Incoming),
+    /// An instance's answer on an HTTP/1.1 connection of the agent's own.
+    Upstream(ResponseBody),
     /// Bytes in hand (taken once).
     Full(Option<Bytes>),
     #[default]
@@ -36,14 +50,19 @@ impl From<Incoming> for Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Body::Stream(b) => Pin::new(b).poll_frame(cx),
+            Body::Stream(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::from))),
+            Body::Upstream(b) => b
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::from))),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Empty => Poll::Ready(None),
         }
@@ -52,6 +71,7 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Stream(b) => b.is_end_stream(),
+            Body::Upstream(b) => b.is_end_stream(),
             Body::Full(b) => b.is_none(),
             Body::Empty => true,
         }
@@ -60,6 +80,7 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Stream(b) => b.size_hint(),
+            Body::Upstream(b) => b.size_hint(),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) | Body::Empty => SizeHint::with_exact(0),
         }

@@ -9,13 +9,12 @@ use http::{
     uri::{PathAndQuery, Scheme},
     HeaderMap, HeaderValue, Request, Response, Uri, Version,
 };
-use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
 };
 
-use super::h1pool::H1Pool;
+use super::h1::H1Pool;
 use crate::{
     balance::{Endpoint, Protocol},
     body::Body,
@@ -73,7 +72,7 @@ impl Upstreams {
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         };
         strip_hop_by_hop(request.headers_mut(), grpc);
-        let response: Result<Response<Incoming>, String> = if h2 {
+        let response: Result<Response<Body>, String> = if h2 {
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
             parts.authority = Some(endpoint.authority.clone());
@@ -87,7 +86,11 @@ impl Upstreams {
             *request.version_mut() = Version::HTTP_2;
             // The authority travels as :authority.
             request.headers_mut().remove(header::HOST);
-            self.h2.request(request).await.map_err(|e| e.to_string())
+            self.h2
+                .request(request)
+                .await
+                .map(|r| r.map(Body::Stream))
+                .map_err(|e| e.to_string())
         } else {
             // Origin-form on a connection of our own; the caller's Host
             // stays (the instance may route on it), else the instance's.
@@ -104,10 +107,9 @@ impl Upstreams {
                 .map_err(|e| e.to_string())
         };
         match response {
-            Ok(response) => {
-                let (mut parts, body): (_, Incoming) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers, grpc);
-                Ok(Response::from_parts(parts, Body::Stream(body)))
+            Ok(mut response) => {
+                strip_hop_by_hop(response.headers_mut(), grpc);
+                Ok(response)
             }
             Err(e) => {
                 tracing::debug!(endpoint = %endpoint.authority, error = %e, "upstream request failed");

@@ -10,7 +10,7 @@
 
 pub mod cloudevents;
 pub mod forward;
-mod h1pool;
+pub mod h1;
 pub mod publisher;
 pub mod target;
 mod workers;
