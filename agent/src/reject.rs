@@ -15,6 +15,14 @@ use crate::body::Body;
 /// The `weir-reason` header.
 pub const WEIR_REASON: &str = "weir-reason";
 
+/// `weir-reason` on a status a gRPC instance answered itself and the agent
+/// passes on (`Publisher/Send` to a `Subscriber`): not a [`Reason`], since
+/// the agent did not refuse.
+pub const INSTANCE_STATUS: &str = "instance-status";
+
+/// The metadata entry naming the instance whose status is passed on.
+pub const WEIR_INSTANCE: &str = "weir-instance";
+
 /// Why the agent answered instead of an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -30,9 +38,6 @@ pub enum Reason {
     TooLarge,
     /// The instance could not be reached or broke the exchange.
     UpstreamUnavailable,
-    /// The service's instances speak a protocol the request cannot be
-    /// carried over (`Publisher/Send` to gRPC instances).
-    UnsupportedProtocol,
 }
 
 impl Reason {
@@ -45,7 +50,6 @@ impl Reason {
             Reason::BadEvent => "bad-event",
             Reason::TooLarge => "too-large",
             Reason::UpstreamUnavailable => "upstream-unavailable",
-            Reason::UnsupportedProtocol => "unsupported-protocol",
         }
     }
 
@@ -56,7 +60,6 @@ impl Reason {
             Reason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            Reason::UnsupportedProtocol => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -67,19 +70,17 @@ impl Reason {
             Reason::NoTarget | Reason::BadEvent => 3,               // INVALID_ARGUMENT
             Reason::TooLarge => 8,                                  // RESOURCE_EXHAUSTED
             Reason::NoEndpoint | Reason::UpstreamUnavailable => 14, // UNAVAILABLE
-            Reason::UnsupportedProtocol => 9,                       // FAILED_PRECONDITION
         }
     }
 
     /// Every reason, for metrics set up front.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 6] = [
         Reason::UnknownService,
         Reason::NoTarget,
         Reason::NoEndpoint,
         Reason::BadEvent,
         Reason::TooLarge,
         Reason::UpstreamUnavailable,
-        Reason::UnsupportedProtocol,
     ];
 }
 
@@ -239,8 +240,8 @@ mod tests {
         assert_eq!(violations.len(), 1);
         assert_eq!(violations[0].field, "event.type");
 
-        let s = Rejection::new(Reason::UnsupportedProtocol, "grpc").into_status();
-        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        let s = Rejection::new(Reason::UpstreamUnavailable, "gone").into_status();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
         assert!(s.get_error_details().bad_request().is_none());
         let s = Rejection::new(Reason::UnknownService, "none").into_status();
         assert_eq!(s.code(), tonic::Code::NotFound);
@@ -252,5 +253,9 @@ mod tests {
         for r in Reason::ALL {
             assert!(seen.insert(r.as_str()), "{r:?}");
         }
+        assert!(
+            seen.insert(INSTANCE_STATUS),
+            "an instance's status reads as the agent's"
+        );
     }
 }

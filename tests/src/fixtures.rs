@@ -1,6 +1,7 @@
-//! Sample instances: registry records to register, and for health tests a
-//! real HTTP server whose answers the test controls and which records every
-//! request it gets.
+//! Sample instances: registry records to register, and for health and
+//! agent tests a real HTTP server whose answers the test controls and which
+//! records every request it gets, and a gRPC `weir.events.v1.Subscriber`
+//! that does the same for the events delivered to it.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,7 +13,13 @@ use std::{
 use anyhow::Result;
 use axum::{body::Bytes, extract::State, http::HeaderMap, http::StatusCode, http::Uri, Router};
 use tokio::{net::TcpListener, task::JoinHandle};
-use weir_proto::registry::v1::{health_check, HealthCheck, HttpCheck, Instance};
+use weir_proto::{
+    events::v1::{
+        subscriber_server::{Subscriber, SubscriberServer},
+        DeliverRequest, DeliverResponse,
+    },
+    registry::v1::{health_check, HealthCheck, HttpCheck, Instance},
+};
 
 /// A persistent instance at `127.0.0.1:port`.
 pub fn instance(namespace: &str, service: &str, id: &str, port: u32) -> Instance {
@@ -184,6 +191,81 @@ impl HttpInstance {
 }
 
 impl Drop for HttpInstance {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Debug, Default)]
+struct Deliveries {
+    received: Vec<DeliverRequest>,
+    /// What `Deliver` answers; OK when none.
+    refusal: Option<tonic::Status>,
+}
+
+#[derive(Debug, Clone)]
+struct Recorder(Arc<Mutex<Deliveries>>);
+
+#[tonic::async_trait]
+impl Subscriber for Recorder {
+    async fn deliver(
+        &self,
+        request: tonic::Request<DeliverRequest>,
+    ) -> Result<tonic::Response<DeliverResponse>, tonic::Status> {
+        let mut d = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        d.received.push(request.into_inner());
+        match &d.refusal {
+            Some(status) => Err(status.clone()),
+            None => Ok(tonic::Response::new(DeliverResponse {})),
+        }
+    }
+}
+
+/// A gRPC server on loopback implementing `weir.events.v1.Subscriber`
+/// (register it with `PROTOCOL_GRPC`): records every `DeliverRequest`
+/// and answers OK, or the status the test sets.
+#[derive(Debug)]
+pub struct SubscriberInstance {
+    addr: SocketAddr,
+    state: Arc<Mutex<Deliveries>>,
+    task: JoinHandle<()>,
+}
+
+impl SubscriberInstance {
+    pub async fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(Deliveries::default()));
+        let server = SubscriberServer::new(Recorder(state.clone()));
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Deliveries) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Answers `Deliver` with `status` from now on (`None`: OK).
+    pub fn refuse_with(&self, status: Option<tonic::Status>) {
+        self.with(|d| d.refusal = status);
+    }
+
+    /// Every delivery so far, refused ones included.
+    pub fn deliveries(&self) -> Vec<DeliverRequest> {
+        self.with(|d| d.received.clone())
+    }
+}
+
+impl Drop for SubscriberInstance {
     fn drop(&mut self) {
         self.task.abort();
     }

@@ -387,17 +387,9 @@ async fn publisher_send_reaches_an_http_instance_as_a_binary_event() -> Result<(
     let servers = [HttpInstance::start().await?];
     servers[0].set_status("/events", 202);
     register(&client, "orders", &servers, &[]).await?;
-    // A service whose only instance speaks gRPC: Send refuses it before
-    // connecting, so no server is needed behind the address.
-    let mut g = instance("default", "rpc-only", "g0", u32::from(servers[0].port()));
-    g.protocol = Protocol::Grpc as i32;
-    client.register(g).await?;
     let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
     agent
         .wait_for_endpoints("default", "orders", 1, SETTLE)
-        .await?;
-    agent
-        .wait_for_endpoints("default", "rpc-only", 1, SETTLE)
         .await?;
     let mut publisher =
         PublisherClient::connect(format!("http://{}", agent.ingress_addr())).await?;
@@ -541,7 +533,7 @@ async fn publisher_send_reaches_an_http_instance_as_a_binary_event() -> Result<(
 
     // An unknown service: NOT_FOUND, naming it.
     let status = publisher
-        .send(request("nope", event.clone()))
+        .send(request("nope", event))
         .await
         .expect_err("unknown service");
     ensure!(
@@ -553,20 +545,215 @@ async fn publisher_send_reaches_an_http_instance_as_a_binary_event() -> Result<(
                 .is_some_and(|v| v == "unknown-service"),
         "{status:?}"
     );
-
-    // Only gRPC instances: FAILED_PRECONDITION, saying so.
-    let status = publisher
-        .send(request("rpc-only", event))
-        .await
-        .expect_err("grpc instances");
-    ensure!(
-        status.code() == tonic::Code::FailedPrecondition
-            && status.message().contains("HTTP instances only"),
-        "{status:?}"
-    );
     ensure!(
         servers[0].hits().len() == before,
         "nothing else was delivered"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn publisher_send_reaches_a_grpc_instance_through_subscriber_deliver() -> Result<()> {
+    use std::collections::HashMap;
+
+    use tonic_types::{ErrorDetails, StatusExt};
+    use weir_proto::{
+        cloudevents::v1::{
+            cloud_event::{cloud_event_attribute_value::Attr, CloudEventAttributeValue, Data},
+            CloudEvent,
+        },
+        events::v1::{publisher_client::PublisherClient, DeliverRequest, SendRequest},
+        prost_types,
+    };
+    use weir_tests::{fixtures::SubscriberInstance, free_port};
+
+    let (_etcd, plane, client) = start_one("agent-deliver").await?;
+    let subscriber = SubscriberInstance::start().await?;
+    let mut g = instance("default", "audit", "g0", u32::from(subscriber.port()));
+    g.protocol = Protocol::Grpc as i32;
+    client.register(g).await?;
+    // A gRPC instance nothing listens behind.
+    let mut dead = instance("default", "gone", "g1", u32::from(free_port()?));
+    dead.protocol = Protocol::Grpc as i32;
+    client.register(dead).await?;
+    let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
+    agent
+        .wait_for_endpoints("default", "audit", 1, SETTLE)
+        .await?;
+    agent
+        .wait_for_endpoints("default", "gone", 1, SETTLE)
+        .await?;
+    let mut publisher =
+        PublisherClient::connect(format!("http://{}", agent.ingress_addr())).await?;
+
+    let attr = |a: Attr| CloudEventAttributeValue { attr: Some(a) };
+    // Every attribute type, and a subject no header could carry as is.
+    let event = CloudEvent {
+        id: "d-1".into(),
+        source: "/shop/cart".into(),
+        spec_version: "1.0".into(),
+        r#type: "shop.order.created".into(),
+        attributes: HashMap::from([
+            (
+                "datacontenttype".to_owned(),
+                attr(Attr::CeString("application/json".into())),
+            ),
+            (
+                "subject".to_owned(),
+                attr(Attr::CeString("order 7 \"big\" ü".into())),
+            ),
+            (
+                "time".to_owned(),
+                attr(Attr::CeTimestamp(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 250_000_000,
+                })),
+            ),
+            (
+                "dataschema".to_owned(),
+                attr(Attr::CeUri("https://example.com/order".into())),
+            ),
+            ("origin".to_owned(), attr(Attr::CeUriRef("/carts/7".into()))),
+            ("priority".to_owned(), attr(Attr::CeInteger(-3))),
+            ("urgent".to_owned(), attr(Attr::CeBoolean(true))),
+            (
+                "signature".to_owned(),
+                attr(Attr::CeBytes(Bytes::from_static(b"\x00\xffhi"))),
+            ),
+        ]),
+        data: Some(Data::TextData(r#"{"total":12}"#.into())),
+    };
+    let request = |service: &str, path: &str, event: CloudEvent| SendRequest {
+        namespace: String::new(),
+        service: service.into(),
+        path: path.into(),
+        event: Some(event),
+    };
+    let delivered = |n: usize| -> Result<DeliverRequest> {
+        let all = subscriber.deliveries();
+        ensure!(all.len() == n, "{} deliveries, expected {n}", all.len());
+        all.last().cloned().context("a delivery")
+    };
+
+    // Text, binary and proto data: the instance's Deliver gets the event
+    // as sent, every attribute and the data intact; the caller gets 200.
+    let mut binary = event.clone();
+    binary.id = "d-2".into();
+    binary.data = Some(Data::BinaryData(Bytes::from_static(b"\x00\x01\xfe\xff")));
+    let mut proto = event.clone();
+    proto.id = "d-3".into();
+    proto.attributes.remove("datacontenttype");
+    proto.data = Some(Data::ProtoData(prost_types::Any {
+        type_url: "type.googleapis.com/shop.Order".into(),
+        value: vec![8, 7, 0, 255],
+    }));
+    for (n, (e, path, seen_path)) in [
+        (event.clone(), "/orders?x=1", "/orders?x=1"),
+        (binary, "", "/"),
+        (proto, "/p", "/p"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let answer = publisher
+            .send(request("audit", path, e.clone()))
+            .await?
+            .into_inner();
+        ensure!(
+            answer.status == 200
+                && answer.instance_id == "g0"
+                && answer.body.is_empty()
+                && answer.content_type.is_empty(),
+            "event {}: {answer:?}",
+            e.id
+        );
+        let got = delivered(n + 1)?;
+        ensure!(
+            got.event.as_ref() == Some(&e),
+            "event {} arrived as {:?}",
+            e.id,
+            got.event
+        );
+        ensure!(
+            got.topic.is_empty()
+                && got.subscription.is_empty()
+                && got.attempt == 1
+                && got.path == seen_path,
+            "{got:?}"
+        );
+    }
+
+    // The instance's refusal comes back as it is, marked as the instance's.
+    subscriber.refuse_with(Some(tonic::Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        "queue full: 100%",
+        ErrorDetails::with_retry_info(Some(Duration::from_secs(2))),
+    )));
+    let status = publisher
+        .send(request("audit", "/", event.clone()))
+        .await
+        .expect_err("refused by the instance");
+    let meta = |s: &tonic::Status, k: &str| {
+        s.metadata()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    ensure!(
+        status.code() == tonic::Code::ResourceExhausted && status.message() == "queue full: 100%",
+        "{status:?}"
+    );
+    ensure!(
+        status
+            .get_error_details()
+            .retry_info()
+            .and_then(|r| r.retry_delay)
+            == Some(Duration::from_secs(2)),
+        "RetryInfo lost: {status:?}"
+    );
+    ensure!(
+        meta(&status, "weir-reason").as_deref() == Some("instance-status")
+            && meta(&status, "weir-instance").as_deref() == Some("g0"),
+        "{status:?}"
+    );
+    delivered(4)?;
+    subscriber.refuse_with(Some(tonic::Status::invalid_argument("unknown order")));
+    let status = publisher
+        .send(request("audit", "/", event.clone()))
+        .await
+        .expect_err("refused by the instance");
+    ensure!(
+        status.code() == tonic::Code::InvalidArgument
+            && status.message() == "unknown order"
+            && meta(&status, "weir-reason").as_deref() == Some("instance-status"),
+        "{status:?}"
+    );
+    subscriber.refuse_with(None);
+
+    // A bad event: the agent's INVALID_ARGUMENT, not delivered.
+    let mut bad = event.clone();
+    bad.source.clear();
+    let status = publisher
+        .send(request("audit", "/", bad))
+        .await
+        .expect_err("no source");
+    ensure!(
+        status.code() == tonic::Code::InvalidArgument
+            && meta(&status, "weir-reason").as_deref() == Some("bad-event"),
+        "{status:?}"
+    );
+    delivered(5)?;
+
+    // An instance that cannot be reached: the agent's UNAVAILABLE.
+    let status = publisher
+        .send(request("gone", "/", event))
+        .await
+        .expect_err("nothing listens");
+    ensure!(
+        status.code() == tonic::Code::Unavailable
+            && meta(&status, "weir-reason").as_deref() == Some("upstream-unavailable")
+            && status.message().contains("g1"),
+        "{status:?}"
     );
     Ok(())
 }

@@ -6,9 +6,12 @@
 //! forwarded ([`forward`]); the instance's answer streams back unchanged
 //! (gRPC trailers included). Whatever the agent answers itself is a
 //! [`Rejection`](crate::reject::Rejection). Calls to the agent's own
-//! `weir.events.v1.Publisher` are served on the same port ([`publisher`]).
+//! `weir.events.v1.Publisher` are served on the same port ([`publisher`]);
+//! its `Send` reaches gRPC instances through their `Subscriber/Deliver`
+//! ([`deliver`]).
 
 pub mod cloudevents;
+pub mod deliver;
 pub mod forward;
 pub mod h1;
 pub mod publisher;

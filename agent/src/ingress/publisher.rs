@@ -3,10 +3,15 @@
 //! by `:authority`.
 //!
 //! `Send` carries a `io.cloudevents.v1.CloudEvent` to one instance of a
-//! service as a binary-mode CloudEvents HTTP request ([`binary_request`]),
-//! balanced as any request through the agent, and answers with the
-//! instance's status and body. Refusals are [`Rejection`]s, turned into a
-//! `tonic::Status` in one place ([`Rejection::into_status`]).
+//! service, balanced as any request through the agent: to an HTTP
+//! instance as a binary-mode CloudEvents HTTP request
+//! ([`binary_request`]), answered with the instance's status and body; to
+//! a gRPC instance through its `weir.events.v1.Subscriber/Deliver`
+//! ([`deliver`](super::deliver)), answered 200 on OK. Both check the event
+//! the same way ([`check_event`]). The agent's refusals are
+//! [`Rejection`]s, turned into a `tonic::Status` in one place
+//! ([`Rejection::into_status`]); a gRPC instance's own refusal passes
+//! through with its code, message and details ([`refused`]).
 
 use std::{
     borrow::Cow,
@@ -27,15 +32,19 @@ use weir_proto::{
     },
     events::v1::{
         publisher_server::{Publisher, PublisherServer},
-        SendRequest, SendResponse,
+        DeliverRequest, SendRequest, SendResponse,
     },
 };
 
-use super::{target::Target, InFlight, Ingress};
+use super::{
+    deliver::{self, DeliverError},
+    target::Target,
+    InFlight, Ingress,
+};
 use crate::{
-    balance::{Balance, Endpoint, Protocol},
+    balance::{any, Balance, Endpoint, Protocol},
     body::Body,
-    reject::{Reason, Rejection},
+    reject::{Reason, Rejection, INSTANCE_STATUS, WEIR_INSTANCE, WEIR_REASON},
     view::ServiceRoute,
 };
 
@@ -88,21 +97,66 @@ impl Publisher for EventsPublisher {
         let _in_flight = AgentInFlight::new(&self.ingress.in_flight);
         match self.send_event(request.into_inner()).await {
             Ok(response) => Ok(tonic::Response::new(response)),
-            Err(r) => {
+            Err(SendError::Rejected(r)) => {
                 tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher/Send refused");
                 self.ingress.count(&r);
                 Err(r.into_status())
+            }
+            Err(SendError::Refused { instance, status }) => {
+                tracing::debug!(%instance, code = ?status.code(), message = status.message(), "Publisher/Send: the instance refused the event");
+                Err(refused(&instance, &status))
             }
         }
     }
 }
 
+/// Why `Send` did not succeed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// The agent's own refusal.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// A gRPC instance answered `Deliver` with a status other than OK.
+    #[error("instance {instance} answered {}: {}", status.code(), status.message())]
+    Refused {
+        instance: Box<str>,
+        status: tonic::Status,
+    },
+}
+
+/// A gRPC instance's refusal as its caller gets it: the instance's code,
+/// message and details, with `weir-reason: instance-status` and
+/// `weir-instance` naming it. The instance's other trailers stay behind:
+/// they belong to its exchange with the agent.
+fn refused(instance: &str, status: &tonic::Status) -> tonic::Status {
+    let mut out = if status.details().is_empty() {
+        tonic::Status::new(status.code(), status.message())
+    } else {
+        tonic::Status::with_details(
+            status.code(),
+            status.message(),
+            Bytes::copy_from_slice(status.details()),
+        )
+    };
+    let metadata = out.metadata_mut();
+    metadata.insert(
+        WEIR_REASON,
+        tonic::metadata::MetadataValue::from_static(INSTANCE_STATUS),
+    );
+    // Registry ids are DNS-label-like; one that is not a header value is
+    // left out rather than failing the answer.
+    if let Ok(id) = tonic::metadata::MetadataValue::try_from(instance) {
+        metadata.insert(WEIR_INSTANCE, id);
+    }
+    out
+}
+
 impl EventsPublisher {
-    async fn send_event(&self, request: SendRequest) -> Result<SendResponse, Rejection> {
+    async fn send_event(&self, request: SendRequest) -> Result<SendResponse, SendError> {
         if request.service.is_empty() {
-            return Err(
-                Rejection::new(Reason::NoTarget, "service is required").with_field("service")
-            );
+            return Err(Rejection::new(Reason::NoTarget, "service is required")
+                .with_field("service")
+                .into());
         }
         let namespace = if request.namespace.is_empty() {
             self.ingress.default_namespace.as_str()
@@ -113,31 +167,44 @@ impl EventsPublisher {
         let event = request.event.ok_or_else(|| {
             Rejection::new(Reason::BadEvent, "event is required").with_field("event")
         })?;
-        let (headers, body) = binary_request(event)?;
+        check_event(&event)?;
         let route = self.ingress.route(&Target {
             namespace,
             service: &request.service,
             rewrite: None,
         })?;
-        let endpoint = pick_http(&route)?;
+        let endpoint = pick(&route)?;
+        route.requests.increment(1);
+        let _in_flight = InFlight::new(endpoint);
+        let result = match endpoint.protocol {
+            Protocol::Http => self.send_http(endpoint, event, path).await,
+            Protocol::Grpc => self.deliver(endpoint, event, path).await,
+        };
+        if let Err(SendError::Rejected(r)) = &result {
+            if r.reason == Reason::UpstreamUnavailable {
+                route.upstream_errors.increment(1);
+            }
+        }
+        result
+    }
 
+    /// To an HTTP instance: a binary-mode CloudEvents request to `path`,
+    /// answered with the instance's status and body.
+    async fn send_http(
+        &self,
+        endpoint: &Endpoint,
+        event: CloudEvent,
+        path: PathAndQuery,
+    ) -> Result<SendResponse, SendError> {
+        let (headers, body) = checked_binary_request(event)?;
         let mut upstream = Request::new(Body::full(body));
         *upstream.method_mut() = Method::POST;
         *upstream.headers_mut() = headers;
-        route.requests.increment(1);
-        let _in_flight = InFlight::new(endpoint);
-        let response = match self
+        let response = self
             .ingress
             .upstreams
             .send(endpoint, upstream, Some(path), false)
-            .await
-        {
-            Ok(r) => r,
-            Err(r) => {
-                route.upstream_errors.increment(1);
-                return Err(r);
-            }
-        };
+            .await?;
         let (parts, body) = response.into_parts();
         let max = self.ingress.max_event_bytes;
         let body = match Limited::new(body, max).collect().await {
@@ -149,17 +216,18 @@ impl EventsPublisher {
                         "the answer of instance {} is larger than {max} bytes",
                         endpoint.id
                     ),
-                ))
+                )
+                .into())
             }
             Err(e) => {
-                route.upstream_errors.increment(1);
                 return Err(Rejection::new(
                     Reason::UpstreamUnavailable,
                     format!(
                         "instance {} at {} broke off its answer: {e}",
                         endpoint.id, endpoint.authority
                     ),
-                ));
+                )
+                .into());
             }
         };
         Ok(SendResponse {
@@ -173,6 +241,37 @@ impl EventsPublisher {
                 .to_owned(),
             instance_id: endpoint.id.to_string(),
         })
+    }
+
+    /// To a gRPC instance: `Subscriber/Deliver` with the event unchanged,
+    /// answered 200 with the `DeliverResponse` on OK.
+    async fn deliver(
+        &self,
+        endpoint: &Endpoint,
+        event: CloudEvent,
+        path: PathAndQuery,
+    ) -> Result<SendResponse, SendError> {
+        let message = DeliverRequest {
+            event: Some(event),
+            topic: String::new(),
+            subscription: String::new(),
+            attempt: 1,
+            path: path.as_str().to_owned(),
+        };
+        let max = self.ingress.max_event_bytes;
+        match deliver::deliver(&self.ingress.upstreams, endpoint, &message, max).await {
+            Ok(body) => Ok(SendResponse {
+                status: 200,
+                body,
+                content_type: String::new(),
+                instance_id: endpoint.id.to_string(),
+            }),
+            Err(DeliverError::Rejected(r)) => Err(r.into()),
+            Err(DeliverError::Refused(status)) => Err(SendError::Refused {
+                instance: endpoint.id.clone(),
+                status,
+            }),
+        }
     }
 }
 
@@ -189,31 +288,17 @@ fn path_of(path: &str) -> Result<PathAndQuery, Rejection> {
     PathAndQuery::try_from(path).map_err(|_| bad("is not a valid path and query"))
 }
 
-/// An HTTP endpoint of `route`, balanced; a service whose usable instances
-/// all speak gRPC is refused, saying so.
-fn pick_http(route: &ServiceRoute) -> Result<&Arc<Endpoint>, Rejection> {
-    if let Some(e) = route
-        .balancer
-        .pick(&|e: &Endpoint| e.protocol != Protocol::Http)
-    {
-        return Ok(e);
-    }
-    if route.balancer.endpoints().is_empty() {
-        return Err(Rejection::new(
+/// An endpoint of `route`, balanced, whatever it speaks.
+fn pick(route: &ServiceRoute) -> Result<&Arc<Endpoint>, Rejection> {
+    route.balancer.pick(&any).ok_or_else(|| {
+        Rejection::new(
             Reason::NoEndpoint,
             format!(
                 "service {}/{} has no usable instance ({} registered)",
                 route.namespace, route.service, route.instances
             ),
-        ));
-    }
-    Err(Rejection::new(
-        Reason::UnsupportedProtocol,
-        format!(
-            "service {}/{} has only gRPC instances; Publisher/Send reaches HTTP instances only",
-            route.namespace, route.service
-        ),
-    ))
+        )
+    })
 }
 
 fn bad_event(field: String, detail: String) -> Rejection {
@@ -282,13 +367,12 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
-/// The headers and body of a binary-mode CloudEvents HTTP request carrying
-/// `event`: `ce-id`, `ce-source`, `ce-specversion`, `ce-type`, one
-/// `ce-{name}` per other attribute (`datacontenttype` is `Content-Type`),
-/// the data as the body. Proto data is its `Any`'s value, as
-/// `application/protobuf` unless `datacontenttype` says otherwise, with
-/// `ce-dataschema` the `Any`'s type URL unless the event sets one.
-pub fn binary_request(event: CloudEvent) -> Result<(HeaderMap, Bytes), Rejection> {
+/// Checks `event` as `Send` takes it, whatever the instance speaks:
+/// `spec_version` "1.0", `id`, `source` and `type` non-empty, attribute
+/// names of lower-case letters and digits (none of the four above), each
+/// attribute with a value (timestamps with nanos in range), and
+/// `datacontenttype` a valid Content-Type. The first fault is named.
+pub fn check_event(event: &CloudEvent) -> Result<(), Rejection> {
     if event.spec_version.is_empty() {
         return Err(bad_event(
             "event.spec_version".into(),
@@ -307,12 +391,6 @@ pub fn binary_request(event: CloudEvent) -> Result<(HeaderMap, Bytes), Rejection
     required("event.id", &event.id)?;
     required("event.source", &event.source)?;
     required("event.type", &event.r#type)?;
-
-    let mut headers = HeaderMap::with_capacity(5 + event.attributes.len());
-    headers.insert("ce-specversion", HeaderValue::from_static("1.0"));
-    headers.insert("ce-id", header_value(&event.id));
-    headers.insert("ce-source", header_value(&event.source));
-    headers.insert("ce-type", header_value(&event.r#type));
     for (name, value) in &event.attributes {
         if !valid_name(name) {
             return Err(bad_event(
@@ -328,13 +406,45 @@ pub fn binary_request(event: CloudEvent) -> Result<(HeaderMap, Bytes), Rejection
         }
         let text = canonical(name, value)?;
         if name == "datacontenttype" {
-            let v = HeaderValue::from_str(&text).map_err(|_| {
-                bad_event(
-                    "event.attributes[datacontenttype]".into(),
-                    "attribute datacontenttype must be a valid Content-Type".into(),
-                )
-            })?;
-            headers.insert(header::CONTENT_TYPE, v);
+            content_type(&text)?;
+        }
+    }
+    Ok(())
+}
+
+fn content_type(text: &str) -> Result<HeaderValue, Rejection> {
+    HeaderValue::from_str(text).map_err(|_| {
+        bad_event(
+            "event.attributes[datacontenttype]".into(),
+            "attribute datacontenttype must be a valid Content-Type".into(),
+        )
+    })
+}
+
+/// The headers and body of a binary-mode CloudEvents HTTP request carrying
+/// `event` (checked first, [`check_event`]): `ce-id`, `ce-source`,
+/// `ce-specversion`, `ce-type`, one `ce-{name}` per other attribute
+/// (`datacontenttype` is `Content-Type`), the data as the body. Proto data
+/// is its `Any`'s value, as `application/protobuf` unless
+/// `datacontenttype` says otherwise, with `ce-dataschema` the `Any`'s type
+/// URL unless the event sets one.
+pub fn binary_request(event: CloudEvent) -> Result<(HeaderMap, Bytes), Rejection> {
+    check_event(&event)?;
+    checked_binary_request(event)
+}
+
+/// [`binary_request`] of an event [`check_event`] passed (its errors
+/// cannot happen then; `Send` checks before it picks an instance).
+fn checked_binary_request(event: CloudEvent) -> Result<(HeaderMap, Bytes), Rejection> {
+    let mut headers = HeaderMap::with_capacity(5 + event.attributes.len());
+    headers.insert("ce-specversion", HeaderValue::from_static("1.0"));
+    headers.insert("ce-id", header_value(&event.id));
+    headers.insert("ce-source", header_value(&event.source));
+    headers.insert("ce-type", header_value(&event.r#type));
+    for (name, value) in &event.attributes {
+        let text = canonical(name, value)?;
+        if name == "datacontenttype" {
+            headers.insert(header::CONTENT_TYPE, content_type(&text)?);
             continue;
         }
         // Lower-case letters and digits: a valid header name.
@@ -562,6 +672,49 @@ mod tests {
             None,
         );
         assert_eq!(field(e).0, "event.attributes[datacontenttype]");
+    }
+
+    #[test]
+    fn an_instances_refusal_keeps_code_message_and_details_and_says_whose() {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let from_instance = tonic::Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            "slow down",
+            ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(3))),
+        );
+        let mut from_instance = from_instance;
+        from_instance
+            .metadata_mut()
+            .insert(WEIR_REASON, "spoofed".parse().expect("ascii"));
+        let s = refused("g0", &from_instance);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(s.message(), "slow down");
+        assert_eq!(
+            s.get_error_details()
+                .retry_info()
+                .and_then(|r| r.retry_delay),
+            Some(std::time::Duration::from_secs(3))
+        );
+        let meta = |k: &str| s.metadata().get(k).and_then(|v| v.to_str().ok());
+        assert_eq!(meta(WEIR_REASON), Some(INSTANCE_STATUS));
+        assert_eq!(meta(WEIR_INSTANCE), Some("g0"));
+
+        let s = refused("g0", &tonic::Status::invalid_argument("no"));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.details().is_empty());
+    }
+
+    #[test]
+    fn check_event_accepts_what_binary_request_sends() {
+        let e = event(
+            vec![("subject", Attr::CeString("x".into()))],
+            Some(Data::BinaryData(Bytes::from_static(b"\x00"))),
+        );
+        check_event(&e).expect("a good event");
+        let mut bad = e;
+        bad.id.clear();
+        let r = check_event(&bad).expect_err("no id");
+        assert_eq!(r.field.as_deref(), Some("event.id"));
     }
 
     #[test]
