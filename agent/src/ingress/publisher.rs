@@ -33,7 +33,7 @@ use weir_proto::{
 
 use super::{target::Target, InFlight, Ingress};
 use crate::{
-    balance::{Balance, Endpoint, Protocol},
+    balance::{Balance, Endpoint, Protocol, RoundRobin},
     body::Body,
     reject::{Reason, Rejection},
     view::ServiceRoute,
@@ -119,7 +119,15 @@ impl EventsPublisher {
             service: &request.service,
             rewrite: None,
         })?;
-        let endpoint = pick_http(&route)?;
+        let balancer = if route.has_rules() {
+            // The event's own `type` and `source`, read back from the
+            // headers just built: the percent-encoding round-trips.
+            let (event_type, source) = super::cloudevents::binary_type_and_source(&headers);
+            route.balancer_for(&event_type, &source)
+        } else {
+            &route.balancer
+        };
+        let endpoint = pick_http(&route, balancer)?;
 
         let mut upstream = Request::new(Body::full(body));
         *upstream.method_mut() = Method::POST;
@@ -189,16 +197,16 @@ fn path_of(path: &str) -> Result<PathAndQuery, Rejection> {
     PathAndQuery::try_from(path).map_err(|_| bad("is not a valid path and query"))
 }
 
-/// An HTTP endpoint of `route`, balanced; a service whose usable instances
-/// all speak gRPC is refused, saying so.
-fn pick_http(route: &ServiceRoute) -> Result<&Arc<Endpoint>, Rejection> {
-    if let Some(e) = route
-        .balancer
-        .pick(&|e: &Endpoint| e.protocol != Protocol::Http)
-    {
+/// An HTTP endpoint of `route`, picked by `balancer` (one of the route's);
+/// a service whose usable instances all speak gRPC is refused, saying so.
+fn pick_http<'a>(
+    route: &ServiceRoute,
+    balancer: &'a RoundRobin,
+) -> Result<&'a Arc<Endpoint>, Rejection> {
+    if let Some(e) = balancer.pick(&|e: &Endpoint| e.protocol != Protocol::Http) {
         return Ok(e);
     }
-    if route.balancer.endpoints().is_empty() {
+    if balancer.endpoints().is_empty() {
         return Err(Rejection::new(
             Reason::NoEndpoint,
             format!(
@@ -447,6 +455,19 @@ mod tests {
         assert_eq!(get(&h, "ce-signature"), "AP9oaQ==");
         assert_eq!(h.len(), 12);
         assert_eq!(&body[..], b"{\"n\":7}");
+    }
+
+    #[test]
+    fn type_and_source_read_back_from_the_headers_as_sent() {
+        let mut e = event(vec![], None);
+        e.r#type = "com.example.heavy.résumé 100%".into();
+        e.source = "/shop \"cart\"/%41".into();
+        let (h, _) = binary_request(e.clone()).expect("a good event");
+        let (event_type, source) = super::super::cloudevents::binary_type_and_source(&h);
+        assert_eq!(
+            (&*event_type, &*source),
+            (e.r#type.as_str(), e.source.as_str())
+        );
     }
 
     #[test]
