@@ -212,6 +212,14 @@ impl Store {
                 "ignoring the persisted view; starting empty");
             return None;
         }
+        // Balancing as the saved policies say: a resumed policy stream may
+        // bring no change for a long time.
+        view.apply_policies(
+            saved
+                .policies
+                .iter()
+                .map(|(key, change)| (key, change.policy.as_ref())),
+        );
         tracing::info!(
             file = %self.path().display(),
             instances,
@@ -410,7 +418,9 @@ mod tests {
     use super::*;
     use crate::{balance::Balance, view::Routes};
     use weir_client::{
-        agent::PolicyChange, policy::TrafficPolicy, Event, EventType, Instance, ServiceProtection,
+        agent::PolicyChange,
+        policy::{load_balancer::Algorithm, EventMatch, LoadBalancer, Rule, TrafficPolicy},
+        Event, EventType, Instance, ServiceProtection,
     };
 
     fn instance(id: &str, port: u32) -> Instance {
@@ -455,7 +465,21 @@ mod tests {
             namespace: "default".into(),
             service: "orders".into(),
             version: 17,
-            policy: Some(TrafficPolicy::default()),
+            policy: Some(TrafficPolicy {
+                rules: vec![Rule {
+                    name: "heavy".into(),
+                    r#match: Some(EventMatch {
+                        type_prefix: "com.example.heavy.".into(),
+                        ..EventMatch::default()
+                    }),
+                    load_balancer: Some(LoadBalancer {
+                        algorithm: Algorithm::WeightedRoundRobin as i32,
+                        ..LoadBalancer::default()
+                    }),
+                    ..Rule::default()
+                }],
+                ..TrafficPolicy::default()
+            }),
         };
         [(("default".into(), "orders".into()), change)].into()
     }
@@ -495,6 +519,7 @@ mod tests {
         let route = view.routes().get("default", "orders").expect("a route");
         assert_eq!(route.balancer.endpoints().len(), 2);
         assert!(route.protection, "the protection state is kept");
+        assert!(route.has_rules(), "the saved policy's rules are applied");
     }
 
     #[test]

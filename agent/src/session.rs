@@ -16,7 +16,6 @@ use weir_client::{
         agent_reply, agent_request, applied_policy, reply_error, AgentDescription, AgentRequest,
         AgentStatus, AppliedPolicy, Hello, PolicyChange, ReplyError,
     },
-    policy::{load_balancer::Algorithm, TrafficPolicy},
     AckOutcome, AgentSession, Client, EventType, SessionEvent, WatchUpdate,
 };
 use weir_core::{
@@ -69,32 +68,19 @@ pub struct PolicyAck {
     pub unenforced: Vec<String>,
 }
 
-/// Whether this agent enforces a policy's `load_balancer` section: round
-/// robin, plain or weighted, not in shadow mode. The other algorithms
-/// (least request, peak EWMA, consistent hash) come with the next issue.
-fn balancing_enforced(p: &TrafficPolicy) -> bool {
-    p.load_balancer.as_ref().is_none_or(|lb| {
-        !lb.shadow
-            && matches!(
-                Algorithm::try_from(lb.algorithm),
-                Ok(Algorithm::Unspecified | Algorithm::RoundRobin | Algorithm::WeightedRoundRobin)
-            )
-    })
-}
-
 /// How a policy version is acknowledged: applied when this agent enforces
 /// every section it sets, else in part, naming the sections it does not.
-/// Enforced now: `load_balancer` (round robin, plain or weighted). Not
-/// yet: rate limits, breakers, retries, timeouts, delivery, and rules (per
-/// event type and source), which come with the policy stack of the next
-/// issues.
+/// Enforced now: `load_balancer` (round robin, plain or weighted, not in
+/// shadow mode), by default and in rules (matched by event type and
+/// source). Not yet: rate limits, breakers, retries, timeouts and
+/// delivery, by default or in a rule (named `rules`), which come with the
+/// policy stack of the next issues. See [`crate::balance::policy`].
 fn outcome(change: &PolicyChange) -> (AckOutcome, Vec<String>) {
     let Some(policy) = change.policy.as_ref() else {
         return (AckOutcome::Applied, Vec::new());
     };
-    let unenforced: Vec<String> = weir_core::policy::sections::present(policy)
+    let unenforced: Vec<String> = crate::balance::policy::unenforced(policy)
         .into_iter()
-        .filter(|s| *s != "load_balancer" || !balancing_enforced(policy))
         .map(str::to_owned)
         .collect();
     if unenforced.is_empty() {

@@ -3,7 +3,8 @@
 //! [`View`] is written by the session task only: it applies the registry
 //! messages the control plane pushes to a [`RegistryMirror`] and, for each
 //! service a message touched, rebuilds that service's [`ServiceRoute`] (its
-//! usable endpoints and their balancer). [`Routes`] is what the data path
+//! usable endpoints and their balancers: the default one, and one per
+//! policy rule that sets its own). [`Routes`] is what the data path
 //! reads: a map from namespace and service to the current route, swapped
 //! per service on change, so a request takes a read lock for one lookup
 //! and never waits on a rebuild of anything but the map entry.
@@ -17,25 +18,60 @@ use tokio::time::Instant;
 
 use serde::Serialize;
 use weir_client::{
-    policy::{load_balancer::Algorithm, TrafficPolicy},
-    Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate,
+    policy::TrafficPolicy, Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate,
 };
 
-use crate::balance::{Balance, Endpoint, Protocol, RoundRobin};
+use crate::balance::{Balance, Balancing, Endpoint, Protocol, RoundRobin};
 
 /// How one service is reached now.
 #[derive(Debug)]
 pub struct ServiceRoute {
     pub namespace: Box<str>,
     pub service: Box<str>,
-    /// Picks among the usable endpoints.
+    /// Picks among the usable endpoints for requests no rule takes: those
+    /// that are not CloudEvents, and events no rule matches.
     pub balancer: RoundRobin,
+    /// The rules the balancing follows; `None` without a policy.
+    balancing: Option<Arc<Balancing>>,
+    /// One per rule of `balancing`, by index: the rule's own balancer
+    /// (over the same endpoints), or `None` for the default one. Empty when
+    /// no rule has its own, so requests skip matching.
+    rule_balancers: Box<[Option<RoundRobin>]>,
     /// Every instance the registry lists, usable or not.
     pub instances: usize,
     /// Routing to every instance because the service is in protection.
     pub protection: bool,
     pub(crate) requests: metrics::Counter,
     pub(crate) upstream_errors: metrics::Counter,
+}
+
+impl ServiceRoute {
+    /// Whether a rule picks a balancer of its own: only then are an
+    /// event's `type` and `source` worth reading.
+    #[inline]
+    pub fn has_rules(&self) -> bool {
+        !self.rule_balancers.is_empty()
+    }
+
+    /// The balancer for an event of `event_type` from `source`: the first
+    /// matching rule's own, or the default one (no rule matches, or the
+    /// first that does has no balancer of its own).
+    pub fn balancer_for(&self, event_type: &str, source: &str) -> &RoundRobin {
+        let Some(balancing) = self.balancing.as_deref().filter(|_| self.has_rules()) else {
+            return &self.balancer;
+        };
+        balancing
+            .rule_for(event_type, source)
+            .and_then(|i| self.rule_balancers.get(i)?.as_ref())
+            .unwrap_or(&self.balancer)
+    }
+
+    /// Where the rotation of rule `name`'s own balancer is, if it has one.
+    fn rule_position(&self, name: &str) -> Option<usize> {
+        let balancing = self.balancing.as_deref()?;
+        let i = balancing.rules.iter().position(|r| r.name == name)?;
+        Some(self.rule_balancers.get(i)?.as_ref()?.position())
+    }
 }
 
 type Table = HashMap<Box<str>, HashMap<Box<str>, Arc<ServiceRoute>>>;
@@ -105,14 +141,6 @@ impl Routes {
 
 type InstanceId = (String, String, String);
 
-/// Whether a policy's balancing (outside its rules) follows instance
-/// weights.
-pub fn weighted_round_robin(p: &TrafficPolicy) -> bool {
-    p.load_balancer
-        .as_ref()
-        .is_some_and(|lb| lb.algorithm == Algorithm::WeightedRoundRobin as i32)
-}
-
 fn id_of(i: &Instance) -> InstanceId {
     (
         i.namespace.clone(),
@@ -144,9 +172,9 @@ pub struct View {
     grace_until: Option<Instant>,
     /// Instances kept past their removal, until the deadline.
     stale: BTreeMap<InstanceId, (Instance, Instant)>,
-    /// Services whose policy asks for `WEIGHTED_ROUND_ROBIN`; the others
-    /// get plain round robin (the policy default).
-    weighted: BTreeSet<(String, String)>,
+    /// The balancing of services whose policy asks for more than plain
+    /// round robin without rules (the default, [`Balancing::default`]).
+    balancing: BTreeMap<(String, String), Arc<Balancing>>,
 }
 
 /// `host:port` with IPv6 literals bracketed.
@@ -170,27 +198,48 @@ impl View {
             grace,
             grace_until: None,
             stale: BTreeMap::new(),
-            weighted: BTreeSet::new(),
+            balancing: BTreeMap::new(),
         }
     }
 
     /// Takes the balancing of every service from its policy (all the
-    /// policies the session holds): services whose choice changed are
+    /// policies the session holds): services whose balancing changed are
     /// rebuilt.
     pub fn apply_policies<'a>(
         &mut self,
         policies: impl IntoIterator<Item = (&'a (String, String), Option<&'a TrafficPolicy>)>,
     ) {
-        let weighted: BTreeSet<(String, String)> = policies
-            .into_iter()
-            .filter(|(_, p)| p.is_some_and(weighted_round_robin))
+        let mut balancing: BTreeMap<(String, String), Arc<Balancing>> = BTreeMap::new();
+        for (key, policy) in policies {
+            let Some(b) = policy.map(Balancing::of) else {
+                continue;
+            };
+            if b == Balancing::default() {
+                continue;
+            }
+            // Unchanged: keep the one the routes share.
+            let b = match self.balancing.get(key) {
+                Some(old) if **old == b => old.clone(),
+                _ => Arc::new(b),
+            };
+            balancing.insert(key.clone(), b);
+        }
+        let changed: Vec<(String, String)> = balancing
+            .iter()
+            .filter(|(k, b)| {
+                self.balancing
+                    .get(*k)
+                    .is_none_or(|old| !Arc::ptr_eq(old, b))
+            })
             .map(|(k, _)| k.clone())
+            .chain(
+                self.balancing
+                    .keys()
+                    .filter(|k| !balancing.contains_key(*k))
+                    .cloned(),
+            )
             .collect();
-        let changed: Vec<(String, String)> = weighted
-            .symmetric_difference(&self.weighted)
-            .cloned()
-            .collect();
-        self.weighted = weighted;
+        self.balancing = balancing;
         for (ns, svc) in &changed {
             self.rebuild(ns, svc);
         }
@@ -402,6 +451,29 @@ impl View {
             })
             .collect();
         let start = previous.as_ref().map_or(0, |r| r.balancer.position());
+        let balancing = self
+            .balancing
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .cloned();
+        // A rule's own balancer carries on the rotation of the rule of the
+        // same name in the previous route.
+        let rule_balancers: Box<[Option<RoundRobin>]> = match &balancing {
+            Some(b) if !b.rules.is_empty() => b
+                .rules
+                .iter()
+                .map(|rule| {
+                    rule.own.map(|weighted| {
+                        let start = previous
+                            .as_ref()
+                            .and_then(|r| r.rule_position(&rule.name))
+                            .unwrap_or(0);
+                        RoundRobin::new(endpoints.clone(), start, weighted)
+                    })
+                })
+                .collect(),
+            _ => Box::default(),
+        };
+        let weighted = balancing.as_ref().is_some_and(|b| b.weighted);
         let labels = [
             ("namespace", namespace.to_owned()),
             ("service", service.to_owned()),
@@ -410,12 +482,9 @@ impl View {
         let route = ServiceRoute {
             namespace: namespace.into(),
             service: service.into(),
-            balancer: RoundRobin::new(
-                endpoints,
-                start,
-                self.weighted
-                    .contains(&(namespace.to_owned(), service.to_owned())),
-            ),
+            balancer: RoundRobin::new(endpoints, start, weighted),
+            balancing,
+            rule_balancers,
             instances: instances.len(),
             protection,
             requests: metrics::counter!("weir_agent_requests_total", &labels),
@@ -433,6 +502,18 @@ pub struct RouteState {
     pub instances: usize,
     pub protection: bool,
     pub endpoints: Vec<EndpointState>,
+    /// The rules balancing follows, in order (empty when none has a
+    /// balancer of its own).
+    pub rules: Vec<RuleState>,
+}
+
+/// A policy rule as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct RuleState {
+    pub name: String,
+    /// `round_robin`, `weighted_round_robin`, or `default` (the events it
+    /// matches go to the default balancer).
+    pub balancer: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -465,6 +546,24 @@ impl From<&ServiceRoute> for RouteState {
                     in_flight: e.in_flight.load(std::sync::atomic::Ordering::Relaxed),
                 })
                 .collect(),
+            rules: r
+                .balancing
+                .as_deref()
+                .filter(|_| r.has_rules())
+                .map(|b| {
+                    b.rules
+                        .iter()
+                        .map(|rule| RuleState {
+                            name: rule.name.clone(),
+                            balancer: match rule.own {
+                                None => "default",
+                                Some(false) => "round_robin",
+                                Some(true) => "weighted_round_robin",
+                            },
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -472,6 +571,7 @@ impl From<&ServiceRoute> for RouteState {
 #[cfg(test)]
 mod tests {
     use weir_client::{
+        policy::{load_balancer::Algorithm, EventMatch, LoadBalancer, Rule},
         Event, EventType, HealthStatus, ServiceProtection, WatchKind, WatchResponse,
     };
 
@@ -684,6 +784,231 @@ mod tests {
         view.apply(change(EventType::Delete, a, 23))
             .expect("applies");
         assert!(routes.get("default", "orders").is_none());
+    }
+
+    fn weighted(svc: &str, id: &str, port: u32, weight: u32) -> Instance {
+        Instance {
+            weight,
+            ..inst(svc, id, port, HealthStatus::Passing)
+        }
+    }
+
+    fn lb(algorithm: Algorithm) -> Option<LoadBalancer> {
+        Some(LoadBalancer {
+            algorithm: algorithm as i32,
+            ..LoadBalancer::default()
+        })
+    }
+
+    fn rule(name: &str, m: EventMatch, load_balancer: Option<LoadBalancer>) -> Rule {
+        Rule {
+            name: name.into(),
+            r#match: Some(m),
+            load_balancer,
+            ..Rule::default()
+        }
+    }
+
+    fn apply_policy(view: &mut View, policy: Option<TrafficPolicy>) {
+        let key = ("default".to_owned(), "orders".to_owned());
+        view.apply_policies([(&key, policy.as_ref())]);
+    }
+
+    fn picks(b: &RoundRobin, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| b.pick(&any).expect("an endpoint").id.to_string())
+            .collect()
+    }
+
+    /// Round robin by default; rules by exact type, by type prefix and by
+    /// source, one without a balancer of its own shadowing a later one.
+    fn rules_policy() -> TrafficPolicy {
+        TrafficPolicy {
+            namespace: "default".into(),
+            service: "orders".into(),
+            load_balancer: lb(Algorithm::RoundRobin),
+            rules: vec![
+                rule(
+                    "audit",
+                    EventMatch {
+                        type_exact: "com.example.audit".into(),
+                        ..EventMatch::default()
+                    },
+                    lb(Algorithm::WeightedRoundRobin),
+                ),
+                rule(
+                    "heavy",
+                    EventMatch {
+                        type_prefix: "com.example.heavy.".into(),
+                        ..EventMatch::default()
+                    },
+                    lb(Algorithm::WeightedRoundRobin),
+                ),
+                rule(
+                    "billing",
+                    EventMatch {
+                        source: "/billing".into(),
+                        ..EventMatch::default()
+                    },
+                    None,
+                ),
+                rule(
+                    "late",
+                    EventMatch {
+                        type_prefix: "com.example.".into(),
+                        source: "/billing".into(),
+                        ..EventMatch::default()
+                    },
+                    lb(Algorithm::WeightedRoundRobin),
+                ),
+                rule(
+                    "partner",
+                    EventMatch {
+                        source: "/partner".into(),
+                        ..EventMatch::default()
+                    },
+                    lb(Algorithm::WeightedRoundRobin),
+                ),
+            ],
+            ..TrafficPolicy::default()
+        }
+    }
+
+    #[test]
+    fn events_pick_the_balancer_of_the_first_matching_rule() {
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), std::time::Duration::from_secs(30));
+        view.apply(snapshot(
+            vec![
+                weighted("orders", "a", 1, 1),
+                weighted("orders", "b", 2, 1),
+                weighted("orders", "c", 3, 4),
+            ],
+            5,
+        ))
+        .expect("applies");
+        assert!(!routes.get("default", "orders").expect("route").has_rules());
+        apply_policy(&mut view, Some(rules_policy()));
+        let route = routes.get("default", "orders").expect("route");
+        assert!(route.has_rules());
+        let own = |name: &str| {
+            let i = route
+                .balancing
+                .as_ref()
+                .and_then(|b| b.rules.iter().position(|r| r.name == name))
+                .expect("a rule");
+            route.rule_balancers[i].as_ref().expect("its own balancer")
+        };
+        let is = |got: &RoundRobin, want: &RoundRobin| std::ptr::eq(got, want);
+
+        // By exact type (a longer type is not the same type).
+        assert!(is(
+            route.balancer_for("com.example.audit", "/x"),
+            own("audit")
+        ));
+        assert!(is(
+            route.balancer_for("com.example.audit.v2", "/x"),
+            &route.balancer
+        ));
+        // By type prefix.
+        assert!(is(
+            route.balancer_for("com.example.heavy.resize", "/x"),
+            own("heavy")
+        ));
+        assert!(is(
+            route.balancer_for("com.example.heavy.resize", "/billing"),
+            own("heavy"),
+        ));
+        // By source.
+        assert!(is(
+            route.balancer_for("org.other", "/partner"),
+            own("partner")
+        ));
+        // The first match wins: "billing" (default balancer) comes before
+        // "late", which matches too.
+        assert!(is(
+            route.balancer_for("com.example.light", "/billing"),
+            &route.balancer
+        ));
+        // No match: the defaults.
+        assert!(is(route.balancer_for("org.other", "/x"), &route.balancer));
+
+        // The default is round robin, the rules' own follow the weights,
+        // over the same endpoints.
+        assert_eq!(picks(&route.balancer, 6), ["a", "b", "c", "a", "b", "c"]);
+        let mut heavy = picks(own("heavy"), 12);
+        heavy.sort();
+        assert_eq!(heavy.iter().filter(|id| *id == "c").count(), 8, "{heavy:?}");
+        assert_eq!(heavy.iter().filter(|id| *id == "a").count(), 2, "{heavy:?}");
+        assert!(Arc::ptr_eq(
+            &route.balancer.endpoints()[2],
+            &own("heavy").endpoints()[2]
+        ));
+        let state = RouteState::from(&*route);
+        let rules: Vec<(&str, &str)> = state
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), r.balancer))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                ("audit", "weighted_round_robin"),
+                ("heavy", "weighted_round_robin"),
+                ("billing", "default"),
+                ("late", "weighted_round_robin"),
+                ("partner", "weighted_round_robin"),
+            ]
+        );
+    }
+
+    #[test]
+    fn rule_balancers_follow_the_view_and_carry_on_their_rotation() {
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), std::time::Duration::from_secs(30));
+        view.apply(snapshot(
+            vec![weighted("orders", "a", 1, 1), weighted("orders", "b", 2, 3)],
+            5,
+        ))
+        .expect("applies");
+        apply_policy(&mut view, Some(rules_policy()));
+        let route = routes.get("default", "orders").expect("route");
+        let heavy = route.balancer_for("com.example.heavy.x", "/s");
+        assert_eq!(picks(heavy, 3), ["b", "a", "b"]);
+        let at = heavy.position();
+
+        // A registry change rebuilds every balancer of the route, each
+        // carrying on where it was.
+        view.apply(change(EventType::Put, weighted("orders", "c", 3, 1), 6))
+            .expect("applies");
+        let route = routes.get("default", "orders").expect("route");
+        let heavy = route.balancer_for("com.example.heavy.x", "/s");
+        assert_eq!(heavy.endpoints().len(), 3, "fed from the view");
+        assert_eq!(heavy.position(), at);
+
+        // The same policy again changes nothing: the route is not rebuilt.
+        apply_policy(&mut view, Some(rules_policy()));
+        assert!(Arc::ptr_eq(
+            &route,
+            &routes.get("default", "orders").expect("route")
+        ));
+
+        // A policy without rules: no matching, one balancer.
+        apply_policy(
+            &mut view,
+            Some(TrafficPolicy {
+                rules: Vec::new(),
+                ..rules_policy()
+            }),
+        );
+        let route = routes.get("default", "orders").expect("route");
+        assert!(!route.has_rules());
+        assert!(std::ptr::eq(
+            route.balancer_for("com.example.heavy.x", "/s"),
+            &route.balancer
+        ));
+        apply_policy(&mut view, None);
+        assert!(!routes.get("default", "orders").expect("route").has_rules());
     }
 
     #[test]

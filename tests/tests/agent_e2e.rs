@@ -757,3 +757,195 @@ async fn publisher_send_reaches_a_grpc_instance_through_subscriber_deliver() -> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rule_balances_the_events_it_matches_by_weight() -> Result<()> {
+    use std::collections::HashMap;
+
+    use weir_client::policy::{EventMatch, Rule, Timeout};
+    use weir_proto::{
+        cloudevents::v1::{cloud_event::Data, CloudEvent},
+        events::v1::{publisher_client::PublisherClient, SendRequest},
+    };
+
+    const HEAVY: &str = "com.example.heavy.resize";
+    const LIGHT: &str = "com.example.light.ping";
+
+    let (_etcd, plane, client) = start_one("agent-rules").await?;
+    let servers = [
+        HttpInstance::start().await?,
+        HttpInstance::start().await?,
+        HttpInstance::start().await?,
+    ];
+    register(&client, "orders", &servers, &[1, 1, 4]).await?;
+    let heavy_rule = Rule {
+        name: "heavy".into(),
+        r#match: Some(EventMatch {
+            type_prefix: "com.example.heavy.".into(),
+            ..EventMatch::default()
+        }),
+        load_balancer: Some(LoadBalancer {
+            algorithm: Algorithm::WeightedRoundRobin as i32,
+            ..LoadBalancer::default()
+        }),
+        ..Rule::default()
+    };
+    let policy = TrafficPolicy {
+        namespace: "default".into(),
+        service: "orders".into(),
+        load_balancer: Some(LoadBalancer {
+            algorithm: Algorithm::RoundRobin as i32,
+            ..LoadBalancer::default()
+        }),
+        rules: vec![heavy_rule],
+        ..TrafficPolicy::default()
+    };
+    let first = client.put_policy(policy.clone(), None).await?;
+    let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
+    agent
+        .wait_for_endpoints("default", "orders", 3, SETTLE)
+        .await?;
+    // The rule's only section is balancing, which the agent enforces: the
+    // whole policy is applied, not "partly".
+    poll_until(
+        SETTLE,
+        "the agent applying the policy with its rule",
+        || async { Ok(client.policy_status("default", "orders").await?) },
+        |s| s.applied == 1,
+    )
+    .await?;
+
+    // 600 events of each type, interleaved, through every way in: binary,
+    // structured, batches mixing both types, and Publisher/Send.
+    let http = http();
+    let path = "/v1/services/orders/events";
+    let mut publisher =
+        PublisherClient::connect(format!("http://{}", agent.ingress_addr())).await?;
+    let structured = [(
+        "content-type",
+        "application/cloudevents+json; charset=utf-8",
+    )];
+    let batch_ct = [("content-type", "application/cloudevents-batch+json")];
+    let json = |id: &str, t: &str| {
+        format!(r#"{{"specversion":"1.0","id":"{id}","source":"/shop","type":"{t}"}}"#)
+    };
+    for n in 0..150 {
+        for t in [HEAVY, LIGHT] {
+            let id = format!("b-{n}-{t}");
+            let binary = [
+                ("ce-specversion", "1.0"),
+                ("ce-id", id.as_str()),
+                ("ce-source", "/shop"),
+                ("ce-type", t),
+            ];
+            let (status, reason, _) = post(&http, &agent, path, &binary, "{}").await?;
+            ensure!(status == 200, "binary {n}: {status} {reason}");
+            let (status, reason, _) = post(
+                &http,
+                &agent,
+                path,
+                &structured,
+                &json(&format!("s-{n}"), t),
+            )
+            .await?;
+            ensure!(status == 200, "structured {n}: {status} {reason}");
+            let answer = publisher
+                .send(SendRequest {
+                    namespace: String::new(),
+                    service: "orders".into(),
+                    path: "/events".into(),
+                    event: Some(CloudEvent {
+                        id: format!("p-{n}"),
+                        source: "/shop".into(),
+                        spec_version: "1.0".into(),
+                        r#type: t.into(),
+                        attributes: HashMap::new(),
+                        data: Some(Data::TextData("{}".into())),
+                    }),
+                })
+                .await?
+                .into_inner();
+            ensure!(answer.status == 200, "publisher {n}: {answer:?}");
+        }
+        let batch = format!(
+            "[{},{}]",
+            json(&format!("h-{n}"), HEAVY),
+            json(&format!("l-{n}"), LIGHT)
+        );
+        let (status, _, body) = post(&http, &agent, path, &batch_ct, &batch).await?;
+        ensure!(
+            status == 207 && body.matches("\"status\":200").count() == 2,
+            "batch {n}: {status} {body}"
+        );
+    }
+
+    // What each instance got, by event type (a header in binary mode, a
+    // member of the body otherwise).
+    let type_of = |hit: &weir_tests::fixtures::Hit| -> String {
+        match hit.headers.get("ce-type").and_then(|v| v.to_str().ok()) {
+            Some(t) => t.to_owned(),
+            None => serde_json::from_slice::<serde_json::Value>(&hit.body)
+                .ok()
+                .and_then(|v| v["type"].as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        }
+    };
+    let counts = |t: &str| -> Vec<usize> {
+        servers
+            .iter()
+            .map(|s| s.hits().iter().filter(|h| type_of(h) == t).count())
+            .collect()
+    };
+    let heavy = counts(HEAVY);
+    ensure!(
+        within(heavy[0], 100.0, 0.05)
+            && within(heavy[1], 100.0, 0.05)
+            && within(heavy[2], 400.0, 0.05),
+        "the heavy rule (WEIGHTED_ROUND_ROBIN, weights 1/1/4) spread 600 events as {heavy:?}"
+    );
+    let light = counts(LIGHT);
+    ensure!(
+        light.iter().all(|c| within(*c, 200.0, 0.05)),
+        "the default (ROUND_ROBIN) spread 600 other events as {light:?}"
+    );
+    let plain_before: Vec<usize> = servers.iter().map(|s| s.hits().len()).collect();
+    for n in 0..30 {
+        // Not a CloudEvent (no ce-specversion): the default, whatever the
+        // other headers say.
+        let (status, reason, _) = post(&http, &agent, path, &[("ce-type", HEAVY)], "x").await?;
+        ensure!(status == 200, "plain {n}: {status} {reason}");
+    }
+    let plain: Vec<usize> = servers
+        .iter()
+        .zip(&plain_before)
+        .map(|(s, before)| s.hits().len() - before)
+        .collect();
+    ensure!(
+        plain == [10, 10, 10],
+        "requests that are not CloudEvents spread as {plain:?}"
+    );
+
+    // A rule with a section the agent does not enforce yet: "partly",
+    // naming `rules`.
+    let mut partial = policy;
+    partial.rules[0].timeout = Some(Timeout {
+        total_ms: 500,
+        shadow: false,
+    });
+    client.put_policy(partial, Some(first.version)).await?;
+    let status = poll_until(
+        SETTLE,
+        "the agent applying the timeout rule in part",
+        || async { Ok(client.policy_status("default", "orders").await?) },
+        |s| s.current_version > first.version && s.partly == 1,
+    )
+    .await?;
+    ensure!(
+        status
+            .agents
+            .first()
+            .is_some_and(|a| a.unenforced == ["rules"]),
+        "{status:?}"
+    );
+    Ok(())
+}

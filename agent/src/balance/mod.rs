@@ -6,7 +6,10 @@
 //! (least-request P2C, peak EWMA, consistent hash, zone preference) plug
 //! into: a pick may exclude endpoints (ejected ones, ones a retry already
 //! tried), which tower's `p2c::Balance` cannot, hence a balancer of our own.
+//! [`policy`] says which balancer a service's policy asks for, by default
+//! and per rule (CloudEvents `type` and `source`).
 
+pub mod policy;
 mod round_robin;
 
 use std::{
@@ -16,6 +19,7 @@ use std::{
 
 use http::uri::Authority;
 
+pub use policy::Balancing;
 pub use round_robin::RoundRobin;
 
 /// The wire protocol an endpoint speaks.

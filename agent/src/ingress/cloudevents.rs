@@ -1,7 +1,11 @@
 //! CloudEvents over HTTP (spec 1.0, HTTP protocol binding): which mode a
 //! request is in, and whether an event carries the required attributes
 //! (`specversion` 1.0, `id`, `source`, `type`). A bad event is a
-//! [`Rejection`] naming the attribute.
+//! [`Rejection`] naming the attribute. Policy rules match an event's `type`
+//! and `source`: [`binary_type_and_source`] reads them from the headers,
+//! [`type_and_source`] from a parsed event.
+
+use std::borrow::Cow;
 
 use http::{header::CONTENT_TYPE, HeaderMap};
 use serde_json::{Map, Value};
@@ -57,12 +61,14 @@ fn check(name: &str, value: Option<&str>, origin: &str) -> Result<(), Rejection>
 
 /// The required attributes, in the order they are checked.
 const REQUIRED: [&str; 4] = ["specversion", "id", "source", "type"];
+/// Their headers in binary mode, in the same order (no formatting per
+/// request).
+const REQUIRED_HEADERS: [&str; 4] = ["ce-specversion", "ce-id", "ce-source", "ce-type"];
 
 /// A binary-mode event: the required `ce-*` headers.
 pub fn check_binary(headers: &HeaderMap) -> Result<(), Rejection> {
-    for name in REQUIRED {
-        let header = format!("ce-{name}");
-        let value = match headers.get(&header) {
+    for (name, header) in REQUIRED.into_iter().zip(REQUIRED_HEADERS) {
+        let value = match headers.get(header) {
             None => None,
             Some(v) => Some(
                 v.to_str()
@@ -72,6 +78,57 @@ pub fn check_binary(headers: &HeaderMap) -> Result<(), Rejection> {
         check(name, value, "header ce-")?;
     }
     Ok(())
+}
+
+/// A binary-mode event's `type` and `source` (`ce-type`, `ce-source`),
+/// percent-decoded as the HTTP binding says. Borrowed from the headers
+/// unless a value holds a `%`. Empty when a header is missing or not
+/// printable ASCII (which [`check_binary`] refuses first).
+pub fn binary_type_and_source(headers: &HeaderMap) -> (Cow<'_, str>, Cow<'_, str>) {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map_or(Cow::Borrowed(""), percent_decoded)
+    };
+    (get("ce-type"), get("ce-source"))
+}
+
+/// A parsed (structured or batch) event's `type` and `source`; empty when
+/// absent or not a string (which [`check_structured`] refuses first).
+pub fn type_and_source(event: &Map<String, Value>) -> (&str, &str) {
+    let get = |name: &str| event.get(name).and_then(Value::as_str).unwrap_or("");
+    (get("type"), get("source"))
+}
+
+/// `value` with `%XX` sequences decoded (CloudEvents HTTP binding,
+/// 3.1.3.2). A `%` not followed by two hex digits stays as it is; bytes
+/// that do not make UTF-8 become U+FFFD.
+fn percent_decoded(value: &str) -> Cow<'_, str> {
+    if !value.contains('%') {
+        return Cow::Borrowed(value);
+    }
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let digits = (bytes[i] == b'%')
+            .then(|| Some((hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?)))
+            .flatten();
+        match digits {
+            Some((hi, lo)) => {
+                // Two hex digits: at most 0xff.
+                out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// A structured event's JSON object.
@@ -209,6 +266,25 @@ mod tests {
             .expect_err("json")
             .detail
             .contains("not valid JSON"));
+    }
+
+    #[test]
+    fn type_and_source_come_from_headers_decoded_or_from_the_event() {
+        let h = headers(&[
+            ("ce-type", "com.example.heavy.job"),
+            ("ce-source", "/shop%20cart/%C3%BC%2"),
+        ]);
+        let (t, s) = binary_type_and_source(&h);
+        assert!(matches!(t, Cow::Borrowed("com.example.heavy.job")), "{t:?}");
+        assert_eq!(s, "/shop cart/ü%2", "decoded; a short escape kept");
+        assert_eq!(
+            binary_type_and_source(&headers(&[])),
+            ("".into(), "".into())
+        );
+
+        let event = parse_structured(br#"{"specversion":"1.0","id":"1","source":"/s","type":"t"}"#)
+            .expect("good");
+        assert_eq!(type_and_source(&event), ("t", "/s"));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! A request is routed ([`target`]), checked when it is a CloudEvent
 //! ([`cloudevents`]), balanced over the service's usable endpoints and
-//! forwarded ([`forward`]); the instance's answer streams back unchanged
+//! forwarded ([`forward`]). The balancer is the service's default one,
+//! unless its policy has rules with balancers of their own: then an
+//! event's `type` and `source` pick it ([`ServiceRoute::balancer_for`]); the instance's answer streams back unchanged
 //! (gRPC trailers included). Whatever the agent answers itself is a
 //! [`Rejection`](crate::reject::Rejection). Calls to the agent's own
 //! `weir.events.v1.Publisher` are served on the same port ([`publisher`]);
@@ -42,7 +44,7 @@ use tokio::net::TcpListener;
 use tonic::codegen::Service as _;
 
 use crate::{
-    balance::{any, Balance, Endpoint},
+    balance::{any, Balance, Endpoint, RoundRobin},
     body::Body,
     reject::{Reason, Rejection},
     view::{Routes, ServiceRoute},
@@ -153,15 +155,17 @@ impl Ingress {
                 target::resolve(request.uri(), request.headers(), &self.default_namespace)?;
             (self.route(&target)?, target.rewrite)
         };
-        match cloudevents::mode(request.headers()) {
+        let mode = cloudevents::mode(request.headers());
+        match mode {
             Mode::Plain => {}
             Mode::Binary => cloudevents::check_binary(request.headers())?,
             Mode::Structured => {
                 let (parts, body) = request.into_parts();
                 let body = self.read_whole(body).await?;
-                cloudevents::parse_structured(&body)?;
+                let event = cloudevents::parse_structured(&body)?;
+                let balancer = event_balancer(&route, &event);
                 let request = Request::from_parts(parts, Body::full(body));
-                return self.send(&route, request, rewrite, grpc).await;
+                return self.send(&route, balancer, request, rewrite, grpc).await;
             }
             Mode::Batch => {
                 let (parts, body) = request.into_parts();
@@ -170,9 +174,11 @@ impl Ingress {
                 return Ok(self.send_batch(&route, parts, rewrite, events).await);
             }
         }
+        let balancer = header_balancer(&route, mode, request.headers());
         let (parts, body) = request.into_parts();
         self.send(
             &route,
+            balancer,
             Request::from_parts(parts, Body::Stream(body)),
             rewrite,
             grpc,
@@ -180,15 +186,17 @@ impl Ingress {
         .await
     }
 
-    /// Picks an endpoint of `route` and sends `request` to it.
+    /// Picks an endpoint of `route` with `balancer` (one of the route's)
+    /// and sends `request` to it.
     async fn send(
         &self,
         route: &ServiceRoute,
+        balancer: &RoundRobin,
         request: Request<Body>,
         rewrite: Option<http::uri::PathAndQuery>,
         grpc: bool,
     ) -> Result<Response<Body>, Rejection> {
-        let endpoint = route.balancer.pick(&any).ok_or_else(|| {
+        let endpoint = balancer.pick(&any).ok_or_else(|| {
             Rejection::new(
                 Reason::NoEndpoint,
                 format!(
@@ -220,8 +228,9 @@ impl Ingress {
         }
     }
 
-    /// Sends each event of a batch on its own, as a structured event, and
-    /// answers 207 with one `{id, status, reason}` per event, in order.
+    /// Sends each event of a batch on its own, as a structured event
+    /// balanced by its own `type` and `source`, and answers 207 with one
+    /// `{id, status, reason}` per event, in order.
     async fn send_batch(
         &self,
         route: &ServiceRoute,
@@ -234,6 +243,7 @@ impl Ingress {
             let outcome = match event {
                 Err(r) => Err(r),
                 Ok(event) => {
+                    let balancer = event_balancer(route, &event);
                     let bytes = serde_json::to_vec(&event).unwrap_or_default();
                     let mut request = Request::new(Body::full(bytes));
                     *request.method_mut() = parts.method.clone();
@@ -244,7 +254,8 @@ impl Ingress {
                         HeaderValue::from_static("application/cloudevents+json; charset=utf-8"),
                     );
                     request.headers_mut().remove(header::CONTENT_LENGTH);
-                    self.send(route, request, rewrite.clone(), false).await
+                    self.send(route, balancer, request, rewrite.clone(), false)
+                        .await
                 }
             };
             let (status, reason) = match outcome {
@@ -277,6 +288,36 @@ impl Ingress {
         );
         response
     }
+}
+
+/// The balancer for a request whose event, if any, is in its headers: a
+/// binary-mode event's `ce-type` and `ce-source` choose when the route has
+/// rules; a request that is not a CloudEvent gets the default balancer.
+/// Without rules this reads no header.
+fn header_balancer<'r>(
+    route: &'r ServiceRoute,
+    mode: Mode,
+    headers: &http::HeaderMap,
+) -> &'r RoundRobin {
+    match mode {
+        Mode::Binary if route.has_rules() => {
+            let (event_type, source) = cloudevents::binary_type_and_source(headers);
+            route.balancer_for(&event_type, &source)
+        }
+        _ => &route.balancer,
+    }
+}
+
+/// The balancer for a parsed (structured or batch) event.
+fn event_balancer<'r>(
+    route: &'r ServiceRoute,
+    event: &serde_json::Map<String, serde_json::Value>,
+) -> &'r RoundRobin {
+    if !route.has_rules() {
+        return &route.balancer;
+    }
+    let (event_type, source) = cloudevents::type_and_source(event);
+    route.balancer_for(event_type, source)
 }
 
 /// Serves the ingress on `listener` until `shutdown` resolves, then stops
@@ -344,5 +385,131 @@ pub async fn serve(
             ?drain,
             "ingress drain bound reached; closing the remaining connections"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderMap;
+    use weir_client::{
+        policy::{load_balancer::Algorithm, EventMatch, LoadBalancer, Rule, TrafficPolicy},
+        Event, EventType, Instance, WatchKind, WatchResponse,
+    };
+
+    use super::*;
+    use crate::view::View;
+
+    /// `orders` with instances a, b, c (weights 1, 1, 4), round robin by
+    /// default and weighted for events of type `com.example.heavy.*`.
+    fn route() -> Arc<ServiceRoute> {
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), Duration::from_secs(30));
+        let instances = [("a", 1), ("b", 1), ("c", 4)].map(|(id, weight)| Event {
+            r#type: EventType::Put as i32,
+            instance: Some(Instance {
+                namespace: "default".into(),
+                service: "orders".into(),
+                instance_id: id.into(),
+                host: "127.0.0.1".into(),
+                port: 1,
+                weight,
+                ..Instance::default()
+            }),
+            revision: 1,
+        });
+        view.apply(WatchResponse {
+            kind: WatchKind::Snapshot as i32,
+            events: instances.to_vec(),
+            revision: 1,
+            snapshot_complete: true,
+            ..WatchResponse::default()
+        })
+        .expect("applies");
+        let key = ("default".to_owned(), "orders".to_owned());
+        let policy = TrafficPolicy {
+            namespace: "default".into(),
+            service: "orders".into(),
+            rules: vec![Rule {
+                name: "heavy".into(),
+                r#match: Some(EventMatch {
+                    type_prefix: "com.example.heavy.".into(),
+                    ..EventMatch::default()
+                }),
+                load_balancer: Some(LoadBalancer {
+                    algorithm: Algorithm::WeightedRoundRobin as i32,
+                    ..LoadBalancer::default()
+                }),
+                ..Rule::default()
+            }],
+            ..TrafficPolicy::default()
+        };
+        view.apply_policies([(&key, Some(&policy))]);
+        routes.get("default", "orders").expect("a route")
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn binary_events_choose_by_headers_and_other_requests_get_the_default() {
+        let route = route();
+        let heavy = route.balancer_for("com.example.heavy.x", "/s");
+        assert!(
+            !std::ptr::eq(heavy, &route.balancer),
+            "the rule has its own"
+        );
+        let event = headers(&[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "/s"),
+            ("ce-type", "com.example.heavy.resize"),
+        ]);
+        let mode = cloudevents::mode(&event);
+        assert_eq!(mode, Mode::Binary);
+        assert!(std::ptr::eq(header_balancer(&route, mode, &event), heavy));
+        let light = headers(&[("ce-specversion", "1.0"), ("ce-type", "com.example.light")]);
+        assert!(std::ptr::eq(
+            header_balancer(&route, Mode::Binary, &light),
+            &route.balancer
+        ));
+        // Not a CloudEvent (no ce-specversion): the default, whatever
+        // other headers say.
+        let plain = headers(&[("ce-type", "com.example.heavy.resize")]);
+        let mode = cloudevents::mode(&plain);
+        assert_eq!(mode, Mode::Plain);
+        assert!(std::ptr::eq(
+            header_balancer(&route, mode, &plain),
+            &route.balancer
+        ));
+    }
+
+    #[test]
+    fn structured_and_batch_events_choose_each_by_their_own_type() {
+        let route = route();
+        let heavy = route.balancer_for("com.example.heavy.x", "/s");
+        let events = cloudevents::parse_batch(
+            br#"[{"specversion":"1.0","id":"1","source":"/s","type":"com.example.heavy.a"},
+                 {"specversion":"1.0","id":"2","source":"/s","type":"com.example.light"}]"#,
+        )
+        .expect("a batch");
+        let chosen: Vec<bool> = events
+            .iter()
+            .map(|(_, e)| std::ptr::eq(event_balancer(&route, e.as_ref().expect("good")), heavy))
+            .collect();
+        assert_eq!(chosen, [true, false]);
+        let one = cloudevents::parse_structured(
+            br#"{"specversion":"1.0","id":"1","source":"/s","type":"com.example.heavy.a"}"#,
+        )
+        .expect("good");
+        assert!(std::ptr::eq(event_balancer(&route, &one), heavy));
     }
 }

@@ -42,7 +42,7 @@ use super::{
     InFlight, Ingress,
 };
 use crate::{
-    balance::{any, Balance, Endpoint, Protocol},
+    balance::{any, Balance, Endpoint, Protocol, RoundRobin},
     body::Body,
     reject::{Reason, Rejection, INSTANCE_STATUS, WEIR_INSTANCE, WEIR_REASON},
     view::ServiceRoute,
@@ -173,7 +173,9 @@ impl EventsPublisher {
             service: &request.service,
             rewrite: None,
         })?;
-        let endpoint = pick(&route)?;
+        // Rules match on the event's own `type` and `source`.
+        let balancer = route.balancer_for(&event.r#type, &event.source);
+        let endpoint = pick(&route, balancer)?;
         route.requests.increment(1);
         let _in_flight = InFlight::new(endpoint);
         let result = match endpoint.protocol {
@@ -288,9 +290,13 @@ fn path_of(path: &str) -> Result<PathAndQuery, Rejection> {
     PathAndQuery::try_from(path).map_err(|_| bad("is not a valid path and query"))
 }
 
-/// An endpoint of `route`, balanced, whatever it speaks.
-fn pick(route: &ServiceRoute) -> Result<&Arc<Endpoint>, Rejection> {
-    route.balancer.pick(&any).ok_or_else(|| {
+/// An endpoint of `route`, picked by `balancer` (one of the route's),
+/// whatever it speaks.
+fn pick<'a>(
+    route: &ServiceRoute,
+    balancer: &'a RoundRobin,
+) -> Result<&'a Arc<Endpoint>, Rejection> {
+    balancer.pick(&any).ok_or_else(|| {
         Rejection::new(
             Reason::NoEndpoint,
             format!(
@@ -557,6 +563,19 @@ mod tests {
         assert_eq!(get(&h, "ce-signature"), "AP9oaQ==");
         assert_eq!(h.len(), 12);
         assert_eq!(&body[..], b"{\"n\":7}");
+    }
+
+    #[test]
+    fn type_and_source_read_back_from_the_headers_as_sent() {
+        let mut e = event(vec![], None);
+        e.r#type = "com.example.heavy.résumé 100%".into();
+        e.source = "/shop \"cart\"/%41".into();
+        let (h, _) = binary_request(e.clone()).expect("a good event");
+        let (event_type, source) = super::super::cloudevents::binary_type_and_source(&h);
+        assert_eq!(
+            (&*event_type, &*source),
+            (e.r#type.as_str(), e.source.as_str())
+        );
     }
 
     #[test]
