@@ -8,10 +8,7 @@
 //!   requests in flight, as JSON.
 //! - `GET /metrics`: Prometheus text (see `docs/metrics.md`).
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc, OnceLock,
-};
+use std::sync::{Arc, OnceLock};
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -44,7 +41,7 @@ pub struct Admin {
     pub session: watch::Receiver<SessionState>,
     pub routes: Arc<Routes>,
     /// Requests in flight over every ingress worker.
-    pub in_flight: Arc<AtomicUsize>,
+    pub in_flight: crate::ingress::InFlightTotal,
 }
 
 #[derive(Serialize)]
@@ -87,7 +84,7 @@ async fn state(State(a): State<Admin>) -> Json<StateBody> {
     Json(StateBody {
         node_id: a.node_id.clone(),
         session: a.session.borrow().clone(),
-        in_flight: a.in_flight.load(Ordering::Relaxed),
+        in_flight: a.in_flight.get(),
         routes: a
             .routes
             .all()

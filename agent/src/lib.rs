@@ -114,7 +114,7 @@ impl Agent {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let in_flight = ingress::InFlightTotal::default();
         let ingress = {
             let (routes, in_flight) = (routes.clone(), in_flight.clone());
             let (namespace, max) = (config.namespace.clone(), config.max_event_bytes);
@@ -122,7 +122,12 @@ impl Agent {
                 config.ingress_addr,
                 config.workers,
                 move || {
-                    ingress::Ingress::new(routes.clone(), namespace.clone(), max, in_flight.clone())
+                    ingress::Ingress::new(
+                        routes.clone(),
+                        namespace.clone(),
+                        max,
+                        in_flight.worker(),
+                    )
                 },
                 stopped.clone(),
                 DRAIN,

@@ -71,7 +71,13 @@ impl Upstreams {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         };
-        strip_hop_by_hop(request.headers_mut(), grpc);
+        if h2 {
+            strip_hop_by_hop(request.headers_mut(), grpc);
+        } else if request.headers().contains_key(header::CONNECTION) {
+            // The HTTP/1.1 client leaves out the fixed hop-by-hop fields
+            // as it writes the head; the ones Connection names go here.
+            strip_hop_by_hop(request.headers_mut(), false);
+        }
         let response: Result<Response<Body>, String> = if h2 {
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
@@ -108,7 +114,10 @@ impl Upstreams {
         };
         match response {
             Ok(mut response) => {
-                strip_hop_by_hop(response.headers_mut(), grpc);
+                // The HTTP/1.1 client kept them out of its answers already.
+                if h2 {
+                    strip_hop_by_hop(response.headers_mut(), grpc);
+                }
                 Ok(response)
             }
             Err(e) => {

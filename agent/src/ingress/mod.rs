@@ -61,9 +61,59 @@ pub struct Ingress {
     pub upstreams: Upstreams,
     pub default_namespace: String,
     pub max_event_bytes: usize,
-    /// Requests being handled (by every worker).
-    pub in_flight: Arc<AtomicUsize>,
+    /// Requests this worker is handling.
+    pub in_flight: Arc<WorkerInFlight>,
     rejections: [metrics::Counter; Reason::ALL.len()],
+}
+
+/// Requests in flight on one ingress worker, on a cache line of its own:
+/// workers on different cores never write the same line per request.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerInFlight(AtomicUsize);
+
+impl WorkerInFlight {
+    /// Counts one request until the guard drops (also when the caller
+    /// goes away mid-request and the future is dropped).
+    pub fn enter(&self) -> Entered<'_> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Entered(self)
+    }
+}
+
+/// One request counted in a [`WorkerInFlight`].
+#[derive(Debug)]
+pub struct Entered<'a>(&'a WorkerInFlight);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The agent's requests in flight: the sum over its workers.
+#[derive(Debug, Clone, Default)]
+pub struct InFlightTotal(Arc<std::sync::Mutex<Vec<Arc<WorkerInFlight>>>>);
+
+impl InFlightTotal {
+    /// A counter for one more worker.
+    pub fn worker(&self) -> Arc<WorkerInFlight> {
+        let counter = Arc::new(WorkerInFlight::default());
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(counter.clone());
+        counter
+    }
+
+    pub fn get(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|c| c.0.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// Counts a request in flight on an endpoint (and the agent) while alive.
@@ -89,12 +139,13 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 }
 
 impl Ingress {
-    /// One worker's ingress: `routes` and `in_flight` are shared by all.
+    /// One worker's ingress: `routes` is shared by all; `in_flight` is
+    /// this worker's.
     pub fn new(
         routes: Arc<Routes>,
         default_namespace: String,
         max_event_bytes: usize,
-        in_flight: Arc<AtomicUsize>,
+        in_flight: Arc<WorkerInFlight>,
     ) -> Self {
         Self {
             routes,
@@ -122,12 +173,11 @@ impl Ingress {
     /// Handles one request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let grpc = is_grpc(request.headers());
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _entered = self.in_flight.enter();
         let response = match self.route_and_send(request, grpc).await {
             Ok(r) => r,
             Err(r) => self.rejected(r, grpc),
         };
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         response
     }
 
@@ -374,7 +424,7 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!(
-        in_flight = ingress.in_flight.load(Ordering::Relaxed),
+        in_flight = ingress.in_flight.0.load(Ordering::Relaxed),
         "ingress draining"
     );
     if tokio::time::timeout(drain, graceful.shutdown())

@@ -13,13 +13,7 @@
 //! ([`Rejection::into_status`]); a gRPC instance's own refusal passes
 //! through with its code, message and details ([`refused`]).
 
-use std::{
-    borrow::Cow,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-};
+use std::{borrow::Cow, sync::Arc};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -71,30 +65,13 @@ pub struct EventsPublisher {
     ingress: Arc<Ingress>,
 }
 
-/// Counts a call in the agent's requests in flight while alive (also when
-/// the caller goes away mid-call and the future is dropped).
-struct AgentInFlight<'a>(&'a AtomicUsize);
-
-impl<'a> AgentInFlight<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Self(n)
-    }
-}
-
-impl Drop for AgentInFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 #[tonic::async_trait]
 impl Publisher for EventsPublisher {
     async fn send(
         &self,
         request: tonic::Request<SendRequest>,
     ) -> Result<tonic::Response<SendResponse>, tonic::Status> {
-        let _in_flight = AgentInFlight::new(&self.ingress.in_flight);
+        let _in_flight = self.ingress.in_flight.enter();
         match self.send_event(request.into_inner()).await {
             Ok(response) => Ok(tonic::Response::new(response)),
             Err(SendError::Rejected(r)) => {

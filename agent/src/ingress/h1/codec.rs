@@ -4,13 +4,13 @@
 //! (RFC 9112 6.3). Pure functions over buffers; the connection handling
 //! is in the parent module.
 
-use std::io::Write as _;
+use std::{io::Write as _, mem::MaybeUninit};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-/// The most header fields a response head (or a trailer section) may have.
-const MAX_HEADERS: usize = 128;
+/// The most header fields a response head may have (hyper's default too).
+const MAX_HEADERS: usize = 100;
 /// The longest response head, and the longest chunk-size line.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_CHUNK_LINE: usize = 1024;
@@ -53,7 +53,10 @@ pub fn encode_request_head(
     buf.extend_from_slice(path.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        // Our framing replaces the caller's; fields of the caller's
+        // connection stay with it (the names its Connection field lists
+        // were removed before, see `forward`).
+        if name == header::CONTENT_LENGTH || hop_by_hop(name) {
             continue;
         }
         buf.extend_from_slice(name.as_str().as_bytes());
@@ -73,6 +76,31 @@ pub fn encode_request_head(
         RequestFraming::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     buf.extend_from_slice(b"\r\n");
+}
+
+/// A field that belongs to one connection (RFC 9110 7.6.1), `te` included
+/// (HTTP/1.1 instances get no trailers from the agent's requests).
+pub fn hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// Removes from `headers` the fields the Connection fields name.
+fn strip_listed(head: &[u8], ranges: &[[u32; 4]], headers: &mut HeaderMap) {
+    for &[n0, n1, v0, v1] in ranges {
+        if !head[n0 as usize..n1 as usize].eq_ignore_ascii_case(b"connection") {
+            continue;
+        }
+        for token in head[v0 as usize..v1 as usize].split(|b| *b == b',') {
+            if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
+                headers.remove(name);
+            }
+        }
+    }
 }
 
 /// Appends one chunk's size line (the data and its CRLF follow).
@@ -133,11 +161,16 @@ pub fn parse_response_head(
 
 fn parse_one(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, ProtocolError> {
     // Byte ranges of each field in `buf`, taken while httparse borrows it.
-    let mut ranges = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    // (A head is at most MAX_HEAD_BYTES, far below u32::MAX.)
+    let mut ranges = [[0u32; 4]; MAX_HEADERS];
     let (len, code, minor, count) = {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let len = match response.parse(buf) {
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(ProtocolError::HeadTooLarge)
@@ -151,14 +184,14 @@ fn parse_one(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>
         let base = buf.as_ptr() as usize;
         let count = response.headers.len();
         for (range, field) in ranges.iter_mut().zip(response.headers.iter()) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            *range = (
+            let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+            let (name, value) = (at(field.name.as_bytes()), at(field.value));
+            *range = [
                 name,
-                name + field.name.len(),
+                name + field.name.len() as u32,
                 value,
-                value + field.value.len(),
-            );
+                value + field.value.len() as u32,
+            ];
         }
         let code = response.code.ok_or(ProtocolError::Head("no status"))?;
         let minor = response.version.ok_or(ProtocolError::Head("no version"))?;
@@ -176,10 +209,12 @@ fn parse_one(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>
     let mut chunked = false;
     let mut encoded = false;
     let mut close = minor == 0;
-    for &(n0, n1, v0, v1) in &ranges[..count] {
-        let name = HeaderName::from_bytes(&head[n0..n1])
+    // Names the Connection field lists beyond close/keep-alive (rare).
+    let mut listed = false;
+    for &[n0, n1, v0, v1] in &ranges[..count] {
+        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
             .map_err(|_| ProtocolError::Head("bad field name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+        let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
             .map_err(|_| ProtocolError::Head("bad field value"))?;
         if name == header::CONTENT_LENGTH {
             let n = parse_length(value.as_bytes())?;
@@ -200,12 +235,21 @@ fn parse_one(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if minor == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
-                    close = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    close &= minor != 0;
+                } else if !token.is_empty() {
+                    listed = true;
                 }
             }
         }
-        headers.append(name, value);
+        // The fields of this connection stay here (RFC 9110 7.6.1);
+        // content-length stays: the body is relayed as it is.
+        if !hop_by_hop(&name) {
+            headers.append(name, value);
+        }
+    }
+    if listed {
+        strip_listed(&head, &ranges[..count], &mut headers);
     }
     let bodyless = method == Method::HEAD
         || status.is_informational()
@@ -336,7 +380,7 @@ impl Chunked {
                         *self = Chunked::Done;
                         return Ok(Decoded::End(None));
                     }
-                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let mut fields = [httparse::EMPTY_HEADER; 32];
                     let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
                         Ok(httparse::Status::Complete((len, fields))) => {
                             let mut map = HeaderMap::with_capacity(fields.len());
@@ -493,6 +537,45 @@ mod tests {
         .expect("valid")
         .expect("complete");
         assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn fields_of_one_connection_stay_on_it_both_ways() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nKeep-Alive: timeout=5\r\n\
+             X-Private: 1\r\nUpgrade: h2c\r\nContent-Length: 0\r\nX-Kept: 2\r\n\r\n",
+            &Method::GET,
+        )
+        .expect("valid")
+        .expect("complete");
+        let mut names: Vec<_> = h.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert!(h.keep_alive);
+
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "1"),
+        ] {
+            headers.insert(k, HeaderValue::from_static(v));
+        }
+        let mut buf = Vec::new();
+        encode_request_head(
+            &mut buf,
+            &Method::GET,
+            "/",
+            &headers,
+            RequestFraming::Length {
+                n: 0,
+                explicit_zero: false,
+            },
+        );
+        assert_eq!(buf, b"GET / HTTP/1.1\r\nx-kept: 1\r\n\r\n");
     }
 
     #[test]
