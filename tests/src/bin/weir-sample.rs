@@ -4,12 +4,14 @@
 //! It serves HTTP, answers every event (`POST /...`) with 200 and a small
 //! JSON body naming itself, counts what it received (`GET /stats`), and
 //! registers itself as an ephemeral instance, deregistering on SIGTERM or
-//! Ctrl-C. With `--emit-to` it also sends CloudEvents (binary mode) to a
+//! Ctrl-C. `--fail-every N` answers every Nth event 503 and `--delay-ms`
+//! answers late, for an instance that fails now and then or is slow. With `--emit-to` it also sends CloudEvents (binary mode) to a
 //! service through an agent's ingress, at a fixed rate, and every
 //! `--report-every` seconds prints one line saying which instances
 //! answered (from their JSON answers) and why the rest failed: by the
 //! agent's `weir-reason` header, else `http-<status>`, `timeout` (no
-//! answer in 5 s) or `agent-unreachable`.
+//! answer in 5 s) or `agent-unreachable`, and the p50 and p99 time to
+//! an answer.
 //!
 //! ```text
 //! weir-sample --service orders --instance-id orders-a1 --zone a --registry http://127.0.0.1:7070
@@ -34,7 +36,7 @@ use anyhow::{bail, Context, Result};
 use axum::{
     body::Bytes,
     extract::State,
-    http::{header, HeaderMap, Method},
+    http::{header, HeaderMap, Method, StatusCode},
     routing::get,
     Json, Router,
 };
@@ -61,6 +63,8 @@ const SERVER_STOP: Duration = Duration::from_secs(5);
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// Distinct keys a [`Tally`] keeps; the rest are counted under `(other)`.
 const MAX_KEYS: usize = 64;
+/// Latencies an emitter keeps per report window.
+const MAX_LATENCIES: usize = 100_000;
 /// Highest `--rate`.
 const MAX_RATE: f64 = 10_000.0;
 
@@ -118,6 +122,13 @@ struct Args {
     /// Seconds between report lines.
     #[arg(long, default_value_t = 5)]
     report_every: u64,
+    /// Answer every Nth event with 503 instead of 200 (0: never): an
+    /// instance that fails now and then.
+    #[arg(long, default_value_t = 0)]
+    fail_every: u64,
+    /// Answer each event this many milliseconds late: a slow instance.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
     /// Log format (logs go to stderr): text or json.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -171,9 +182,32 @@ struct Sent {
     ok: Tally,
     /// Not answered 2xx, by `weir-reason` (or what else went wrong).
     failed: Tally,
+    /// Time to each answer, in microseconds (the first [`MAX_LATENCIES`]).
+    latencies_us: Vec<u64>,
 }
 
 impl Sent {
+    fn took(&mut self, elapsed: Duration) {
+        if self.latencies_us.len() < MAX_LATENCIES {
+            self.latencies_us
+                .push(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
+        }
+    }
+
+    /// ` p50=1.2ms p99=20.5ms`, or nothing without answers.
+    fn latency(&self) -> String {
+        if self.latencies_us.is_empty() {
+            return String::new();
+        }
+        let mut sorted = self.latencies_us.clone();
+        sorted.sort_unstable();
+        let at = |q: f64| {
+            let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+            sorted[i] as f64 / 1000.0
+        };
+        format!(" p50={:.1}ms p99={:.1}ms", at(0.50), at(0.99))
+    }
+
     fn record(&mut self, outcome: &Outcome) {
         match outcome {
             Outcome::Answered { instance } => self.ok.add(instance, 1),
@@ -195,6 +229,7 @@ impl Sent {
         if !self.failed.0.is_empty() {
             line.push_str(&format!(" ({})", self.failed.pairs()));
         }
+        line.push_str(&self.latency());
         line
     }
 }
@@ -214,6 +249,9 @@ struct Sample {
     node: String,
     zone: String,
     received: Mutex<Received>,
+    /// `--fail-every` and `--delay-ms`.
+    fail_every: u64,
+    delay: Duration,
     /// Every event this instance emitted so far (`None`: not an emitter).
     sent: Mutex<Option<(String, Sent)>>,
 }
@@ -267,15 +305,25 @@ async fn answer(
     method: Method,
     headers: HeaderMap,
     body: Bytes,
-) -> Json<Value> {
+) -> (StatusCode, Json<Value>) {
+    let mut status = StatusCode::OK;
     if method == Method::POST {
         let (source, kind) = event_attributes(&headers, &body);
-        let mut r = lock(&sample.received);
-        r.events += 1;
-        r.by_source.add(&source, 1);
-        r.by_type.add(&kind, 1);
+        let n = {
+            let mut r = lock(&sample.received);
+            r.events += 1;
+            r.by_source.add(&source, 1);
+            r.by_type.add(&kind, 1);
+            r.events
+        };
+        if sample.fail_every > 0 && n % sample.fail_every == 0 {
+            status = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        if !sample.delay.is_zero() {
+            tokio::time::sleep(sample.delay).await;
+        }
     }
-    Json(sample.identity())
+    (status, Json(sample.identity()))
 }
 
 async fn stats(State(sample): State<Arc<Sample>>) -> Json<Value> {
@@ -477,7 +525,9 @@ impl Emitter {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
+                    let sent_at = std::time::Instant::now();
                     let outcome = self.send(seq).await;
+                    window.took(sent_at.elapsed());
                     window.record(&outcome);
                     if let Some((_, total)) = &mut *lock(&sample.sent) {
                         total.record(&outcome);
@@ -567,6 +617,8 @@ async fn run(args: Args) -> Result<()> {
         zone: args.zone.clone(),
         received: Mutex::default(),
         sent: Mutex::new(emit.as_ref().map(|e| (e.target.clone(), Sent::default()))),
+        fail_every: args.fail_every,
+        delay: Duration::from_millis(args.delay_ms),
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let app = router(sample.clone());
@@ -665,6 +717,56 @@ mod tests {
         assert_eq!(t.0["(other)"], 5);
         assert_eq!(t.0["k000"], 3);
         assert_eq!(t.total(), (MAX_KEYS + 5 + 2) as u64);
+    }
+
+    fn sample(fail_every: u64, delay_ms: u64) -> Arc<Sample> {
+        Arc::new(Sample {
+            service: "orders".into(),
+            instance: "orders-a1".into(),
+            node: "a".into(),
+            zone: "a".into(),
+            received: Mutex::default(),
+            fail_every,
+            delay: Duration::from_millis(delay_ms),
+            sent: Mutex::new(None),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_nth_event_fails_and_answers_come_late_when_asked() {
+        let s = sample(3, 20);
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            let start = tokio::time::Instant::now();
+            let (status, _) = answer(
+                State(s.clone()),
+                Method::POST,
+                HeaderMap::new(),
+                Bytes::new(),
+            )
+            .await;
+            assert!(start.elapsed() >= Duration::from_millis(20));
+            statuses.push(status.as_u16());
+        }
+        assert_eq!(statuses, [200, 200, 503, 200, 200, 503]);
+        let (status, _) = answer(
+            State(sample(0, 0)),
+            Method::POST,
+            HeaderMap::new(),
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[test]
+    fn the_report_gives_latency_percentiles() {
+        let mut s = Sent::default();
+        assert_eq!(s.latency(), "");
+        for ms in 1..=100 {
+            s.took(Duration::from_millis(ms));
+        }
+        assert_eq!(s.latency(), " p50=50.0ms p99=99.0ms");
     }
 
     #[test]
