@@ -95,12 +95,7 @@ async fn register(
     zones: &[&str],
 ) -> Result<()> {
     for (n, server) in servers.iter().enumerate() {
-        let mut i = instance(
-            "default",
-            service,
-            &format!("i{n}"),
-            u32::from(server.port),
-        );
+        let mut i = instance("default", service, &format!("i{n}"), u32::from(server.port));
         i.zone = zones.get(n).copied().unwrap_or("").to_owned();
         client.register(i).await?;
     }
@@ -260,7 +255,10 @@ async fn consistent_hash_keeps_keys_and_moves_few_when_one_leaves() -> Result<()
         }
     }
     ensure!(after.len() == KEYS, "every key answered after the leave");
-    let moved = keys.iter().filter(|k| before.get(*k) != after.get(*k)).count();
+    let moved = keys
+        .iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .count();
     let owned_by_leaver = before.values().filter(|o| **o == 1).count();
     ensure!(
         moved >= owned_by_leaver && moved * 2 <= KEYS,

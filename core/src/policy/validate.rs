@@ -1535,7 +1535,11 @@ mod tests {
     fn proto3_json() {
         let json = r#"{
             "service": "orders",
-            "loadBalancer": { "algorithm": "LEAST_REQUEST", "choices": 4 },
+            "loadBalancer": {
+                "algorithm": "LEAST_REQUEST",
+                "choices": 4,
+                "zonePreference": { "enabled": true, "minUsablePercent": 60 }
+            },
             "rate_limit": {
                 "requestsPerSecond": 100.5,
                 "burst": 200,
@@ -1571,6 +1575,13 @@ mod tests {
         assert_eq!(
             p.load_balancer.as_ref().map(|lb| lb.algorithm),
             Some(Algorithm::LeastRequest as i32)
+        );
+        assert_eq!(
+            p.load_balancer
+                .as_ref()
+                .and_then(|lb| lb.zone_preference.as_ref())
+                .map(|z| (z.enabled, z.min_usable_percent)),
+            Some((true, 60))
         );
         assert_eq!(
             p.retry.as_ref().map(|r| r.retry_on.clone()),
