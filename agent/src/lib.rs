@@ -6,7 +6,8 @@
 //! - [`session`]: the node session (registry and policies, failover,
 //!   degraded mode).
 //! - [`view`]: the registry view and the routes built from it.
-//! - [`balance`]: balancers ([`balance::RoundRobin`], smooth weighted).
+//! - [`balance`]: balancers (round robin and smooth weighted, least request
+//!   P2C, peak EWMA, consistent hash) and zone preference.
 //! - [`ingress`]: the HTTP/1.1 + h2c reverse proxy, CloudEvents checks.
 //! - [`local`]: node-local registration (TTLs, re-registration on a new
 //!   session, the node's active checks).
@@ -147,7 +148,7 @@ impl Agent {
             ingress_address: ingress_addr.to_string(),
             ..Hello::default()
         };
-        let mut view = view::View::new(routes.clone(), config.stale_grace);
+        let mut view = view::View::new(routes.clone(), config.stale_grace).with_zone(&config.zone);
         let (persister, seed) = match store {
             Some(store) => {
                 let seed = store.restore(&mut view);

@@ -416,7 +416,7 @@ impl Persister {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{balance::Balance, view::Routes};
+    use crate::view::Routes;
     use weir_client::{
         agent::PolicyChange,
         policy::{load_balancer::Algorithm, EventMatch, LoadBalancer, Rule, TrafficPolicy},

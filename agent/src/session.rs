@@ -70,11 +70,12 @@ pub struct PolicyAck {
 
 /// How a policy version is acknowledged: applied when this agent enforces
 /// every section it sets, else in part, naming the sections it does not.
-/// Enforced now: `load_balancer` (round robin, plain or weighted, not in
-/// shadow mode), by default and in rules (matched by event type and
-/// source). Not yet: rate limits, breakers, retries, timeouts and
-/// delivery, by default or in a rule (named `rules`), which come with the
-/// policy stack of the next issues. See [`crate::balance::policy`].
+/// Enforced now: `load_balancer` (every algorithm, zone preference, and
+/// shadow mode, which is evaluated and reported), by default and in rules
+/// (matched by event type and source). Not yet: rate limits, breakers,
+/// retries, timeouts and delivery, by default or in a rule (named
+/// `rules`), which come with the policy stack of the next issues. See
+/// [`crate::balance::policy`].
 fn outcome(change: &PolicyChange) -> (AckOutcome, Vec<String>) {
     let Some(policy) = change.policy.as_ref() else {
         return (AckOutcome::Applied, Vec::new());

@@ -21,7 +21,7 @@ use weir_client::{
     policy::TrafficPolicy, Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate,
 };
 
-use crate::balance::{Balance, Balancing, Endpoint, Protocol, RoundRobin};
+use crate::balance::{policy::Lb, Balancing, Endpoint, Picker, Protocol};
 
 /// How one service is reached now.
 #[derive(Debug)]
@@ -30,13 +30,14 @@ pub struct ServiceRoute {
     pub service: Box<str>,
     /// Picks among the usable endpoints for requests no rule takes: those
     /// that are not CloudEvents, and events no rule matches.
-    pub balancer: RoundRobin,
-    /// The rules the balancing follows; `None` without a policy.
+    pub balancer: Picker,
+    /// The rules the balancing follows; `None` without a policy (or with
+    /// one that asks for plain round robin and no rule).
     balancing: Option<Arc<Balancing>>,
     /// One per rule of `balancing`, by index: the rule's own balancer
     /// (over the same endpoints), or `None` for the default one. Empty when
     /// no rule has its own, so requests skip matching.
-    rule_balancers: Box<[Option<RoundRobin>]>,
+    rule_balancers: Box<[Option<Picker>]>,
     /// Every instance the registry lists, usable or not.
     pub instances: usize,
     /// Routing to every instance because the service is in protection.
@@ -56,7 +57,7 @@ impl ServiceRoute {
     /// The balancer for an event of `event_type` from `source`: the first
     /// matching rule's own, or the default one (no rule matches, or the
     /// first that does has no balancer of its own).
-    pub fn balancer_for(&self, event_type: &str, source: &str) -> &RoundRobin {
+    pub fn balancer_for(&self, event_type: &str, source: &str) -> &Picker {
         let Some(balancing) = self.balancing.as_deref().filter(|_| self.has_rules()) else {
             return &self.balancer;
         };
@@ -175,6 +176,8 @@ pub struct View {
     /// The balancing of services whose policy asks for more than plain
     /// round robin without rules (the default, [`Balancing::default`]).
     balancing: BTreeMap<(String, String), Arc<Balancing>>,
+    /// The agent's zone, for zone preference; empty: none.
+    zone: String,
 }
 
 /// `host:port` with IPv6 literals bracketed.
@@ -199,7 +202,15 @@ impl View {
             grace_until: None,
             stale: BTreeMap::new(),
             balancing: BTreeMap::new(),
+            zone: String::new(),
         }
+    }
+
+    /// The agent runs in `zone`: policies with zone preference prefer its
+    /// endpoints.
+    pub fn with_zone(mut self, zone: &str) -> Self {
+        self.zone = zone.to_owned();
+        self
     }
 
     /// Takes the balancing of every service from its policy (all the
@@ -439,14 +450,13 @@ impl View {
                     {
                         Some(Arc::clone(e))
                     }
-                    _ => Some(Arc::new(Endpoint {
-                        id: i.instance_id.as_str().into(),
+                    _ => Some(Arc::new(Endpoint::new(
+                        &i.instance_id,
                         authority,
                         protocol,
                         weight,
-                        zone: i.zone.as_str().into(),
-                        in_flight: Default::default(),
-                    })),
+                        &i.zone,
+                    ))),
                 }
             })
             .collect();
@@ -455,34 +465,43 @@ impl View {
             .balancing
             .get(&(namespace.to_owned(), service.to_owned()))
             .cloned();
+        let labels = [
+            ("namespace", namespace.to_owned()),
+            ("service", service.to_owned()),
+        ];
+        let disagreements =
+            || metrics::counter!("weir_agent_shadow_balancer_disagreements_total", &labels);
         // A rule's own balancer carries on the rotation of the rule of the
         // same name in the previous route.
-        let rule_balancers: Box<[Option<RoundRobin>]> = match &balancing {
+        let rule_balancers: Box<[Option<Picker>]> = match &balancing {
             Some(b) if !b.rules.is_empty() => b
                 .rules
                 .iter()
                 .map(|rule| {
-                    rule.own.map(|weighted| {
+                    rule.own.as_ref().map(|lb| {
                         let start = previous
                             .as_ref()
                             .and_then(|r| r.rule_position(&rule.name))
                             .unwrap_or(0);
-                        RoundRobin::new(endpoints.clone(), start, weighted)
+                        Picker::new(lb, &endpoints, &self.zone, start, disagreements)
                     })
                 })
                 .collect(),
             _ => Box::default(),
         };
-        let weighted = balancing.as_ref().is_some_and(|b| b.weighted);
-        let labels = [
-            ("namespace", namespace.to_owned()),
-            ("service", service.to_owned()),
-        ];
+        let default_lb = balancing.as_ref().map(|b| &b.default);
+        let balancer = Picker::new(
+            default_lb.unwrap_or(&Lb::default()),
+            &endpoints,
+            &self.zone,
+            start,
+            disagreements,
+        );
         metrics::gauge!("weir_agent_endpoints", &labels).set(endpoints.len() as f64);
         let route = ServiceRoute {
             namespace: namespace.into(),
             service: service.into(),
-            balancer: RoundRobin::new(endpoints, start, weighted),
+            balancer,
             balancing,
             rule_balancers,
             instances: instances.len(),
@@ -501,6 +520,16 @@ pub struct RouteState {
     pub service: String,
     pub instances: usize,
     pub protection: bool,
+    /// The default balancer's algorithm (`round_robin`,
+    /// `weighted_round_robin`, `least_request`, `peak_ewma`,
+    /// `consistent_hash`).
+    pub balancer: &'static str,
+    /// The algorithm of its `load_balancer` in shadow mode, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_balancer: Option<&'static str>,
+    /// Whether the default balancer keeps to the agent's zone now (zone
+    /// preference on, and the zone holds enough usable endpoints).
+    pub in_zone: bool,
     pub endpoints: Vec<EndpointState>,
     /// The rules balancing follows, in order (empty when none has a
     /// balancer of its own).
@@ -511,9 +540,11 @@ pub struct RouteState {
 #[derive(Debug, Serialize)]
 pub struct RuleState {
     pub name: String,
-    /// `round_robin`, `weighted_round_robin`, or `default` (the events it
-    /// matches go to the default balancer).
+    /// An algorithm as in [`RouteState::balancer`], or `default` (the
+    /// events it matches go to the default balancer).
     pub balancer: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_balancer: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -524,15 +555,24 @@ pub struct EndpointState {
     pub weight: u32,
     pub zone: String,
     pub in_flight: usize,
+    /// The peak EWMA latency estimate in milliseconds, on routes that
+    /// balance (or shadow) by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ewma_ms: Option<f64>,
 }
 
 impl From<&ServiceRoute> for RouteState {
     fn from(r: &ServiceRoute) -> Self {
+        let observed =
+            r.balancer.observes() || r.rule_balancers.iter().flatten().any(Picker::observes);
         Self {
             namespace: r.namespace.to_string(),
             service: r.service.to_string(),
             instances: r.instances,
             protection: r.protection,
+            balancer: r.balancer.algorithm(),
+            shadow_balancer: r.balancer.shadow_algorithm(),
+            in_zone: r.balancer.in_zone(),
             endpoints: r
                 .balancer
                 .endpoints()
@@ -544,6 +584,7 @@ impl From<&ServiceRoute> for RouteState {
                     weight: e.weight,
                     zone: e.zone.to_string(),
                     in_flight: e.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                    ewma_ms: observed.then(|| e.ewma.millis()),
                 })
                 .collect(),
             rules: r
@@ -553,13 +594,11 @@ impl From<&ServiceRoute> for RouteState {
                 .map(|b| {
                     b.rules
                         .iter()
-                        .map(|rule| RuleState {
+                        .zip(r.rule_balancers.iter())
+                        .map(|(rule, own)| RuleState {
                             name: rule.name.clone(),
-                            balancer: match rule.own {
-                                None => "default",
-                                Some(false) => "round_robin",
-                                Some(true) => "weighted_round_robin",
-                            },
+                            balancer: own.as_ref().map_or("default", Picker::algorithm),
+                            shadow_balancer: own.as_ref().and_then(Picker::shadow_algorithm),
                         })
                         .collect()
                 })
@@ -712,7 +751,7 @@ mod tests {
             .get("default", "orders")
             .expect("route")
             .balancer
-            .pick(&any)
+            .pick(None, &any)
             .is_none());
         view.apply(WatchResponse {
             kind: WatchKind::Changes as i32,
@@ -814,9 +853,9 @@ mod tests {
         view.apply_policies([(&key, policy.as_ref())]);
     }
 
-    fn picks(b: &RoundRobin, n: usize) -> Vec<String> {
+    fn picks(b: &Picker, n: usize) -> Vec<String> {
         (0..n)
-            .map(|_| b.pick(&any).expect("an endpoint").id.to_string())
+            .map(|_| b.pick(None, &any).expect("an endpoint").id.to_string())
             .collect()
     }
 
@@ -899,7 +938,7 @@ mod tests {
                 .expect("a rule");
             route.rule_balancers[i].as_ref().expect("its own balancer")
         };
-        let is = |got: &RoundRobin, want: &RoundRobin| std::ptr::eq(got, want);
+        let is = |got: &Picker, want: &Picker| std::ptr::eq(got, want);
 
         // By exact type (a longer type is not the same type).
         assert!(is(

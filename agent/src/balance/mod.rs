@@ -1,14 +1,23 @@
 //! Balancing: which endpoint of a service takes the next request.
 //!
-//! A service's balancer is built from its usable endpoints when that set
-//! changes (an instance registered, left, or changed health), never per
-//! request; picking is lock-free. [`Balance`] is the seam later balancers
-//! (least-request P2C, peak EWMA, consistent hash, zone preference) plug
-//! into: a pick may exclude endpoints (ejected ones, ones a retry already
-//! tried), which tower's `p2c::Balance` cannot, hence a balancer of our own.
+//! A service's balancers are built from its usable endpoints when that set
+//! or the policy changes (an instance registered, left, or changed health),
+//! never per request. Each algorithm is a pure core with its own tests:
+//! [`RoundRobin`] (plain or smooth weighted), [`LeastRequest`] (power of
+//! `choices` choices), [`PeakEwma`] and [`ConsistentHash`] (Maglev). The
+//! [`Balancer`] enum dispatches among them without a `Box<dyn>`, and a
+//! [`Picker`] (what a route holds, by default and per rule) wraps one with
+//! the zone preference and the shadow balancer of the policy.
+//!
+//! Every pick may exclude endpoints (ejected ones, ones a retry already
+//! tried), which tower's `p2c::Balance` cannot, hence balancers of our own.
 //! [`policy`] says which balancer a service's policy asks for, by default
 //! and per rule (CloudEvents `type` and `source`).
 
+mod consistent_hash;
+mod ewma;
+mod least_request;
+mod picker;
 pub mod policy;
 mod round_robin;
 
@@ -19,6 +28,10 @@ use std::{
 
 use http::uri::Authority;
 
+pub use consistent_hash::{key_hash, ConsistentHash};
+pub use ewma::{Ewma, PeakEwma};
+pub use least_request::LeastRequest;
+pub use picker::Picker;
 pub use policy::Balancing;
 pub use round_robin::RoundRobin;
 
@@ -32,7 +45,9 @@ pub enum Protocol {
     Grpc,
 }
 
-/// One instance of a service, as the data path sees it.
+/// One instance of a service, as the data path sees it. Shared by every
+/// balancer of the route and every ingress worker; kept across rebuilds
+/// while the instance does not change, so its load counters carry over.
 #[derive(Debug)]
 pub struct Endpoint {
     /// The instance id.
@@ -45,19 +60,123 @@ pub struct Endpoint {
     pub zone: Box<str>,
     /// Requests sent and not yet answered.
     pub in_flight: AtomicUsize,
+    /// Peak EWMA of the time to the response head; fed only on routes
+    /// balanced (or shadowed) by [`PeakEwma`].
+    pub ewma: Ewma,
+}
+
+impl Endpoint {
+    /// An endpoint with nothing in flight and no latency observed.
+    pub fn new(
+        id: &str,
+        authority: Authority,
+        protocol: Protocol,
+        weight: u32,
+        zone: &str,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            authority,
+            protocol,
+            weight,
+            zone: zone.into(),
+            in_flight: AtomicUsize::new(0),
+            ewma: Ewma::default(),
+        }
+    }
 }
 
 /// Picks endpoints for one service.
 pub trait Balance: Send + Sync + fmt::Debug {
     /// The next endpoint, skipping those `exclude` rejects; `None` when
-    /// every endpoint is excluded or there is none.
-    fn pick(&self, exclude: &dyn Fn(&Endpoint) -> bool) -> Option<&Arc<Endpoint>>;
+    /// every endpoint is excluded or there is none. `key` is the hash of
+    /// the request's consistent-hash key ([`key_hash`]); only
+    /// [`ConsistentHash`] reads it.
+    fn pick(&self, key: Option<u64>, exclude: &dyn Fn(&Endpoint) -> bool)
+        -> Option<&Arc<Endpoint>>;
 
     /// The endpoints it picks from.
     fn endpoints(&self) -> &[Arc<Endpoint>];
 }
 
+/// One balancing algorithm over a set of endpoints.
+#[derive(Debug)]
+pub enum Balancer {
+    RoundRobin(RoundRobin),
+    LeastRequest(LeastRequest),
+    PeakEwma(PeakEwma),
+    ConsistentHash(ConsistentHash),
+}
+
+impl Balancer {
+    /// The algorithm's name, as the admin API shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::RoundRobin(rr) if rr.weighted() => "weighted_round_robin",
+            Self::RoundRobin(_) => "round_robin",
+            Self::LeastRequest(_) => "least_request",
+            Self::PeakEwma(_) => "peak_ewma",
+            Self::ConsistentHash(_) => "consistent_hash",
+        }
+    }
+}
+
+impl Balance for Balancer {
+    #[inline]
+    fn pick(
+        &self,
+        key: Option<u64>,
+        exclude: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<&Arc<Endpoint>> {
+        match self {
+            Self::RoundRobin(b) => b.pick(key, exclude),
+            Self::LeastRequest(b) => b.pick(key, exclude),
+            Self::PeakEwma(b) => b.pick(key, exclude),
+            Self::ConsistentHash(b) => b.pick(key, exclude),
+        }
+    }
+
+    fn endpoints(&self) -> &[Arc<Endpoint>] {
+        match self {
+            Self::RoundRobin(b) => b.endpoints(),
+            Self::LeastRequest(b) => b.endpoints(),
+            Self::PeakEwma(b) => b.endpoints(),
+            Self::ConsistentHash(b) => b.endpoints(),
+        }
+    }
+}
+
 /// Excludes nothing.
 pub fn any(_: &Endpoint) -> bool {
     false
+}
+
+/// A random number below `n` (> 0), from a per-thread xorshift generator:
+/// P2C samples on the hot path and needs no cryptographic quality.
+pub(crate) fn random_below(n: usize) -> usize {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        // Multiply-shift maps x onto 0..n without the bias of a modulo
+        // worth caring about here.
+        ((u128::from(x) * n as u128) >> 64) as usize
+    })
+}
+
+#[cfg(test)]
+pub(crate) fn test_endpoint(id: &str, weight: u32, zone: &str) -> Arc<Endpoint> {
+    Arc::new(Endpoint::new(
+        id,
+        "127.0.0.1:1".parse().expect("authority"),
+        Protocol::Http,
+        weight,
+        zone,
+    ))
 }

@@ -3,22 +3,82 @@
 //! and `source`) a balancer of their own. Pure: [`Balancing::of`] runs when
 //! a policy changes, and the view builds the service's balancers from it.
 //!
-//! The agent enforces a `load_balancer` section that asks for round robin,
-//! plain or weighted, and is not in shadow mode. A section it does not
-//! enforce is treated as absent: shadow mode means "do not change what
-//! happens", and the other algorithms come with the next issue. The
-//! acknowledgement says so ([`unenforced`]).
+//! The agent enforces every `load_balancer` section with an algorithm it
+//! knows, zone preference included. One in shadow mode is evaluated, not
+//! applied: its events are balanced as if it were absent (round robin by
+//! default; in a rule, the policy's default balancer) and the shadow
+//! balancer's picks are compared with those made ([`Lb::shadow`]). The
+//! acknowledgement names what is not enforced ([`unenforced`]).
 
-use weir_client::policy::{load_balancer::Algorithm, LoadBalancer, Rule, TrafficPolicy};
-use weir_core::policy::{resolve::EventMatcher, sections};
+use weir_client::policy::{load_balancer, LoadBalancer, Rule, TrafficPolicy};
+use weir_core::policy::{
+    resolve::{self, Algorithm, EventMatcher},
+    sections,
+};
+
+/// One balancer: an algorithm, and the zone preference around it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub algorithm: Algorithm,
+    /// Prefer the agent's zone while it holds at least this percentage of
+    /// the usable endpoints.
+    pub zone_min_percent: Option<u32>,
+}
+
+impl Default for Spec {
+    /// Round robin, as an absent section means.
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::RoundRobin,
+            zone_min_percent: None,
+        }
+    }
+}
+
+impl From<&resolve::LoadBalancer> for Spec {
+    fn from(lb: &resolve::LoadBalancer) -> Self {
+        Self {
+            algorithm: lb.algorithm.clone(),
+            zone_min_percent: lb.zone_min_percent,
+        }
+    }
+}
+
+/// A `load_balancer` section as the agent runs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lb {
+    /// What picks.
+    pub applied: Spec,
+    /// What a section in shadow mode would have picked, compared with
+    /// `applied` on every pick.
+    pub shadow: Option<Spec>,
+}
+
+impl Lb {
+    /// `section` (resolved), over `fallback`: what applies when the section
+    /// is in shadow mode.
+    fn of(section: &resolve::LoadBalancer, fallback: &Spec) -> Self {
+        if section.shadow {
+            Self {
+                applied: fallback.clone(),
+                shadow: Some(Spec::from(section)),
+            }
+        } else {
+            Self {
+                applied: Spec::from(section),
+                shadow: None,
+            }
+        }
+    }
+}
 
 /// The balancing of one service, as far as this agent enforces it. The
 /// default value is what a service without a policy gets: plain round
 /// robin and no rules.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Balancing {
-    /// The default balancer follows instance weights.
-    pub weighted: bool,
+    /// The default balancer.
+    pub default: Lb,
     /// The policy's rules in order, up to the last one that has a balancer
     /// of its own; empty when none has, so events need not be matched.
     /// Earlier rules without one are kept: the first match wins, and such
@@ -33,47 +93,44 @@ pub struct RuleBalancing {
     /// rotation of the rule of the same name.
     pub name: String,
     pub matcher: EventMatcher,
-    /// `Some(weighted)`: a balancer of its own. `None`: the default one
-    /// (the rule sets no `load_balancer`, or one this agent does not
-    /// enforce).
-    pub own: Option<bool>,
+    /// A balancer of its own, or `None`: the default one (the rule sets
+    /// no `load_balancer`, or one this agent does not enforce).
+    pub own: Option<Lb>,
 }
 
-/// `Some(weighted)` when this agent enforces `lb`: round robin, plain
-/// (`false`) or weighted (`true`), not in shadow mode.
-pub fn enforced(lb: &LoadBalancer) -> Option<bool> {
-    if lb.shadow {
-        return None;
-    }
-    match Algorithm::try_from(lb.algorithm) {
-        Ok(Algorithm::Unspecified | Algorithm::RoundRobin) => Some(false),
-        Ok(Algorithm::WeightedRoundRobin) => Some(true),
-        _ => None,
-    }
+/// Whether this agent enforces `lb`: any algorithm it knows (one from a
+/// newer proto is treated as absent).
+pub fn enforced(lb: &LoadBalancer) -> bool {
+    load_balancer::Algorithm::try_from(lb.algorithm).is_ok()
 }
 
 impl Balancing {
     /// The balancing `policy` asks for, as far as this agent enforces it.
     pub fn of(policy: &TrafficPolicy) -> Self {
-        let weighted = policy
-            .load_balancer
-            .as_ref()
-            .and_then(enforced)
-            .unwrap_or(false);
-        let own: Vec<Option<bool>> = policy
+        let resolved = resolve::resolve(policy);
+        let default = match &policy.load_balancer {
+            Some(lb) if enforced(lb) => Lb::of(&resolved.defaults.load_balancer, &Spec::default()),
+            _ => Lb::default(),
+        };
+        let own: Vec<Option<Lb>> = policy
             .rules
             .iter()
-            .map(|r| r.load_balancer.as_ref().and_then(enforced))
+            .zip(&resolved.rules)
+            .map(|(r, resolved)| {
+                r.load_balancer
+                    .as_ref()
+                    .filter(|lb| enforced(lb))
+                    .map(|_| Lb::of(&resolved.sections.load_balancer, &default.applied))
+            })
             .collect();
         let Some(last) = own.iter().rposition(Option::is_some) else {
             return Self {
-                weighted,
+                default,
                 rules: Vec::new(),
             };
         };
         // The matchers as `resolve` builds them, so the agent matches
         // exactly as the policy documentation says.
-        let resolved = weir_core::policy::resolve(policy);
         let rules = resolved
             .rules
             .into_iter()
@@ -85,7 +142,7 @@ impl Balancing {
                 own,
             })
             .collect();
-        Self { weighted, rules }
+        Self { default, rules }
     }
 
     /// The index in [`Balancing::rules`] of the first rule matching an
@@ -105,23 +162,22 @@ fn rule_enforced(rule: &Rule) -> bool {
         && rule.retry.is_none()
         && rule.timeout.is_none()
         && rule.delivery.is_none()
-        && rule
-            .load_balancer
-            .as_ref()
-            .is_none_or(|lb| enforced(lb).is_some())
+        && rule.load_balancer.as_ref().is_none_or(enforced)
 }
 
 /// The top-level sections `policy` sets that this agent does not enforce
-/// (in full), by the names acknowledgements use: `load_balancer` when it
-/// is not round robin or is in shadow mode, `rules` when a rule sets any
-/// section but such a load balancer, and every other section set.
-/// Acknowledgements carry top-level names only (`[a-z0-9_]`, checked by
-/// the control plane), so a rule's own sections are summed up as `rules`.
+/// (in full), by the names acknowledgements use: `load_balancer` when its
+/// algorithm is unknown to this agent, `rules` when a rule sets any
+/// section but such a load balancer, and every other section set. A
+/// load balancer in shadow mode counts as enforced: the agent evaluates
+/// and reports it, which is what shadow mode asks. Acknowledgements carry
+/// top-level names only (`[a-z0-9_]`, checked by the control plane), so a
+/// rule's own sections are summed up as `rules`.
 pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
     sections::present(policy)
         .into_iter()
         .filter(|s| match *s {
-            "load_balancer" => policy.load_balancer.as_ref().and_then(enforced).is_none(),
+            "load_balancer" => !policy.load_balancer.as_ref().is_some_and(enforced),
             "rules" => !policy.rules.iter().all(rule_enforced),
             _ => true,
         })
@@ -130,10 +186,13 @@ pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use weir_client::policy::{EventMatch, RateLimit, Retry, Timeout};
+    use std::time::Duration;
+
+    use weir_client::policy::{EventMatch, RateLimit, Retry, Timeout, ZonePreference};
     use weir_core::policy::resolve::TypeMatch;
 
     use super::*;
+    use load_balancer::Algorithm;
 
     fn lb(algorithm: Algorithm) -> Option<LoadBalancer> {
         Some(LoadBalancer {
@@ -168,28 +227,73 @@ mod tests {
         }
     }
 
+    fn spec(algorithm: resolve::Algorithm) -> Spec {
+        Spec {
+            algorithm,
+            zone_min_percent: None,
+        }
+    }
+
+    fn applied(algorithm: resolve::Algorithm) -> Option<Lb> {
+        Some(Lb {
+            applied: spec(algorithm),
+            shadow: None,
+        })
+    }
+
     #[test]
-    fn round_robin_plain_or_weighted_is_enforced_and_the_rest_is_not() {
-        assert_eq!(enforced(&LoadBalancer::default()), Some(false));
-        assert_eq!(
-            enforced(&lb(Algorithm::RoundRobin).expect("set")),
-            Some(false)
-        );
-        assert_eq!(
-            enforced(&lb(Algorithm::WeightedRoundRobin).expect("set")),
-            Some(true)
-        );
-        assert_eq!(enforced(&lb(Algorithm::LeastRequest).expect("set")), None);
-        let shadow = LoadBalancer {
-            shadow: true,
-            ..lb(Algorithm::WeightedRoundRobin).expect("set")
-        };
-        assert_eq!(enforced(&shadow), None, "shadow mode changes nothing");
+    fn every_known_algorithm_is_enforced_and_shadow_applies_the_fallback() {
+        for a in [
+            Algorithm::Unspecified,
+            Algorithm::RoundRobin,
+            Algorithm::WeightedRoundRobin,
+            Algorithm::LeastRequest,
+            Algorithm::PeakEwma,
+            Algorithm::ConsistentHash,
+        ] {
+            assert!(enforced(&lb(a).expect("set")), "{a:?}");
+        }
         let unknown = LoadBalancer {
             algorithm: 99,
             ..LoadBalancer::default()
         };
-        assert_eq!(enforced(&unknown), None);
+        assert!(!enforced(&unknown));
+        let b = Balancing::of(&policy(
+            Some(LoadBalancer {
+                shadow: true,
+                choices: 3,
+                zone_preference: Some(ZonePreference {
+                    enabled: true,
+                    min_usable_percent: 60,
+                }),
+                ..lb(Algorithm::LeastRequest).expect("set")
+            }),
+            Vec::new(),
+        ));
+        assert_eq!(
+            b.default,
+            Lb {
+                applied: Spec::default(),
+                shadow: Some(Spec {
+                    algorithm: resolve::Algorithm::LeastRequest { choices: 3 },
+                    zone_min_percent: Some(60),
+                }),
+            }
+        );
+        let b = Balancing::of(&policy(
+            Some(LoadBalancer {
+                ewma_decay_ms: 2000,
+                ..lb(Algorithm::PeakEwma).expect("set")
+            }),
+            Vec::new(),
+        ));
+        assert_eq!(
+            b.default,
+            applied(resolve::Algorithm::PeakEwma {
+                decay: Duration::from_secs(2)
+            })
+            .expect("some")
+        );
     }
 
     #[test]
@@ -208,12 +312,22 @@ mod tests {
                 ..rule("slow", prefix("a."), None)
             }],
         ));
-        assert!(b.weighted);
+        assert_eq!(
+            b.default.applied.algorithm,
+            resolve::Algorithm::WeightedRoundRobin
+        );
         assert!(b.rules.is_empty(), "no rule balances on its own: {b:?}");
-        // A shadow or unsupported balancer in a rule is no balancer.
+        // An unknown algorithm in a rule is no balancer.
         let b = Balancing::of(&policy(
             None,
-            vec![rule("p2c", prefix("a."), lb(Algorithm::LeastRequest))],
+            vec![rule(
+                "new",
+                prefix("a."),
+                Some(LoadBalancer {
+                    algorithm: 99,
+                    ..LoadBalancer::default()
+                }),
+            )],
         ));
         assert!(b.rules.is_empty(), "{b:?}");
     }
@@ -221,10 +335,18 @@ mod tests {
     #[test]
     fn rules_are_kept_in_order_up_to_the_last_with_a_balancer() {
         let b = Balancing::of(&policy(
-            lb(Algorithm::WeightedRoundRobin),
+            lb(Algorithm::LeastRequest),
             vec![
                 rule("light", prefix("com.example.light."), None),
                 rule("heavy", prefix("com.example."), lb(Algorithm::RoundRobin)),
+                rule(
+                    "shadowed",
+                    prefix("com.example.audit."),
+                    Some(LoadBalancer {
+                        shadow: true,
+                        ..lb(Algorithm::PeakEwma).expect("set")
+                    }),
+                ),
                 rule(
                     "tail",
                     EventMatch {
@@ -235,15 +357,26 @@ mod tests {
                 ),
             ],
         ));
-        assert!(b.weighted);
+        let p2c = resolve::Algorithm::LeastRequest { choices: 2 };
+        assert_eq!(b.default, applied(p2c.clone()).expect("some"));
         let names: Vec<&str> = b.rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             names,
-            ["light", "heavy"],
+            ["light", "heavy", "shadowed"],
             "the tail can only pick the default"
         );
         assert_eq!(b.rules[0].own, None);
-        assert_eq!(b.rules[1].own, Some(false));
+        assert_eq!(b.rules[1].own, applied(resolve::Algorithm::RoundRobin));
+        // A rule in shadow mode balances as the default does.
+        assert_eq!(
+            b.rules[2].own,
+            Some(Lb {
+                applied: spec(p2c),
+                shadow: Some(spec(resolve::Algorithm::PeakEwma {
+                    decay: Duration::from_secs(10)
+                })),
+            })
+        );
         assert_eq!(
             b.rules[1].matcher.event_type,
             TypeMatch::Prefix("com.example.".into())
@@ -261,7 +394,7 @@ mod tests {
             vec![rule(
                 "heavy",
                 prefix("com.example.heavy."),
-                lb(Algorithm::WeightedRoundRobin),
+                lb(Algorithm::PeakEwma),
             )],
         );
         assert!(unenforced(&only_balancing).is_empty());
@@ -285,12 +418,29 @@ mod tests {
         };
         assert_eq!(unenforced(&p), ["retry", "rules"]);
 
+        // Shadow mode is enforced (evaluated and reported); an algorithm
+        // this agent does not know is not.
         let p = policy(
             Some(LoadBalancer {
                 shadow: true,
                 ..LoadBalancer::default()
             }),
             vec![rule("p2c", prefix("a."), lb(Algorithm::LeastRequest))],
+        );
+        assert!(unenforced(&p).is_empty());
+        let p = policy(
+            Some(LoadBalancer {
+                algorithm: 42,
+                ..LoadBalancer::default()
+            }),
+            vec![rule(
+                "new",
+                prefix("a."),
+                Some(LoadBalancer {
+                    algorithm: 42,
+                    ..LoadBalancer::default()
+                }),
+            )],
         );
         assert_eq!(unenforced(&p), ["load_balancer", "rules"]);
     }

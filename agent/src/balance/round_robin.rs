@@ -21,6 +21,7 @@ pub struct RoundRobin {
     /// Indexes into `endpoints`, in pick order.
     sequence: Vec<u32>,
     cursor: AtomicUsize,
+    weighted: bool,
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -84,7 +85,13 @@ impl RoundRobin {
             endpoints,
             sequence,
             cursor: AtomicUsize::new(start),
+            weighted,
         }
+    }
+
+    /// Whether it follows the endpoints' weights.
+    pub fn weighted(&self) -> bool {
+        self.weighted
     }
 
     /// Where the rotation is.
@@ -94,7 +101,12 @@ impl RoundRobin {
 }
 
 impl Balance for RoundRobin {
-    fn pick(&self, exclude: &dyn Fn(&Endpoint) -> bool) -> Option<&Arc<Endpoint>> {
+    #[inline]
+    fn pick(
+        &self,
+        _key: Option<u64>,
+        exclude: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<&Arc<Endpoint>> {
         let n = self.sequence.len();
         if n == 0 {
             return None;
@@ -120,22 +132,15 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::balance::{any, Protocol};
+    use crate::balance::any;
 
     fn ep(id: &str, weight: u32) -> Arc<Endpoint> {
-        Arc::new(Endpoint {
-            id: id.into(),
-            authority: "127.0.0.1:1".parse().expect("authority"),
-            protocol: Protocol::Http,
-            weight,
-            zone: "".into(),
-            in_flight: AtomicUsize::new(0),
-        })
+        crate::balance::test_endpoint(id, weight, "")
     }
 
     fn picks(rr: &RoundRobin, n: usize) -> Vec<String> {
         (0..n)
-            .map(|_| rr.pick(&any).expect("an endpoint").id.to_string())
+            .map(|_| rr.pick(None, &any).expect("an endpoint").id.to_string())
             .collect()
     }
 
@@ -181,11 +186,13 @@ mod tests {
         let rr = RoundRobin::new(vec![ep("a", 1), ep("b", 1), ep("c", 1)], 0, true);
         let not_b = |e: &Endpoint| &*e.id == "b";
         let seen: Vec<String> = (0..4)
-            .map(|_| rr.pick(&not_b).expect("one").id.to_string())
+            .map(|_| rr.pick(None, &not_b).expect("one").id.to_string())
             .collect();
         assert_eq!(seen, ["a", "c", "a", "c"]);
-        assert!(rr.pick(&|_| true).is_none());
-        assert!(RoundRobin::new(Vec::new(), 0, true).pick(&any).is_none());
+        assert!(rr.pick(None, &|_| true).is_none());
+        assert!(RoundRobin::new(Vec::new(), 0, true)
+            .pick(None, &any)
+            .is_none());
     }
 
     #[test]

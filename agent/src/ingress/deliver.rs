@@ -429,14 +429,13 @@ mod tests {
 
     #[test]
     fn broken_exchanges_are_the_agents_answers_naming_the_instance() {
-        let endpoint = Endpoint {
-            id: "g0".into(),
-            authority: "127.0.0.1:1".parse().expect("authority"),
-            protocol: crate::balance::Protocol::Grpc,
-            weight: 1,
-            zone: "".into(),
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-        };
+        let endpoint = Endpoint::new(
+            "g0",
+            "127.0.0.1:1".parse().expect("authority"),
+            crate::balance::Protocol::Grpc,
+            1,
+            "",
+        );
         let r = Broken::NoStatus.into_rejection(&endpoint);
         assert_eq!(r.reason, Reason::UpstreamUnavailable);
         assert!(

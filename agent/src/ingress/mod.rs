@@ -44,7 +44,7 @@ use tokio::net::TcpListener;
 use tonic::codegen::Service as _;
 
 use crate::{
-    balance::{any, Balance, Endpoint, RoundRobin},
+    balance::{any, key_hash, Endpoint, Picker},
     body::Body,
     reject::{Reason, Rejection},
     view::{Routes, ServiceRoute},
@@ -214,8 +214,11 @@ impl Ingress {
                 let body = self.read_whole(body).await?;
                 let event = cloudevents::parse_structured(&body)?;
                 let balancer = event_balancer(&route, &event);
+                let key = key_of(balancer, &parts.headers, Some(&event));
                 let request = Request::from_parts(parts, Body::full(body));
-                return self.send(&route, balancer, request, rewrite, grpc).await;
+                return self
+                    .send(&route, balancer, key, request, rewrite, grpc)
+                    .await;
             }
             Mode::Batch => {
                 let (parts, body) = request.into_parts();
@@ -225,10 +228,12 @@ impl Ingress {
             }
         }
         let balancer = header_balancer(&route, mode, request.headers());
+        let key = key_of(balancer, request.headers(), None);
         let (parts, body) = request.into_parts();
         self.send(
             &route,
             balancer,
+            key,
             Request::from_parts(parts, Body::Stream(body)),
             rewrite,
             grpc,
@@ -237,16 +242,18 @@ impl Ingress {
     }
 
     /// Picks an endpoint of `route` with `balancer` (one of the route's)
-    /// and sends `request` to it.
+    /// for a request whose consistent-hash key hashes to `key`, and sends
+    /// `request` to it.
     async fn send(
         &self,
         route: &ServiceRoute,
-        balancer: &RoundRobin,
+        balancer: &Picker,
+        key: Option<u64>,
         request: Request<Body>,
         rewrite: Option<http::uri::PathAndQuery>,
         grpc: bool,
     ) -> Result<Response<Body>, Rejection> {
-        let endpoint = balancer.pick(&any).ok_or_else(|| {
+        let endpoint = balancer.pick(key, &any).ok_or_else(|| {
             Rejection::new(
                 Reason::NoEndpoint,
                 format!(
@@ -257,9 +264,15 @@ impl Ingress {
         })?;
         route.requests.increment(1);
         let _in_flight = InFlight::new(endpoint);
+        // Only peak EWMA routes read the clock.
+        let sent = balancer.observes().then(tokio::time::Instant::now);
         let result = self.upstreams.send(endpoint, request, rewrite, grpc).await;
-        if result.is_err() {
-            route.upstream_errors.increment(1);
+        match (&result, sent) {
+            (Err(_), _) => route.upstream_errors.increment(1),
+            // The response head came: that is the latency peak EWMA
+            // weighs (a stream's life is not).
+            (Ok(_), Some(sent)) => balancer.observe(endpoint, sent.elapsed()),
+            (Ok(_), None) => {}
         }
         result
     }
@@ -294,6 +307,7 @@ impl Ingress {
                 Err(r) => Err(r),
                 Ok(event) => {
                     let balancer = event_balancer(route, &event);
+                    let key = key_of(balancer, &parts.headers, Some(&event));
                     let bytes = serde_json::to_vec(&event).unwrap_or_default();
                     let mut request = Request::new(Body::full(bytes));
                     *request.method_mut() = parts.method.clone();
@@ -304,7 +318,7 @@ impl Ingress {
                         HeaderValue::from_static("application/cloudevents+json; charset=utf-8"),
                     );
                     request.headers_mut().remove(header::CONTENT_LENGTH);
-                    self.send(route, balancer, request, rewrite.clone(), false)
+                    self.send(route, balancer, key, request, rewrite.clone(), false)
                         .await
                 }
             };
@@ -348,7 +362,7 @@ fn header_balancer<'r>(
     route: &'r ServiceRoute,
     mode: Mode,
     headers: &http::HeaderMap,
-) -> &'r RoundRobin {
+) -> &'r Picker {
     match mode {
         Mode::Binary if route.has_rules() => {
             let (event_type, source) = cloudevents::binary_type_and_source(headers);
@@ -362,12 +376,39 @@ fn header_balancer<'r>(
 fn event_balancer<'r>(
     route: &'r ServiceRoute,
     event: &serde_json::Map<String, serde_json::Value>,
-) -> &'r RoundRobin {
+) -> &'r Picker {
     if !route.has_rules() {
         return &route.balancer;
     }
     let (event_type, source) = cloudevents::type_and_source(event);
     route.balancer_for(event_type, source)
+}
+
+/// The hash of a request's consistent-hash key when `picker` hashes one
+/// (else `None` at once, reading nothing): a header, or the CloudEvents
+/// `subject` or `partitionkey`, read from `event` when the event was
+/// parsed (structured and batch modes) and from the `ce-` headers
+/// otherwise (binary mode). A request without the key gets `None`, and
+/// the consistent hash sends it round robin.
+fn key_of(
+    picker: &Picker,
+    headers: &http::HeaderMap,
+    event: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Option<u64> {
+    use weir_core::policy::resolve::HashKey;
+    let attribute = |name: &str, header: &str| match event {
+        Some(e) => match e.get(name)? {
+            serde_json::Value::String(s) => Some(key_hash(s.as_bytes())),
+            serde_json::Value::Null => None,
+            other => Some(key_hash(other.to_string().as_bytes())),
+        },
+        None => Some(key_hash(headers.get(header)?.as_bytes())),
+    };
+    match picker.hash_key()? {
+        HashKey::Header(name) => Some(key_hash(headers.get(name.as_str())?.as_bytes())),
+        HashKey::Subject => attribute("subject", "ce-subject"),
+        HashKey::PartitionKey => attribute("partitionkey", "ce-partitionkey"),
+    }
 }
 
 /// Serves the ingress on `listener` until `shutdown` resolves, then stops

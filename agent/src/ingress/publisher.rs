@@ -36,7 +36,7 @@ use super::{
     InFlight, Ingress,
 };
 use crate::{
-    balance::{any, Balance, Endpoint, Protocol, RoundRobin},
+    balance::{any, key_hash, Endpoint, Picker, Protocol},
     body::Body,
     reject::{Reason, Rejection, INSTANCE_STATUS, WEIR_INSTANCE, WEIR_REASON},
     view::ServiceRoute,
@@ -72,7 +72,8 @@ impl Publisher for EventsPublisher {
         request: tonic::Request<SendRequest>,
     ) -> Result<tonic::Response<SendResponse>, tonic::Status> {
         let _in_flight = self.ingress.in_flight.enter();
-        match self.send_event(request.into_inner()).await {
+        let (metadata, _, message) = request.into_parts();
+        match self.send_event(&metadata, message).await {
             Ok(response) => Ok(tonic::Response::new(response)),
             Err(SendError::Rejected(r)) => {
                 tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher/Send refused");
@@ -129,7 +130,11 @@ fn refused(instance: &str, status: &tonic::Status) -> tonic::Status {
 }
 
 impl EventsPublisher {
-    async fn send_event(&self, request: SendRequest) -> Result<SendResponse, SendError> {
+    async fn send_event(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        request: SendRequest,
+    ) -> Result<SendResponse, SendError> {
         if request.service.is_empty() {
             return Err(Rejection::new(Reason::NoTarget, "service is required")
                 .with_field("service")
@@ -152,13 +157,19 @@ impl EventsPublisher {
         })?;
         // Rules match on the event's own `type` and `source`.
         let balancer = route.balancer_for(&event.r#type, &event.source);
-        let endpoint = pick(&route, balancer)?;
+        let key = key_of(balancer, metadata, &event);
+        let endpoint = pick(&route, balancer, key)?;
         route.requests.increment(1);
         let _in_flight = InFlight::new(endpoint);
+        let sent = balancer.observes().then(tokio::time::Instant::now);
         let result = match endpoint.protocol {
             Protocol::Http => self.send_http(endpoint, event, path).await,
             Protocol::Grpc => self.deliver(endpoint, event, path).await,
         };
+        if let (Some(sent), Ok(_) | Err(SendError::Refused { .. })) = (sent, &result) {
+            // The instance answered (an answer that refuses is an answer).
+            balancer.observe(endpoint, sent.elapsed());
+        }
         if let Err(SendError::Rejected(r)) = &result {
             if r.reason == Reason::UpstreamUnavailable {
                 route.upstream_errors.increment(1);
@@ -271,9 +282,10 @@ fn path_of(path: &str) -> Result<PathAndQuery, Rejection> {
 /// whatever it speaks.
 fn pick<'a>(
     route: &ServiceRoute,
-    balancer: &'a RoundRobin,
+    balancer: &'a Picker,
+    key: Option<u64>,
 ) -> Result<&'a Arc<Endpoint>, Rejection> {
-    balancer.pick(&any).ok_or_else(|| {
+    balancer.pick(key, &any).ok_or_else(|| {
         Rejection::new(
             Reason::NoEndpoint,
             format!(
@@ -282,6 +294,27 @@ fn pick<'a>(
             ),
         )
     })
+}
+
+/// The hash of the event's consistent-hash key when `balancer` hashes one:
+/// a gRPC metadata entry of the call, or the event's `subject` or
+/// `partitionkey` attribute (in the canonical string form the event would
+/// have as a header). `None`: no key needed, or the call lacks it.
+fn key_of(
+    balancer: &Picker,
+    metadata: &tonic::metadata::MetadataMap,
+    event: &CloudEvent,
+) -> Option<u64> {
+    use weir_core::policy::resolve::HashKey;
+    let attribute = |name: &str| {
+        let value = event.attributes.get(name)?;
+        Some(key_hash(canonical(name, value).ok()?.as_bytes()))
+    };
+    match balancer.hash_key()? {
+        HashKey::Header(name) => Some(key_hash(metadata.get(name.as_str())?.as_bytes())),
+        HashKey::Subject => attribute("subject"),
+        HashKey::PartitionKey => attribute("partitionkey"),
+    }
 }
 
 fn bad_event(field: String, detail: String) -> Rejection {

@@ -22,12 +22,12 @@ use super::validate::{
     DEFAULT_DELIVERY_ATTEMPTS, DEFAULT_EWMA_DECAY_MS, DEFAULT_HALF_OPEN_PROBES,
     DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_EJECTION_PERCENT, DEFAULT_MAX_OPEN_MS,
     DEFAULT_MINIMUM_REQUESTS, DEFAULT_OPEN_MS, DEFAULT_RETRY_ATTEMPTS, DEFAULT_WINDOW_MS,
-    MAX_AGE_SECONDS, MAX_BACKOFF_BASE_MS, MAX_BACKOFF_MAX_MS, MAX_BUDGET_PERCENT, MAX_BURST,
-    MAX_CHOICES, MAX_CONSECUTIVE_FAILURES, MAX_DELIVERY_ATTEMPTS, MAX_EJECTION_PERCENT,
-    MAX_EWMA_DECAY_MS, MAX_HALF_OPEN_PROBES, MAX_MINIMUM_REQUESTS, MAX_OPEN_MS,
-    MAX_PER_TRY_TIMEOUT_MS, MAX_QUEUE_WAIT_MS, MAX_REQUESTS_PER_SECOND, MAX_RETRY_ATTEMPTS,
-    MAX_SLOW_CALL_MS, MAX_TOTAL_MS, MAX_WINDOW_MS, MIN_CHOICES, MIN_EWMA_DECAY_MS, MIN_OPEN_MS,
-    MIN_WINDOW_MS,
+    DEFAULT_ZONE_PERCENT, MAX_AGE_SECONDS, MAX_BACKOFF_BASE_MS, MAX_BACKOFF_MAX_MS,
+    MAX_BUDGET_PERCENT, MAX_BURST, MAX_CHOICES, MAX_CONSECUTIVE_FAILURES, MAX_DELIVERY_ATTEMPTS,
+    MAX_EJECTION_PERCENT, MAX_EWMA_DECAY_MS, MAX_HALF_OPEN_PROBES, MAX_MINIMUM_REQUESTS,
+    MAX_OPEN_MS, MAX_PER_TRY_TIMEOUT_MS, MAX_QUEUE_WAIT_MS, MAX_REQUESTS_PER_SECOND,
+    MAX_RETRY_ATTEMPTS, MAX_SLOW_CALL_MS, MAX_TOTAL_MS, MAX_WINDOW_MS, MAX_ZONE_PERCENT,
+    MIN_CHOICES, MIN_EWMA_DECAY_MS, MIN_OPEN_MS, MIN_WINDOW_MS,
 };
 use crate::backoff::{Backoff, Jitter};
 
@@ -113,6 +113,9 @@ pub struct Sections {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadBalancer {
     pub algorithm: Algorithm,
+    /// Prefer the agent's own zone while it holds at least this percentage
+    /// (1-100) of the usable instances; `None`: no zone preference.
+    pub zone_min_percent: Option<u32>,
     pub shadow: bool,
 }
 
@@ -121,6 +124,7 @@ impl Default for LoadBalancer {
     fn default() -> Self {
         Self {
             algorithm: Algorithm::RoundRobin,
+            zone_min_percent: None,
             shadow: false,
         }
     }
@@ -371,6 +375,12 @@ fn load_balancer(lb: &pb::LoadBalancer) -> LoadBalancer {
     };
     LoadBalancer {
         algorithm,
+        zone_min_percent: lb.zone_preference.as_ref().filter(|z| z.enabled).map(|z| {
+            match z.min_usable_percent {
+                0 => DEFAULT_ZONE_PERCENT,
+                p => p.min(MAX_ZONE_PERCENT),
+            }
+        }),
         shadow: lb.shadow,
     }
 }
@@ -718,6 +728,29 @@ mod tests {
             d.retry.expect("retry").retry_on,
             [RetryOn::Http429, RetryOn::Timeout]
         );
+    }
+
+    #[test]
+    fn zone_preference_takes_its_default_and_off_is_none() {
+        let with = |zp: Option<pb::ZonePreference>| {
+            let p = pb::TrafficPolicy {
+                load_balancer: Some(pb::LoadBalancer {
+                    zone_preference: zp,
+                    ..pb::LoadBalancer::default()
+                }),
+                ..policy()
+            };
+            resolve(&p).defaults.load_balancer.zone_min_percent
+        };
+        assert_eq!(with(None), None);
+        assert_eq!(with(Some(pb::ZonePreference::default())), None);
+        let on = |min_usable_percent| pb::ZonePreference {
+            enabled: true,
+            min_usable_percent,
+        };
+        assert_eq!(with(Some(on(0))), Some(DEFAULT_ZONE_PERCENT));
+        assert_eq!(with(Some(on(60))), Some(60));
+        assert_eq!(with(Some(on(500))), Some(100), "clamped");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use prost::Message;
 use weir_proto::policy::v1::{
     consistent_hash, load_balancer, rate_limit, CircuitBreaker, ConsistentHash, Delivery,
     EventMatch, LoadBalancer, RateLimit, Retry, RetryOn, Rule, Timeout, TrafficPolicy,
+    ZonePreference,
 };
 
 use crate::validate::{dns_label, err, namespace_or_default, shown, ValidationError};
@@ -30,6 +31,8 @@ pub const DEFAULT_CHOICES: u32 = 2;
 pub const MIN_EWMA_DECAY_MS: u32 = 100;
 pub const MAX_EWMA_DECAY_MS: u32 = 600_000;
 pub const DEFAULT_EWMA_DECAY_MS: u32 = 10_000;
+pub const MAX_ZONE_PERCENT: u32 = 100;
+pub const DEFAULT_ZONE_PERCENT: u32 = 25;
 
 pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 pub const MAX_BURST: u32 = 1_000_000;
@@ -287,6 +290,9 @@ fn load_balancer(f: &str, lb: &LoadBalancer) -> Result<(), ValidationError> {
             ),
         ));
     }
+    if let Some(zp) = &lb.zone_preference {
+        zone_preference(&format!("{f}.zone_preference"), zp)?;
+    }
     let f = format!("{f}.consistent_hash");
     match (algorithm == Algorithm::ConsistentHash, &lb.consistent_hash) {
         (true, Some(ch)) => consistent_hash(&f, ch),
@@ -300,6 +306,30 @@ fn load_balancer(f: &str, lb: &LoadBalancer) -> Result<(), ValidationError> {
             ),
         )),
     }
+}
+
+fn zone_preference(f: &str, zp: &ZonePreference) -> Result<(), ValidationError> {
+    let field = format!("{f}.min_usable_percent");
+    if !zp.enabled {
+        if zp.min_usable_percent != 0 {
+            return Err(err(
+                field,
+                format!(
+                    "must be 0 unless enabled is true (got {})",
+                    zp.min_usable_percent
+                ),
+            ));
+        }
+    } else if zp.min_usable_percent > MAX_ZONE_PERCENT {
+        return Err(err(
+            field,
+            format!(
+                "must be 0 (default {DEFAULT_ZONE_PERCENT}) or 1-{MAX_ZONE_PERCENT} percent (got {})",
+                zp.min_usable_percent
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn consistent_hash(f: &str, ch: &ConsistentHash) -> Result<(), ValidationError> {
@@ -931,6 +961,26 @@ mod tests {
                 lb(p).choices = 2
             }),
             (
+                "policy.load_balancer.zone_preference.min_usable_percent",
+                "1-100",
+                |p| {
+                    lb(p).zone_preference = Some(ZonePreference {
+                        enabled: true,
+                        min_usable_percent: 101,
+                    })
+                },
+            ),
+            (
+                "policy.rules[1].load_balancer.zone_preference.min_usable_percent",
+                "unless enabled",
+                |p| {
+                    r1_lb(p).zone_preference = Some(ZonePreference {
+                        enabled: false,
+                        min_usable_percent: 50,
+                    })
+                },
+            ),
+            (
                 "policy.load_balancer.consistent_hash",
                 "CONSISTENT_HASH",
                 |p| {
@@ -1384,6 +1434,19 @@ mod tests {
             |p| r1_lb(p).choices = 0,
             |p| r1_lb(p).choices = 2,
             |p| r1_lb(p).choices = 8,
+            |p| {
+                lb(p).zone_preference = Some(ZonePreference {
+                    enabled: true,
+                    min_usable_percent: 100,
+                })
+            },
+            |p| {
+                r1_lb(p).zone_preference = Some(ZonePreference {
+                    enabled: true,
+                    min_usable_percent: 0,
+                })
+            },
+            |p| lb(p).zone_preference = Some(ZonePreference::default()),
             |p| r0_ch(p).header = "h".repeat(128),
             |p| {
                 *r0_ch(p) = ConsistentHash {
@@ -1472,7 +1535,11 @@ mod tests {
     fn proto3_json() {
         let json = r#"{
             "service": "orders",
-            "loadBalancer": { "algorithm": "LEAST_REQUEST", "choices": 4 },
+            "loadBalancer": {
+                "algorithm": "LEAST_REQUEST",
+                "choices": 4,
+                "zonePreference": { "enabled": true, "minUsablePercent": 60 }
+            },
             "rate_limit": {
                 "requestsPerSecond": 100.5,
                 "burst": 200,
@@ -1508,6 +1575,13 @@ mod tests {
         assert_eq!(
             p.load_balancer.as_ref().map(|lb| lb.algorithm),
             Some(Algorithm::LeastRequest as i32)
+        );
+        assert_eq!(
+            p.load_balancer
+                .as_ref()
+                .and_then(|lb| lb.zone_preference.as_ref())
+                .map(|z| (z.enabled, z.min_usable_percent)),
+            Some((true, 60))
         );
         assert_eq!(
             p.retry.as_ref().map(|r| r.retry_on.clone()),
