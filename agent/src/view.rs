@@ -610,7 +610,7 @@ impl From<&ServiceRoute> for RouteState {
 #[cfg(test)]
 mod tests {
     use weir_client::{
-        policy::{load_balancer::Algorithm, EventMatch, LoadBalancer, Rule},
+        policy::{load_balancer::Algorithm, EventMatch},
         Event, EventType, HealthStatus, ServiceProtection, WatchKind, WatchResponse,
     };
 
@@ -832,21 +832,7 @@ mod tests {
         }
     }
 
-    fn lb(algorithm: Algorithm) -> Option<LoadBalancer> {
-        Some(LoadBalancer {
-            algorithm: algorithm as i32,
-            ..LoadBalancer::default()
-        })
-    }
-
-    fn rule(name: &str, m: EventMatch, load_balancer: Option<LoadBalancer>) -> Rule {
-        Rule {
-            name: name.into(),
-            r#match: Some(m),
-            load_balancer,
-            ..Rule::default()
-        }
-    }
+    use crate::balance::policy::tests::{lb, rule};
 
     fn apply_policy(view: &mut View, policy: Option<TrafficPolicy>) {
         let key = ("default".to_owned(), "orders".to_owned());

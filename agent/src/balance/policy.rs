@@ -185,7 +185,7 @@ pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use weir_client::policy::{EventMatch, RateLimit, Retry, Timeout, ZonePreference};
@@ -194,14 +194,17 @@ mod tests {
     use super::*;
     use load_balancer::Algorithm;
 
-    fn lb(algorithm: Algorithm) -> Option<LoadBalancer> {
+    /// A `load_balancer` section asking for `algorithm` (also used by the
+    /// view's tests).
+    pub(crate) fn lb(algorithm: Algorithm) -> Option<LoadBalancer> {
         Some(LoadBalancer {
             algorithm: algorithm as i32,
             ..LoadBalancer::default()
         })
     }
 
-    fn rule(name: &str, m: EventMatch, load_balancer: Option<LoadBalancer>) -> Rule {
+    /// A rule named `name` matching `m` (also used by the view's tests).
+    pub(crate) fn rule(name: &str, m: EventMatch, load_balancer: Option<LoadBalancer>) -> Rule {
         Rule {
             name: name.into(),
             r#match: Some(m),
