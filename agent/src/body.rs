@@ -32,6 +32,14 @@ pub enum Body {
     Upstream(ResponseBody),
     /// Bytes in hand (taken once).
     Full(Option<Bytes>),
+    /// A peer's body of which the agent read the start (looking for its
+    /// end, to keep it for a retry): that start, the trailers if the end
+    /// came with them, then the rest of the stream, if any.
+    Resumed {
+        read: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+        rest: Option<Incoming>,
+    },
     #[default]
     Empty,
 }
@@ -64,6 +72,24 @@ impl http_body::Body for Body {
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map_err(BodyError::from))),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Resumed {
+                read,
+                trailers,
+                rest,
+            } => {
+                if let Some(b) = read.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                if let Some(t) = trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+                match rest {
+                    Some(r) => Pin::new(r)
+                        .poll_frame(cx)
+                        .map(|f| f.map(|f| f.map_err(BodyError::from))),
+                    None => Poll::Ready(None),
+                }
+            }
             Body::Empty => Poll::Ready(None),
         }
     }
@@ -73,6 +99,15 @@ impl http_body::Body for Body {
             Body::Stream(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
             Body::Full(b) => b.is_none(),
+            Body::Resumed {
+                read,
+                trailers,
+                rest,
+            } => {
+                read.is_none()
+                    && trailers.is_none()
+                    && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
             Body::Empty => true,
         }
     }
@@ -83,6 +118,18 @@ impl http_body::Body for Body {
             Body::Upstream(b) => b.size_hint(),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Full(None) | Body::Empty => SizeHint::with_exact(0),
+            Body::Resumed { read, rest, .. } => {
+                let read = read.as_ref().map_or(0, |b| b.len() as u64);
+                let rest = rest
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), |r| r.size_hint());
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint.set_lower(rest.lower() + read);
+                hint
+            }
         }
     }
 }

@@ -8,7 +8,11 @@
 //! - [`view`]: the registry view and the routes built from it.
 //! - [`balance`]: balancers (round robin and smooth weighted, least request
 //!   P2C, peak EWMA, consistent hash) and zone preference.
-//! - [`ingress`]: the HTTP/1.1 + h2c reverse proxy, CloudEvents checks.
+//! - [`ingress`]: the HTTP/1.1 + h2c reverse proxy, CloudEvents checks,
+//!   the attempt loop (timeouts, retries).
+//! - [`retry`]: outcome classes, the retry and timeout policy, the budget.
+//! - [`eject`]: passive ejection on refused or dropped connections, and
+//!   the TCP prober that brings an instance back.
 //! - [`local`]: node-local registration (TTLs, re-registration on a new
 //!   session, the node's active checks).
 //! - [`reject`]: every answer the agent makes itself.
@@ -16,17 +20,19 @@
 //!
 //! - [`persist`]: the view and policies kept under `--data-dir`.
 //!
-//! Not built yet (see `docs/agent.md`): policy enforcement (timeouts,
-//! retries, rate limits, breakers), the durable outbox.
+//! Not built yet (see `docs/agent.md`): rate limits, circuit breakers,
+//! the durable outbox.
 
 pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod config;
+pub mod eject;
 pub mod ingress;
 pub mod local;
 pub mod persist;
 pub mod reject;
+pub mod retry;
 pub mod session;
 pub mod view;
 

@@ -38,6 +38,8 @@ pub enum Reason {
     TooLarge,
     /// The instance could not be reached or broke the exchange.
     UpstreamUnavailable,
+    /// The policy's deadline (total or per try) passed before an answer.
+    Timeout,
 }
 
 impl Reason {
@@ -50,6 +52,7 @@ impl Reason {
             Reason::BadEvent => "bad-event",
             Reason::TooLarge => "too-large",
             Reason::UpstreamUnavailable => "upstream-unavailable",
+            Reason::Timeout => "timeout",
         }
     }
 
@@ -60,6 +63,7 @@ impl Reason {
             Reason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -70,17 +74,19 @@ impl Reason {
             Reason::NoTarget | Reason::BadEvent => 3,               // INVALID_ARGUMENT
             Reason::TooLarge => 8,                                  // RESOURCE_EXHAUSTED
             Reason::NoEndpoint | Reason::UpstreamUnavailable => 14, // UNAVAILABLE
+            Reason::Timeout => 4,                                   // DEADLINE_EXCEEDED
         }
     }
 
     /// Every reason, for metrics set up front.
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::UnknownService,
         Reason::NoTarget,
         Reason::NoEndpoint,
         Reason::BadEvent,
         Reason::TooLarge,
         Reason::UpstreamUnavailable,
+        Reason::Timeout,
     ];
 }
 

@@ -21,7 +21,10 @@ use weir_client::{
     policy::TrafficPolicy, Instance, Protocol as WireProtocol, RegistryMirror, WatchUpdate,
 };
 
-use crate::balance::{policy::Lb, Balancing, Endpoint, Picker, Protocol};
+use crate::{
+    balance::{policy::Lb, Balancing, Endpoint, Picker, Protocol},
+    retry::{Budget, Failure, FailureMetrics, FailureState},
+};
 
 /// How one service is reached now.
 #[derive(Debug)]
@@ -42,8 +45,20 @@ pub struct ServiceRoute {
     pub instances: usize,
     /// Routing to every instance because the service is in protection.
     pub protection: bool,
+    /// Failure handling (retry, timeout) for requests no rule takes.
+    pub failure: Failure,
+    /// The service's retry budget, kept across rebuilds.
+    pub budget: Arc<Budget>,
     pub(crate) requests: metrics::Counter,
     pub(crate) upstream_errors: metrics::Counter,
+    pub(crate) failures: FailureMetrics,
+}
+
+/// How a request is balanced and what happens when an attempt fails.
+#[derive(Clone, Copy, Debug)]
+pub struct Handling<'r> {
+    pub picker: &'r Picker,
+    pub failure: &'r Failure,
 }
 
 impl ServiceRoute {
@@ -58,13 +73,40 @@ impl ServiceRoute {
     /// matching rule's own, or the default one (no rule matches, or the
     /// first that does has no balancer of its own).
     pub fn balancer_for(&self, event_type: &str, source: &str) -> &Picker {
+        self.handling_for(event_type, source).picker
+    }
+
+    /// What requests no rule takes get.
+    #[inline]
+    pub fn default_handling(&self) -> Handling<'_> {
+        Handling {
+            picker: &self.balancer,
+            failure: &self.failure,
+        }
+    }
+
+    /// The balancer and failure handling for an event of `event_type` from
+    /// `source`: the first matching rule's own, or the defaults (no rule
+    /// matches, or the first that does has none of its own).
+    pub fn handling_for(&self, event_type: &str, source: &str) -> Handling<'_> {
         let Some(balancing) = self.balancing.as_deref().filter(|_| self.has_rules()) else {
-            return &self.balancer;
+            return self.default_handling();
         };
-        balancing
-            .rule_for(event_type, source)
-            .and_then(|i| self.rule_balancers.get(i)?.as_ref())
-            .unwrap_or(&self.balancer)
+        let Some(i) = balancing.rule_for(event_type, source) else {
+            return self.default_handling();
+        };
+        Handling {
+            picker: self
+                .rule_balancers
+                .get(i)
+                .and_then(Option::as_ref)
+                .unwrap_or(&self.balancer),
+            failure: balancing
+                .rules
+                .get(i)
+                .and_then(|r| r.failure.as_ref())
+                .unwrap_or(&self.failure),
+        }
     }
 
     /// Where the rotation of rule `name`'s own balancer is, if it has one.
@@ -498,6 +540,13 @@ impl View {
             disagreements,
         );
         metrics::gauge!("weir_agent_endpoints", &labels).set(endpoints.len() as f64);
+        let failure = balancing
+            .as_ref()
+            .map(|b| b.failure.clone())
+            .unwrap_or_default();
+        let budget = previous
+            .as_ref()
+            .map_or_else(Arc::default, |r| r.budget.clone());
         let route = ServiceRoute {
             namespace: namespace.into(),
             service: service.into(),
@@ -506,8 +555,11 @@ impl View {
             rule_balancers,
             instances: instances.len(),
             protection,
+            failure,
+            budget,
             requests: metrics::counter!("weir_agent_requests_total", &labels),
             upstream_errors: metrics::counter!("weir_agent_upstream_errors_total", &labels),
+            failures: FailureMetrics::new(&labels),
         };
         self.routes.set(namespace, service, Some(route));
     }
@@ -530,9 +582,12 @@ pub struct RouteState {
     /// Whether the default balancer keeps to the agent's zone now (zone
     /// preference on, and the zone holds enough usable endpoints).
     pub in_zone: bool,
+    /// The default retry and timeout, when the policy sets either.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureState>,
     pub endpoints: Vec<EndpointState>,
-    /// The rules balancing follows, in order (empty when none has a
-    /// balancer of its own).
+    /// The rules balancing and failure handling follow, in order (empty
+    /// when none has a balancer, retry or timeout of its own).
     pub rules: Vec<RuleState>,
 }
 
@@ -545,6 +600,9 @@ pub struct RuleState {
     pub balancer: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow_balancer: Option<&'static str>,
+    /// Its own retry and timeout, when they differ from the defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureState>,
 }
 
 #[derive(Debug, Serialize)]
@@ -559,6 +617,12 @@ pub struct EndpointState {
     /// balance (or shadow) by it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ewma_ms: Option<f64>,
+    /// For how long it has been out of this agent's rotation (refused or
+    /// dropped connections), while it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_ms: Option<u64>,
+    /// Times it was ejected since the agent started.
+    pub ejections: u64,
 }
 
 impl From<&ServiceRoute> for RouteState {
@@ -573,6 +637,7 @@ impl From<&ServiceRoute> for RouteState {
             balancer: r.balancer.algorithm(),
             shadow_balancer: r.balancer.shadow_algorithm(),
             in_zone: r.balancer.in_zone(),
+            failure: FailureState::of(&r.failure),
             endpoints: r
                 .balancer
                 .endpoints()
@@ -585,6 +650,8 @@ impl From<&ServiceRoute> for RouteState {
                     zone: e.zone.to_string(),
                     in_flight: e.in_flight.load(std::sync::atomic::Ordering::Relaxed),
                     ewma_ms: observed.then(|| e.ewma.millis()),
+                    ejected_ms: e.ejection.ejected_for().map(|d| d.as_millis() as u64),
+                    ejections: e.ejection.count(),
                 })
                 .collect(),
             rules: r
@@ -599,6 +666,7 @@ impl From<&ServiceRoute> for RouteState {
                             name: rule.name.clone(),
                             balancer: own.as_ref().map_or("default", Picker::algorithm),
                             shadow_balancer: own.as_ref().and_then(Picker::shadow_algorithm),
+                            failure: rule.failure.as_ref().and_then(FailureState::of),
                         })
                         .collect()
                 })

@@ -28,6 +28,8 @@ use std::{
 
 use http::uri::Authority;
 
+use crate::eject::Ejection;
+
 pub use consistent_hash::{key_hash, ConsistentHash};
 pub use ewma::{Ewma, PeakEwma};
 pub use least_request::LeastRequest;
@@ -63,6 +65,8 @@ pub struct Endpoint {
     /// Peak EWMA of the time to the response head; fed only on routes
     /// balanced (or shadowed) by [`PeakEwma`].
     pub ewma: Ewma,
+    /// Out of this agent's rotation after refused or dropped connections.
+    pub ejection: Ejection,
 }
 
 impl Endpoint {
@@ -82,6 +86,7 @@ impl Endpoint {
             zone: zone.into(),
             in_flight: AtomicUsize::new(0),
             ewma: Ewma::default(),
+            ejection: Ejection::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! What of a service's policy the balancers enforce: the default balancing,
-//! and the rules that give the events they match (by CloudEvents `type`
-//! and `source`) a balancer of their own. Pure: [`Balancing::of`] runs when
+//! What of a service's policy the data path enforces: the default
+//! balancing and failure handling (`retry`, `timeout`), and the rules that
+//! give the events they match (by CloudEvents `type` and `source`) a
+//! balancer or failure handling of their own. Pure: [`Balancing::of`] runs when
 //! a policy changes, and the view builds the service's balancers from it.
 //!
 //! The agent enforces every `load_balancer` section with an algorithm it
@@ -15,6 +16,8 @@ use weir_core::policy::{
     resolve::{self, Algorithm, EventMatcher},
     sections,
 };
+
+use crate::retry::Failure;
 
 /// One balancer: an algorithm, and the zone preference around it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,20 +77,23 @@ impl Lb {
 
 /// The balancing of one service, as far as this agent enforces it. The
 /// default value is what a service without a policy gets: plain round
-/// robin and no rules.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// robin, no retry, no deadline and no rules.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Balancing {
     /// The default balancer.
     pub default: Lb,
+    /// The default failure handling.
+    pub failure: Failure,
     /// The policy's rules in order, up to the last one that has a balancer
-    /// of its own; empty when none has, so events need not be matched.
+    /// or failure handling of its own; empty when none has, so events need
+    /// not be matched.
     /// Earlier rules without one are kept: the first match wins, and such
     /// a rule sends its events to the default balancer.
     pub rules: Vec<RuleBalancing>,
 }
 
 /// One rule, as the balancers see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RuleBalancing {
     /// Unique within the policy: a rebuilt balancer carries on the
     /// rotation of the rule of the same name.
@@ -96,6 +102,9 @@ pub struct RuleBalancing {
     /// A balancer of its own, or `None`: the default one (the rule sets
     /// no `load_balancer`, or one this agent does not enforce).
     pub own: Option<Lb>,
+    /// Failure handling of its own (its `retry` or `timeout` differs from
+    /// the defaults'), or `None`: the default one.
+    pub failure: Option<Failure>,
 }
 
 /// Whether this agent enforces `lb`: any algorithm it knows (one from a
@@ -123,9 +132,30 @@ impl Balancing {
                     .map(|_| Lb::of(&resolved.sections.load_balancer, &default.applied))
             })
             .collect();
-        let Some(last) = own.iter().rposition(Option::is_some) else {
+        let failure = Failure {
+            retry: resolved.defaults.retry.clone(),
+            timeout: resolved.defaults.timeout,
+        };
+        // `resolve` merged each rule's sections with the defaults.
+        let own_failure: Vec<Option<Failure>> = resolved
+            .rules
+            .iter()
+            .map(|r| {
+                let f = Failure {
+                    retry: r.sections.retry.clone(),
+                    timeout: r.sections.timeout,
+                };
+                (f != failure).then_some(f)
+            })
+            .collect();
+        let Some(last) = own
+            .iter()
+            .zip(&own_failure)
+            .rposition(|(lb, f)| lb.is_some() || f.is_some())
+        else {
             return Self {
                 default,
+                failure,
                 rules: Vec::new(),
             };
         };
@@ -134,15 +164,20 @@ impl Balancing {
         let rules = resolved
             .rules
             .into_iter()
-            .zip(own)
+            .zip(own.into_iter().zip(own_failure))
             .take(last + 1)
-            .map(|(r, own)| RuleBalancing {
+            .map(|(r, (own, failure))| RuleBalancing {
                 name: r.name,
                 matcher: r.matcher,
                 own,
+                failure,
             })
             .collect();
-        Self { default, rules }
+        Self {
+            default,
+            failure,
+            rules,
+        }
     }
 
     /// The index in [`Balancing::rules`] of the first rule matching an
@@ -154,13 +189,12 @@ impl Balancing {
     }
 }
 
-/// Whether this agent enforces every section `rule` sets: only a
-/// `load_balancer` it enforces (and the match itself).
+/// Whether this agent enforces every section `rule` sets: a
+/// `load_balancer` it enforces, `retry` and `timeout` (and the match
+/// itself).
 fn rule_enforced(rule: &Rule) -> bool {
     rule.rate_limit.is_none()
         && rule.circuit_breaker.is_none()
-        && rule.retry.is_none()
-        && rule.timeout.is_none()
         && rule.delivery.is_none()
         && rule.load_balancer.as_ref().is_none_or(enforced)
 }
@@ -178,6 +212,7 @@ pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
         .into_iter()
         .filter(|s| match *s {
             "load_balancer" => !policy.load_balancer.as_ref().is_some_and(enforced),
+            "retry" | "timeout" => false,
             "rules" => !policy.rules.iter().all(rule_enforced),
             _ => true,
         })
@@ -300,7 +335,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_policy_without_rules_of_their_own_balancer_needs_no_matching() {
+    fn a_policy_without_rules_of_their_own_needs_no_matching() {
         assert_eq!(
             Balancing::of(&policy(None, Vec::new())),
             Balancing::default()
@@ -308,18 +343,19 @@ pub(crate) mod tests {
         let b = Balancing::of(&policy(
             lb(Algorithm::WeightedRoundRobin),
             vec![Rule {
-                timeout: Some(Timeout {
-                    total_ms: 100,
-                    shadow: false,
+                // What the defaults have already.
+                rate_limit: Some(RateLimit {
+                    requests_per_second: 5.0,
+                    ..RateLimit::default()
                 }),
-                ..rule("slow", prefix("a."), None)
+                ..rule("limited", prefix("a."), None)
             }],
         ));
         assert_eq!(
             b.default.applied.algorithm,
             resolve::Algorithm::WeightedRoundRobin
         );
-        assert!(b.rules.is_empty(), "no rule balances on its own: {b:?}");
+        assert!(b.rules.is_empty(), "no rule has its own: {b:?}");
         // An unknown algorithm in a rule is no balancer.
         let b = Balancing::of(&policy(
             None,
@@ -391,6 +427,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn rules_with_their_own_retry_or_timeout_are_kept() {
+        let retry = Retry {
+            attempts: 2,
+            ..Retry::default()
+        };
+        let p = TrafficPolicy {
+            retry: Some(retry.clone()),
+            ..policy(
+                None,
+                vec![
+                    rule("same", prefix("a."), None),
+                    Rule {
+                        timeout: Some(Timeout {
+                            total_ms: 50,
+                            shadow: false,
+                        }),
+                        ..rule("deadline", prefix("b."), None)
+                    },
+                    Rule {
+                        retry: Some(retry),
+                        ..rule("same-again", prefix("c."), None)
+                    },
+                ],
+            )
+        };
+        let b = Balancing::of(&p);
+        assert_eq!(b.failure.retry.as_ref().map(|r| r.attempts), Some(2));
+        assert_eq!(b.failure.timeout, None);
+        let names: Vec<&str> = b.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["same", "deadline"],
+            "a rule like the defaults ends it"
+        );
+        assert_eq!(b.rules[0].failure, None);
+        let own = b.rules[1].failure.as_ref().expect("its own");
+        assert_eq!(own.total(), Some(Duration::from_millis(50)));
+        assert_eq!(own.retry, b.failure.retry, "merged with the defaults");
+        assert_ne!(b, Balancing::default());
+    }
+
+    #[test]
     fn acks_name_the_sections_not_enforced() {
         let only_balancing = policy(
             lb(Algorithm::RoundRobin),
@@ -419,7 +497,7 @@ pub(crate) mod tests {
                 vec![only_balancing.rules[0].clone(), rate_limited],
             )
         };
-        assert_eq!(unenforced(&p), ["retry", "rules"]);
+        assert_eq!(unenforced(&p), ["rules"], "retry is enforced");
 
         // Shadow mode is enforced (evaluated and reported); an algorithm
         // this agent does not know is not.

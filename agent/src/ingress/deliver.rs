@@ -17,11 +17,12 @@ use http_body_util::{BodyExt, Limited};
 use prost::Message as _;
 use weir_proto::events::v1::{DeliverRequest, DeliverResponse};
 
-use super::forward::Upstreams;
+use super::forward::{Failed, Upstreams};
 use crate::{
     balance::Endpoint,
     body::Body,
     reject::{Reason, Rejection},
+    retry::Class,
 };
 
 /// The method's path (`/{package}.{service}/{method}`).
@@ -31,12 +32,25 @@ pub const DELIVER_PATH: &str = "/weir.events.v1.Subscriber/Deliver";
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
     /// The agent's own answer: the instance could not be reached, broke
-    /// the exchange, or answered more than the agent reads.
-    #[error(transparent)]
-    Rejected(#[from] Rejection),
+    /// the exchange, or answered more than the agent reads; with how it
+    /// failed, for retries.
+    #[error("{}", .0.rejection)]
+    Failed(Failed),
     /// The instance answered a status other than OK.
     #[error("the instance answered {}: {}", .0.code(), .0.message())]
     Refused(tonic::Status),
+}
+
+impl From<Failed> for DeliverError {
+    fn from(f: Failed) -> Self {
+        Self::Failed(f)
+    }
+}
+
+impl From<Rejection> for DeliverError {
+    fn from(r: Rejection) -> Self {
+        Self::Failed(r.into())
+    }
 }
 
 /// An answer that is not a gRPC answer to a unary call.
@@ -135,9 +149,12 @@ pub async fn deliver(
             return Err(Broken::TooLarge(max).into_rejection(endpoint).into())
         }
         Err(e) => {
-            return Err(Broken::Interrupted(e.to_string())
-                .into_rejection(endpoint)
-                .into())
+            // Broken off after the head: as a reset.
+            return Err(Failed {
+                class: Some(Class::Reset),
+                rejection: Broken::Interrupted(e.to_string()).into_rejection(endpoint),
+            }
+            .into());
         }
     };
     let trailers = collected.trailers().cloned();

@@ -14,12 +14,67 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
-use super::h1::H1Pool;
+use super::h1::{H1Error, H1Pool};
 use crate::{
     balance::{Endpoint, Protocol},
     body::Body,
     reject::{Reason, Rejection},
+    retry::Class,
 };
+
+/// An attempt that got no answer: how it failed (`None`: not the
+/// instance's doing, such as the caller's body breaking off, so neither
+/// retried nor held against the instance), and the agent's answer if it
+/// is the last.
+#[derive(Debug)]
+pub struct Failed {
+    pub class: Option<Class>,
+    pub rejection: Rejection,
+}
+
+impl From<Failed> for Rejection {
+    fn from(f: Failed) -> Self {
+        f.rejection
+    }
+}
+
+impl From<Rejection> for Failed {
+    fn from(rejection: Rejection) -> Self {
+        Self {
+            class: None,
+            rejection,
+        }
+    }
+}
+
+/// How an HTTP/1.1 exchange failed.
+fn h1_class(e: &H1Error) -> Option<Class> {
+    match e {
+        H1Error::Connect(..) | H1Error::ConnectTimeout(_) => Some(Class::ConnectFailure),
+        H1Error::Write(_)
+        | H1Error::Read(_)
+        | H1Error::Closed
+        | H1Error::Truncated
+        | H1Error::Protocol(_) => Some(Class::Reset),
+        H1Error::RequestBody(_) | H1Error::BodyTooLong => None,
+    }
+}
+
+/// How an HTTP/2 exchange failed: no connection, or a broken one.
+fn h2_class(e: &hyper_util::client::legacy::Error) -> Option<Class> {
+    if e.is_connect() {
+        return Some(Class::ConnectFailure);
+    }
+    // The caller's own body breaking off is not the instance's doing.
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<crate::body::BodyError>() {
+            return None;
+        }
+        source = s.source();
+    }
+    Some(Class::Reset)
+}
 
 /// Connection pools to instances (one set per ingress worker).
 #[derive(Debug, Clone)]
@@ -61,7 +116,7 @@ impl Upstreams {
         mut request: Request<Body>,
         rewrite: Option<PathAndQuery>,
         grpc: bool,
-    ) -> Result<Response<Body>, Rejection> {
+    ) -> Result<Response<Body>, Failed> {
         let h2 = grpc || endpoint.protocol == Protocol::Grpc;
         let path = match rewrite {
             Some(p) => p,
@@ -78,7 +133,7 @@ impl Upstreams {
             // as it writes the head; the ones Connection names go here.
             strip_hop_by_hop(request.headers_mut(), false);
         }
-        let response: Result<Response<Body>, String> = if h2 {
+        let response: Result<Response<Body>, (Option<Class>, String)> = if h2 {
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
             parts.authority = Some(endpoint.authority.clone());
@@ -96,7 +151,7 @@ impl Upstreams {
                 .request(request)
                 .await
                 .map(|r| r.map(Body::Stream))
-                .map_err(|e| e.to_string())
+                .map_err(|e| (h2_class(&e), e.to_string()))
         } else {
             // Origin-form on a connection of our own; the caller's Host
             // stays (the instance may route on it), else the instance's.
@@ -110,7 +165,7 @@ impl Upstreams {
             self.http1
                 .send(&endpoint.authority, request)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| (h1_class(&e), e.to_string()))
         };
         match response {
             Ok(mut response) => {
@@ -120,15 +175,18 @@ impl Upstreams {
                 }
                 Ok(response)
             }
-            Err(e) => {
+            Err((class, e)) => {
                 tracing::debug!(endpoint = %endpoint.authority, error = %e, "upstream request failed");
-                Err(Rejection::new(
-                    Reason::UpstreamUnavailable,
-                    format!(
-                        "instance {} at {} failed: {e}",
-                        endpoint.id, endpoint.authority
+                Err(Failed {
+                    class,
+                    rejection: Rejection::new(
+                        Reason::UpstreamUnavailable,
+                        format!(
+                            "instance {} at {} failed: {e}",
+                            endpoint.id, endpoint.authority
+                        ),
                     ),
-                ))
+                })
             }
         }
     }

@@ -12,6 +12,7 @@
 //! its `Send` reaches gRPC instances through their `Subscriber/Deliver`
 //! ([`deliver`]).
 
+mod attempts;
 pub mod cloudevents;
 pub mod deliver;
 pub mod forward;
@@ -32,8 +33,8 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Either, Limited};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
@@ -44,15 +45,21 @@ use tokio::net::TcpListener;
 use tonic::codegen::Service as _;
 
 use crate::{
-    balance::{any, key_hash, Endpoint, Picker},
+    balance::{key_hash, Endpoint, Picker},
     body::Body,
     reject::{Reason, Rejection},
-    view::{Routes, ServiceRoute},
+    retry::{answer_class, Class},
+    view::{Handling, Routes, ServiceRoute},
 };
 
+use attempts::{Exchange, Plan};
 use cloudevents::Mode;
-use forward::Upstreams;
+use forward::{Failed, Upstreams};
 use target::Target;
+
+/// The most of a request body that is not a CloudEvent the agent holds to
+/// send it again; a longer one streams through and is not retried.
+pub const RETRY_BUFFER_BYTES: usize = 64 * 1024;
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -213,12 +220,16 @@ impl Ingress {
                 let (parts, body) = request.into_parts();
                 let body = self.read_whole(body).await?;
                 let event = cloudevents::parse_structured(&body)?;
-                let balancer = event_balancer(&route, &event);
-                let key = key_of(balancer, &parts.headers, Some(&event));
+                let handling = event_handling(&route, &event);
+                let key = key_of(handling.picker, &parts.headers, Some(&event));
                 let request = Request::from_parts(parts, Body::full(body));
-                return self
-                    .send(&route, balancer, key, request, rewrite, grpc)
-                    .await;
+                let plan = Plan {
+                    route: &route,
+                    handling,
+                    key,
+                    safe: true,
+                };
+                return self.send(plan, request, rewrite, grpc).await;
             }
             Mode::Batch => {
                 let (parts, body) = request.into_parts();
@@ -227,13 +238,23 @@ impl Ingress {
                 return Ok(self.send_batch(&route, parts, rewrite, events).await);
             }
         }
-        let balancer = header_balancer(&route, mode, request.headers());
-        let key = key_of(balancer, request.headers(), None);
+        let handling = header_handling(&route, mode, request.headers());
+        let key = key_of(handling.picker, request.headers(), None);
+        // A CloudEvent's id makes a second delivery safe for a subscriber
+        // that deduplicates; otherwise only the method or an
+        // Idempotency-Key (draft-ietf-httpapi-idempotency-key-header) can.
+        let safe = mode == Mode::Binary
+            || request.method().is_idempotent()
+            || request.headers().contains_key("idempotency-key");
         let (parts, body) = request.into_parts();
-        self.send(
-            &route,
-            balancer,
+        let plan = Plan {
+            route: &route,
+            handling,
             key,
+            safe,
+        };
+        self.send(
+            plan,
             Request::from_parts(parts, Body::Stream(body)),
             rewrite,
             grpc,
@@ -241,40 +262,34 @@ impl Ingress {
         .await
     }
 
-    /// Picks an endpoint of `route` with `balancer` (one of the route's)
-    /// for a request whose consistent-hash key hashes to `key`, and sends
-    /// `request` to it.
+    /// Sends `request` as `plan` says: attempts, retries and deadlines
+    /// ([`attempts`]). When retries apply, the body is held for them first
+    /// ([`Ingress::hold`]).
     async fn send(
         &self,
-        route: &ServiceRoute,
-        balancer: &Picker,
-        key: Option<u64>,
+        plan: Plan<'_>,
         request: Request<Body>,
         rewrite: Option<http::uri::PathAndQuery>,
         grpc: bool,
     ) -> Result<Response<Body>, Rejection> {
-        let endpoint = balancer.pick(key, &any).ok_or_else(|| {
-            Rejection::new(
-                Reason::NoEndpoint,
-                format!(
-                    "service {}/{} has no usable instance ({} registered)",
-                    route.namespace, route.service, route.instances
-                ),
-            )
-        })?;
-        route.requests.increment(1);
-        let _in_flight = InFlight::new(endpoint);
-        // Only peak EWMA routes read the clock.
-        let sent = balancer.observes().then(tokio::time::Instant::now);
-        let result = self.upstreams.send(endpoint, request, rewrite, grpc).await;
-        match (&result, sent) {
-            (Err(_), _) => route.upstream_errors.increment(1),
-            // The response head came: that is the latency peak EWMA
-            // weighs (a stream's life is not).
-            (Ok(_), Some(sent)) => balancer.observe(endpoint, sent.elapsed()),
-            (Ok(_), None) => {}
-        }
-        result
+        let (request, again) = if plan.handling.failure.attempts() > 1 {
+            let bound = if cloudevents::mode(request.headers()) == Mode::Plain {
+                RETRY_BUFFER_BYTES
+            } else {
+                self.max_event_bytes
+            };
+            hold(request, bound)?
+        } else {
+            (request, None)
+        };
+        let mut exchange = Forward {
+            upstreams: &self.upstreams,
+            first: Some(request),
+            again,
+            rewrite,
+            grpc,
+        };
+        attempts::run(plan, &mut exchange).await
     }
 
     async fn read_whole(&self, body: Incoming) -> Result<Bytes, Rejection> {
@@ -306,8 +321,8 @@ impl Ingress {
             let outcome = match event {
                 Err(r) => Err(r),
                 Ok(event) => {
-                    let balancer = event_balancer(route, &event);
-                    let key = key_of(balancer, &parts.headers, Some(&event));
+                    let handling = event_handling(route, &event);
+                    let key = key_of(handling.picker, &parts.headers, Some(&event));
                     let bytes = serde_json::to_vec(&event).unwrap_or_default();
                     let mut request = Request::new(Body::full(bytes));
                     *request.method_mut() = parts.method.clone();
@@ -318,8 +333,13 @@ impl Ingress {
                         HeaderValue::from_static("application/cloudevents+json; charset=utf-8"),
                     );
                     request.headers_mut().remove(header::CONTENT_LENGTH);
-                    self.send(route, balancer, key, request, rewrite.clone(), false)
-                        .await
+                    let plan = Plan {
+                        route,
+                        handling,
+                        key,
+                        safe: true,
+                    };
+                    self.send(plan, request, rewrite.clone(), false).await
                 }
             };
             let (status, reason) = match outcome {
@@ -354,34 +374,204 @@ impl Ingress {
     }
 }
 
-/// The balancer for a request whose event, if any, is in its headers: a
-/// binary-mode event's `ce-type` and `ce-source` choose when the route has
-/// rules; a request that is not a CloudEvent gets the default balancer.
-/// Without rules this reads no header.
-fn header_balancer<'r>(
+/// The balancer and failure handling for a request whose event, if any,
+/// is in its headers: a binary-mode event's `ce-type` and `ce-source`
+/// choose when the route has rules; a request that is not a CloudEvent
+/// gets the defaults. Without rules this reads no header.
+fn header_handling<'r>(
     route: &'r ServiceRoute,
     mode: Mode,
     headers: &http::HeaderMap,
-) -> &'r Picker {
+) -> Handling<'r> {
     match mode {
         Mode::Binary if route.has_rules() => {
             let (event_type, source) = cloudevents::binary_type_and_source(headers);
-            route.balancer_for(&event_type, &source)
+            route.handling_for(&event_type, &source)
         }
-        _ => &route.balancer,
+        _ => route.default_handling(),
     }
 }
 
-/// The balancer for a parsed (structured or batch) event.
-fn event_balancer<'r>(
+/// The balancer and failure handling for a parsed (structured or batch)
+/// event.
+fn event_handling<'r>(
     route: &'r ServiceRoute,
     event: &serde_json::Map<String, serde_json::Value>,
-) -> &'r Picker {
+) -> Handling<'r> {
     if !route.has_rules() {
-        return &route.balancer;
+        return route.default_handling();
     }
     let (event_type, source) = cloudevents::type_and_source(event);
-    route.balancer_for(event_type, source)
+    route.handling_for(event_type, source)
+}
+
+/// A request again, for a retry: its head and its body in hand.
+#[derive(Debug)]
+struct Again {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Again {
+    fn of(parts: &http::request::Parts, body: Bytes) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+            body,
+        }
+    }
+
+    fn request(&self) -> Request<Body> {
+        let mut request = Request::new(Body::full(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// Keeps what a retry needs of `request`: its body when it is in hand
+/// already, or when the whole of it is there to read: a declared length
+/// of at most `bound` is read whole; a body of unknown length is read as
+/// far as it has arrived (never waiting for more), and kept when its end
+/// came within `bound`. Otherwise the request goes as it is, with what was
+/// read of it, and is not retried (but for connect failures: it was never
+/// sent).
+fn hold(request: Request<Body>, bound: usize) -> Result<(Request<Body>, Option<Again>), Rejection> {
+    let (parts, body) = request.into_parts();
+    let (body, kept) = match body {
+        Body::Full(Some(bytes)) => (Body::full(bytes.clone()), Some(bytes)),
+        Body::Full(None) | Body::Empty => (Body::Empty, Some(Bytes::new())),
+        Body::Stream(incoming) => read_arrived(incoming, bound)?,
+        other => (other, None),
+    };
+    let again = kept.map(|bytes| Again::of(&parts, bytes));
+    Ok((Request::from_parts(parts, body), again))
+}
+
+/// Reads what has arrived of `body`, up to `bound` bytes: the whole body
+/// if it ended (also kept), else a body that carries on from there.
+fn read_arrived(mut body: Incoming, bound: usize) -> Result<(Body, Option<Bytes>), Rejection> {
+    use http_body::Body as _;
+    use std::{
+        pin::Pin,
+        task::{Context, Poll, Waker},
+    };
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut first: Option<Bytes> = None;
+    let mut more = BytesMut::new();
+    let mut len = 0usize;
+    let read = |first: Option<Bytes>, more: BytesMut| match first {
+        None => None,
+        Some(f) if more.is_empty() => Some(f),
+        Some(f) => {
+            let mut all = BytesMut::with_capacity(f.len() + more.len());
+            all.extend_from_slice(&f);
+            all.extend_from_slice(&more);
+            Some(all.freeze())
+        }
+    };
+    loop {
+        if body.is_end_stream() {
+            let bytes = read(first, more).unwrap_or_default();
+            return Ok((Body::full(bytes.clone()), Some(bytes)));
+        }
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    len += data.len();
+                    if first.is_none() {
+                        first = Some(data);
+                    } else {
+                        more.extend_from_slice(&data);
+                    }
+                    if len > bound {
+                        let body = Body::Resumed {
+                            read: read(first, more),
+                            trailers: None,
+                            rest: Some(body),
+                        };
+                        return Ok((body, None));
+                    }
+                }
+                Err(frame) => {
+                    // Trailers end the body; they travel, without a retry.
+                    let body = Body::Resumed {
+                        read: read(first, more),
+                        trailers: frame.into_trailers().ok(),
+                        rest: None,
+                    };
+                    return Ok((body, None));
+                }
+            },
+            Poll::Ready(Some(Err(e))) => {
+                return Err(Rejection::new(
+                    Reason::BadEvent,
+                    format!("the body could not be read: {e}"),
+                ))
+            }
+            Poll::Ready(None) => {
+                let bytes = read(first, more).unwrap_or_default();
+                return Ok((Body::full(bytes.clone()), Some(bytes)));
+            }
+            Poll::Pending => {
+                let body = Body::Resumed {
+                    read: read(first, more),
+                    trailers: None,
+                    rest: Some(body),
+                };
+                return Ok((body, None));
+            }
+        }
+    }
+}
+
+/// A proxied request, as the attempt loop sends it.
+struct Forward<'a> {
+    upstreams: &'a Upstreams,
+    /// The request as it came, for the first attempt.
+    first: Option<Request<Body>>,
+    /// The request again, when retries are possible.
+    again: Option<Again>,
+    rewrite: Option<http::uri::PathAndQuery>,
+    grpc: bool,
+}
+
+impl Exchange for Forward<'_> {
+    type Answer = Response<Body>;
+
+    fn judge(&self, answer: &Response<Body>) -> Option<Class> {
+        answer_class(answer.status(), answer.headers())
+    }
+
+    fn replayable(&self) -> bool {
+        self.again.is_some()
+    }
+
+    fn attempt(
+        &mut self,
+        endpoint: &Endpoint,
+    ) -> impl std::future::Future<Output = Result<Response<Body>, Failed>> + Send {
+        let request = self
+            .first
+            .take()
+            .or_else(|| self.again.as_ref().map(Again::request));
+        let upstreams = self.upstreams;
+        let rewrite = self.rewrite.clone();
+        let grpc = self.grpc;
+        async move {
+            let request = request.ok_or_else(|| {
+                Rejection::new(
+                    Reason::UpstreamUnavailable,
+                    "the request's body was not kept; it cannot be sent again",
+                )
+            })?;
+            upstreams.send(endpoint, request, rewrite, grpc).await
+        }
+    }
 }
 
 /// The hash of a request's consistent-hash key when `picker` hashes one
@@ -566,10 +756,13 @@ mod tests {
         ]);
         let mode = cloudevents::mode(&event);
         assert_eq!(mode, Mode::Binary);
-        assert!(std::ptr::eq(header_balancer(&route, mode, &event), heavy));
+        assert!(std::ptr::eq(
+            header_handling(&route, mode, &event).picker,
+            heavy
+        ));
         let light = headers(&[("ce-specversion", "1.0"), ("ce-type", "com.example.light")]);
         assert!(std::ptr::eq(
-            header_balancer(&route, Mode::Binary, &light),
+            header_handling(&route, Mode::Binary, &light).picker,
             &route.balancer
         ));
         // Not a CloudEvent (no ce-specversion): the default, whatever
@@ -578,7 +771,7 @@ mod tests {
         let mode = cloudevents::mode(&plain);
         assert_eq!(mode, Mode::Plain);
         assert!(std::ptr::eq(
-            header_balancer(&route, mode, &plain),
+            header_handling(&route, mode, &plain).picker,
             &route.balancer
         ));
     }
@@ -594,13 +787,18 @@ mod tests {
         .expect("a batch");
         let chosen: Vec<bool> = events
             .iter()
-            .map(|(_, e)| std::ptr::eq(event_balancer(&route, e.as_ref().expect("good")), heavy))
+            .map(|(_, e)| {
+                std::ptr::eq(
+                    event_handling(&route, e.as_ref().expect("good")).picker,
+                    heavy,
+                )
+            })
             .collect();
         assert_eq!(chosen, [true, false]);
         let one = cloudevents::parse_structured(
             br#"{"specversion":"1.0","id":"1","source":"/s","type":"com.example.heavy.a"}"#,
         )
         .expect("good");
-        assert!(std::ptr::eq(event_balancer(&route, &one), heavy));
+        assert!(std::ptr::eq(event_handling(&route, &one).picker, heavy));
     }
 }

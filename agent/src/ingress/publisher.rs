@@ -31,15 +31,17 @@ use weir_proto::{
 };
 
 use super::{
+    attempts::{self, Exchange, Plan},
     deliver::{self, DeliverError},
+    forward::Failed,
     target::Target,
-    InFlight, Ingress,
+    Ingress,
 };
 use crate::{
-    balance::{any, key_hash, Endpoint, Picker, Protocol},
+    balance::{key_hash, Endpoint, Picker, Protocol},
     body::Body,
     reject::{Reason, Rejection, INSTANCE_STATUS, WEIR_INSTANCE, WEIR_REASON},
-    view::ServiceRoute,
+    retry::{grpc_class, Class},
 };
 
 /// Paths of the Publisher's methods start with this.
@@ -156,112 +158,172 @@ impl EventsPublisher {
             rewrite: None,
         })?;
         // Rules match on the event's own `type` and `source`.
-        let balancer = route.balancer_for(&event.r#type, &event.source);
-        let key = key_of(balancer, metadata, &event);
-        let endpoint = pick(&route, balancer, key)?;
-        route.requests.increment(1);
-        let _in_flight = InFlight::new(endpoint);
-        let sent = balancer.observes().then(tokio::time::Instant::now);
-        let result = match endpoint.protocol {
-            Protocol::Http => self.send_http(endpoint, event, path).await,
-            Protocol::Grpc => self.deliver(endpoint, event, path).await,
+        let handling = route.handling_for(&event.r#type, &event.source);
+        let key = key_of(handling.picker, metadata, &event);
+        let mut exchange = Publish {
+            ingress: &self.ingress,
+            keep: handling.failure.attempts() > 1,
+            event: Some(event),
+            path,
         };
-        if let (Some(sent), Ok(_) | Err(SendError::Refused { .. })) = (sent, &result) {
-            // The instance answered (an answer that refuses is an answer).
-            balancer.observe(endpoint, sent.elapsed());
+        let plan = Plan {
+            route: &route,
+            handling,
+            key,
+            // The event's id makes a second delivery safe.
+            safe: true,
+        };
+        match attempts::run(plan, &mut exchange).await? {
+            Sent::Answered(response) => Ok(response),
+            Sent::Refused { instance, status } => Err(SendError::Refused { instance, status }),
         }
-        if let Err(SendError::Rejected(r)) = &result {
-            if r.reason == Reason::UpstreamUnavailable {
-                route.upstream_errors.increment(1);
-            }
+    }
+}
+
+/// What an instance answered an event of `Send`.
+#[derive(Debug)]
+enum Sent {
+    /// An HTTP instance's answer, or a gRPC instance's OK.
+    Answered(SendResponse),
+    /// A gRPC instance's status other than OK.
+    Refused {
+        instance: Box<str>,
+        status: tonic::Status,
+    },
+}
+
+/// `Send`'s event, as the attempt loop sends it.
+struct Publish<'a> {
+    ingress: &'a Ingress,
+    /// The event; kept for a retry when `keep`, else taken by the attempt.
+    event: Option<CloudEvent>,
+    keep: bool,
+    path: PathAndQuery,
+}
+
+impl Exchange for Publish<'_> {
+    type Answer = Sent;
+
+    fn judge(&self, answer: &Sent) -> Option<Class> {
+        match answer {
+            Sent::Answered(r) if r.status >= 500 => Some(Class::Http5xx),
+            Sent::Answered(r) if r.status == 429 => Some(Class::Http429),
+            Sent::Answered(_) => None,
+            Sent::Refused { status, .. } => grpc_class(status.code() as u32),
         }
-        result
     }
 
-    /// To an HTTP instance: a binary-mode CloudEvents request to `path`,
-    /// answered with the instance's status and body.
-    async fn send_http(
-        &self,
+    fn replayable(&self) -> bool {
+        self.keep && self.event.is_some()
+    }
+
+    fn attempt(
+        &mut self,
         endpoint: &Endpoint,
-        event: CloudEvent,
-        path: PathAndQuery,
-    ) -> Result<SendResponse, SendError> {
-        let (headers, body) = checked_binary_request(event)?;
-        let mut upstream = Request::new(Body::full(body));
-        *upstream.method_mut() = Method::POST;
-        *upstream.headers_mut() = headers;
-        let response = self
-            .ingress
-            .upstreams
-            .send(endpoint, upstream, Some(path), false)
-            .await?;
-        let (parts, body) = response.into_parts();
-        let max = self.ingress.max_event_bytes;
-        let body = match Limited::new(body, max).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(Rejection::new(
-                    Reason::TooLarge,
-                    format!(
-                        "the answer of instance {} is larger than {max} bytes",
-                        endpoint.id
-                    ),
-                )
-                .into())
+    ) -> impl std::future::Future<Output = Result<Sent, Failed>> + Send {
+        let event = if self.keep {
+            self.event.clone()
+        } else {
+            self.event.take()
+        };
+        let ingress = self.ingress;
+        let path = self.path.clone();
+        async move {
+            let event = event.ok_or_else(|| {
+                Rejection::new(Reason::UpstreamUnavailable, "the event was not kept")
+            })?;
+            match endpoint.protocol {
+                Protocol::Http => send_http(ingress, endpoint, event, path).await,
+                Protocol::Grpc => send_grpc(ingress, endpoint, event, path).await,
             }
-            Err(e) => {
-                return Err(Rejection::new(
+        }
+    }
+}
+
+/// To an HTTP instance: a binary-mode CloudEvents request to `path`,
+/// answered with the instance's status and body.
+async fn send_http(
+    ingress: &Ingress,
+    endpoint: &Endpoint,
+    event: CloudEvent,
+    path: PathAndQuery,
+) -> Result<Sent, Failed> {
+    let (headers, body) = checked_binary_request(event)?;
+    let mut upstream = Request::new(Body::full(body));
+    *upstream.method_mut() = Method::POST;
+    *upstream.headers_mut() = headers;
+    let response = ingress
+        .upstreams
+        .send(endpoint, upstream, Some(path), false)
+        .await?;
+    let (parts, body) = response.into_parts();
+    let max = ingress.max_event_bytes;
+    let body = match Limited::new(body, max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(Rejection::new(
+                Reason::TooLarge,
+                format!(
+                    "the answer of instance {} is larger than {max} bytes",
+                    endpoint.id
+                ),
+            )
+            .into())
+        }
+        Err(e) => {
+            return Err(Failed {
+                class: Some(Class::Reset),
+                rejection: Rejection::new(
                     Reason::UpstreamUnavailable,
                     format!(
                         "instance {} at {} broke off its answer: {e}",
                         endpoint.id, endpoint.authority
                     ),
-                )
-                .into());
-            }
-        };
-        Ok(SendResponse {
-            status: u32::from(parts.status.as_u16()),
-            body,
-            content_type: parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned(),
-            instance_id: endpoint.id.to_string(),
-        })
-    }
-
-    /// To a gRPC instance: `Subscriber/Deliver` with the event unchanged,
-    /// answered 200 with the `DeliverResponse` on OK.
-    async fn deliver(
-        &self,
-        endpoint: &Endpoint,
-        event: CloudEvent,
-        path: PathAndQuery,
-    ) -> Result<SendResponse, SendError> {
-        let message = DeliverRequest {
-            event: Some(event),
-            topic: String::new(),
-            subscription: String::new(),
-            attempt: 1,
-            path: path.as_str().to_owned(),
-        };
-        let max = self.ingress.max_event_bytes;
-        match deliver::deliver(&self.ingress.upstreams, endpoint, &message, max).await {
-            Ok(body) => Ok(SendResponse {
-                status: 200,
-                body,
-                content_type: String::new(),
-                instance_id: endpoint.id.to_string(),
-            }),
-            Err(DeliverError::Rejected(r)) => Err(r.into()),
-            Err(DeliverError::Refused(status)) => Err(SendError::Refused {
-                instance: endpoint.id.clone(),
-                status,
-            }),
+                ),
+            });
         }
+    };
+    Ok(Sent::Answered(SendResponse {
+        status: u32::from(parts.status.as_u16()),
+        body,
+        content_type: parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+        instance_id: endpoint.id.to_string(),
+    }))
+}
+
+/// To a gRPC instance: `Subscriber/Deliver` with the event unchanged,
+/// answered 200 with the `DeliverResponse` on OK.
+async fn send_grpc(
+    ingress: &Ingress,
+    endpoint: &Endpoint,
+    event: CloudEvent,
+    path: PathAndQuery,
+) -> Result<Sent, Failed> {
+    let message = DeliverRequest {
+        event: Some(event),
+        topic: String::new(),
+        subscription: String::new(),
+        attempt: 1,
+        path: path.as_str().to_owned(),
+    };
+    let max = ingress.max_event_bytes;
+    match deliver::deliver(&ingress.upstreams, endpoint, &message, max).await {
+        Ok(body) => Ok(Sent::Answered(SendResponse {
+            status: 200,
+            body,
+            content_type: String::new(),
+            instance_id: endpoint.id.to_string(),
+        })),
+        Err(DeliverError::Failed(f)) => Err(f),
+        Err(DeliverError::Refused(status)) => Ok(Sent::Refused {
+            instance: endpoint.id.clone(),
+            status,
+        }),
     }
 }
 
@@ -276,24 +338,6 @@ fn path_of(path: &str) -> Result<PathAndQuery, Rejection> {
         return Err(bad("must start with \"/\""));
     }
     PathAndQuery::try_from(path).map_err(|_| bad("is not a valid path and query"))
-}
-
-/// An endpoint of `route`, picked by `balancer` (one of the route's),
-/// whatever it speaks.
-fn pick<'a>(
-    route: &ServiceRoute,
-    balancer: &'a Picker,
-    key: Option<u64>,
-) -> Result<&'a Arc<Endpoint>, Rejection> {
-    balancer.pick(key, &any).ok_or_else(|| {
-        Rejection::new(
-            Reason::NoEndpoint,
-            format!(
-                "service {}/{} has no usable instance ({} registered)",
-                route.namespace, route.service, route.instances
-            ),
-        )
-    })
 }
 
 /// The hash of the event's consistent-hash key when `balancer` hashes one:

@@ -32,8 +32,12 @@ use super::validate::{
 use crate::backoff::{Backoff, Jitter};
 
 /// Outcomes retried when a retry section lists none.
-pub const DEFAULT_RETRY_ON: [RetryOn; 3] =
-    [RetryOn::ConnectFailure, RetryOn::Http5xx, RetryOn::Timeout];
+pub const DEFAULT_RETRY_ON: [RetryOn; 4] = [
+    RetryOn::ConnectFailure,
+    RetryOn::Http5xx,
+    RetryOn::Timeout,
+    RetryOn::Reset,
+];
 
 /// A policy as the agent enforces it.
 #[derive(Clone, Debug, PartialEq)]
@@ -242,6 +246,8 @@ pub enum RetryOn {
     Http5xx,
     Http429,
     Timeout,
+    /// Reset or closed after the request was sent.
+    Reset,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -501,6 +507,7 @@ fn retry(r: &pb::Retry) -> Retry {
             Ok(pb::RetryOn::Http5xx) => RetryOn::Http5xx,
             Ok(pb::RetryOn::Http429) => RetryOn::Http429,
             Ok(pb::RetryOn::Timeout) => RetryOn::Timeout,
+            Ok(pb::RetryOn::Reset) => RetryOn::Reset,
             Ok(pb::RetryOn::Unspecified) | Err(_) => continue,
         };
         if !retry_on.contains(&on) {

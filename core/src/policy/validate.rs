@@ -76,7 +76,7 @@ const ALGORITHMS: &str =
 const KEYS: &str = "HEADER, SUBJECT, PARTITION_KEY";
 const SCOPES: &str = "SCOPE_UNSPECIFIED, PER_AGENT, GLOBAL";
 const ON_EXCESS: &str = "ON_EXCESS_UNSPECIFIED, REJECT, QUEUE";
-const RETRY_ONS: &str = "CONNECT_FAILURE, HTTP_5XX, HTTP_429, TIMEOUT";
+const RETRY_ONS: &str = "CONNECT_FAILURE, HTTP_5XX, HTTP_429, TIMEOUT, RESET";
 
 /// Validates a policy for writing and normalizes it: namespace defaulted to
 /// "default"; nothing else is filled (defaults stay implicit, as documented).

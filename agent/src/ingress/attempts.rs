@@ -1,0 +1,494 @@
+//! The attempt loop: one request, one or more attempts at the instances of
+//! its service, under the policy's deadline and retry section.
+//!
+//! Each attempt picks an endpoint that is neither ejected nor already
+//! tried by this request (failing open to an ejected one when nothing
+//! else is left, and to one already tried when every one was), bounds the
+//! wait for its answer by the per-try timeout and the total deadline, and
+//! classes the outcome ([`Class`]). An endpoint that refused or dropped
+//! the connection is ejected at once, retry or not. Another attempt
+//! follows only when all of these hold:
+//!
+//! - the policy's `retry_on` lists the outcome;
+//! - the request is safe to send again: it never reached the instance
+//!   (connect failure), or it is a CloudEvent (its `id` lets a subscriber
+//!   deduplicate), an idempotent method, or carries an `Idempotency-Key`;
+//! - its body is in hand ([`Exchange::replayable`]);
+//! - attempts are left, the backoff (exponential, full jitter) ends before
+//!   the deadline, and the service's retry [`Budget`](crate::retry::Budget)
+//!   has a retry left.
+//!
+//! Otherwise the last outcome is the answer: the instance's own answer
+//! (a 503, say) passes on unchanged; a failure with no answer is the
+//! agent's `502 upstream-unavailable` or `504 timeout`. A retry or timeout
+//! section in shadow mode changes nothing and counts what it would have
+//! done.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+
+use super::{forward::Failed, InFlight};
+use crate::{
+    balance::{any, Endpoint, Picker},
+    eject::eject,
+    reject::{Reason, Rejection},
+    retry::Class,
+    view::{Handling, ServiceRoute},
+};
+
+/// One kind of request the loop can send, and send again.
+pub(crate) trait Exchange {
+    /// What an instance answered.
+    type Answer;
+
+    /// The class of an answer a retry may follow (5xx, 429, the gRPC
+    /// statuses that map to them); `None` for an answer to pass on.
+    fn judge(&self, answer: &Self::Answer) -> Option<Class>;
+
+    /// Whether the request can be sent once more (its body is in hand).
+    fn replayable(&self) -> bool;
+
+    /// Sends the request (again) to `endpoint`.
+    fn attempt(
+        &mut self,
+        endpoint: &Endpoint,
+    ) -> impl Future<Output = Result<Self::Answer, Failed>> + Send;
+}
+
+/// What the loop needs to know of a request besides the exchange.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan<'a> {
+    pub route: &'a ServiceRoute,
+    pub handling: Handling<'a>,
+    /// The hash of its consistent-hash key, if any.
+    pub key: Option<u64>,
+    /// Whether an attempt the instance may have seen can be repeated.
+    pub safe: bool,
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+/// An endpoint for the next attempt: not ejected and not tried by this
+/// request; else (every untried one is ejected) an ejected one, failing
+/// open; else (every one was tried) any.
+fn pick<'p>(
+    route: &ServiceRoute,
+    picker: &'p Picker,
+    key: Option<u64>,
+    tried: &[usize],
+) -> Result<&'p Arc<Endpoint>, Rejection> {
+    let was_tried = |e: &Endpoint| tried.contains(&(e as *const Endpoint as usize));
+    picker
+        .pick(key, &|e| e.ejection.is_ejected() || was_tried(e))
+        .or_else(|| picker.pick(key, &was_tried))
+        .or_else(|| {
+            (!tried.is_empty())
+                .then(|| picker.pick(key, &any))
+                .flatten()
+        })
+        .ok_or_else(|| {
+            Rejection::new(
+                Reason::NoEndpoint,
+                format!(
+                    "service {}/{} has no usable instance ({} registered)",
+                    route.namespace, route.service, route.instances
+                ),
+            )
+        })
+}
+
+/// The failure of an attempt cut off at `until`.
+fn timed_out(endpoint: &Endpoint, waited: Duration, total: bool) -> Failed {
+    let which = if total { "deadline" } else { "per-try timeout" };
+    Failed {
+        class: Some(Class::Timeout),
+        rejection: Rejection::new(
+            Reason::Timeout,
+            format!(
+                "instance {} at {} did not answer within the {which} ({} ms)",
+                endpoint.id,
+                endpoint.authority,
+                waited.as_millis()
+            ),
+        ),
+    }
+}
+
+/// Runs `exchange` for one request; see the module docs.
+pub(crate) async fn run<E: Exchange>(
+    plan: Plan<'_>,
+    exchange: &mut E,
+) -> Result<E::Answer, Rejection> {
+    let Plan {
+        route,
+        handling: Handling { picker, failure },
+        key,
+        safe,
+    } = plan;
+    let start = (!failure.is_none()).then(Instant::now);
+    let deadline = start.zip(failure.total()).map(|(s, t)| s + t);
+    let budget = failure.budget_percent();
+    if let (Some(start), Some(_)) = (start, budget) {
+        route.budget.request(start);
+    }
+    // Endpoints this request tried, by address; no allocation unless a
+    // retry happens.
+    let mut tried: Vec<usize> = Vec::new();
+    let mut backoff = None;
+    let mut attempt = 0u32;
+    let result = loop {
+        attempt += 1;
+        let endpoint = pick(route, picker, key, &tried)?;
+        if attempt == 1 {
+            route.requests.increment(1);
+        }
+        let result = {
+            let _in_flight = InFlight::new(endpoint);
+            // Only peak EWMA routes and routes with a deadline read the
+            // clock per attempt.
+            let sent = (picker.observes() || start.is_some()).then(Instant::now);
+            let per_try = sent.zip(failure.per_try()).map(|(s, p)| s + p);
+            let result = match (sent, earliest(deadline, per_try)) {
+                (Some(sent), Some(until)) => {
+                    match tokio::time::timeout_at(until, exchange.attempt(endpoint)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(timed_out(endpoint, until - sent, Some(until) == deadline)),
+                    }
+                }
+                _ => exchange.attempt(endpoint).await,
+            };
+            if let (Ok(_), Some(sent)) = (&result, sent) {
+                // The answer came: the latency peak EWMA weighs.
+                picker.observe(endpoint, sent.elapsed());
+            }
+            result
+        };
+        let class = match &result {
+            Ok(answer) if failure.retry.is_some() => exchange.judge(answer),
+            Ok(_) => None,
+            Err(f) => {
+                route.upstream_errors.increment(1);
+                f.class
+            }
+        };
+        let Some(class) = class else {
+            break result;
+        };
+        if class.ejects() {
+            eject(endpoint, class, &route.failures.ejection);
+        }
+        if !failure.retries(class) || !(class.never_sent() || safe) {
+            break result;
+        }
+        if failure.retry_shadow() {
+            route.failures.shadow_retries.increment(1);
+            break result;
+        }
+        if attempt >= failure.attempts() || !exchange.replayable() {
+            break result;
+        }
+        let Some(backoff) = backoff.get_or_insert_with(|| failure.backoff()) else {
+            break result;
+        };
+        let delay = backoff.next_delay();
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now + delay >= d) {
+            break result;
+        }
+        if !route.budget.try_retry(now, budget.unwrap_or(0.0)) {
+            route.failures.budget_exhausted.increment(1);
+            break result;
+        }
+        route.failures.retried(class);
+        tracing::debug!(service = %route.service, instance = %endpoint.id, on = class.as_str(),
+            attempt, ?delay, "retrying on another instance");
+        tried.push(Arc::as_ptr(endpoint) as usize);
+        // The failed answer (and its connection) goes before the wait.
+        drop(result);
+        tokio::time::sleep(delay).await;
+    };
+    if let (Some(start), Some(total)) = (start, failure.shadow_total()) {
+        if start.elapsed() > total {
+            route.failures.shadow_timeouts.increment(1);
+        }
+    }
+    result.map_err(|f| {
+        if f.rejection.reason == Reason::Timeout {
+            route.failures.timeouts.increment(1);
+        }
+        f.rejection
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use weir_client::{
+        policy::{Retry, Timeout, TrafficPolicy},
+        Event, EventType, Instance, WatchKind, WatchResponse,
+    };
+
+    use super::*;
+    use crate::view::{Routes, View};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// `orders` with instances a, b and c, under `policy`.
+    fn route(policy: TrafficPolicy) -> Arc<ServiceRoute> {
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), Duration::from_secs(30));
+        let events = ["a", "b", "c"].map(|id| Event {
+            r#type: EventType::Put as i32,
+            instance: Some(Instance {
+                namespace: "default".into(),
+                service: "orders".into(),
+                instance_id: id.into(),
+                host: "127.0.0.1".into(),
+                port: 1,
+                ..Instance::default()
+            }),
+            revision: 1,
+        });
+        view.apply(WatchResponse {
+            kind: WatchKind::Snapshot as i32,
+            events: events.to_vec(),
+            revision: 1,
+            snapshot_complete: true,
+            ..WatchResponse::default()
+        })
+        .expect("applies");
+        let key = ("default".to_owned(), "orders".to_owned());
+        let policy = TrafficPolicy {
+            namespace: "default".into(),
+            service: "orders".into(),
+            ..policy
+        };
+        view.apply_policies([(&key, Some(&policy))]);
+        routes.get("default", "orders").expect("a route")
+    }
+
+    fn retry(attempts: u32) -> Option<Retry> {
+        Some(Retry {
+            attempts,
+            backoff_base_ms: 100,
+            backoff_max_ms: 1000,
+            ..Retry::default()
+        })
+    }
+
+    /// What a scripted attempt does.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        Answer(u16),
+        Fail(Class),
+        /// Answers 200 after this long.
+        Slow(Duration),
+    }
+
+    /// An exchange playing a script, noting who was tried when.
+    struct Script {
+        steps: VecDeque<Step>,
+        tried: Vec<(String, Instant)>,
+    }
+
+    impl Script {
+        fn new(steps: &[Step]) -> Self {
+            Self {
+                steps: steps.iter().copied().collect(),
+                tried: Vec::new(),
+            }
+        }
+
+        fn ids(&self) -> Vec<&str> {
+            self.tried.iter().map(|(id, _)| id.as_str()).collect()
+        }
+    }
+
+    impl Exchange for Script {
+        type Answer = u16;
+
+        fn judge(&self, status: &u16) -> Option<Class> {
+            (*status >= 500).then_some(Class::Http5xx)
+        }
+
+        fn replayable(&self) -> bool {
+            true
+        }
+
+        fn attempt(
+            &mut self,
+            endpoint: &Endpoint,
+        ) -> impl Future<Output = Result<u16, Failed>> + Send {
+            self.tried.push((endpoint.id.to_string(), Instant::now()));
+            let step = self.steps.pop_front().unwrap_or(Step::Answer(200));
+            async move {
+                match step {
+                    Step::Answer(status) => Ok(status),
+                    Step::Fail(class) => Err(Failed {
+                        class: Some(class),
+                        rejection: Rejection::new(Reason::UpstreamUnavailable, "scripted"),
+                    }),
+                    Step::Slow(d) => {
+                        tokio::time::sleep(d).await;
+                        Ok(200)
+                    }
+                }
+            }
+        }
+    }
+
+    fn plan(route: &ServiceRoute, safe: bool) -> Plan<'_> {
+        Plan {
+            route,
+            handling: route.default_handling(),
+            key: None,
+            safe,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_go_to_other_instances_after_a_jittered_backoff() {
+        let route = route(TrafficPolicy {
+            retry: retry(3),
+            ..TrafficPolicy::default()
+        });
+        let mut script = Script::new(&[Step::Answer(503); 5]);
+        let answer = run(plan(&route, true), &mut script).await;
+        assert_eq!(answer, Ok(503), "the last answer passes on");
+        let mut ids = script.ids();
+        assert_eq!(ids.len(), 3, "attempts are bounded");
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 3, "each attempt on another instance");
+        // Full jitter: the n-th wait is in [0, 100 ms × 2^(n-1)].
+        for (n, pair) in script.tried.windows(2).enumerate() {
+            let gap = pair[1].1 - pair[0].1;
+            assert!(gap <= 100 * MS * (1 << n), "wait {n}: {gap:?}");
+        }
+        // A success ends it.
+        let mut script = Script::new(&[Step::Answer(503), Step::Answer(200)]);
+        assert_eq!(run(plan(&route, true), &mut script).await, Ok(200));
+        assert_eq!(script.tried.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_was_sent_is_retried_only_when_safe_and_listed() {
+        let route = route(TrafficPolicy {
+            retry: Some(Retry {
+                retry_on: vec![
+                    weir_client::policy::RetryOn::ConnectFailure as i32,
+                    weir_client::policy::RetryOn::Http5xx as i32,
+                ],
+                ..retry(3).expect("some")
+            }),
+            ..TrafficPolicy::default()
+        });
+        // Not safe (a POST that is no CloudEvent): a 503 is final, a
+        // connect failure (never sent) is not.
+        let mut script = Script::new(&[Step::Answer(503)]);
+        assert_eq!(run(plan(&route, false), &mut script).await, Ok(503));
+        assert_eq!(script.tried.len(), 1);
+        let mut script = Script::new(&[Step::Fail(Class::ConnectFailure)]);
+        assert_eq!(run(plan(&route, false), &mut script).await, Ok(200));
+        assert_eq!(script.tried.len(), 2);
+        // RESET is not listed: final, even when safe.
+        let mut script = Script::new(&[Step::Fail(Class::Reset)]);
+        let answer = run(plan(&route, true), &mut script).await;
+        assert_eq!(
+            answer.map_err(|r| r.reason),
+            Err(Reason::UpstreamUnavailable)
+        );
+        assert_eq!(script.tried.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_cut_attempts_and_the_whole_request() {
+        let route = route(TrafficPolicy {
+            retry: Some(Retry {
+                per_try_timeout_ms: 100,
+                backoff_base_ms: 1,
+                ..retry(5).expect("some")
+            }),
+            timeout: Some(Timeout {
+                total_ms: 250,
+                shadow: false,
+            }),
+            ..TrafficPolicy::default()
+        });
+        let start = Instant::now();
+        let mut script = Script::new(&[Step::Slow(Duration::from_secs(10)); 5]);
+        let answer = run(plan(&route, true), &mut script).await;
+        let rejection = answer.expect_err("no answer in time");
+        assert_eq!(rejection.reason, Reason::Timeout);
+        assert!(start.elapsed() <= 250 * MS, "{:?}", start.elapsed());
+        assert_eq!(script.tried.len(), 3, "100 + 100 + what is left of 250");
+        // A slow first try, a quick second.
+        let mut script = Script::new(&[Step::Slow(Duration::from_secs(1)), Step::Answer(200)]);
+        assert_eq!(run(plan(&route, true), &mut script).await, Ok(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shadow_sections_change_nothing() {
+        let route = route(TrafficPolicy {
+            retry: Some(Retry {
+                shadow: true,
+                ..retry(3).expect("some")
+            }),
+            timeout: Some(Timeout {
+                total_ms: 10,
+                shadow: true,
+            }),
+            ..TrafficPolicy::default()
+        });
+        let mut script = Script::new(&[Step::Answer(503)]);
+        assert_eq!(run(plan(&route, true), &mut script).await, Ok(503));
+        assert_eq!(script.tried.len(), 1, "not retried");
+        let mut script = Script::new(&[Step::Slow(Duration::from_secs(1))]);
+        assert_eq!(
+            run(plan(&route, true), &mut script).await,
+            Ok(200),
+            "not cut"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_instances_are_ejected_and_skipped_until_none_is_left() {
+        // No retry section: ejection happens all the same.
+        let route = route(TrafficPolicy::default());
+        let mut script = Script::new(&[Step::Fail(Class::ConnectFailure)]);
+        assert!(run(plan(&route, true), &mut script).await.is_err());
+        let ejected = script.tried[0].0.clone();
+        let mut script = Script::new(&[]);
+        for _ in 0..10 {
+            run(plan(&route, true), &mut script)
+                .await
+                .expect("answered");
+        }
+        assert!(
+            !script.ids().contains(&ejected.as_str()),
+            "{:?}",
+            script.ids()
+        );
+        // Every instance ejected: picks fail open rather than refuse.
+        for _ in 0..2 {
+            let mut script = Script::new(&[Step::Fail(Class::Reset)]);
+            let _ = run(plan(&route, true), &mut script).await;
+        }
+        assert!(route
+            .balancer
+            .endpoints()
+            .iter()
+            .all(|e| e.ejection.is_ejected()));
+        let mut script = Script::new(&[]);
+        assert_eq!(run(plan(&route, true), &mut script).await, Ok(200));
+    }
+}
