@@ -72,6 +72,14 @@ impl SampleProcess {
         }
     }
 
+    /// SIGKILL (kill -9): the process gets no chance to close anything;
+    /// the kernel resets its connections and refuses new ones.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> Result<ExitStatus> {
         crate::sigterm(&mut self.child)
