@@ -723,7 +723,11 @@ mod tests {
             shadow: false,
         });
         p.retry = Some(pb::Retry {
-            retry_on: vec![pb::RetryOn::Http429 as i32, pb::RetryOn::Timeout as i32],
+            retry_on: vec![
+                pb::RetryOn::Http429 as i32,
+                pb::RetryOn::Timeout as i32,
+                pb::RetryOn::Reset as i32,
+            ],
             ..pb::Retry::default()
         });
         let d = resolve(&p).defaults;
@@ -733,7 +737,7 @@ mod tests {
         assert_eq!(limit.on_excess, OnExcess::Queue { max_wait: 250 * MS });
         assert_eq!(
             d.retry.expect("retry").retry_on,
-            [RetryOn::Http429, RetryOn::Timeout]
+            [RetryOn::Http429, RetryOn::Timeout, RetryOn::Reset]
         );
     }
 

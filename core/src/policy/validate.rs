@@ -1334,8 +1334,8 @@ mod tests {
                 "backoff_base_ms (25)",
                 |p| r0_rt(p).backoff_max_ms = 10,
             ),
-            ("policy.rules[0].retry.retry_on[0]", "got 5", |p| {
-                r0_rt(p).retry_on = vec![5]
+            ("policy.rules[0].retry.retry_on[0]", "got 6", |p| {
+                r0_rt(p).retry_on = vec![6]
             }),
             (
                 "policy.rules[0].retry.retry_on[1]",
