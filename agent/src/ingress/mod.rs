@@ -278,7 +278,7 @@ impl Ingress {
             } else {
                 self.max_event_bytes
             };
-            hold(request, bound)?
+            hold(request, bound).await?
         } else {
             (request, None)
         };
@@ -440,12 +440,33 @@ impl Again {
 /// came within `bound`. Otherwise the request goes as it is, with what was
 /// read of it, and is not retried (but for connect failures: it was never
 /// sent).
-fn hold(request: Request<Body>, bound: usize) -> Result<(Request<Body>, Option<Again>), Rejection> {
+async fn hold(
+    request: Request<Body>,
+    bound: usize,
+) -> Result<(Request<Body>, Option<Again>), Rejection> {
     let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
     let (body, kept) = match body {
         Body::Full(Some(bytes)) => (Body::full(bytes.clone()), Some(bytes)),
         Body::Full(None) | Body::Empty => (Body::Empty, Some(Bytes::new())),
-        Body::Stream(incoming) => read_arrived(incoming, bound)?,
+        Body::Stream(incoming) if declared.is_some_and(|n| n <= bound as u64) => {
+            match Limited::new(incoming, bound).collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    (Body::full(bytes.clone()), Some(bytes))
+                }
+                Err(e) => {
+                    return Err(Rejection::new(
+                        Reason::BadEvent,
+                        format!("the body could not be read: {e}"),
+                    ))
+                }
+            }
+        }
+        Body::Stream(incoming) if declared.is_none() => read_arrived(incoming, bound)?,
         other => (other, None),
     };
     let again = kept.map(|bytes| Again::of(&parts, bytes));
