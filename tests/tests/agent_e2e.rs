@@ -762,7 +762,7 @@ async fn publisher_send_reaches_a_grpc_instance_through_subscriber_deliver() -> 
 async fn a_rule_balances_the_events_it_matches_by_weight() -> Result<()> {
     use std::collections::HashMap;
 
-    use weir_client::policy::{EventMatch, Rule, Timeout};
+    use weir_client::policy::{EventMatch, RateLimit, Rule};
     use weir_proto::{
         cloudevents::v1::{cloud_event::Data, CloudEvent},
         events::v1::{publisher_client::PublisherClient, SendRequest},
@@ -928,14 +928,14 @@ async fn a_rule_balances_the_events_it_matches_by_weight() -> Result<()> {
     // A rule with a section the agent does not enforce yet: "partly",
     // naming `rules`.
     let mut partial = policy;
-    partial.rules[0].timeout = Some(Timeout {
-        total_ms: 500,
-        shadow: false,
+    partial.rules[0].rate_limit = Some(RateLimit {
+        requests_per_second: 50.0,
+        ..RateLimit::default()
     });
     client.put_policy(partial, Some(first.version)).await?;
     let status = poll_until(
         SETTLE,
-        "the agent applying the timeout rule in part",
+        "the agent applying the rate-limited rule in part",
         || async { Ok(client.policy_status("default", "orders").await?) },
         |s| s.current_version > first.version && s.partly == 1,
     )
