@@ -4,11 +4,15 @@
 # registers a few instances with weirctl (one of them ephemeral, kept alive
 # by a background `weirctl register --keep-alive`), then starts two agents
 # (node-a, node-b) and sample services built from this workspace
-# (weir-sample): three `orders` instances spread over the two nodes, and one
-# `checkout` per node sending CloudEvents to `orders` through its own node's
-# agent. It shows the registry, how the events spread over the orders
-# instances and the agents' metrics, says what to try, and keeps running
-# until Ctrl-C. `--exit` stops after printing.
+# (weir-sample): four `orders` instances, two per node, one of them answering
+# every 10th event with 503 and one answering 20 ms late, and one `checkout`
+# per node sending CloudEvents to `orders` through its own node's agent. Before
+# the traffic starts it sets a policy for `orders` with weirctl (peak EWMA
+# balancing, retries with a budget, a total timeout) and waits until both
+# agents applied it. It shows the registry, how many events each orders
+# instance got, how many the agents retried, what the senders saw (no failed
+# events), says what to try, and keeps running until Ctrl-C. `--exit` stops
+# after printing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -22,6 +26,8 @@ cargo build --quiet -p weir-control-plane -p weirctl -p weir-agent -p weir-tests
 BIN=$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)
 RATE=20             # events per second from each checkout
 REPORT_EVERY=5      # seconds between checkout's report lines
+FAIL_EVERY=10       # orders-a2 answers every FAIL_EVERY-th event with 503
+SLOW_MS=20          # orders-b2 answers every event SLOW_MS late
 
 # Stopped in this order: samples and the keeper deregister their instances
 # on SIGTERM, agents close their sessions, then the control plane goes.
@@ -60,7 +66,7 @@ start_ready() {
   READY_PID=$!
   eval "$group+=(\"\$READY_PID\")"
   for _ in $(seq 1 300); do
-    READY_LINE=$(head -n 1 "$LOG_DIR/$name.out")
+    READY_LINE=$(head -n 1 "$LOG_DIR/$name.out" 2>/dev/null)
     case $READY_LINE in *" ready "*) return 0 ;; esac
     if ! kill -0 "$READY_PID" 2>/dev/null; then
       weir_log "$name exited before it was ready; its log:"
@@ -130,9 +136,16 @@ start_sample() {
   printf -v "PID_${id//-/_}" '%s' "$READY_PID"
   printf -v "ADDR_${id//-/_}" '%s' "$(ready_field addr)"
 }
-ORDERS=(orders-a1 orders-a2 orders-b1)
-# The zone is the letter in the id: orders-a1 and orders-a2 on node-a, orders-b1 on node-b.
-for id in "${ORDERS[@]}"; do start_sample "${id: -2:1}" "$id"; done
+ORDERS=(orders-a1 orders-a2 orders-b1 orders-b2)
+# The zone is the letter in the id: orders-a1 and orders-a2 on node-a,
+# orders-b1 and orders-b2 on node-b. Each node has one normal instance and
+# one that misbehaves: orders-a2 fails now and then, orders-b2 is slow.
+declare -A ORDERS_FLAGS=([orders-a2]="--fail-every $FAIL_EVERY" [orders-b2]="--delay-ms $SLOW_MS")
+declare -A ORDERS_ROLE=([orders-a2]="503 every ${FAIL_EVERY}th" [orders-b2]="${SLOW_MS} ms late")
+for id in "${ORDERS[@]}"; do
+  read -ra flags <<<"${ORDERS_FLAGS[$id]:-}"
+  start_sample "${id: -2:1}" "$id" ${flags[@]+"${flags[@]}"}
+done
 
 # routes_to ADMIN SERVICE: how many endpoints that agent routes SERVICE to.
 routes_to() {
@@ -143,16 +156,46 @@ routes_to() {
 for node in a b; do
   admin_var=ADMIN_$node
   for _ in $(seq 1 100); do
-    [ "$(routes_to "${!admin_var}" orders)" -eq 3 ] && break
+    [ "$(routes_to "${!admin_var}" orders)" -eq ${#ORDERS[@]} ] && break
     sleep 0.1
   done
-  if [ "$(routes_to "${!admin_var}" orders)" -ne 3 ]; then
-    weir_log "after 10 s agent node-$node does not route orders to 3 instances:"
+  if [ "$(routes_to "${!admin_var}" orders)" -ne ${#ORDERS[@]} ]; then
+    weir_log "after 10 s agent node-$node does not route orders to ${#ORDERS[@]} instances:"
     curl -fsS "http://${!admin_var}/v1/state" >&2 || true
     exit 1
   fi
 done
-weir_log "both agents route orders to ${ORDERS[*]}; starting the checkouts ($RATE events/s each)"
+weir_log "both agents route orders to ${ORDERS[*]}"
+
+# json_num NAME JSON: the number after "NAME": in JSON.
+json_num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$2"; }
+
+# The policy for orders, set before any traffic: the agents balance by peak
+# EWMA (latency-aware), retry a 503, a refused connection or a reset on
+# another instance (3 attempts, retries at most 20% of requests) and give
+# each event 2 s in all.
+cat >"$LOG_DIR/orders-policy.yaml" <<'YAML'
+service: orders
+loadBalancer: { algorithm: PEAK_EWMA }
+retry: { attempts: 3, retryOn: [CONNECT_FAILURE, HTTP_5XX, RESET], budgetPercent: 20 }
+timeout: { totalMs: 2000 }
+YAML
+echo
+echo "\$ cat orders-policy.yaml && weirctl policy set -f orders-policy.yaml"
+cat "$LOG_DIR/orders-policy.yaml"
+weirctl policy set -f "$LOG_DIR/orders-policy.yaml"
+for _ in $(seq 1 100); do
+  [ "$(json_num applied "$(weirctl policy status orders -o json 2>/dev/null)")" = 2 ] && break
+  sleep 0.1
+done
+echo "\$ weirctl policy status orders"
+weirctl policy status orders
+if [ "$(json_num applied "$(weirctl policy status orders -o json 2>/dev/null)")" != 2 ]; then
+  weir_log "after 10 s the two agents have not both applied the orders policy"
+  exit 1
+fi
+
+weir_log "starting the checkouts ($RATE events/s each)"
 start_sample a checkout-a1 --emit-to orders --agent "http://$INGRESS_a" --rate "$RATE" --report-every "$REPORT_EVERY"
 start_sample b checkout-b1 --emit-to orders --agent "http://$INGRESS_b" --rate "$RATE" --report-every "$REPORT_EVERY"
 
@@ -169,9 +212,6 @@ done
 echo
 echo "\$ weirctl get legacy"
 weirctl get legacy
-echo
-echo "\$ weirctl policy set -f docs/examples/orders-policy.yaml"
-weirctl policy set -f docs/examples/orders-policy.yaml
 
 # The checkouts' first report lines come after REPORT_EVERY seconds.
 for _ in $(seq 1 $(( (REPORT_EVERY + 5) * 10 ))); do
@@ -180,11 +220,27 @@ for _ in $(seq 1 $(( (REPORT_EVERY + 5) * 10 ))); do
   sleep 0.1
 done
 
-# json_num NAME JSON: the number after "NAME": in JSON.
-json_num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$2"; }
+# ewma_of ADMIN ID: that agent's peak EWMA latency estimate for endpoint
+# ID, in ms with one decimal ("-" before it has one).
+ewma_of() {
+  curl -fsS "http://$1/v1/state" 2>/dev/null | grep -o "\"id\":\"$2\"[^}]*" \
+    | sed -n 's/.*"ewma_ms":\([0-9.]*\).*/\1/p' | awk '{ printf "%.1f", $1; f = 1 } END { if (!f) printf "-" }'
+}
+# orders_metric ADMIN NAME: the sum of the agent's series NAME for orders,
+# and for a labelled counter also its non-zero series as label=value.
+orders_metric() {
+  curl -fsS "http://$1/metrics" 2>/dev/null | awk -v name="$2" '
+    index($0, name "{") == 1 && /service="orders"/ {
+      sum += $NF
+      if ($NF != 0 && match($0, /on="[^"]*"/)) by = by " " substr($0, RSTART + 4, RLENGTH - 5) "=" $NF
+    }
+    END { printf "%d%s", sum, by }'
+}
+
 echo
-echo "Event traffic: checkout-a1 (node-a) and checkout-b1 (node-b) each send $RATE CloudEvents/s"
-echo "to orders through their own node's agent; each agent balances them over all three instances:"
+echo "Event traffic: checkout-a1 (node-a) and checkout-b1 (node-b) each send $RATE CloudEvents/s to"
+echo "orders through their own node's agent; each agent balances them by peak EWMA over all four"
+echo "instances (ewma: node-a's/node-b's latency estimate in ms, from /v1/state):"
 total=0
 declare -A received from
 for id in "${ORDERS[@]}"; do
@@ -195,43 +251,76 @@ for id in "${ORDERS[@]}"; do
   from[$id]=$(grep -o '"/checkout/[^"]*":[0-9]*' <<<"$stats" | sed 's|"/checkout/\([^"]*\)":\([0-9]*\)|\1 \2|' | paste -sd, - | sed 's/,/, /g')
   total=$(( total + received[$id] ))
 done
+failed_503=$(( ${received[orders-a2]} / FAIL_EVERY ))
 for id in "${ORDERS[@]}"; do
-  awk -v id="$id" -v node="node-${id: -2:1}" -v n="${received[$id]}" -v t="$total" -v from="${from[$id]}" \
-    'BEGIN { printf "  %-10s %-7s %5d events  %5.1f%%   from %s\n", id, node, n, t ? 100 * n / t : 0, from }'
+  ewma=
+  for node in a b; do
+    admin_var=ADMIN_$node
+    ewma+="${ewma:+/}$(ewma_of "${!admin_var}" "$id")"
+  done
+  awk -v id="$id" -v node="node-${id: -2:1}" -v role="${ORDERS_ROLE[$id]:-normal}" -v n="${received[$id]}" \
+    -v t="$total" -v ewma="$ewma" -v from="${from[$id]}" \
+    'BEGIN { printf "  %-10s %-7s %-15s %5d events %5.1f%%  ewma %-9s  from %s\n", id, node, role, n, t ? 100 * n / t : 0, ewma, from }'
 done
-echo "What the senders saw (their latest report line, every ${REPORT_EVERY} s):"
+retries=0 retries_by='' budget=0 timeouts=0 ejections=0
+for node in a b; do
+  admin_var=ADMIN_$node
+  read -r n by <<<"$(orders_metric "${!admin_var}" weir_agent_retries_total)"
+  retries=$(( retries + n ))
+  retries_by+="${retries_by:+, }node-$node ${by:-none}"
+  budget=$(( budget + $(orders_metric "${!admin_var}" weir_agent_retry_budget_exhausted_total) ))
+  timeouts=$(( timeouts + $(orders_metric "${!admin_var}" weir_agent_timeouts_total) ))
+  ejections=$(( ejections + $(orders_metric "${!admin_var}" weir_agent_ejections_total) ))
+done
+echo "orders-a2 answered $failed_503 events with 503; the agents made $retries retries, each on another instance"
+echo "(weir_agent_retries_total: $retries_by); refused by the retry budget: $budget, timeouts: $timeouts, ejections: $ejections."
+echo "What the senders saw (/stats emitted, and their latest report line, every ${REPORT_EVERY} s):"
+senders_failed=0
 for id in checkout-a1 checkout-b1; do
+  addr_var=ADDR_${id//-/_}
+  emitted=$(curl -fsS "http://${!addr_var}/stats" || echo '{}')   # its "emitted" totals
+  sent=$(json_num sent "$emitted") failed=$(json_num failed "$emitted")
+  senders_failed=$(( senders_failed + ${failed:-0} ))
   line=$(grep 'weir-sample report' "$LOG_DIR/$id.out" | tail -n 1)
-  echo "  ${line:-$id has not reported yet}"
+  printf '  %-11s sent %4s, failed %s   last %s s: %s\n' "$id" "${sent:-?}" "${failed:-?}" "$REPORT_EVERY" \
+    "${line:+${line#* to=orders }}"
 done
+if [ "$senders_failed" = 0 ]; then
+  echo "No event failed: the 503s were retried on another instance, so the senders saw none."
+else
+  echo "$senders_failed events failed (the reasons: by_reason in each checkout's /stats)."
+fi
 echo
 echo "Agents (admin API: /v1/state /metrics /readyz /healthz):"
 for node in a b; do
   ingress_var=INGRESS_$node admin_var=ADMIN_$node
   echo "  node-$node  ingress http://${!ingress_var}  admin http://${!admin_var}/v1/state"
   curl -fsS "http://${!admin_var}/metrics" 2>/dev/null \
-    | awk '/^weir_agent_(requests|rejections|upstream_errors)_total/ && $NF != 0 { print "    " $0 }' || true
+    | awk '/^weir_agent_(requests|rejections|upstream_errors|retries|retry_budget_exhausted|timeouts|ejections)_total/ && $NF != 0 { print "    " $0 }' || true
 done
 echo
 cat <<MSG
-Weir is running: a control plane, two agents, three orders instances and two checkouts.
+Weir is running: a control plane, two agents, four orders instances and two checkouts.
   control plane  $WEIR_ENDPOINT (gRPC: weir.registry.v1.Registry, health, reflection)
                  http://$http/readyz   store: $store_note
   logs           $LOG_DIR (one .out and one .log per process)
 Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $BIN/weirctl):
   tail -f $LOG_DIR/checkout-a1.out   # which orders instance answered, every ${REPORT_EVERY} s
-  kill $PID_orders_a2          # orders-a2 deregisters: the split moves to the other two at once
-  kill -9 $PID_orders_b1       # no deregistration: upstream-unavailable failures until its 10 s lease expires
+  kill $PID_orders_a1          # orders-a1 deregisters: the split moves to the other three at once
+  kill -9 $PID_orders_b1       # no deregistration: the agents retry its events elsewhere and eject it
   weirctl get orders                 # instances, zones, leases
   weirctl watch orders               # every change, live
   curl -i http://$INGRESS_a/v1/services/orders/events -H 'ce-specversion: 1.0' -H 'ce-id: hand-1' \\
     -H 'ce-source: /you' -H 'ce-type: sample.manual' -H 'content-type: application/json' -d '{"hi":1}'
   curl -i http://$INGRESS_a/v1/services/orders/events -H 'ce-specversion: 1.0' -H 'ce-id: hand-2' \\
     -H 'ce-source: /you' -d '{}'     # 400, weir-reason: bad-event, "header ce-type is required"
-  curl -s http://$ADMIN_b/v1/state   # what node-b's agent knows: session, routes, endpoints
+  curl -s http://$ADMIN_b/v1/state   # node-b's agent: routes (balancer, failure) and endpoints
+                                     # (in_flight, ewma_ms, ejected_ms while ejected, ejections)
+  curl -s http://$ADMIN_b/metrics | grep -E '^weir_agent_(retr|timeouts|ejec)'
   weirctl health legacy              # status history with reasons
-  weirctl policy status orders       # "partly": the agents name the sections they do not enforce yet
-Rate limits, retries, breakers and the dashboard come with later stages. Ctrl-C here stops everything.
+  weirctl policy set -f docs/examples/orders-policy.yaml && weirctl policy status orders
+                                     # a fuller policy: "partly", the agents name what they do not enforce yet
+Rate limits, circuit breakers and the dashboard come with later stages. Ctrl-C here stops everything.
 MSG
 if [ "$exit_after" = 1 ]; then exit 0; fi
 wait "${CP_PIDS[0]}"
