@@ -9,21 +9,39 @@
 //! 1 KiB POST), a `weir-control-plane --dev` with both registered as
 //! instances of `bench`, one `weir-agent` (release build) routing to them
 //! by round robin, and HAProxy 2.6 (`nbthread 2`, round robin, `http-reuse
-//! always`) in front of the same two. Needs `nginx`, `haproxy`, `wrk` and
-//! `h2load` (Debian: `apt-get install nginx haproxy wrk nghttp2-client`).
+//! always`) in front of the same two. The same two are also registered as
+//! instances of three more services, each with a traffic policy put through
+//! the control plane (the agent must have applied each, and route to both
+//! instances of every service, before anything is measured):
 //!
-//! Each round measures the three targets in a rotated order: **direct**
-//! (nginx 1 itself), **agent** (`POST /v1/services/bench/`) and
-//! **haproxy**:
+//! * `bench-p2c`: `load_balancer` `LEAST_REQUEST` (power of two choices);
+//! * `bench-ewma`: `load_balancer` `PEAK_EWMA`;
+//! * `bench-retry`: round robin with `retry` (3 attempts) and `timeout`
+//!   (2 s total), so the agent holds each request body for a retry, counts
+//!   the retry budget and runs the deadline timer. The upstreams are
+//!   healthy, so no retry happens: this is the cost of having retries on.
+//!
+//! Needs `nginx`, `haproxy`, `wrk` and `h2load` (Debian: `apt-get install
+//! nginx haproxy wrk nghttp2-client`).
+//!
+//! Each round measures six targets in a rotated order: **direct** (nginx 1
+//! itself), **agent** (`POST /v1/services/bench/`), **haproxy**, and the
+//! same agent process on the policy services: **agent-p2c**
+//! (`/v1/services/bench-p2c/`), **agent-ewma** and **agent-retry**:
 //!
 //! * saturation: `wrk -t1 -c16` for `WEIR_BENCH_SECS` (default 5), requests
-//!   per second, and the proxy's CPU time per request (from `/proc`);
-//! * latency at a fixed rate: `h2load --h1 -c16 --rps` at 1,000/s and at
-//!   half the agent's saturation (measured once before the rounds), p50 /
-//!   p99 / p99.9 from h2load's per-request log (it times each request from
-//!   its actual send, so a figure counts only when the achieved rate is
-//!   within 5% of the target; otherwise it is reported as missing);
-//!   "added" figures subtract the direct connection's.
+//!   per second, and the proxy's CPU time per request (from `/proc`; the
+//!   agent targets all read the one agent process);
+//! * latency at a fixed rate: `h2load --h1 -c16 --rps` at 1,000/s and, for
+//!   direct, agent and haproxy, at half the agent's saturation (measured
+//!   once before the rounds), p50 / p99 / p99.9 from h2load's per-request
+//!   log (it times each request from its actual send, so a figure counts
+//!   only when the achieved rate is within 5% of the target; otherwise it
+//!   is reported as missing); "added" figures subtract the direct
+//!   connection's;
+//! * "CPU per request over agent" (for each policy target): its CPU time
+//!   per request minus the plain agent's in the same round, the cost of
+//!   the balancer or of retries and the deadline.
 //!
 //! After the rounds: the agent's and HAProxy's RSS idle and with 1,000
 //! open keep-alive connections.
@@ -41,18 +59,38 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use weir_client::policy::{load_balancer::Algorithm, LoadBalancer, Retry, Timeout, TrafficPolicy};
 use weir_tests::{
     agent::AgentProcess,
     bench::{self, clock_ticks, cpu_ticks, env_num, rss_mib, Figure, Plan, Run},
     fixtures::instance,
-    ControlPlaneProcess,
+    poll_until, ControlPlaneProcess,
 };
 
-/// A process killed when dropped.
+/// How long the agent may take to route a service or apply a policy.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// A process stopped when dropped: SIGTERM, then SIGKILL if it is still
+/// there after 5 s. Not SIGKILL first: nginx's master stops its workers
+/// on SIGTERM, and killed outright it leaves them running on their ports.
 struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        // Not yet reaped, so the pid is still this process's.
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.0.id().to_string())
+                .status();
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < end {
+                if !matches!(self.0.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -159,6 +197,108 @@ struct Target {
     url: String,
     /// The proxy's process, whose CPU time is measured.
     pid: Option<u32>,
+    /// Whether latency is also measured at half the agent's saturation.
+    half: bool,
+}
+
+/// The agent on a service of its own with a traffic policy: the same two
+/// upstreams, the same agent process.
+struct Variant {
+    /// The target's name.
+    name: &'static str,
+    service: &'static str,
+    /// Its policy (namespace and service are filled in).
+    policy: TrafficPolicy,
+    /// The balancer the agent's `/v1/state` shows once it applied it.
+    balancer: &'static str,
+}
+
+fn variants() -> Vec<Variant> {
+    let balancer = |algorithm: Algorithm| TrafficPolicy {
+        load_balancer: Some(LoadBalancer {
+            algorithm: algorithm as i32,
+            ..LoadBalancer::default()
+        }),
+        ..TrafficPolicy::default()
+    };
+    vec![
+        Variant {
+            name: "agent-p2c",
+            service: "bench-p2c",
+            policy: balancer(Algorithm::LeastRequest),
+            balancer: "least_request",
+        },
+        Variant {
+            name: "agent-ewma",
+            service: "bench-ewma",
+            policy: balancer(Algorithm::PeakEwma),
+            balancer: "peak_ewma",
+        },
+        Variant {
+            name: "agent-retry",
+            service: "bench-retry",
+            policy: TrafficPolicy {
+                retry: Some(Retry {
+                    attempts: 3,
+                    ..Retry::default()
+                }),
+                timeout: Some(Timeout {
+                    total_ms: 2000,
+                    shadow: false,
+                }),
+                ..TrafficPolicy::default()
+            },
+            balancer: "round_robin",
+        },
+    ]
+}
+
+/// Puts `variant`'s policy and waits until the agent applies it in full
+/// (the control plane's status) and routes by it (its `/v1/state`).
+async fn apply(
+    client: &weir_client::Client,
+    agent: &AgentProcess,
+    variant: &Variant,
+) -> Result<()> {
+    let service = variant.service;
+    client
+        .put_policy(
+            TrafficPolicy {
+                namespace: "default".into(),
+                service: service.into(),
+                ..variant.policy.clone()
+            },
+            None,
+        )
+        .await
+        .with_context(|| format!("cannot put {service}'s policy"))?;
+    poll_until(
+        SETTLE,
+        &format!("the agent applying {service}'s policy in full"),
+        || async { Ok(client.policy_status("default", service).await?) },
+        |s| s.applied == 1,
+    )
+    .await?;
+    let attempts = variant.policy.retry.as_ref().map(|r| u64::from(r.attempts));
+    let total_ms = variant.policy.timeout.map(|t| u64::from(t.total_ms));
+    poll_until(
+        SETTLE,
+        &format!("the agent routing {service} by its policy"),
+        || async {
+            let state = agent.state().await?;
+            Ok(state["routes"]
+                .as_array()
+                .and_then(|routes| routes.iter().find(|r| r["service"] == service).cloned())
+                .unwrap_or_default())
+        },
+        |r| {
+            r["balancer"] == variant.balancer
+                && r["failure"]["retry"]["attempts"].as_u64() == attempts
+                && r["failure"]["timeout"]["total_ms"].as_u64() == total_ms
+        },
+    )
+    .await
+    .map(drop)
 }
 
 struct Setup {
@@ -290,43 +430,69 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
     }
     let plane = ControlPlaneProcess::start_binary(&plan.this.binary, &["--dev".to_owned()])?;
     let client = weir_client::Client::connect([plane.endpoint()]).await?;
-    for (n, port) in ports.iter().enumerate() {
-        client
-            .register(instance(
-                "default",
-                "bench",
-                &format!("n{}", n + 1),
-                u32::from(*port),
-            ))
-            .await?;
+    let variants = variants();
+    let services: Vec<&str> = std::iter::once("bench")
+        .chain(variants.iter().map(|v| v.service))
+        .collect();
+    for service in &services {
+        for (n, port) in ports.iter().enumerate() {
+            client
+                .register(instance(
+                    "default",
+                    service,
+                    &format!("n{}", n + 1),
+                    u32::from(*port),
+                ))
+                .await
+                .with_context(|| format!("cannot register n{} of {service}", n + 1))?;
+        }
     }
     let agent = AgentProcess::start(&[plane.endpoint()], "bench-node", &[])?;
-    agent
-        .wait_for_endpoints("default", "bench", 2, Duration::from_secs(10))
-        .await?;
+    for service in &services {
+        agent
+            .wait_for_endpoints("default", service, 2, SETTLE)
+            .await?;
+    }
+    for variant in &variants {
+        apply(&client, &agent, variant).await?;
+    }
     let agent_pid = agent.pid();
     let haproxy_pid = guards[2].0.id();
     let agent_addr = agent.ingress_addr();
-    let targets = vec![
+    let mut targets = vec![
         Target {
             name: "direct",
             url: format!("http://127.0.0.1:{}/", ports[0]),
             pid: None,
+            half: true,
         },
         Target {
             name: "agent",
             url: format!("http://{agent_addr}/v1/services/bench/"),
             pid: Some(agent_pid),
+            half: true,
         },
         Target {
             name: "haproxy",
             url: format!("http://127.0.0.1:{haproxy_port}/"),
             pid: Some(haproxy_pid),
+            half: true,
         },
     ];
+    targets.extend(variants.iter().map(|v| Target {
+        name: v.name,
+        url: format!("http://{agent_addr}/v1/services/{}/", v.service),
+        pid: Some(agent_pid),
+        half: false,
+    }));
     let secs = env_num("WEIR_BENCH_SECS", 5).max(1);
     // Warm-up, and the rate the "half saturation" figures use.
     let (agent_rate, _) = wrk(&dir, &targets[1].url, secs)?;
+    // The policy services' connections and balancer state warm up too
+    // (and wrk fails on any answer but 200: they are routed).
+    for t in &targets[3..] {
+        wrk(&dir, &t.url, 1).with_context(|| format!("warming up {}", t.name))?;
+    }
     let half_rate = ((agent_rate / 2.0) as u64 / 1000).max(1) * 1000;
     println!(
         "agent saturation (warm-up): {agent_rate:.0} req/s; half-saturation rate: {half_rate}/s"
@@ -348,13 +514,13 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
     let n = setup.targets.len();
     let mut p99 = std::collections::HashMap::new();
+    let mut cpu_per_request = std::collections::HashMap::new();
     for k in 0..n {
         // Rotate who goes first, so drift within a round hits all alike.
         let t = &setup.targets[(k + run.round) % n];
         let before = cpu_secs(t.pid);
         let (rate, requests) = wrk(&setup.dir, &t.url, setup.secs)?;
         let cpu = cpu_secs(t.pid) - before;
-        println!("  {:8} saturation {rate:>9.0} req/s", t.name);
         figures.push(Figure::higher(
             format!("{} saturation", t.name),
             "req/s",
@@ -366,16 +532,26 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
                 "{} used no CPU under load: is it still running?",
                 t.name
             );
+            let micros = cpu * 1e6 / requests;
+            println!(
+                "  {:11} saturation {rate:>9.0} req/s, {micros:.1} µs CPU per request",
+                t.name
+            );
             figures.push(Figure::lower(
                 format!("{} CPU per request", t.name),
                 "µs",
-                cpu * 1e6 / requests,
+                micros,
             ));
+            cpu_per_request.insert(t.name, micros);
+        } else {
+            println!("  {:11} saturation {rate:>9.0} req/s", t.name);
         }
-        for (label, rate) in [("1000/s", 1000), ("half", setup.half_rate)] {
+        let rates = [("1000/s", 1000), ("half", setup.half_rate)];
+        let rates = if t.half { &rates[..] } else { &rates[..1] };
+        for &(label, rate) in rates {
             if let Some(l) = h2load(&setup.dir, &t.url, rate, setup.secs)? {
                 println!(
-                    "  {:8} at {rate:>6}/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+                    "  {:11} at {rate:>6}/s: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
                     t.name, l.p50, l.p99, l.p999
                 );
                 figures.push(Figure::lower(
@@ -397,8 +573,9 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
             }
         }
     }
-    for proxy in ["agent", "haproxy"] {
+    for proxy in setup.targets.iter().filter(|t| t.pid.is_some()) {
         for label in ["1000/s", "half"] {
+            let proxy = proxy.name;
             if let (Some(p), Some(d)) = (p99.get(&(proxy, label)), p99.get(&("direct", label))) {
                 figures.push(Figure::lower(
                     format!("{proxy} added p99 @{label}"),
@@ -406,6 +583,27 @@ async fn round(setup: &Setup, run: Run) -> Result<Vec<Figure>> {
                     p - d,
                 ));
             }
+        }
+    }
+    // What each policy costs: the same agent process, the same upstreams,
+    // the same round.
+    let plain = cpu_per_request.get("agent").copied();
+    for t in setup
+        .targets
+        .iter()
+        .filter(|t| t.name.starts_with("agent-"))
+    {
+        if let (Some(v), Some(a)) = (cpu_per_request.get(t.name), plain) {
+            println!(
+                "  {:11} CPU per request over agent: {:+.1} µs",
+                t.name,
+                v - a
+            );
+            figures.push(Figure::lower(
+                format!("{} CPU per request over agent", t.name),
+                "µs",
+                v - a,
+            ));
         }
     }
     Ok(figures)
