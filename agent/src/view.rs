@@ -675,6 +675,48 @@ impl From<&ServiceRoute> for RouteState {
     }
 }
 
+/// `default/orders` with instances of the given ids and weights on
+/// 127.0.0.1:1, under `policy` (its namespace and service are set here):
+/// a route as the data path gets it, for tests.
+#[cfg(test)]
+pub(crate) fn test_route(instances: &[(&str, u32)], policy: TrafficPolicy) -> Arc<ServiceRoute> {
+    use weir_client::{Event, EventType, WatchKind, WatchResponse};
+    let routes = Arc::new(Routes::default());
+    let mut view = View::new(routes.clone(), std::time::Duration::from_secs(30));
+    let events = instances
+        .iter()
+        .map(|(id, weight)| Event {
+            r#type: EventType::Put as i32,
+            instance: Some(Instance {
+                namespace: "default".into(),
+                service: "orders".into(),
+                instance_id: (*id).into(),
+                host: "127.0.0.1".into(),
+                port: 1,
+                weight: *weight,
+                ..Instance::default()
+            }),
+            revision: 1,
+        })
+        .collect();
+    view.apply(WatchResponse {
+        kind: WatchKind::Snapshot as i32,
+        events,
+        revision: 1,
+        snapshot_complete: true,
+        ..WatchResponse::default()
+    })
+    .expect("applies");
+    let key = ("default".to_owned(), "orders".to_owned());
+    let policy = TrafficPolicy {
+        namespace: "default".into(),
+        service: "orders".into(),
+        ..policy
+    };
+    view.apply_policies([(&key, Some(&policy))]);
+    routes.get("default", "orders").expect("a route")
+}
+
 #[cfg(test)]
 mod tests {
     use weir_client::{

@@ -261,24 +261,9 @@ async fn apply(
     variant: &Variant,
 ) -> Result<()> {
     let service = variant.service;
-    client
-        .put_policy(
-            TrafficPolicy {
-                namespace: "default".into(),
-                service: service.into(),
-                ..variant.policy.clone()
-            },
-            None,
-        )
+    weir_tests::agents::put_policy_applied(client, service, variant.policy.clone())
         .await
-        .with_context(|| format!("cannot put {service}'s policy"))?;
-    poll_until(
-        SETTLE,
-        &format!("the agent applying {service}'s policy in full"),
-        || async { Ok(client.policy_status("default", service).await?) },
-        |s| s.applied == 1,
-    )
-    .await?;
+        .with_context(|| format!("{service}'s policy"))?;
     let attempts = variant.policy.retry.as_ref().map(|r| u64::from(r.attempts));
     let total_ms = variant.policy.timeout.map(|t| u64::from(t.total_ms));
     poll_until(

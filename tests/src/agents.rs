@@ -9,7 +9,7 @@ use weir_client::{
     agent::{
         agent_reply, agent_request, reply_error, AgentDescription, Hello, PolicyUpdate, ReplyError,
     },
-    policy::PolicyStatusResponse,
+    policy::{PolicyStatusResponse, TrafficPolicy},
     AckOutcome, AgentSession, Client, SessionEvent,
 };
 
@@ -55,6 +55,32 @@ pub async fn policy_status_until(
                 .is_ok_and(|s| done(&s))
         }
     })
+    .await
+}
+
+/// Puts `policy` as `default/service`'s and waits up to 10 s until the
+/// one connected agent runs it in full.
+pub async fn put_policy_applied(
+    client: &Client,
+    service: &str,
+    policy: TrafficPolicy,
+) -> Result<()> {
+    client
+        .put_policy(
+            TrafficPolicy {
+                namespace: "default".into(),
+                service: service.into(),
+                ..policy
+            },
+            None,
+        )
+        .await?;
+    policy_status_until(
+        client,
+        service,
+        &format!("the agent applying {service}'s policy in full"),
+        |s| s.applied == 1,
+    )
     .await
 }
 

@@ -270,3 +270,50 @@ impl Drop for SubscriberInstance {
         self.task.abort();
     }
 }
+
+/// A gRPC server on loopback with the standard health service: unary
+/// `Check` and server-streaming `Watch` (register it with
+/// `PROTOCOL_GRPC`). `service` is SERVING at start.
+#[derive(Debug)]
+pub struct HealthInstance {
+    addr: SocketAddr,
+    reporter: tonic_health::server::HealthReporter,
+    task: JoinHandle<()>,
+}
+
+impl HealthInstance {
+    pub async fn start(service: &str) -> Result<Self> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        Ok(Self {
+            addr,
+            reporter,
+            task,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Sets `service`'s status (watchers get it).
+    pub async fn set(&self, service: &str, status: tonic_health::ServingStatus) {
+        self.reporter.set_service_status(service, status).await;
+    }
+}
+
+impl Drop for HealthInstance {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -25,7 +25,9 @@ use weir_client::{
     },
     Client, InstanceRef,
 };
-use weir_tests::{agent::AgentProcess, fixtures::instance, poll_until, start_one};
+use weir_tests::{
+    agent::AgentProcess, agents::put_policy_applied, fixtures::instance, poll_until, start_one,
+};
 
 const SETTLE: Duration = Duration::from_secs(10);
 const KEY_HEADER: &str = "x-customer";
@@ -116,25 +118,11 @@ async fn deregister(client: &Client, service: &str, id: &str) -> Result<()> {
 /// Puts `lb` as `service`'s default balancer and waits until `applied`
 /// agents apply it in full.
 async fn set_balancer(client: &Client, service: &str, lb: LoadBalancer) -> Result<()> {
-    client
-        .put_policy(
-            TrafficPolicy {
-                namespace: "default".into(),
-                service: service.into(),
-                load_balancer: Some(lb),
-                ..TrafficPolicy::default()
-            },
-            None,
-        )
-        .await?;
-    poll_until(
-        SETTLE,
-        &format!("the agent applying {service}'s policy in full"),
-        || async { Ok(client.policy_status("default", service).await?) },
-        |s| s.applied == 1,
-    )
-    .await?;
-    Ok(())
+    let policy = TrafficPolicy {
+        load_balancer: Some(lb),
+        ..TrafficPolicy::default()
+    };
+    put_policy_applied(client, service, policy).await
 }
 
 /// `service`'s route in the agent's `/v1/state`.

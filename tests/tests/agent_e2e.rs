@@ -303,18 +303,8 @@ async fn grpc_unary_and_server_streaming_pass_through_the_agent() -> Result<()> 
     };
 
     let (_etcd, plane, client) = start_one("agent-grpc").await?;
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("shop", tonic_health::ServingStatus::Serving)
-        .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let mut i = instance("default", "health", "g0", u32::from(port));
+    let health = weir_tests::fixtures::HealthInstance::start("shop").await?;
+    let mut i = instance("default", "health", "g0", u32::from(health.port()));
     i.protocol = Protocol::Grpc as i32;
     client.register(i).await?;
     let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
@@ -346,8 +336,8 @@ async fn grpc_unary_and_server_streaming_pass_through_the_agent() -> Result<()> 
         .await?
         .context("stream open")??;
     ensure!(first.status == ServingStatus::Serving as i32);
-    reporter
-        .set_service_status("shop", tonic_health::ServingStatus::NotServing)
+    health
+        .set("shop", tonic_health::ServingStatus::NotServing)
         .await;
     let second = tokio::time::timeout(SETTLE, watch.next())
         .await?

@@ -22,10 +22,11 @@ use hyper_util::{
 };
 use weir_client::{
     policy::{Retry, Timeout, TrafficPolicy},
-    Client, Protocol,
+    Protocol,
 };
 use weir_tests::{
     agent::AgentProcess,
+    agents::put_policy_applied,
     fixtures::{instance, HttpInstance, SubscriberInstance},
     poll_until,
     sample::SampleProcess,
@@ -38,28 +39,6 @@ type Http = HttpClient<HttpConnector, Full<Bytes>>;
 
 fn http() -> Http {
     HttpClient::builder(TokioExecutor::new()).build_http()
-}
-
-/// Puts `policy` for `service` and waits until the agent applies it.
-async fn set_policy(client: &Client, service: &str, policy: TrafficPolicy) -> Result<()> {
-    client
-        .put_policy(
-            TrafficPolicy {
-                namespace: "default".into(),
-                service: service.into(),
-                ..policy
-            },
-            None,
-        )
-        .await?;
-    poll_until(
-        SETTLE,
-        &format!("the agent applying {service}'s policy in full"),
-        || async { Ok(client.policy_status("default", service).await?) },
-        |s| s.applied == 1,
-    )
-    .await
-    .map(drop)
 }
 
 fn retry(attempts: u32) -> Option<Retry> {
@@ -147,7 +126,7 @@ async fn a_killed_instance_costs_no_caller_an_event() -> Result<()> {
     agent
         .wait_for_endpoints("default", "orders", 3, SETTLE)
         .await?;
-    set_policy(
+    put_policy_applied(
         &client,
         "orders",
         TrafficPolicy {
@@ -293,7 +272,7 @@ async fn a_4xx_is_never_retried_and_a_5xx_storm_stays_within_the_budget() -> Res
     agent
         .wait_for_endpoints("default", "orders", 3, SETTLE)
         .await?;
-    set_policy(
+    put_policy_applied(
         &client,
         "orders",
         TrafficPolicy {
@@ -383,7 +362,7 @@ async fn a_grpc_unavailable_is_retried_on_another_instance() -> Result<()> {
     agent
         .wait_for_endpoints("default", "audit", 2, SETTLE)
         .await?;
-    set_policy(
+    put_policy_applied(
         &client,
         "audit",
         TrafficPolicy {
@@ -459,18 +438,8 @@ async fn a_deadline_answers_504_and_never_cuts_a_stream() -> Result<()> {
         .register(instance("default", "hang", "h0", u32::from(hang_port)))
         .await?;
     // A gRPC instance with a server stream (health Watch).
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("shop", tonic_health::ServingStatus::Serving)
-        .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let mut g = instance("default", "health", "g0", u32::from(port));
+    let health = weir_tests::fixtures::HealthInstance::start("shop").await?;
+    let mut g = instance("default", "health", "g0", u32::from(health.port()));
     g.protocol = Protocol::Grpc as i32;
     client.register(g).await?;
     let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
@@ -486,7 +455,7 @@ async fn a_deadline_answers_504_and_never_cuts_a_stream() -> Result<()> {
         shadow: false,
     });
     for service in ["hang", "health"] {
-        set_policy(
+        put_policy_applied(
             &client,
             service,
             TrafficPolicy {
@@ -523,8 +492,8 @@ async fn a_deadline_answers_504_and_never_cuts_a_stream() -> Result<()> {
     ensure!(first.status == ServingStatus::Serving as i32);
     // Well past the deadline, the stream is still there.
     tokio::time::sleep(DEADLINE * 3).await;
-    reporter
-        .set_service_status("shop", tonic_health::ServingStatus::NotServing)
+    health
+        .set("shop", tonic_health::ServingStatus::NotServing)
         .await;
     let second = tokio::time::timeout(SETTLE, watch.next())
         .await?

@@ -232,48 +232,15 @@ pub(crate) async fn run<E: Exchange>(
 mod tests {
     use std::collections::VecDeque;
 
-    use weir_client::{
-        policy::{Retry, Timeout, TrafficPolicy},
-        Event, EventType, Instance, WatchKind, WatchResponse,
-    };
+    use weir_client::policy::{Retry, Timeout, TrafficPolicy};
 
     use super::*;
-    use crate::view::{Routes, View};
 
     const MS: Duration = Duration::from_millis(1);
 
     /// `orders` with instances a, b and c, under `policy`.
     fn route(policy: TrafficPolicy) -> Arc<ServiceRoute> {
-        let routes = Arc::new(Routes::default());
-        let mut view = View::new(routes.clone(), Duration::from_secs(30));
-        let events = ["a", "b", "c"].map(|id| Event {
-            r#type: EventType::Put as i32,
-            instance: Some(Instance {
-                namespace: "default".into(),
-                service: "orders".into(),
-                instance_id: id.into(),
-                host: "127.0.0.1".into(),
-                port: 1,
-                ..Instance::default()
-            }),
-            revision: 1,
-        });
-        view.apply(WatchResponse {
-            kind: WatchKind::Snapshot as i32,
-            events: events.to_vec(),
-            revision: 1,
-            snapshot_complete: true,
-            ..WatchResponse::default()
-        })
-        .expect("applies");
-        let key = ("default".to_owned(), "orders".to_owned());
-        let policy = TrafficPolicy {
-            namespace: "default".into(),
-            service: "orders".into(),
-            ..policy
-        };
-        view.apply_policies([(&key, Some(&policy))]);
-        routes.get("default", "orders").expect("a route")
+        crate::view::test_route(&[("a", 0), ("b", 0), ("c", 0)], policy)
     }
 
     fn retry(attempts: u32) -> Option<Retry> {

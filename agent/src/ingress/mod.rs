@@ -693,44 +693,16 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use http::HeaderMap;
-    use weir_client::{
-        policy::{load_balancer::Algorithm, EventMatch, LoadBalancer, Rule, TrafficPolicy},
-        Event, EventType, Instance, WatchKind, WatchResponse,
+    use weir_client::policy::{
+        load_balancer::Algorithm, EventMatch, LoadBalancer, Rule, TrafficPolicy,
     };
 
     use super::*;
-    use crate::view::View;
 
     /// `orders` with instances a, b, c (weights 1, 1, 4), round robin by
     /// default and weighted for events of type `com.example.heavy.*`.
     fn route() -> Arc<ServiceRoute> {
-        let routes = Arc::new(Routes::default());
-        let mut view = View::new(routes.clone(), Duration::from_secs(30));
-        let instances = [("a", 1), ("b", 1), ("c", 4)].map(|(id, weight)| Event {
-            r#type: EventType::Put as i32,
-            instance: Some(Instance {
-                namespace: "default".into(),
-                service: "orders".into(),
-                instance_id: id.into(),
-                host: "127.0.0.1".into(),
-                port: 1,
-                weight,
-                ..Instance::default()
-            }),
-            revision: 1,
-        });
-        view.apply(WatchResponse {
-            kind: WatchKind::Snapshot as i32,
-            events: instances.to_vec(),
-            revision: 1,
-            snapshot_complete: true,
-            ..WatchResponse::default()
-        })
-        .expect("applies");
-        let key = ("default".to_owned(), "orders".to_owned());
         let policy = TrafficPolicy {
-            namespace: "default".into(),
-            service: "orders".into(),
             rules: vec![Rule {
                 name: "heavy".into(),
                 r#match: Some(EventMatch {
@@ -745,8 +717,7 @@ mod tests {
             }],
             ..TrafficPolicy::default()
         };
-        view.apply_policies([(&key, Some(&policy))]);
-        routes.get("default", "orders").expect("a route")
+        crate::view::test_route(&[("a", 1), ("b", 1), ("c", 4)], policy)
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
