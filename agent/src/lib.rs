@@ -19,6 +19,7 @@
 //! - [`admin`]: state, health, readiness and metrics.
 //!
 //! - [`persist`]: the view and policies kept under `--data-dir`.
+//! - [`outbox`]: the durable outbox's storage (in progress).
 //!
 //! Not built yet (see `docs/agent.md`): rate limits, circuit breakers,
 //! the durable outbox.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod eject;
 pub mod ingress;
 pub mod local;
+pub mod outbox;
 pub mod persist;
 pub mod reject;
 pub mod retry;
