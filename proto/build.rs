@@ -90,7 +90,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes([".weir.events.v1"])
         .compile_protos(&[events], &["."])?;
 
-    for p in protos.iter().chain([&cloudevents, &events]) {
+    // What the agent's outbox writes to its own log: no services.
+    let outbox = "weir/outbox/v1/outbox.proto";
+    prost_build::Config::new()
+        .out_dir(&out)
+        .extern_path(".io.cloudevents.v1", "crate::cloudevents::v1")
+        .compile_protos(&[outbox], &["."])?;
+
+    for p in protos.iter().chain([&cloudevents, &events, &outbox]) {
         println!("cargo:rerun-if-changed={p}");
     }
     Ok(())

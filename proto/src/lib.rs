@@ -47,6 +47,12 @@ pub mod events {
 
 /// The CloudEvents protobuf format (`io.cloudevents.v1`), as the spec
 /// defines it.
+pub mod outbox {
+    pub mod v1 {
+        tonic::include_proto!("weir.outbox.v1");
+    }
+}
+
 pub mod cloudevents {
     pub mod v1 {
         tonic::include_proto!("io.cloudevents.v1");

@@ -1,0 +1,537 @@
+//! The outbox's records and their state: what was accepted, and where
+//! each (event, subscribing service) delivery stands.
+//!
+//! Every change is a [`Record`] appended to the [`log`](super::log): an
+//! [`Accepted`] event (durably, before the publisher is answered) and then
+//! [`Update`]s (attempted, delivered, dead, dropped, replayed, purged),
+//! written without waiting for an fsync. The state in memory is what
+//! replaying the records gives, so after a crash the agent knows every
+//! accepted event and redelivers what it cannot prove was delivered: an
+//! update lost with the crash costs a duplicate, never an event.
+//!
+//! An event stays while any of its deliveries is pending or dead-lettered;
+//! the log's compaction (planned) will drop the rest.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use bytes::Bytes;
+use prost::Message;
+use weir_proto::{
+    cloudevents::v1::CloudEvent,
+    outbox::v1::{record::Kind, Accepted, Outcome, Record, Target, Update},
+};
+
+use super::log::{self, Appender, LogError, Options};
+
+/// Why the outbox could not open or record.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("outbox record {index} does not decode: {source}; the files are left as they are")]
+    Decode {
+        index: usize,
+        source: prost::DecodeError,
+    },
+    #[error("the outbox writer could not start: {0}")]
+    Thread(std::io::Error),
+}
+
+/// An accepted event, shared by its deliveries.
+#[derive(Debug)]
+pub struct Stored {
+    pub seq: u64,
+    pub namespace: String,
+    pub topic: String,
+    pub event: CloudEvent,
+    pub traceparent: String,
+    pub accepted_unix_ms: i64,
+}
+
+/// Where one delivery stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub target: Target,
+    pub attempts: u32,
+    /// Not before this (0: at once).
+    pub next_attempt_unix_ms: i64,
+    pub last_error: String,
+}
+
+/// A delivery that failed for good and was kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub delivery: Delivery,
+    pub reason: String,
+    pub dead_unix_ms: i64,
+}
+
+/// A delivery due now, with its event.
+#[derive(Clone, Debug)]
+pub struct Due {
+    pub event: Arc<Stored>,
+    pub delivery: Delivery,
+}
+
+type Key = (Box<str>, u64);
+
+#[derive(Debug, Default)]
+struct State {
+    /// Each event with the number of its deliveries pending or dead.
+    events: BTreeMap<u64, (Arc<Stored>, usize)>,
+    /// By (service, seq): each service's queue in publish order.
+    pending: BTreeMap<Key, Delivery>,
+    dead: BTreeMap<Key, DeadLetter>,
+}
+
+impl State {
+    fn accept(&mut self, accepted: Accepted) {
+        let Accepted {
+            seq,
+            namespace,
+            topic,
+            event,
+            traceparent,
+            accepted_unix_ms,
+            targets,
+        } = accepted;
+        let refs = targets.len();
+        for target in targets {
+            self.pending.insert(
+                (target.service.as_str().into(), seq),
+                Delivery {
+                    target,
+                    attempts: 0,
+                    next_attempt_unix_ms: 0,
+                    last_error: String::new(),
+                },
+            );
+        }
+        if refs == 0 {
+            return;
+        }
+        let stored = Arc::new(Stored {
+            seq,
+            namespace,
+            topic,
+            event: event.unwrap_or_default(),
+            traceparent,
+            accepted_unix_ms,
+        });
+        self.events.insert(seq, (stored, refs));
+    }
+
+    fn apply(&mut self, u: &Update) {
+        let key: Key = (u.service.as_str().into(), u.seq);
+        match Outcome::try_from(u.outcome).unwrap_or(Outcome::Unspecified) {
+            Outcome::Attempted => {
+                if let Some(d) = self.pending.get_mut(&key) {
+                    d.attempts = u.attempts;
+                    d.next_attempt_unix_ms = u.next_attempt_unix_ms;
+                    d.last_error.clone_from(&u.error);
+                }
+            }
+            Outcome::Delivered | Outcome::Dropped => {
+                if self.pending.remove(&key).is_some() {
+                    self.release(u.seq);
+                }
+            }
+            Outcome::Dead => {
+                if let Some(mut d) = self.pending.remove(&key) {
+                    d.attempts = u.attempts;
+                    self.dead.insert(
+                        key,
+                        DeadLetter {
+                            delivery: d,
+                            reason: u.error.clone(),
+                            dead_unix_ms: u.at_unix_ms,
+                        },
+                    );
+                }
+            }
+            Outcome::Replayed => {
+                if let Some(dead) = self.dead.remove(&key) {
+                    let mut d = dead.delivery;
+                    d.attempts = 0;
+                    d.next_attempt_unix_ms = 0;
+                    d.last_error.clear();
+                    // A replay has the policy's whole age again.
+                    d.target.deadline_unix_ms = u.next_attempt_unix_ms;
+                    self.pending.insert(key, d);
+                }
+            }
+            Outcome::Purged => {
+                if self.dead.remove(&key).is_some() {
+                    self.release(u.seq);
+                }
+            }
+            Outcome::Unspecified => {}
+        }
+    }
+
+    /// One delivery of `seq` is resolved: the event goes with its last.
+    fn release(&mut self, seq: u64) {
+        if let Some((_, refs)) = self.events.get_mut(&seq) {
+            *refs -= 1;
+            if *refs == 0 {
+                self.events.remove(&seq);
+            }
+        }
+    }
+}
+
+/// What [`Outbox::open`] read back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub events: usize,
+    pub pending: usize,
+    pub dead: usize,
+    /// Bytes of a torn tail cut off.
+    pub truncated: u64,
+}
+
+/// The outbox: records through the log's writer, state in memory.
+#[derive(Debug)]
+pub struct Outbox {
+    appender: Appender,
+    state: Mutex<State>,
+    next_seq: AtomicU64,
+}
+
+fn encode(kind: Kind) -> Bytes {
+    Bytes::from(Record { kind: Some(kind) }.encode_to_vec())
+}
+
+impl Outbox {
+    /// Opens the outbox in `dir` and rebuilds its state from the log.
+    pub fn open(dir: &Path, options: Options) -> Result<(Self, Opened), OutboxError> {
+        let (log, recovered) = log::Log::open(dir, options)?;
+        let mut state = State::default();
+        let mut next_seq = 1;
+        for (index, bytes) in recovered.records.into_iter().enumerate() {
+            let record =
+                Record::decode(bytes).map_err(|source| OutboxError::Decode { index, source })?;
+            match record.kind {
+                Some(Kind::Accepted(a)) => {
+                    next_seq = next_seq.max(a.seq + 1);
+                    state.accept(a);
+                }
+                Some(Kind::Update(u)) => state.apply(&u),
+                None => {}
+            }
+        }
+        let opened = Opened {
+            events: state.events.len(),
+            pending: state.pending.len(),
+            dead: state.dead.len(),
+            truncated: recovered.truncated,
+        };
+        let (appender, _thread) = log::spawn(log).map_err(OutboxError::Thread)?;
+        Ok((
+            Self {
+                appender,
+                state: Mutex::new(state),
+                next_seq: AtomicU64::new(next_seq),
+            },
+            opened,
+        ))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Accepts `event` for `targets`; with `durable`, returns only once it
+    /// is on disk (group commit). Its sequence number.
+    pub async fn accept(
+        &self,
+        namespace: &str,
+        topic: &str,
+        event: CloudEvent,
+        traceparent: &str,
+        targets: Vec<Target>,
+        durable: bool,
+    ) -> Result<u64, OutboxError> {
+        let seq = self.next_seq.fetch_add(1, Relaxed);
+        let accepted = Accepted {
+            seq,
+            namespace: namespace.to_owned(),
+            topic: topic.to_owned(),
+            event: Some(event),
+            traceparent: traceparent.to_owned(),
+            accepted_unix_ms: weir_core::time::now_unix_ms(),
+            targets,
+        };
+        let bytes = encode(Kind::Accepted(accepted.clone()));
+        self.appender.append(vec![bytes], durable).await?;
+        self.state().accept(accepted);
+        Ok(seq)
+    }
+
+    /// Records what happened to a delivery (written with the next group,
+    /// not waited on).
+    pub async fn update(&self, update: Update) -> Result<(), OutboxError> {
+        let bytes = encode(Kind::Update(update.clone()));
+        self.state().apply(&update);
+        self.appender.append(vec![bytes], false).await?;
+        Ok(())
+    }
+
+    /// Up to `limit` of `service`'s deliveries due at `now`, in publish
+    /// order; of deliveries with the same ordering key only the oldest, so
+    /// one that keeps failing holds back its own key and no other.
+    pub fn due(&self, service: &str, now_unix_ms: i64, limit: usize) -> Vec<Due> {
+        let state = self.state();
+        let mut keys_seen: HashSet<&str> = HashSet::new();
+        let mut out = Vec::new();
+        let from: Key = (service.into(), 0);
+        for ((svc, seq), d) in state.pending.range(from..) {
+            if &**svc != service || out.len() >= limit {
+                break;
+            }
+            let key = d.target.ordering_key.as_str();
+            let first_of_key = key.is_empty() || keys_seen.insert(key);
+            if first_of_key && d.next_attempt_unix_ms <= now_unix_ms {
+                if let Some((event, _)) = state.events.get(seq) {
+                    out.push(Due {
+                        event: event.clone(),
+                        delivery: d.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// `service`'s dead letters, in publish order.
+    pub fn dead_letters(&self, service: &str) -> Vec<(Arc<Stored>, DeadLetter)> {
+        let state = self.state();
+        let from: Key = (service.into(), 0);
+        state
+            .dead
+            .range(from..)
+            .take_while(|((svc, _), _)| &**svc == service)
+            .filter_map(|((_, seq), d)| Some((state.events.get(seq)?.0.clone(), d.clone())))
+            .collect()
+    }
+
+    /// (events held, deliveries pending, dead letters).
+    pub fn depth(&self) -> (usize, usize, usize) {
+        let state = self.state();
+        (state.events.len(), state.pending.len(), state.dead.len())
+    }
+
+    pub fn log_stats(&self) -> &Arc<log::LogStats> {
+        self.appender.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_proto::cloudevents::v1::cloud_event::{
+        cloud_event_attribute_value::Attr, CloudEventAttributeValue,
+    };
+
+    use super::*;
+
+    fn event(id: &str, key: &str) -> CloudEvent {
+        let mut e = CloudEvent {
+            id: id.into(),
+            source: "/tests".into(),
+            spec_version: "1.0".into(),
+            r#type: "com.example.t".into(),
+            ..CloudEvent::default()
+        };
+        if !key.is_empty() {
+            e.attributes.insert(
+                "partitionkey".into(),
+                CloudEventAttributeValue {
+                    attr: Some(Attr::CeString(key.into())),
+                },
+            );
+        }
+        e
+    }
+
+    fn target(service: &str, key: &str) -> Target {
+        Target {
+            service: service.into(),
+            deadline_unix_ms: i64::MAX,
+            max_attempts: 5,
+            dead_letter: true,
+            ordering_key: key.into(),
+        }
+    }
+
+    fn update(seq: u64, service: &str, outcome: Outcome) -> Update {
+        Update {
+            seq,
+            service: service.into(),
+            outcome: outcome as i32,
+            attempts: 1,
+            next_attempt_unix_ms: 0,
+            error: String::new(),
+            at_unix_ms: 1,
+        }
+    }
+
+    fn ids(due: &[Due]) -> Vec<&str> {
+        due.iter().map(|d| d.event.event.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn accepted_events_survive_a_restart_until_every_service_has_them() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        assert_eq!(opened, Opened::default());
+        let mut seqs = Vec::new();
+        for n in 0..3 {
+            let seq = outbox
+                .accept(
+                    "default",
+                    "orders",
+                    event(&format!("e{n}"), ""),
+                    "00-abc-def-01",
+                    vec![target("billing", ""), target("audit", "")],
+                    true,
+                )
+                .await
+                .expect("accepted");
+            seqs.push(seq);
+        }
+        outbox
+            .update(update(seqs[0], "billing", Outcome::Delivered))
+            .await
+            .expect("recorded");
+        for svc in ["billing", "audit"] {
+            outbox
+                .update(update(seqs[1], svc, Outcome::Delivered))
+                .await
+                .expect("recorded");
+        }
+        // Every update above was written before it was answered.
+        drop(outbox);
+        let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("reopens");
+        assert_eq!(opened.events, 2, "e1 reached both and is gone");
+        assert_eq!(ids(&outbox.due("billing", 0, 10)), ["e2"]);
+        assert_eq!(ids(&outbox.due("audit", 0, 10)), ["e0", "e2"]);
+        let due = outbox.due("audit", 0, 10);
+        assert_eq!(due[0].event.traceparent, "00-abc-def-01");
+        assert_eq!(due[0].event.topic, "orders");
+        // New events continue the sequence.
+        let next = outbox
+            .accept(
+                "default",
+                "orders",
+                event("e3", ""),
+                "",
+                vec![target("audit", "")],
+                true,
+            )
+            .await
+            .expect("accepted");
+        assert!(next > seqs[2]);
+    }
+
+    #[tokio::test]
+    async fn attempts_dead_letters_replays_and_purges_are_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        let seq = outbox
+            .accept(
+                "default",
+                "t",
+                event("e0", ""),
+                "",
+                vec![target("billing", "")],
+                true,
+            )
+            .await
+            .expect("accepted");
+        let mut tried = update(seq, "billing", Outcome::Attempted);
+        tried.attempts = 2;
+        tried.next_attempt_unix_ms = 5_000;
+        tried.error = "503".into();
+        outbox.update(tried).await.expect("recorded");
+        assert!(
+            outbox.due("billing", 4_999, 10).is_empty(),
+            "not before its time"
+        );
+        let due = outbox.due("billing", 5_000, 10);
+        assert_eq!(due[0].delivery.attempts, 2);
+        assert_eq!(due[0].delivery.last_error, "503");
+        let mut dead = update(seq, "billing", Outcome::Dead);
+        dead.error = "5 attempts".into();
+        outbox.update(dead).await.expect("recorded");
+        drop(outbox);
+        let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("reopens");
+        assert_eq!((opened.pending, opened.dead), (0, 1));
+        let letters = outbox.dead_letters("billing");
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].1.reason, "5 attempts");
+        assert_eq!(letters[0].0.event.id, "e0", "with its original id");
+        let mut replay = update(seq, "billing", Outcome::Replayed);
+        replay.next_attempt_unix_ms = 99_000;
+        outbox.update(replay).await.expect("recorded");
+        let due = outbox.due("billing", 0, 10);
+        assert_eq!(ids(&due), ["e0"]);
+        assert_eq!(due[0].delivery.attempts, 0);
+        assert_eq!(due[0].delivery.target.deadline_unix_ms, 99_000);
+        outbox
+            .update(update(seq, "billing", Outcome::Dead))
+            .await
+            .expect("recorded");
+        outbox
+            .update(update(seq, "billing", Outcome::Purged))
+            .await
+            .expect("recorded");
+        assert_eq!(outbox.depth(), (0, 0, 0), "purged: nothing held");
+    }
+
+    #[tokio::test]
+    async fn an_ordering_key_holds_back_only_its_own_events() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        let mut seqs = Vec::new();
+        for (id, key) in [
+            ("a1", "a"),
+            ("b1", "b"),
+            ("a2", "a"),
+            ("n1", ""),
+            ("b2", "b"),
+        ] {
+            seqs.push(
+                outbox
+                    .accept(
+                        "default",
+                        "t",
+                        event(id, key),
+                        "",
+                        vec![target("s", key)],
+                        false,
+                    )
+                    .await
+                    .expect("accepted"),
+            );
+        }
+        assert_eq!(ids(&outbox.due("s", 0, 10)), ["a1", "b1", "n1"]);
+        // a1 keeps failing: a2 waits; b moves on.
+        let mut tried = update(seqs[0], "s", Outcome::Attempted);
+        tried.next_attempt_unix_ms = 1_000;
+        outbox.update(tried).await.expect("recorded");
+        outbox
+            .update(update(seqs[1], "s", Outcome::Delivered))
+            .await
+            .expect("recorded");
+        assert_eq!(ids(&outbox.due("s", 0, 10)), ["n1", "b2"]);
+        assert_eq!(ids(&outbox.due("s", 1_000, 10)), ["a1", "n1", "b2"]);
+        assert_eq!(ids(&outbox.due("s", 1_000, 2)), ["a1", "n1"], "bounded");
+    }
+}
