@@ -50,6 +50,17 @@ struct StateBody {
     session: SessionState,
     in_flight: usize,
     routes: Vec<RouteState>,
+    /// Which services subscribe to which topics (`listed`: an instance
+    /// lists the topic now; else the subscription is retained).
+    subscriptions: Vec<SubscriptionState>,
+}
+
+#[derive(Serialize)]
+struct SubscriptionState {
+    namespace: String,
+    topic: String,
+    service: String,
+    listed: bool,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -90,6 +101,17 @@ async fn state(State(a): State<Admin>) -> Json<StateBody> {
             .all()
             .iter()
             .map(|r| RouteState::from(&**r))
+            .collect(),
+        subscriptions: a
+            .routes
+            .subscription_list()
+            .into_iter()
+            .map(|(namespace, topic, service, listed)| SubscriptionState {
+                namespace,
+                topic,
+                service,
+                listed,
+            })
             .collect(),
     })
 }

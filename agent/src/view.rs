@@ -23,6 +23,7 @@ use weir_client::{
 
 use crate::{
     balance::{policy::Lb, Balancing, Endpoint, Picker, Protocol},
+    outbox::subscriptions::{Subscriptions, DEFAULT_RETENTION},
     retry::{Budget, Failure, FailureMetrics, FailureState},
 };
 
@@ -123,9 +124,34 @@ type Table = HashMap<Box<str>, HashMap<Box<str>, Arc<ServiceRoute>>>;
 #[derive(Debug, Default)]
 pub struct Routes {
     table: RwLock<Table>,
+    /// Which services subscribe to which topics.
+    subscriptions: RwLock<Subscriptions>,
 }
 
 impl Routes {
+    /// The services subscribed to `namespace/topic` now.
+    pub fn subscribers(&self, namespace: &str, topic: &str) -> Vec<Box<str>> {
+        self.subscriptions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .subscribers(namespace, topic, Instant::now())
+    }
+
+    /// Every subscription, for the admin API: (namespace, topic, service,
+    /// listed by an instance now).
+    pub fn subscription_list(&self) -> Vec<(String, String, String, bool)> {
+        self.subscriptions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .list(Instant::now())
+    }
+
+    fn subscriptions(&self) -> std::sync::RwLockWriteGuard<'_, Subscriptions> {
+        self.subscriptions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The route of a service the registry lists (even with no usable
     /// instance), or `None` for a service it does not know.
     pub fn get(&self, namespace: &str, service: &str) -> Option<Arc<ServiceRoute>> {
@@ -220,6 +246,9 @@ pub struct View {
     balancing: BTreeMap<(String, String), Arc<Balancing>>,
     /// The agent's zone, for zone preference; empty: none.
     zone: String,
+    /// How long a service's subscriptions outlive its instances, when its
+    /// policy's `delivery.max_age_seconds` asks for more than the default.
+    retention: BTreeMap<(String, String), std::time::Duration>,
 }
 
 /// `host:port` with IPv6 literals bracketed.
@@ -245,6 +274,7 @@ impl View {
             stale: BTreeMap::new(),
             balancing: BTreeMap::new(),
             zone: String::new(),
+            retention: BTreeMap::new(),
         }
     }
 
@@ -263,7 +293,14 @@ impl View {
         policies: impl IntoIterator<Item = (&'a (String, String), Option<&'a TrafficPolicy>)>,
     ) {
         let mut balancing: BTreeMap<(String, String), Arc<Balancing>> = BTreeMap::new();
+        self.retention.clear();
         for (key, policy) in policies {
+            let max_age = policy
+                .and_then(|p| weir_core::policy::resolve::resolve(p).defaults.delivery)
+                .map(|d| d.max_age);
+            if let Some(age) = max_age.filter(|a| *a > DEFAULT_RETENTION) {
+                self.retention.insert(key.clone(), age);
+            }
             let Some(b) = policy.map(Balancing::of) else {
                 continue;
             };
@@ -407,6 +444,8 @@ impl View {
         let mut touched: BTreeSet<(String, String)> = match &update {
             WatchUpdate::Snapshot { .. } => {
                 self.loaded = true;
+                // Once per snapshot: forget subscriptions past retention.
+                self.routes.subscriptions().expire(Instant::now());
                 let mut all = self.routes.services();
                 all.extend(
                     self.read()
@@ -462,6 +501,20 @@ impl View {
             .take_while(|((ns, svc, _), _)| ns == namespace && svc == service)
             .map(|(_, (i, _))| i);
         let instances: Vec<&Instance> = mirror.service(namespace, service).chain(stale).collect();
+        let retention = self
+            .retention
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .copied()
+            .unwrap_or(DEFAULT_RETENTION);
+        self.routes.subscriptions().observe(
+            namespace,
+            service,
+            instances
+                .iter()
+                .flat_map(|i| i.topics.iter().map(String::as_str)),
+            retention,
+            Instant::now(),
+        );
         if instances.is_empty() {
             self.routes.set(namespace, service, None);
             return;
@@ -483,22 +536,19 @@ impl View {
                     Protocol::Http
                 };
                 let weight = if i.weight == 0 { 100 } else { i.weight };
+                let fresh = Endpoint::new(&i.instance_id, authority, protocol, weight, &i.zone)
+                    .with_topics(i.topics.iter().map(String::as_str));
                 match old.get(i.instance_id.as_str()) {
                     Some(e)
-                        if e.authority == authority
+                        if e.authority == fresh.authority
                             && e.protocol == protocol
                             && e.weight == weight
-                            && *e.zone == *i.zone =>
+                            && e.zone == fresh.zone
+                            && e.topics == fresh.topics =>
                     {
                         Some(Arc::clone(e))
                     }
-                    _ => Some(Arc::new(Endpoint::new(
-                        &i.instance_id,
-                        authority,
-                        protocol,
-                        weight,
-                        &i.zone,
-                    ))),
+                    _ => Some(Arc::new(fresh)),
                 }
             })
             .collect();
@@ -780,6 +830,49 @@ mod tests {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_topics_make_subscriptions_that_outlive_them() {
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), std::time::Duration::from_secs(30));
+        let with = |id: &str, topics: &[&str]| Instance {
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            ..inst("billing", id, 1, HealthStatus::Passing)
+        };
+        view.apply(snapshot(
+            vec![with("b1", &["orders", "refunds"]), with("b2", &["orders"])],
+            1,
+        ))
+        .expect("applies");
+        let subscribers = |topic: &str| -> Vec<String> {
+            routes
+                .subscribers("default", topic)
+                .into_iter()
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(subscribers("orders"), ["billing"]);
+        assert_eq!(subscribers("refunds"), ["billing"]);
+        // Only instances that list a topic receive it.
+        let route = routes.get("default", "billing").expect("a route");
+        let listing: Vec<bool> = route
+            .balancer
+            .endpoints()
+            .iter()
+            .map(|e| e.subscribes("refunds"))
+            .collect();
+        assert_eq!(listing, [true, false]);
+        // Every instance leaves: the subscription stays for the retention.
+        view.apply(change(EventType::Delete, with("b1", &[]), 2))
+            .expect("applies");
+        view.apply(change(EventType::Delete, with("b2", &[]), 3))
+            .expect("applies");
+        assert!(routes.get("default", "billing").is_none());
+        tokio::time::advance(DEFAULT_RETENTION - std::time::Duration::from_secs(1)).await;
+        assert_eq!(subscribers("orders"), ["billing"]);
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        assert!(subscribers("orders").is_empty());
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct Endpoint {
     pub ewma: Ewma,
     /// Out of this agent's rotation after refused or dropped connections.
     pub ejection: Ejection,
+    /// The topics the instance subscribes to (sorted): a topic's events go
+    /// only to instances that list it.
+    pub topics: Box<[Box<str>]>,
 }
 
 impl Endpoint {
@@ -87,7 +90,22 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             ewma: Ewma::default(),
             ejection: Ejection::default(),
+            topics: Box::default(),
         }
+    }
+
+    /// The same endpoint, subscribed to `topics`.
+    pub fn with_topics<'a>(mut self, topics: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut topics: Vec<Box<str>> = topics.into_iter().map(Box::from).collect();
+        topics.sort();
+        topics.dedup();
+        self.topics = topics.into();
+        self
+    }
+
+    /// Whether the instance lists `topic`.
+    pub fn subscribes(&self, topic: &str) -> bool {
+        self.topics.binary_search_by(|t| (**t).cmp(topic)).is_ok()
     }
 }
 

@@ -1,10 +1,13 @@
 //! The durable outbox (issue 11, in progress): what makes an accepted
 //! event impossible to lose silently. Built so far: its storage, a
 //! checksummed segmented append-only log with group commit ([`log`]),
-//! and the records it holds with the state they replay to ([`store`]:
+//! the records it holds with the state they replay to ([`store`]:
 //! accepted events, per-service delivery state, dead letters, ordering
-//! by key). Not built yet: subscriptions, publishing, the delivery
-//! scheduler, compaction of resolved segments; see `docs/outbox.md`.
+//! by key), and which services subscribe to which topics
+//! ([`subscriptions`], fed by the registry view). Not built yet:
+//! publishing, the delivery scheduler, compaction of resolved segments;
+//! see `docs/outbox.md`.
 
 pub mod log;
 pub mod store;
+pub mod subscriptions;
