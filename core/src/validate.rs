@@ -472,6 +472,12 @@ pub fn health_check(check: &mut HealthCheck, ephemeral: bool) -> Result<(), Vali
     Ok(())
 }
 
+/// Whether `topic` is a valid topic name: 1-[`MAX_TOPIC_LEN`] printable
+/// ASCII characters without spaces.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= MAX_TOPIC_LEN && topic.bytes().all(|b| b.is_ascii_graphic())
+}
+
 fn topics(field: &str, topics: &[String]) -> Result<(), ValidationError> {
     if topics.len() > MAX_TOPICS {
         return Err(err(
@@ -481,10 +487,7 @@ fn topics(field: &str, topics: &[String]) -> Result<(), ValidationError> {
     }
     let mut seen = std::collections::HashSet::new();
     for (n, topic) in topics.iter().enumerate() {
-        let ok = !topic.is_empty()
-            && topic.len() <= MAX_TOPIC_LEN
-            && topic.bytes().all(|b| b.is_ascii_graphic());
-        if !ok {
+        if !valid_topic(topic) {
             return Err(err(
                 format!("{field}[{n}]"),
                 format!(

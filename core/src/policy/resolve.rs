@@ -257,12 +257,16 @@ pub struct Timeout {
     pub shadow: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {
     pub durable_outbox: bool,
     pub max_age: Duration,
     pub max_attempts: u32,
     pub dead_letter: bool,
+    /// In publish order per CloudEvents `partitionkey`.
+    pub ordered: bool,
+    /// Where compensation events go; `None`: none.
+    pub compensation_topic: Option<String>,
     pub shadow: bool,
 }
 
@@ -316,7 +320,7 @@ pub fn resolve(p: &pb::TrafficPolicy) -> ResolvedPolicy {
                 delivery: r
                     .delivery
                     .as_ref()
-                    .map_or(defaults.delivery, |d| Some(delivery(d))),
+                    .map_or_else(|| defaults.delivery.clone(), |d| Some(delivery(d))),
             },
         })
         .collect();
@@ -556,6 +560,9 @@ fn delivery(d: &pb::Delivery) -> Delivery {
             MAX_DELIVERY_ATTEMPTS,
         ),
         dead_letter: d.dead_letter,
+        ordered: d.ordered,
+        compensation_topic: (!d.compensation_topic.is_empty())
+            .then(|| d.compensation_topic.clone()),
         shadow: d.shadow,
     }
 }
@@ -842,6 +849,26 @@ mod tests {
     }
 
     #[test]
+    fn delivery_order_and_compensation_are_resolved() {
+        let mut p = pb::TrafficPolicy::default();
+        p.delivery = Some(pb::Delivery {
+            ordered: true,
+            compensation_topic: "orders.failed".into(),
+            ..pb::Delivery::default()
+        });
+        let d = resolve(&p).defaults.delivery.expect("delivery");
+        assert!(d.ordered);
+        assert_eq!(d.compensation_topic.as_deref(), Some("orders.failed"));
+        p.delivery = Some(pb::Delivery::default());
+        let d = resolve(&p).defaults.delivery.expect("delivery");
+        assert!(
+            !d.ordered && d.compensation_topic.is_none(),
+            "empty is none"
+        );
+        assert_eq!(d.max_age, Duration::from_secs(86_400));
+    }
+
+    #[test]
     fn shadow_flags_are_kept() {
         let p = pb::TrafficPolicy {
             load_balancer: Some(pb::LoadBalancer {
@@ -893,7 +920,7 @@ mod tests {
         assert!(d.circuit_breaker.as_ref().is_some_and(|x| x.shadow));
         assert!(d.retry.as_ref().is_some_and(|x| x.shadow));
         assert!(d.timeout.is_some_and(|x| x.shadow));
-        assert!(d.delivery.is_some_and(|x| x.shadow));
+        assert!(d.delivery.as_ref().is_some_and(|x| x.shadow));
         // The rule's own section carries its own flag; inherited ones keep
         // the default's.
         let rule = &r.rules[0].sections;

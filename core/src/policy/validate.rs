@@ -17,7 +17,9 @@ use weir_proto::policy::v1::{
     ZonePreference,
 };
 
-use crate::validate::{dns_label, err, namespace_or_default, shown, ValidationError};
+use crate::validate::{
+    dns_label, err, namespace_or_default, shown, valid_topic, ValidationError, MAX_TOPIC_LEN,
+};
 
 /// Largest encoded policy accepted.
 pub const MAX_POLICY_BYTES: usize = 256 * 1024;
@@ -678,6 +680,15 @@ fn delivery(f: &str, d: &Delivery) -> Result<(), ValidationError> {
             ),
         ));
     }
+    if !d.compensation_topic.is_empty() && !valid_topic(&d.compensation_topic) {
+        return Err(err(
+            format!("{f}.compensation_topic"),
+            format!(
+                "must be empty or 1-{MAX_TOPIC_LEN} printable ASCII characters without spaces (got {})",
+                shown(&d.compensation_topic)
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -751,6 +762,8 @@ mod tests {
                 max_age_seconds: 3600,
                 max_attempts: 20,
                 dead_letter: true,
+                ordered: true,
+                compensation_topic: "orders.failed".into(),
                 shadow: false,
             }),
             rules: vec![
@@ -1374,6 +1387,16 @@ mod tests {
             ("policy.rules[0].delivery.max_attempts", "1000", |p| {
                 r0_dl(p).max_attempts = 5000
             }),
+            (
+                "policy.delivery.compensation_topic",
+                "printable ASCII",
+                |p| dl(p).compensation_topic = "orders failed".into(),
+            ),
+            (
+                "policy.rules[0].delivery.compensation_topic",
+                "1-255",
+                |p| r0_dl(p).compensation_topic = "t".repeat(256),
+            ),
         ]
     }
 
