@@ -850,12 +850,14 @@ mod tests {
 
     #[test]
     fn delivery_order_and_compensation_are_resolved() {
-        let mut p = pb::TrafficPolicy::default();
-        p.delivery = Some(pb::Delivery {
-            ordered: true,
-            compensation_topic: "orders.failed".into(),
-            ..pb::Delivery::default()
-        });
+        let mut p = pb::TrafficPolicy {
+            delivery: Some(pb::Delivery {
+                ordered: true,
+                compensation_topic: "orders.failed".into(),
+                ..pb::Delivery::default()
+            }),
+            ..pb::TrafficPolicy::default()
+        };
         let d = resolve(&p).defaults.delivery.expect("delivery");
         assert!(d.ordered);
         assert_eq!(d.compensation_topic.as_deref(), Some("orders.failed"));
