@@ -104,7 +104,7 @@ pub fn type_and_source(event: &Map<String, Value>) -> (&str, &str) {
 /// `value` with `%XX` sequences decoded (CloudEvents HTTP binding,
 /// 3.1.3.2). A `%` not followed by two hex digits stays as it is; bytes
 /// that do not make UTF-8 become U+FFFD.
-fn percent_decoded(value: &str) -> Cow<'_, str> {
+pub fn percent_decoded(value: &str) -> Cow<'_, str> {
     if !value.contains('%') {
         return Cow::Borrowed(value);
     }
