@@ -42,6 +42,7 @@ pub struct Admin {
     pub routes: Arc<Routes>,
     /// Requests in flight over every ingress worker.
     pub in_flight: crate::ingress::InFlightTotal,
+    pub topics: Arc<crate::outbox::topics::Topics>,
 }
 
 #[derive(Serialize)]
@@ -53,6 +54,21 @@ struct StateBody {
     /// Which services subscribe to which topics (`listed`: an instance
     /// lists the topic now; else the subscription is retained).
     subscriptions: Vec<SubscriptionState>,
+    outbox: OutboxState,
+}
+
+#[derive(Serialize)]
+struct OutboxState {
+    /// Whether publishing works (an outbox under `--data-dir` is open).
+    available: bool,
+    /// Why not, when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// Events held, deliveries pending, dead letters.
+    events: usize,
+    pending: usize,
+    dead_letters: usize,
+    used_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -113,5 +129,21 @@ async fn state(State(a): State<Admin>) -> Json<StateBody> {
                 listed,
             })
             .collect(),
+        outbox: {
+            let (events, pending, dead_letters) =
+                a.topics.outbox().map_or((0, 0, 0), |o| o.depth());
+            OutboxState {
+                available: a.topics.outbox().is_some(),
+                error: a.topics.unavailable().map(str::to_owned),
+                events,
+                pending,
+                dead_letters,
+                used_bytes: a.topics.outbox().map_or(0, |o| {
+                    o.log_stats()
+                        .used_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                }),
+            }
+        },
     })
 }

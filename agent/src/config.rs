@@ -59,6 +59,19 @@ pub struct Args {
     /// control plane answers. Created if missing. Unset: nothing is kept.
     #[arg(long, env = "WEIR_AGENT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The most the outbox (`{data_dir}/outbox/`) may hold, in bytes
+    /// (default 1 GiB): past it, durable publishes are answered 503.
+    #[arg(long, env = "WEIR_AGENT_OUTBOX_MAX_BYTES")]
+    pub outbox_max_bytes: Option<u64>,
+    /// Make every publish durable (fsync'd before it is answered), not
+    /// only those to a topic a subscriber's policy asks it for.
+    #[arg(long, env = "WEIR_AGENT_DURABLE_BY_DEFAULT")]
+    pub durable_by_default: Option<bool>,
+    /// What a publish to a topic no service subscribes to gets: `drop`
+    /// (202, counted in weir_agent_outbox_unsubscribed_total; the default)
+    /// or `reject` (404 no-subscriber).
+    #[arg(long, env = "WEIR_AGENT_UNSUBSCRIBED")]
+    pub unsubscribed: Option<Unsubscribed>,
     /// Log format: text or json.
     #[arg(long, env = "WEIR_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -79,7 +92,21 @@ pub struct FileConfig {
     pub stale_grace_seconds: Option<u64>,
     pub workers: Option<usize>,
     pub data_dir: Option<PathBuf>,
+    pub outbox_max_bytes: Option<u64>,
+    pub durable_by_default: Option<bool>,
+    pub unsubscribed: Option<Unsubscribed>,
     pub log_format: Option<LogFormat>,
+}
+
+/// What a publish to a topic nobody subscribes to gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Unsubscribed {
+    /// Accepted (202) and dropped, counted.
+    #[default]
+    Drop,
+    /// 404 `no-subscriber`.
+    Reject,
 }
 
 /// The resolved configuration.
@@ -97,6 +124,9 @@ pub struct Config {
     pub workers: usize,
     /// Where the view and policies are persisted (none: not persisted).
     pub data_dir: Option<PathBuf>,
+    pub outbox_max_bytes: u64,
+    pub durable_by_default: bool,
+    pub unsubscribed: Unsubscribed,
     pub log_format: LogFormat,
 }
 
@@ -119,6 +149,9 @@ impl Default for Config {
             stale_grace: std::time::Duration::from_secs(30),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
             data_dir: None,
+            outbox_max_bytes: 1 << 30,
+            durable_by_default: false,
+            unsubscribed: Unsubscribed::Drop,
             log_format: LogFormat::Text,
         }
     }
@@ -179,6 +212,15 @@ impl Config {
             Some(s) => std::time::Duration::from_secs(s),
             None => d.stale_grace,
         };
+        let outbox_max_bytes = args
+            .outbox_max_bytes
+            .or(file.outbox_max_bytes)
+            .unwrap_or(d.outbox_max_bytes);
+        if outbox_max_bytes < 1 << 20 {
+            return Err(ConfigError::Invalid(format!(
+                "outbox_max_bytes must be at least 1048576 (got {outbox_max_bytes})"
+            )));
+        }
         let workers = args.workers.or(file.workers).unwrap_or(d.workers);
         if !(1..=64).contains(&workers) {
             return Err(ConfigError::Invalid(format!(
@@ -206,6 +248,15 @@ impl Config {
                 .data_dir
                 .or(file.data_dir)
                 .filter(|d| !d.as_os_str().is_empty()),
+            outbox_max_bytes,
+            durable_by_default: args
+                .durable_by_default
+                .or(file.durable_by_default)
+                .unwrap_or(d.durable_by_default),
+            unsubscribed: args
+                .unsubscribed
+                .or(file.unsubscribed)
+                .unwrap_or(d.unsubscribed),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }

@@ -78,6 +78,8 @@ pub struct Agent {
     registry: JoinHandle<()>,
     session: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    /// Delivers what the outbox holds, when there is one.
+    scheduler: Option<JoinHandle<()>>,
     local: Arc<local::Local>,
     persister: Option<(persist::Persister, JoinHandle<()>)>,
 }
@@ -124,8 +126,55 @@ impl Agent {
             let _ = rx.wait_for(|s| *s).await;
         };
         let in_flight = ingress::InFlightTotal::default();
+        let outbox = match &config.data_dir {
+            None => Err("topic publishing needs --data-dir: the outbox lives there".to_owned()),
+            Some(dir) => {
+                let options = outbox::log::Options {
+                    max_bytes: config.outbox_max_bytes,
+                    ..outbox::log::Options::default()
+                };
+                match outbox::store::Outbox::open(&dir.join("outbox"), options) {
+                    Ok((o, opened)) => {
+                        tracing::info!(
+                            events = opened.events,
+                            pending = opened.pending,
+                            dead_letters = opened.dead,
+                            torn_bytes_cut = opened.truncated,
+                            "outbox opened"
+                        );
+                        Ok(Arc::new(o))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e,
+                            "the outbox cannot be opened; publishing answers 503 until it is repaired (addressed traffic flows)");
+                        Err(e.to_string())
+                    }
+                }
+            }
+        };
+        let topics = Arc::new(outbox::topics::Topics::new(
+            outbox,
+            routes.clone(),
+            config.durable_by_default,
+            config.unsubscribed,
+        ));
+        let scheduler = topics.outbox().map(|o| {
+            let ingress = Arc::new(ingress::Ingress::new(
+                routes.clone(),
+                config.namespace.clone(),
+                config.max_event_bytes,
+                in_flight.worker(),
+            ));
+            tokio::spawn(outbox::scheduler::run(
+                o.clone(),
+                ingress,
+                topics.wake.clone(),
+                stopped.clone(),
+            ))
+        });
         let ingress = {
             let (routes, in_flight) = (routes.clone(), in_flight.clone());
+            let topics = topics.clone();
             let (namespace, max) = (config.namespace.clone(), config.max_event_bytes);
             ingress::Workers::start(
                 config.ingress_addr,
@@ -137,6 +186,7 @@ impl Agent {
                         max,
                         in_flight.worker(),
                     )
+                    .with_topics(topics.clone())
                 },
                 stopped.clone(),
                 DRAIN,
@@ -207,6 +257,7 @@ impl Agent {
             session: state_rx,
             routes,
             in_flight,
+            topics,
         });
         let registry_stop = until(stopped.clone());
         let registry = tokio::spawn(async move {
@@ -245,6 +296,7 @@ impl Agent {
             registry,
             session,
             sweeper,
+            scheduler,
             local,
             persister,
         })
@@ -279,6 +331,9 @@ impl Agent {
         let _ = self.stop.send(true);
         self.ingress.all_ended().await;
         self.sweeper.abort();
+        if let Some(scheduler) = &self.scheduler {
+            scheduler.abort();
+        }
         self.local.deregister_all().await;
         self.session.abort();
         if let Some((persister, writer)) = &self.persister {

@@ -40,6 +40,13 @@ pub enum Reason {
     UpstreamUnavailable,
     /// The policy's deadline (total or per try) passed before an answer.
     Timeout,
+    /// A publish to a topic no service subscribes to (agent setting).
+    NoSubscriber,
+    /// The outbox cannot take the event: not configured (`--data-dir`),
+    /// not readable, or stopped after a write error.
+    OutboxUnavailable,
+    /// The outbox is at its quota (`--outbox-max-bytes`).
+    OutboxFull,
 }
 
 impl Reason {
@@ -53,6 +60,9 @@ impl Reason {
             Reason::TooLarge => "too-large",
             Reason::UpstreamUnavailable => "upstream-unavailable",
             Reason::Timeout => "timeout",
+            Reason::NoSubscriber => "no-subscriber",
+            Reason::OutboxUnavailable => "outbox-unavailable",
+            Reason::OutboxFull => "outbox-full",
         }
     }
 
@@ -64,6 +74,8 @@ impl Reason {
             Reason::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::NoSubscriber => StatusCode::NOT_FOUND,
+            Reason::OutboxUnavailable | Reason::OutboxFull => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -75,11 +87,14 @@ impl Reason {
             Reason::TooLarge => 8,                                  // RESOURCE_EXHAUSTED
             Reason::NoEndpoint | Reason::UpstreamUnavailable => 14, // UNAVAILABLE
             Reason::Timeout => 4,                                   // DEADLINE_EXCEEDED
+            Reason::NoSubscriber => 5,                              // NOT_FOUND
+            Reason::OutboxUnavailable => 14,                        // UNAVAILABLE
+            Reason::OutboxFull => 8,                                // RESOURCE_EXHAUSTED
         }
     }
 
     /// Every reason, for metrics set up front.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 10] = [
         Reason::UnknownService,
         Reason::NoTarget,
         Reason::NoEndpoint,
@@ -87,6 +102,9 @@ impl Reason {
         Reason::TooLarge,
         Reason::UpstreamUnavailable,
         Reason::Timeout,
+        Reason::NoSubscriber,
+        Reason::OutboxUnavailable,
+        Reason::OutboxFull,
     ];
 }
 

@@ -126,9 +126,24 @@ pub struct Routes {
     table: RwLock<Table>,
     /// Which services subscribe to which topics.
     subscriptions: RwLock<Subscriptions>,
+    /// The `delivery` section of each service's policy that has one.
+    deliveries: RwLock<HashMap<(String, String), weir_core::policy::resolve::Delivery>>,
 }
 
 impl Routes {
+    /// `namespace/service`'s delivery settings, if its policy has them.
+    pub fn delivery(
+        &self,
+        namespace: &str,
+        service: &str,
+    ) -> Option<weir_core::policy::resolve::Delivery> {
+        self.deliveries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .cloned()
+    }
+
     /// The services subscribed to `namespace/topic` now.
     pub fn subscribers(&self, namespace: &str, topic: &str) -> Vec<Box<str>> {
         self.subscriptions
@@ -294,12 +309,15 @@ impl View {
     ) {
         let mut balancing: BTreeMap<(String, String), Arc<Balancing>> = BTreeMap::new();
         self.retention.clear();
+        let mut deliveries = HashMap::new();
         for (key, policy) in policies {
-            let max_age = policy
-                .and_then(|p| weir_core::policy::resolve::resolve(p).defaults.delivery)
-                .map(|d| d.max_age);
-            if let Some(age) = max_age.filter(|a| *a > DEFAULT_RETENTION) {
-                self.retention.insert(key.clone(), age);
+            let delivery =
+                policy.and_then(|p| weir_core::policy::resolve::resolve(p).defaults.delivery);
+            if let Some(d) = delivery {
+                if d.max_age > DEFAULT_RETENTION {
+                    self.retention.insert(key.clone(), d.max_age);
+                }
+                deliveries.insert(key.clone(), d);
             }
             let Some(b) = policy.map(Balancing::of) else {
                 continue;
@@ -330,6 +348,11 @@ impl View {
             )
             .collect();
         self.balancing = balancing;
+        *self
+            .routes
+            .deliveries
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = deliveries;
         for (ns, svc) in &changed {
             self.rebuild(ns, svc);
         }

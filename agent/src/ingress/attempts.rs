@@ -65,6 +65,8 @@ pub(crate) struct Plan<'a> {
     pub key: Option<u64>,
     /// Whether an attempt the instance may have seen can be repeated.
     pub safe: bool,
+    /// A topic's delivery goes only to endpoints whose instance lists it.
+    pub topic: Option<&'a str>,
 }
 
 /// The earlier of two optional instants.
@@ -78,20 +80,24 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 
 /// An endpoint for the next attempt: not ejected and not tried by this
 /// request; else (every untried one is ejected) an ejected one, failing
-/// open; else (every one was tried) any.
+/// open; else (every one was tried) any. With a `topic`, only endpoints
+/// whose instance lists it, at every step.
 fn pick<'p>(
     route: &ServiceRoute,
     picker: &'p Picker,
     key: Option<u64>,
     tried: &[usize],
+    topic: Option<&str>,
 ) -> Result<&'p Arc<Endpoint>, Rejection> {
-    let was_tried = |e: &Endpoint| tried.contains(&(e as *const Endpoint as usize));
+    let elsewhere = |e: &Endpoint| topic.is_some_and(|t| !e.subscribes(t));
+    let was_tried = |e: &Endpoint| elsewhere(e) || tried.contains(&(e as *const Endpoint as usize));
+    let again: &dyn Fn(&Endpoint) -> bool = if topic.is_some() { &elsewhere } else { &any };
     picker
         .pick(key, &|e| e.ejection.is_ejected() || was_tried(e))
         .or_else(|| picker.pick(key, &was_tried))
         .or_else(|| {
             (!tried.is_empty())
-                .then(|| picker.pick(key, &any))
+                .then(|| picker.pick(key, again))
                 .flatten()
         })
         .ok_or_else(|| {
@@ -132,6 +138,7 @@ pub(crate) async fn run<E: Exchange>(
         handling: Handling { picker, failure },
         key,
         safe,
+        topic,
     } = plan;
     let start = (!failure.is_none()).then(Instant::now);
     let deadline = start.zip(failure.total()).map(|(s, t)| s + t);
@@ -146,7 +153,7 @@ pub(crate) async fn run<E: Exchange>(
     let mut attempt = 0u32;
     let result = loop {
         attempt += 1;
-        let endpoint = pick(route, picker, key, &tried)?;
+        let endpoint = pick(route, picker, key, &tried, topic)?;
         if attempt == 1 {
             route.requests.increment(1);
         }
@@ -319,6 +326,7 @@ mod tests {
             handling: route.default_handling(),
             key: None,
             safe,
+            topic: None,
         }
     }
 

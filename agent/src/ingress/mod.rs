@@ -12,7 +12,7 @@
 //! its `Send` reaches gRPC instances through their `Subscriber/Deliver`
 //! ([`deliver`]).
 
-mod attempts;
+pub(crate) mod attempts;
 pub mod cloudevents;
 pub mod deliver;
 pub mod forward;
@@ -70,8 +70,13 @@ pub struct Ingress {
     pub max_event_bytes: usize,
     /// Requests this worker is handling.
     pub in_flight: Arc<WorkerInFlight>,
+    /// Publishing to topics (`/v1/topics/{topic}`), when set.
+    pub topics: Option<Arc<crate::outbox::topics::Topics>>,
     rejections: [metrics::Counter; Reason::ALL.len()],
 }
+
+/// Paths of publishes to a topic start with this.
+pub const TOPICS_PREFIX: &str = "/v1/topics/";
 
 /// Requests in flight on one ingress worker, on a cache line of its own:
 /// workers on different cores never write the same line per request.
@@ -160,9 +165,16 @@ impl Ingress {
             default_namespace,
             max_event_bytes,
             in_flight,
+            topics: None,
             rejections: Reason::ALL
                 .map(|r| metrics::counter!("weir_agent_rejections_total", "reason" => r.as_str())),
         }
+    }
+
+    /// The same ingress, publishing to `topics`.
+    pub fn with_topics(mut self, topics: Arc<crate::outbox::topics::Topics>) -> Self {
+        self.topics = Some(topics);
+        self
     }
 
     /// Counts a rejection in `weir_agent_rejections_total`.
@@ -207,6 +219,9 @@ impl Ingress {
         request: Request<Incoming>,
         grpc: bool,
     ) -> Result<Response<Body>, Rejection> {
+        if request.uri().path().starts_with(TOPICS_PREFIX) {
+            return self.publish(request).await;
+        }
         let (route, rewrite) = {
             let target =
                 target::resolve(request.uri(), request.headers(), &self.default_namespace)?;
@@ -228,6 +243,7 @@ impl Ingress {
                     handling,
                     key,
                     safe: true,
+                    topic: None,
                 };
                 return self.send(plan, request, rewrite, grpc).await;
             }
@@ -252,6 +268,7 @@ impl Ingress {
             handling,
             key,
             safe,
+            topic: None,
         };
         self.send(
             plan,
@@ -290,6 +307,86 @@ impl Ingress {
             grpc,
         };
         attempts::run(plan, &mut exchange).await
+    }
+
+    /// `POST /v1/topics/{topic}`: the event (binary or structured mode) is
+    /// accepted into the outbox for the topic's subscribers, answered 202
+    /// with its id; a batch is answered 207, one `{id, status, reason}`
+    /// per event.
+    async fn publish(&self, request: Request<Incoming>) -> Result<Response<Body>, Rejection> {
+        use crate::outbox::event;
+        let topics = self.topics.as_ref().ok_or_else(|| {
+            Rejection::new(
+                Reason::OutboxUnavailable,
+                "topic publishing is not configured",
+            )
+        })?;
+        let topic = request
+            .uri()
+            .path()
+            .strip_prefix(TOPICS_PREFIX)
+            .unwrap_or_default()
+            .to_owned();
+        let headers = request.headers();
+        let namespace = headers
+            .get(target::WEIR_NAMESPACE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .unwrap_or(&self.default_namespace)
+            .to_owned();
+        let traceparent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let mode = cloudevents::mode(headers);
+        if mode == Mode::Plain {
+            return Err(Rejection::new(
+                Reason::BadEvent,
+                "a topic takes a CloudEvent: binary mode (ce- headers), structured or batch",
+            ));
+        }
+        let (parts, body) = request.into_parts();
+        let body = self.read_whole(body).await?;
+        let answer = |status: StatusCode, json: Vec<u8>| {
+            let mut response = Response::new(Body::full(json));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        };
+        let one = match mode {
+            Mode::Binary => Some(event::from_binary(&parts.headers, body.clone())?),
+            Mode::Structured => Some(event::from_structured(&cloudevents::parse_structured(
+                &body,
+            )?)?),
+            _ => None,
+        };
+        if let Some(e) = one {
+            let published = topics.publish(&namespace, &topic, e, &traceparent).await?;
+            let json = serde_json::to_vec(&published).unwrap_or_default();
+            return Ok(answer(StatusCode::ACCEPTED, json));
+        }
+        let mut results = Vec::new();
+        for (id, entry) in cloudevents::parse_batch(&body)? {
+            let outcome = match entry.and_then(|map| event::from_structured(&map)) {
+                Ok(e) => topics.publish(&namespace, &topic, e, &traceparent).await,
+                Err(r) => Err(r),
+            };
+            results.push(match outcome {
+                Ok(p) => serde_json::json!({"id": id, "status": 202, "reason": "", "subscribers": p.subscribers}),
+                Err(r) => {
+                    self.count(&r);
+                    serde_json::json!({"id": id, "status": r.reason.http_status().as_u16(), "reason": r.to_string()})
+                }
+            });
+        }
+        Ok(answer(
+            StatusCode::MULTI_STATUS,
+            serde_json::to_vec(&results).unwrap_or_default(),
+        ))
     }
 
     async fn read_whole(&self, body: Incoming) -> Result<Bytes, Rejection> {
@@ -338,6 +435,7 @@ impl Ingress {
                         handling,
                         key,
                         safe: true,
+                        topic: None,
                     };
                     self.send(plan, request, rewrite.clone(), false).await
                 }

@@ -172,6 +172,7 @@ impl EventsPublisher {
             key,
             // The event's id makes a second delivery safe.
             safe: true,
+            topic: None,
         };
         match attempts::run(plan, &mut exchange).await? {
             Sent::Answered(response) => Ok(response),
@@ -180,9 +181,9 @@ impl EventsPublisher {
     }
 }
 
-/// What an instance answered an event of `Send`.
+/// What an instance answered an event of `Send` (or a topic delivery).
 #[derive(Debug)]
-enum Sent {
+pub(crate) enum Sent {
     /// An HTTP instance's answer, or a gRPC instance's OK.
     Answered(SendResponse),
     /// A gRPC instance's status other than OK.
@@ -192,13 +193,26 @@ enum Sent {
     },
 }
 
-/// `Send`'s event, as the attempt loop sends it.
-struct Publish<'a> {
+/// `Send`'s event (or a topic delivery), as the attempt loop sends it.
+pub(crate) struct Publish<'a> {
     ingress: &'a Ingress,
     /// The event; kept for a retry when `keep`, else taken by the attempt.
     event: Option<CloudEvent>,
     keep: bool,
     path: PathAndQuery,
+}
+
+impl<'a> Publish<'a> {
+    /// `event` to `path` of an instance through `ingress`'s pools; kept
+    /// for retries.
+    pub(crate) fn new(ingress: &'a Ingress, event: CloudEvent, path: PathAndQuery) -> Self {
+        Self {
+            ingress,
+            event: Some(event),
+            keep: true,
+            path,
+        }
+    }
 }
 
 impl Exchange for Publish<'_> {

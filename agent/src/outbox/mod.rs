@@ -11,5 +11,7 @@
 
 pub mod event;
 pub mod log;
+pub mod scheduler;
 pub mod store;
 pub mod subscriptions;
+pub mod topics;

@@ -310,6 +310,33 @@ impl Outbox {
         out
     }
 
+    /// The services with deliveries pending.
+    pub fn pending_services(&self) -> Vec<Box<str>> {
+        let state = self.state();
+        let mut out: Vec<Box<str>> = Vec::new();
+        let mut at = state.pending.keys().next().cloned();
+        // One step per service, not per delivery.
+        while let Some((svc, _)) = at {
+            at = state
+                .pending
+                .range((svc.clone(), u64::MAX)..)
+                .find(|((s, _), _)| *s != svc)
+                .map(|(k, _)| k.clone());
+            out.push(svc);
+        }
+        out
+    }
+
+    /// Whether `service` has deliveries pending (due or not).
+    pub fn has_pending(&self, service: &str) -> bool {
+        let from: Key = (service.into(), 0);
+        self.state()
+            .pending
+            .range(from..)
+            .next()
+            .is_some_and(|((s, _), _)| &**s == service)
+    }
+
     /// `service`'s dead letters, in publish order.
     pub fn dead_letters(&self, service: &str) -> Vec<(Arc<Stored>, DeadLetter)> {
         let state = self.state();

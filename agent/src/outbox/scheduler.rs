@@ -1,0 +1,221 @@
+//! Delivering what the outbox holds: one worker per subscribing service
+//! with pending deliveries, so a slow or dead subscriber never holds up
+//! the others. A worker takes up to [`WINDOW`] due deliveries of its
+//! service (in publish order, the oldest per ordering key only), sends
+//! them all at once, records each outcome, and goes again; with nothing
+//! due it waits for a new event or [`TICK`].
+//!
+//! One delivery is one pass through the service's balancer and attempt
+//! loop (its `retry` and `timeout`, as for addressed traffic), to an
+//! instance that lists the topic: HTTP instances get the event in binary
+//! mode at `/`, gRPC instances through `Subscriber/Deliver`. A 2xx (or
+//! OK) is delivered. Any other outcome counts one attempt and the
+//! delivery is tried again after a backoff (1 s doubling to 60 s), until
+//! `max_attempts` or its deadline (`max_age`): then it becomes a dead
+//! letter (with `dead_letter`) or is dropped, logged and counted. With no
+//! usable instance, nothing is tried and no attempt is counted: the
+//! delivery waits, up to its deadline.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use http::uri::PathAndQuery;
+use tokio::{sync::watch, task::JoinHandle};
+use weir_core::backoff::exponential;
+use weir_proto::outbox::v1::{Outcome, Update};
+
+use super::store::{Due, Outbox};
+use crate::{
+    ingress::{
+        attempts::{self, Plan},
+        publisher::{Publish, Sent},
+        Ingress,
+    },
+    reject::Reason,
+};
+
+/// Deliveries in flight per service at most.
+pub const WINDOW: usize = 64;
+/// How often a worker with nothing due looks again.
+pub const TICK: Duration = Duration::from_millis(100);
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How one delivery went.
+enum Tried {
+    Delivered,
+    /// Tried, and failed with this.
+    Failed(String),
+    /// Not tried: no instance to try.
+    NoInstance(String),
+}
+
+/// Runs until `stop`: starts a worker for every service with pending
+/// deliveries.
+pub async fn run(
+    outbox: Arc<Outbox>,
+    ingress: Arc<Ingress>,
+    wake: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut workers: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
+    loop {
+        workers.retain(|_, w| !w.is_finished());
+        for service in outbox.pending_services() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = workers.entry(service) {
+                let service = slot.key().clone();
+                slot.insert(tokio::spawn(work(
+                    outbox.clone(),
+                    ingress.clone(),
+                    wake.clone(),
+                    service,
+                )));
+            }
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(TICK) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    for (_, w) in workers {
+        w.abort();
+    }
+}
+
+/// Delivers `service`'s events until it has none pending.
+async fn work(
+    outbox: Arc<Outbox>,
+    ingress: Arc<Ingress>,
+    wake: Arc<tokio::sync::Notify>,
+    service: Box<str>,
+) {
+    loop {
+        let now = weir_core::time::now_unix_ms();
+        let due = outbox.due(&service, now, WINDOW);
+        if due.is_empty() {
+            if !outbox.has_pending(&service) {
+                return;
+            }
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(TICK) => {}
+            }
+            continue;
+        }
+        let sends = due
+            .into_iter()
+            .map(|d| deliver(&outbox, &ingress, &service, d));
+        let waited = futures_join(sends).await;
+        if waited {
+            // Nothing could be tried: do not spin.
+            tokio::time::sleep(TICK).await;
+        }
+    }
+}
+
+/// Runs the deliveries together; `true` when none could be tried.
+async fn futures_join<F: std::future::Future<Output = bool>>(
+    sends: impl Iterator<Item = F>,
+) -> bool {
+    let mut set = Vec::new();
+    for s in sends {
+        set.push(s);
+    }
+    let results = futures_util::future::join_all(set).await;
+    results.iter().all(|waited| *waited)
+}
+
+/// One delivery and its record; `true` when it waited (no instance).
+async fn deliver(outbox: &Outbox, ingress: &Ingress, service: &str, due: Due) -> bool {
+    let Due { event, delivery } = due;
+    let outcome = send(ingress, service, &event).await;
+    let now = weir_core::time::now_unix_ms();
+    let attempts = delivery.attempts + u32::from(!matches!(outcome, Tried::NoInstance(_)));
+    let (outcome, error) = match outcome {
+        Tried::Delivered => (Outcome::Delivered, String::new()),
+        Tried::Failed(e) | Tried::NoInstance(e) => {
+            let spent = attempts >= delivery.target.max_attempts;
+            let late = now >= delivery.target.deadline_unix_ms;
+            if !spent && !late {
+                if attempts == delivery.attempts {
+                    // No instance: wait, with no record.
+                    return true;
+                }
+                let delay = exponential(BACKOFF_BASE, BACKOFF_MAX, attempts);
+                let update = Update {
+                    seq: event.seq,
+                    service: service.to_owned(),
+                    outcome: Outcome::Attempted as i32,
+                    attempts,
+                    next_attempt_unix_ms: now
+                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                    error: e,
+                    at_unix_ms: now,
+                };
+                record(outbox, update).await;
+                return false;
+            }
+            let why = if spent {
+                format!("{attempts} attempts failed; the last: {e}")
+            } else {
+                format!("not delivered within its max age; the last error: {e}")
+            };
+            if delivery.target.dead_letter {
+                tracing::warn!(service, topic = %event.topic, id = %event.event.id, reason = %why, "delivery dead-lettered");
+                (Outcome::Dead, why)
+            } else {
+                tracing::warn!(service, topic = %event.topic, id = %event.event.id, reason = %why, "delivery dropped (the policy keeps no dead letters)");
+                (Outcome::Dropped, why)
+            }
+        }
+    };
+    let update = Update {
+        seq: event.seq,
+        service: service.to_owned(),
+        outcome: outcome as i32,
+        attempts,
+        next_attempt_unix_ms: 0,
+        error,
+        at_unix_ms: now,
+    };
+    record(outbox, update).await;
+    false
+}
+
+async fn record(outbox: &Outbox, update: Update) {
+    if let Err(e) = outbox.update(update).await {
+        tracing::error!(error = %e, "cannot record a delivery outcome; it will be delivered again");
+    }
+}
+
+/// One pass through the service's balancer and attempt loop.
+async fn send(ingress: &Ingress, service: &str, event: &super::store::Stored) -> Tried {
+    let Some(route) = ingress.routes.get(&event.namespace, service) else {
+        return Tried::NoInstance(format!(
+            "service {}/{service} has no instance",
+            event.namespace
+        ));
+    };
+    let handling = route.handling_for(&event.event.r#type, &event.event.source);
+    let plan = Plan {
+        route: &route,
+        handling,
+        key: None,
+        safe: true,
+        topic: Some(&event.topic),
+    };
+    let mut exchange = Publish::new(ingress, event.event.clone(), PathAndQuery::from_static("/"));
+    match attempts::run(plan, &mut exchange).await {
+        Ok(Sent::Answered(r)) if (200..300).contains(&r.status) => Tried::Delivered,
+        Ok(Sent::Answered(r)) => {
+            Tried::Failed(format!("instance {} answered {}", r.instance_id, r.status))
+        }
+        Ok(Sent::Refused { instance, status }) => Tried::Failed(format!(
+            "instance {instance} answered {}: {}",
+            status.code(),
+            status.message()
+        )),
+        Err(r) if r.reason == Reason::NoEndpoint => Tried::NoInstance(r.detail.into_owned()),
+        Err(r) => Tried::Failed(r.to_string()),
+    }
+}
