@@ -143,6 +143,8 @@ pub struct LogStats {
     pub groups: AtomicU64,
     /// fsyncs since start.
     pub syncs: AtomicU64,
+    /// Compactions since start.
+    pub checkpoints: AtomicU64,
 }
 
 fn segment_name(index: u64) -> String {
@@ -346,6 +348,37 @@ impl Log {
         self.stats.used_bytes.load(Relaxed)
     }
 
+    /// Writes `buf` (encoded records: the whole state) to a fresh segment,
+    /// fsyncs it, then deletes every older segment.
+    fn checkpoint(&mut self, buf: &[u8], records: u64) -> Result<(), LogError> {
+        if let Some(last) = self.segments.last() {
+            self.file.sync_data().map_err(io_error(&last.path))?;
+        }
+        let (mut file, mut segment) = Self::create_segment(&self.dir, self.next_index)?;
+        self.next_index += 1;
+        file.write_all(buf)
+            .and_then(|()| file.sync_data())
+            .map_err(io_error(&segment.path))?;
+        segment.len += buf.len() as u64;
+        let older = std::mem::take(&mut self.segments);
+        self.file = file;
+        self.segments.push(segment);
+        for old in older {
+            if let Err(e) = fs::remove_file(&old.path) {
+                // Superseded all the same: the checkpoint is on disk.
+                tracing::warn!(segment = %old.path.display(), error = %e, "cannot delete a compacted segment");
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.stats
+            .used_bytes
+            .store(self.segments.iter().map(|s| s.len).sum(), Relaxed);
+        self.stats.records.fetch_add(records, Relaxed);
+        self.stats.syncs.fetch_add(1, Relaxed);
+        self.stats.checkpoints.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
     /// Writes `buf` (encoded records) at the end, then syncs when `sync`.
     /// A failed write is cut back off.
     fn write(&mut self, buf: &[u8], records: u64, sync: bool) -> Result<(), LogError> {
@@ -400,6 +433,8 @@ impl Log {
 struct Job {
     payloads: Vec<Bytes>,
     durable: bool,
+    /// A compaction: the payloads are the whole state ([`Log::checkpoint`]).
+    checkpoint: bool,
     reply: oneshot::Sender<Result<(), LogError>>,
 }
 
@@ -417,6 +452,23 @@ impl Appender {
     /// be lost in a crash (markers of what the agent did, which at worst
     /// it does again).
     pub async fn append(&self, payloads: Vec<Bytes>, durable: bool) -> Result<(), LogError> {
+        self.send(payloads, durable, false).await
+    }
+
+    /// Compaction: writes `payloads` (the whole state, starting with a
+    /// checkpoint record) to a fresh segment, fsyncs it, then deletes
+    /// every older segment. A crash in between leaves the older segments,
+    /// which the checkpoint supersedes when the log is read back.
+    pub async fn checkpoint(&self, payloads: Vec<Bytes>) -> Result<(), LogError> {
+        self.send(payloads, true, true).await
+    }
+
+    async fn send(
+        &self,
+        payloads: Vec<Bytes>,
+        durable: bool,
+        checkpoint: bool,
+    ) -> Result<(), LogError> {
         if let Some(p) = payloads
             .iter()
             .find(|p| p.is_empty() || p.len() > MAX_RECORD)
@@ -428,6 +480,7 @@ impl Appender {
             .send(Job {
                 payloads,
                 durable,
+                checkpoint,
                 reply,
             })
             .map_err(|_| LogError::Closed)?;
@@ -461,6 +514,19 @@ fn write_groups(mut log: Log, queue: mpsc::Receiver<Job>) {
                 Err(_) => return,
             },
         };
+        if first.checkpoint {
+            buf.clear();
+            for p in &first.payloads {
+                encode(&mut buf, p);
+            }
+            let result = log.checkpoint(&buf, first.payloads.len() as u64);
+            let closed = matches!(result, Err(LogError::Closed));
+            let _ = first.reply.send(result);
+            if closed {
+                return;
+            }
+            continue;
+        }
         let mut group = vec![first];
         let mut bytes: usize = group[0]
             .payloads
@@ -469,6 +535,11 @@ fn write_groups(mut log: Log, queue: mpsc::Receiver<Job>) {
             .sum();
         while bytes < MAX_GROUP_BYTES {
             match queue.try_recv() {
+                Ok(job) if job.checkpoint => {
+                    // On its own, after this group.
+                    carried = Some(job);
+                    break;
+                }
                 Ok(job) => {
                     bytes += job
                         .payloads
@@ -480,7 +551,7 @@ fn write_groups(mut log: Log, queue: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if bytes > MAX_GROUP_BYTES && group.len() > 1 {
+        if carried.is_none() && bytes > MAX_GROUP_BYTES && group.len() > 1 {
             carried = group.pop();
         }
         // The quota: durable jobs that would pass it are refused, one by

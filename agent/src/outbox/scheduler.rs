@@ -15,6 +15,10 @@
 //! letter (with `dead_letter`) or is dropped, logged and counted. With no
 //! usable instance, nothing is tried and no attempt is counted: the
 //! delivery waits, up to its deadline.
+//!
+//! Every [`COMPACT_EVERY`] the log is compacted when it is over
+//! [`COMPACT_MIN_BYTES`] and at least twice the live state
+//! ([`Outbox::compact`]).
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -37,6 +41,10 @@ use crate::{
 pub const WINDOW: usize = 64;
 /// How often a worker with nothing due looks again.
 pub const TICK: Duration = Duration::from_millis(100);
+/// How often the log is considered for compaction.
+pub const COMPACT_EVERY: Duration = Duration::from_secs(10);
+/// A log smaller than this is never compacted.
+pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -58,7 +66,14 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut workers: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
+    let mut compacted = tokio::time::Instant::now();
     loop {
+        if compacted.elapsed() >= COMPACT_EVERY {
+            compacted = tokio::time::Instant::now();
+            if let Err(e) = outbox.compact(COMPACT_MIN_BYTES).await {
+                tracing::error!(error = %e, "outbox compaction failed");
+            }
+        }
         workers.retain(|_, w| !w.is_finished());
         for service in outbox.pending_services() {
             if let std::collections::hash_map::Entry::Vacant(slot) = workers.entry(service) {

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use prost::Message;
 use weir_proto::{
     cloudevents::v1::CloudEvent,
-    outbox::v1::{record::Kind, Accepted, Outcome, Record, Target, Update},
+    outbox::v1::{record::Kind, Accepted, Checkpoint, Outcome, Record, Target, Update},
 };
 
 use super::log::{self, Appender, LogError, Options};
@@ -92,7 +92,12 @@ struct State {
 }
 
 impl State {
+    /// Adds an accepted event; one already known is left as it is (the
+    /// original record read back after a checkpoint that holds it).
     fn accept(&mut self, accepted: Accepted) {
+        if self.events.contains_key(&accepted.seq) {
+            return;
+        }
         let Accepted {
             seq,
             namespace,
@@ -176,6 +181,66 @@ impl State {
         }
     }
 
+    /// Takes back an event whose record could not be written.
+    fn forget(&mut self, seq: u64) {
+        if self.events.remove(&seq).is_some() {
+            self.pending.retain(|(_, s), _| *s != seq);
+        }
+    }
+
+    /// The whole state as records, after a checkpoint: each event with the
+    /// targets it still has, then where each of those stands.
+    fn snapshot(&self, next_seq: u64) -> Vec<Bytes> {
+        let mut targets: BTreeMap<u64, Vec<Target>> = BTreeMap::new();
+        let mut updates = Vec::new();
+        for ((service, seq), d) in &self.pending {
+            targets.entry(*seq).or_default().push(d.target.clone());
+            if d.attempts > 0 {
+                updates.push(Update {
+                    seq: *seq,
+                    service: service.to_string(),
+                    outcome: Outcome::Attempted as i32,
+                    attempts: d.attempts,
+                    next_attempt_unix_ms: d.next_attempt_unix_ms,
+                    error: d.last_error.clone(),
+                    at_unix_ms: 0,
+                });
+            }
+        }
+        for ((service, seq), dead) in &self.dead {
+            targets
+                .entry(*seq)
+                .or_default()
+                .push(dead.delivery.target.clone());
+            updates.push(Update {
+                seq: *seq,
+                service: service.to_string(),
+                outcome: Outcome::Dead as i32,
+                attempts: dead.delivery.attempts,
+                next_attempt_unix_ms: 0,
+                error: dead.reason.clone(),
+                at_unix_ms: dead.dead_unix_ms,
+            });
+        }
+        let mut out = vec![encode(Kind::Checkpoint(Checkpoint { next_seq }))];
+        for (seq, targets) in targets {
+            let Some((e, _)) = self.events.get(&seq) else {
+                continue;
+            };
+            out.push(encode(Kind::Accepted(Accepted {
+                seq,
+                namespace: e.namespace.clone(),
+                topic: e.topic.clone(),
+                event: Some(e.event.clone()),
+                traceparent: e.traceparent.clone(),
+                accepted_unix_ms: e.accepted_unix_ms,
+                targets,
+            })));
+        }
+        out.extend(updates.into_iter().map(|u| encode(Kind::Update(u))));
+        out
+    }
+
     /// One delivery of `seq` is resolved: the event goes with its last.
     fn release(&mut self, seq: u64) {
         if let Some((_, refs)) = self.events.get_mut(&seq) {
@@ -224,6 +289,11 @@ impl Outbox {
                     state.accept(a);
                 }
                 Some(Kind::Update(u)) => state.apply(&u),
+                Some(Kind::Checkpoint(c)) => {
+                    // What follows is the whole state.
+                    state = State::default();
+                    next_seq = next_seq.max(c.next_seq);
+                }
                 None => {}
             }
         }
@@ -270,8 +340,13 @@ impl Outbox {
             targets,
         };
         let bytes = encode(Kind::Accepted(accepted.clone()));
-        self.appender.append(vec![bytes], durable).await?;
+        // In the state before the log, so a compaction that runs while
+        // this is being written holds it (see `compact`).
         self.state().accept(accepted);
+        if let Err(e) = self.appender.append(vec![bytes], durable).await {
+            self.state().forget(seq);
+            return Err(e.into());
+        }
         Ok(seq)
     }
 
@@ -353,6 +428,36 @@ impl Outbox {
     pub fn depth(&self) -> (usize, usize, usize) {
         let state = self.state();
         (state.events.len(), state.pending.len(), state.dead.len())
+    }
+
+    /// Compacts the log when it holds more than `min_bytes` and at least
+    /// twice what the live state takes: the state is written after a
+    /// checkpoint to a fresh segment and the older segments are deleted.
+    /// `true` when it compacted.
+    ///
+    /// Consistent without stopping writers: events and updates enter the
+    /// state before their records are queued, so the snapshot holds all
+    /// that came before it; a record queued before the checkpoint but
+    /// written after it is read back as a repeat, which changes nothing
+    /// (an event already known is kept as is; an update is applied again
+    /// to the same effect).
+    pub async fn compact(&self, min_bytes: u64) -> Result<bool, OutboxError> {
+        let used = self.appender.stats().used_bytes.load(Relaxed);
+        if used <= min_bytes {
+            return Ok(false);
+        }
+        let snapshot = self.state().snapshot(self.next_seq.load(Relaxed));
+        let live: u64 = snapshot.iter().map(|b| b.len() as u64 + 8).sum();
+        if live.saturating_mul(2) > used {
+            return Ok(false);
+        }
+        self.appender.checkpoint(snapshot).await?;
+        tracing::info!(
+            before = used,
+            after = self.appender.stats().used_bytes.load(Relaxed),
+            "outbox compacted"
+        );
+        Ok(true)
     }
 
     pub fn log_stats(&self) -> &Arc<log::LogStats> {
@@ -520,6 +625,103 @@ mod tests {
             .await
             .expect("recorded");
         assert_eq!(outbox.depth(), (0, 0, 0), "purged: nothing held");
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_what_is_live_and_a_crash_midway_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        let mut seqs = Vec::new();
+        for n in 0..50 {
+            let targets = vec![target("billing", ""), target("audit", "")];
+            let seq = outbox
+                .accept(
+                    "default",
+                    "t",
+                    event(&format!("e{n}"), ""),
+                    "",
+                    targets,
+                    false,
+                )
+                .await
+                .expect("accepted");
+            seqs.push(seq);
+        }
+        for seq in &seqs[..45] {
+            for svc in ["billing", "audit"] {
+                outbox
+                    .update(update(*seq, svc, Outcome::Delivered))
+                    .await
+                    .expect("recorded");
+            }
+        }
+        let mut tried = update(seqs[45], "audit", Outcome::Attempted);
+        tried.attempts = 3;
+        tried.next_attempt_unix_ms = 7;
+        outbox.update(tried).await.expect("recorded");
+        outbox
+            .update(update(seqs[46], "billing", Outcome::Dead))
+            .await
+            .expect("recorded");
+        let segment = |d: &Path| {
+            let mut s: Vec<_> = std::fs::read_dir(d)
+                .expect("dir")
+                .map(|e| e.expect("entry").path())
+                .collect();
+            s.sort();
+            s
+        };
+        let old = segment(dir.path()).pop().expect("a segment");
+        let old_bytes = std::fs::read(&old).expect("read");
+        let before = outbox.log_stats().used_bytes.load(Relaxed);
+        assert!(
+            outbox.compact(0).await.expect("compacts"),
+            "mostly resolved"
+        );
+        let after = outbox.log_stats().used_bytes.load(Relaxed);
+        assert!(after * 2 < before, "{before} -> {after}");
+        assert_eq!(segment(dir.path()).len(), 1, "the old segment is gone");
+        assert!(
+            !outbox.compact(0).await.expect("no need"),
+            "nothing to gain now"
+        );
+        let expect = |o: &Outbox| {
+            assert_eq!(o.depth(), (5, 9, 1));
+            assert_eq!(ids(&o.due("audit", 0, 10)), ["e46", "e47", "e48", "e49"]);
+            let due = o.due("audit", 7, 10);
+            assert_eq!(due[0].delivery.attempts, 3);
+            assert_eq!(ids(&o.due("billing", 0, 10)), ["e45", "e47", "e48", "e49"]);
+            assert_eq!(o.dead_letters("billing")[0].0.event.id, "e46");
+        };
+        expect(&outbox);
+        // Writing goes on after the checkpoint.
+        let late = outbox
+            .accept(
+                "default",
+                "t",
+                event("e50", ""),
+                "",
+                vec![target("audit", "")],
+                true,
+            )
+            .await
+            .expect("accepted");
+        assert!(late > seqs[49]);
+        drop(outbox);
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("reopens");
+        assert_eq!(ids(&outbox.due("audit", 0, 10)).last(), Some(&"e50"));
+        outbox
+            .update(update(late, "audit", Outcome::Delivered))
+            .await
+            .expect("recorded");
+        expect(&outbox);
+        drop(outbox);
+        // A crash after the checkpoint, before the old segment was deleted.
+        let name = old.file_name().expect("name").to_owned();
+        std::fs::write(dir.path().join(name), old_bytes).expect("restore");
+        assert_eq!(segment(dir.path()).len(), 2);
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("reopens");
+        expect(&outbox);
     }
 
     #[tokio::test]
