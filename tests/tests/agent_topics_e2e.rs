@@ -242,3 +242,101 @@ async fn a_killed_agent_loses_no_event_it_answered() -> Result<()> {
     drop(agent);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dead_letter_is_listed_and_replayed_with_its_id() -> Result<()> {
+    use weir_client::policy::{Delivery, TrafficPolicy};
+    use weir_tests::agents::put_policy_applied;
+
+    let (_etcd, plane, client) = start_one("topics-dead").await?;
+    let billing = HttpInstance::start().await?;
+    billing.set_status("/", 500);
+    subscribe(&client, "billing", "b0", &billing, &["orders"]).await?;
+    let data = tempfile::tempdir()?;
+    let agent = AgentProcess::start(
+        &[plane.endpoint()],
+        "node-1",
+        &[format!("--data-dir={}", data.path().display())],
+    )?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    put_policy_applied(
+        &client,
+        "billing",
+        TrafficPolicy {
+            delivery: Some(Delivery {
+                max_attempts: 2,
+                dead_letter: true,
+                ..Delivery::default()
+            }),
+            ..TrafficPolicy::default()
+        },
+    )
+    .await?;
+    let http = http();
+    for id in ["d-1", "d-2"] {
+        let (status, body) = publish(&http, agent.ingress_addr(), "orders", id).await?;
+        ensure!(status == 202, "{status} {body}");
+    }
+    // Two attempts each (a second apart), then dead letters.
+    let dead = poll_until(
+        SETTLE,
+        "two dead letters",
+        || async {
+            let raw = weir_tests::http_get(agent.admin_addr(), "/v1/dead-letters?service=billing")
+                .await?;
+            let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            Ok(serde_json::from_str::<serde_json::Value>(body).unwrap_or_default())
+        },
+        |v| v.as_array().is_some_and(|a| a.len() == 2),
+    )
+    .await?;
+    ensure!(dead[0]["id"] == "d-1" && dead[0]["attempts"] == 2, "{dead}");
+    ensure!(
+        dead[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("500")),
+        "{dead}"
+    );
+    ensure!(received(&billing).get("d-1") == Some(&2), "two attempts");
+    // The subscriber is fixed; one is replayed by id, the other purged.
+    billing.set_status("/", 200);
+    let admin = |path: &str| {
+        let path = path.to_owned();
+        let http = http.clone();
+        let addr = agent.admin_addr();
+        async move {
+            let response = http
+                .request(
+                    Request::post(format!("http://{addr}{path}")).body(Full::new(Bytes::new()))?,
+                )
+                .await?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        }
+    };
+    let (status, body) = admin("/v1/dead-letters/replay?id=d-1").await?;
+    ensure!(
+        status == 200 && body.contains("\"replayed\":1"),
+        "{status} {body}"
+    );
+    poll_until(
+        SETTLE,
+        "d-1 delivered after the replay",
+        || async { Ok(received(&billing).get("d-1").copied()) },
+        |n| *n == Some(3),
+    )
+    .await?;
+    let (status, body) = admin("/v1/dead-letters/purge?service=billing").await?;
+    ensure!(
+        status == 200 && body.contains("\"purged\":1"),
+        "{status} {body}"
+    );
+    let state = agent.state().await?;
+    ensure!(
+        state["outbox"]["dead_letters"] == 0 && state["outbox"]["pending"] == 0,
+        "{}",
+        state["outbox"]
+    );
+    Ok(())
+}

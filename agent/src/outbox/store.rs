@@ -424,6 +424,19 @@ impl Outbox {
             .collect()
     }
 
+    /// Every dead letter: (service, event, where it stands), by service and
+    /// publish order.
+    pub fn all_dead_letters(&self) -> Vec<(Box<str>, Arc<Stored>, DeadLetter)> {
+        let state = self.state();
+        state
+            .dead
+            .iter()
+            .filter_map(|((svc, seq), d)| {
+                Some((svc.clone(), state.events.get(seq)?.0.clone(), d.clone()))
+            })
+            .collect()
+    }
+
     /// (events held, deliveries pending, dead letters).
     pub fn depth(&self) -> (usize, usize, usize) {
         let state = self.state();
