@@ -158,7 +158,7 @@ impl Agent {
             config.durable_by_default,
             config.unsubscribed,
         ));
-        let scheduler = topics.outbox().map(|o| {
+        let scheduler = topics.outbox().is_some().then(|| {
             let ingress = Arc::new(ingress::Ingress::new(
                 routes.clone(),
                 config.namespace.clone(),
@@ -166,9 +166,8 @@ impl Agent {
                 in_flight.worker(),
             ));
             tokio::spawn(outbox::scheduler::run(
-                o.clone(),
+                topics.clone(),
                 ingress,
-                topics.wake.clone(),
                 stopped.clone(),
             ))
         });

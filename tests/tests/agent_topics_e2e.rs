@@ -252,6 +252,9 @@ async fn a_dead_letter_is_listed_and_replayed_with_its_id() -> Result<()> {
     let billing = HttpInstance::start().await?;
     billing.set_status("/", 500);
     subscribe(&client, "billing", "b0", &billing, &["orders"]).await?;
+    // Subscribes to the compensation topic.
+    let ops = HttpInstance::start().await?;
+    subscribe(&client, "ops", "o0", &ops, &["orders.failed"]).await?;
     let data = tempfile::tempdir()?;
     let agent = AgentProcess::start(
         &[plane.endpoint()],
@@ -259,6 +262,7 @@ async fn a_dead_letter_is_listed_and_replayed_with_its_id() -> Result<()> {
         &[format!("--data-dir={}", data.path().display())],
     )?;
     wait_for_subscribers(&agent, "orders", 1).await?;
+    wait_for_subscribers(&agent, "orders.failed", 1).await?;
     put_policy_applied(
         &client,
         "billing",
@@ -266,6 +270,7 @@ async fn a_dead_letter_is_listed_and_replayed_with_its_id() -> Result<()> {
             delivery: Some(Delivery {
                 max_attempts: 2,
                 dead_letter: true,
+                compensation_topic: "orders.failed".into(),
                 ..Delivery::default()
             }),
             ..TrafficPolicy::default()
@@ -298,6 +303,29 @@ async fn a_dead_letter_is_listed_and_replayed_with_its_id() -> Result<()> {
         "{dead}"
     );
     ensure!(received(&billing).get("d-1") == Some(&2), "two attempts");
+    // The publisher's side hears of it on the compensation topic.
+    poll_until(
+        SETTLE,
+        "two compensation events",
+        || async { Ok(ops.hits().len()) },
+        |n| *n == 2,
+    )
+    .await?;
+    let hit = ops
+        .hits()
+        .into_iter()
+        .find(|h| {
+            h.headers
+                .get("ce-id")
+                .is_some_and(|v| v == "d-1.failed.billing")
+        })
+        .context("d-1's compensation event")?;
+    ensure!(hit.headers["ce-type"] == "weir.delivery.failed");
+    let data: serde_json::Value = serde_json::from_slice(&hit.body)?;
+    ensure!(
+        data["id"] == "d-1" && data["service"] == "billing" && data["attempts"] == 2,
+        "{data}"
+    );
     // The subscriber is fixed; one is replayed by id, the other purged.
     billing.set_status("/", 200);
     let admin = |path: &str| {

@@ -213,12 +213,9 @@ pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
         .filter(|s| match *s {
             "load_balancer" => !policy.load_balancer.as_ref().is_some_and(enforced),
             "retry" | "timeout" => false,
-            // Topic delivery follows the defaults' section; compensation
-            // events and shadow mode are not built yet.
-            "delivery" => policy
-                .delivery
-                .as_ref()
-                .is_some_and(|d| d.shadow || !d.compensation_topic.is_empty()),
+            // Topic delivery follows the defaults' section; shadow mode
+            // is not built for it.
+            "delivery" => policy.delivery.as_ref().is_some_and(|d| d.shadow),
             "rules" => !policy.rules.iter().all(rule_enforced),
             _ => true,
         })

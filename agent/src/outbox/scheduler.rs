@@ -27,7 +27,10 @@ use tokio::{sync::watch, task::JoinHandle};
 use weir_core::backoff::exponential;
 use weir_proto::outbox::v1::{Outcome, Update};
 
-use super::store::{Due, Outbox};
+use super::{
+    store::{Due, Outbox},
+    topics::{compensation, Topics},
+};
 use crate::{
     ingress::{
         attempts::{self, Plan},
@@ -59,12 +62,11 @@ enum Tried {
 
 /// Runs until `stop`: starts a worker for every service with pending
 /// deliveries.
-pub async fn run(
-    outbox: Arc<Outbox>,
-    ingress: Arc<Ingress>,
-    wake: Arc<tokio::sync::Notify>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Receiver<bool>) {
+    let Some(outbox) = topics.outbox().cloned() else {
+        return;
+    };
+    let wake = topics.wake.clone();
     let mut workers: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
     let mut compacted = tokio::time::Instant::now();
     loop {
@@ -79,9 +81,9 @@ pub async fn run(
             if let std::collections::hash_map::Entry::Vacant(slot) = workers.entry(service) {
                 let service = slot.key().clone();
                 slot.insert(tokio::spawn(work(
+                    topics.clone(),
                     outbox.clone(),
                     ingress.clone(),
-                    wake.clone(),
                     service,
                 )));
             }
@@ -98,12 +100,8 @@ pub async fn run(
 }
 
 /// Delivers `service`'s events until it has none pending.
-async fn work(
-    outbox: Arc<Outbox>,
-    ingress: Arc<Ingress>,
-    wake: Arc<tokio::sync::Notify>,
-    service: Box<str>,
-) {
+async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, service: Box<str>) {
+    let wake = topics.wake.clone();
     loop {
         let now = weir_core::time::now_unix_ms();
         let due = outbox.due(&service, now, WINDOW);
@@ -119,7 +117,7 @@ async fn work(
         }
         let sends = due
             .into_iter()
-            .map(|d| deliver(&outbox, &ingress, &service, d));
+            .map(|d| deliver(&topics, &outbox, &ingress, &service, d));
         let waited = futures_join(sends).await;
         if waited {
             // Nothing could be tried: do not spin.
@@ -141,7 +139,13 @@ async fn futures_join<F: std::future::Future<Output = bool>>(
 }
 
 /// One delivery and its record; `true` when it waited (no instance).
-async fn deliver(outbox: &Outbox, ingress: &Ingress, service: &str, due: Due) -> bool {
+async fn deliver(
+    topics: &Topics,
+    outbox: &Outbox,
+    ingress: &Ingress,
+    service: &str,
+    due: Due,
+) -> bool {
     let Due { event, delivery } = due;
     let outcome = send(ingress, service, &event).await;
     let now = weir_core::time::now_unix_ms();
@@ -175,6 +179,16 @@ async fn deliver(outbox: &Outbox, ingress: &Ingress, service: &str, due: Due) ->
             } else {
                 format!("not delivered within its max age; the last error: {e}")
             };
+            let comp = &delivery.target.compensation_topic;
+            if !comp.is_empty() {
+                let failed = compensation(&event.event, &event.topic, service, attempts, &e);
+                if let Err(r) = topics
+                    .publish(&event.namespace, comp, failed, &event.traceparent)
+                    .await
+                {
+                    tracing::error!(service, topic = %comp, error = %r, "cannot publish the compensation event");
+                }
+            }
             if delivery.target.dead_letter {
                 tracing::warn!(service, topic = %event.topic, id = %event.event.id, reason = %why, "delivery dead-lettered");
                 (Outcome::Dead, why)

@@ -43,6 +43,53 @@ pub struct Published {
     pub durable: bool,
 }
 
+/// The CloudEvents `type` of a compensation event.
+pub const COMPENSATION_TYPE: &str = "weir.delivery.failed";
+
+/// The compensation event for `event`'s delivery to `service` that failed
+/// for good: `weir.delivery.failed`, from `/weir/topics/{topic}`, its id
+/// the original's with `.failed.{service}`, its JSON data naming the
+/// original (id, type, source, subject), the topic, the service, the
+/// attempts and the last error; `subject` is the original id, so a
+/// consumer can order or key by it.
+pub fn compensation(
+    event: &CloudEvent,
+    topic: &str,
+    service: &str,
+    attempts: u32,
+    error: &str,
+) -> CloudEvent {
+    use weir_proto::cloudevents::v1::cloud_event::{
+        cloud_event_attribute_value::Attr, CloudEventAttributeValue, Data,
+    };
+    let data = serde_json::json!({
+        "id": event.id,
+        "type": event.r#type,
+        "source": event.source,
+        "subject": attribute(event, "subject"),
+        "topic": topic,
+        "service": service,
+        "attempts": attempts,
+        "error": error,
+    });
+    let text = |s: &str| CloudEventAttributeValue {
+        attr: Some(Attr::CeString(s.to_owned())),
+    };
+    CloudEvent {
+        id: format!("{}.failed.{service}", event.id),
+        source: format!("/weir/topics/{topic}"),
+        spec_version: "1.0".into(),
+        r#type: COMPENSATION_TYPE.into(),
+        attributes: [
+            ("subject".to_owned(), text(&event.id)),
+            ("datacontenttype".to_owned(), text("application/json")),
+        ]
+        .into_iter()
+        .collect(),
+        data: Some(Data::TextData(data.to_string())),
+    }
+}
+
 /// The topics of one agent.
 #[derive(Debug)]
 pub struct Topics {
@@ -159,6 +206,7 @@ impl Topics {
                     } else {
                         String::new()
                     },
+                    compensation_topic: d.compensation_topic.unwrap_or_default(),
                 }
             })
             .collect();
