@@ -512,6 +512,7 @@ mod tests {
             max_attempts: 5,
             dead_letter: true,
             ordering_key: key.into(),
+            compensation_topic: String::new(),
         }
     }
 
