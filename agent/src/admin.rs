@@ -96,6 +96,13 @@ async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
         let s = a.session.borrow();
         (s.view_loaded, s.local_registered)
     };
+    if let Some(why) = a.topics.broken() {
+        // Addressed traffic flows; publishing does not.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the outbox cannot be opened: {why}\n"),
+        );
+    }
     if view && local {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

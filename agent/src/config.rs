@@ -72,6 +72,10 @@ pub struct Args {
     /// or `reject` (404 no-subscriber).
     #[arg(long, env = "WEIR_AGENT_UNSUBSCRIBED")]
     pub unsubscribed: Option<Unsubscribed>,
+    /// Refuse to start when the outbox cannot be opened (a damaged file,
+    /// say) instead of running with publishing answering 503.
+    #[arg(long, env = "WEIR_AGENT_OUTBOX_REQUIRED")]
+    pub outbox_required: Option<bool>,
     /// Log format: text or json.
     #[arg(long, env = "WEIR_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -95,6 +99,7 @@ pub struct FileConfig {
     pub outbox_max_bytes: Option<u64>,
     pub durable_by_default: Option<bool>,
     pub unsubscribed: Option<Unsubscribed>,
+    pub outbox_required: Option<bool>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -127,6 +132,7 @@ pub struct Config {
     pub outbox_max_bytes: u64,
     pub durable_by_default: bool,
     pub unsubscribed: Unsubscribed,
+    pub outbox_required: bool,
     pub log_format: LogFormat,
 }
 
@@ -152,6 +158,7 @@ impl Default for Config {
             outbox_max_bytes: 1 << 30,
             durable_by_default: false,
             unsubscribed: Unsubscribed::Drop,
+            outbox_required: false,
             log_format: LogFormat::Text,
         }
     }
@@ -257,6 +264,10 @@ impl Config {
                 .unsubscribed
                 .or(file.unsubscribed)
                 .unwrap_or(d.unsubscribed),
+            outbox_required: args
+                .outbox_required
+                .or(file.outbox_required)
+                .unwrap_or(d.outbox_required),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }

@@ -64,6 +64,8 @@ pub enum AgentError {
     Persist(#[from] persist::PersistError),
     #[error("the {0} task ended on its own")]
     Task(&'static str),
+    #[error("outbox (--outbox-required): {0}")]
+    Outbox(#[from] outbox::store::OutboxError),
 }
 
 /// A running agent.
@@ -126,6 +128,7 @@ impl Agent {
             let _ = rx.wait_for(|s| *s).await;
         };
         let in_flight = ingress::InFlightTotal::default();
+        let mut broken = false;
         let outbox = match &config.data_dir {
             None => Err("topic publishing needs --data-dir: the outbox lives there".to_owned()),
             Some(dir) => {
@@ -144,9 +147,11 @@ impl Agent {
                         );
                         Ok(Arc::new(o))
                     }
+                    Err(e) if config.outbox_required => return Err(AgentError::Outbox(e)),
                     Err(e) => {
                         tracing::error!(error = %e,
                             "the outbox cannot be opened; publishing answers 503 until it is repaired (addressed traffic flows)");
+                        broken = true;
                         Err(e.to_string())
                     }
                 }
@@ -154,6 +159,7 @@ impl Agent {
         };
         let topics = Arc::new(outbox::topics::Topics::new(
             outbox,
+            broken,
             routes.clone(),
             config.durable_by_default,
             config.unsubscribed,

@@ -128,9 +128,17 @@ pub struct Routes {
     subscriptions: RwLock<Subscriptions>,
     /// The `delivery` section of each service's policy that has one.
     deliveries: RwLock<HashMap<(String, String), weir_core::policy::resolve::Delivery>>,
+    /// A whole registry view is in (from the control plane or the data
+    /// dir): subscriptions are known.
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 impl Routes {
+    /// Whether a whole registry view is in.
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// `namespace/service`'s delivery settings, if its policy has them.
     pub fn delivery(
         &self,
@@ -467,6 +475,9 @@ impl View {
         let mut touched: BTreeSet<(String, String)> = match &update {
             WatchUpdate::Snapshot { .. } => {
                 self.loaded = true;
+                self.routes
+                    .loaded
+                    .store(true, std::sync::atomic::Ordering::Release);
                 // Once per snapshot: forget subscriptions past retention.
                 self.routes.subscriptions().expire(Instant::now());
                 let mut all = self.routes.services();

@@ -41,17 +41,36 @@ async fn publish(
     topic: &str,
     id: &str,
 ) -> Result<(u16, String)> {
+    let data = Bytes::from_static(b"{\"total\":1}");
+    let (status, _, body) = publish_data(http, agent, topic, id, data).await?;
+    Ok((status, body))
+}
+
+/// Publishes `data` as event `id`: status, `weir-reason` and body.
+async fn publish_data(
+    http: &Http,
+    agent: std::net::SocketAddr,
+    topic: &str,
+    id: &str,
+    data: Bytes,
+) -> Result<(u16, String, String)> {
     let request = Request::post(format!("http://{agent}/v1/topics/{topic}"))
         .header("ce-specversion", "1.0")
         .header("ce-id", id)
         .header("ce-source", "/tests/topics")
         .header("ce-type", "com.example.order.created")
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(b"{\"total\":1}")))?;
+        .body(Full::new(data))?;
     let response = http.request(request).await?;
     let status = response.status().as_u16();
+    let reason = response
+        .headers()
+        .get("weir-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, reason, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// The `ce-id`s an instance got, with how many times each.
@@ -365,6 +384,149 @@ async fn a_dead_letter_is_listed_and_replayed_with_its_id() -> Result<()> {
         state["outbox"]["dead_letters"] == 0 && state["outbox"]["pending"] == 0,
         "{}",
         state["outbox"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_outbox_refuses_with_a_reason_and_takes_events_again_once_drained() -> Result<()> {
+    let (_etcd, plane, client) = start_one("topics-quota").await?;
+    let billing = HttpInstance::start().await?;
+    billing.set_status("/", 503);
+    subscribe(&client, "billing", "b0", &billing, &["orders"]).await?;
+    let data = tempfile::tempdir()?;
+    let agent = AgentProcess::start(
+        &[plane.endpoint()],
+        "node-1",
+        &[
+            format!("--data-dir={}", data.path().display()),
+            "--outbox-max-bytes=1048576".to_owned(),
+            "--durable-by-default=true".to_owned(),
+        ],
+    )?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    let http = http();
+    let body = Bytes::from(vec![b'x'; 4096]);
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        let id = format!("q-{}", accepted.len());
+        let (status, reason, text) =
+            publish_data(&http, agent.ingress_addr(), "orders", &id, body.clone()).await?;
+        match status {
+            202 => accepted.push(id),
+            _ => break (status, reason, text),
+        }
+        ensure!(accepted.len() < 1000, "the quota never bit");
+    };
+    ensure!(
+        refusal.0 == 503 && refusal.1 == "outbox-full" && refusal.2.contains("1048576"),
+        "{refusal:?}"
+    );
+    // The subscriber comes back and drains it: publishing works again.
+    billing.set_status("/", 200);
+    let again = poll_until(
+        SETTLE,
+        "publishing accepted again",
+        || {
+            let (http, body) = (http.clone(), body.clone());
+            let addr = agent.ingress_addr();
+            async move { publish_data(&http, addr, "orders", "q-after", body).await }
+        },
+        |(status, _, _)| *status == 202,
+    )
+    .await?;
+    ensure!(again.0 == 202);
+    let got = received(&billing);
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !got.contains_key(*id))
+        .collect();
+    ensure!(lost.is_empty(), "accepted and never delivered: {lost:?}");
+    eprintln!("quota: {} events of 4 KiB accepted into 1 MiB, then 503 outbox-full; all delivered once the subscriber was back", accepted.len());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_damaged_outbox_is_reported_and_left_alone_while_traffic_flows() -> Result<()> {
+    let (_etcd, plane, client) = start_one("topics-damage").await?;
+    let billing = HttpInstance::start().await?;
+    billing.set_status("/", 500);
+    subscribe(&client, "billing", "b0", &billing, &["orders"]).await?;
+    let orders = HttpInstance::start().await?;
+    client
+        .register(instance(
+            "default",
+            "orders",
+            "o0",
+            u32::from(orders.port()),
+        ))
+        .await?;
+    let data = tempfile::tempdir()?;
+    let flags = [format!("--data-dir={}", data.path().display())];
+    let mut agent = AgentProcess::start(&[plane.endpoint()], "node-1", &flags)?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    let http = http();
+    for n in 0..20 {
+        let (status, body) =
+            publish(&http, agent.ingress_addr(), "orders", &format!("c-{n}")).await?;
+        ensure!(status == 202, "{status} {body}");
+    }
+    agent.kill()?;
+    // Damage in the middle of the segment.
+    let segment = std::fs::read_dir(data.path().join("outbox"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .context("a segment")?;
+    let mut bytes = std::fs::read(&segment)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&segment, &bytes)?;
+
+    let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &flags)?;
+    let ready = weir_tests::http_get(agent.admin_addr(), "/readyz").await?;
+    ensure!(
+        ready.starts_with("HTTP/1.1 503")
+            && ready.contains("outbox")
+            && ready.contains("corrupted"),
+        "{ready}"
+    );
+    let (status, reason, _) = publish_data(
+        &http,
+        agent.ingress_addr(),
+        "orders",
+        "c-late",
+        Bytes::from_static(b"{}"),
+    )
+    .await?;
+    ensure!(
+        status == 503 && reason == "outbox-unavailable",
+        "{status} {reason}"
+    );
+    // Addressed traffic is not the outbox's business.
+    agent
+        .wait_for_endpoints("default", "orders", 1, SETTLE)
+        .await?;
+    let answer = http
+        .request(
+            Request::post(format!(
+                "http://{}/v1/services/orders/x",
+                agent.ingress_addr()
+            ))
+            .body(Full::new(Bytes::from_static(b"hi")))?,
+        )
+        .await?;
+    ensure!(answer.status() == 200);
+    ensure!(
+        std::fs::read(&segment)? == bytes,
+        "the damaged file was touched"
+    );
+    drop(agent);
+    // Asked to, the agent refuses to start on it instead.
+    let mut strict = flags.to_vec();
+    strict.push("--outbox-required=true".to_owned());
+    ensure!(
+        AgentProcess::start(&[plane.endpoint()], "node-1", &strict).is_err(),
+        "started on a damaged outbox with --outbox-required"
     );
     Ok(())
 }

@@ -16,9 +16,11 @@
 //! usable instance, nothing is tried and no attempt is counted: the
 //! delivery waits, up to its deadline.
 //!
-//! Every [`COMPACT_EVERY`] the log is compacted when it is over
-//! [`COMPACT_MIN_BYTES`] and at least twice the live state
-//! ([`Outbox::compact`]).
+//! The log is compacted when it is over [`COMPACT_MIN_BYTES`] (or a
+//! quarter of the quota, when smaller) and at least twice the live state
+//! ([`Outbox::compact`]); looked at every [`TICK`], tried again after a
+//! try that would not have gained only once the log grew by a quarter or
+//! the events it holds fell by half.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -44,9 +46,8 @@ use crate::{
 pub const WINDOW: usize = 64;
 /// How often a worker with nothing due looks again.
 pub const TICK: Duration = Duration::from_millis(100);
-/// How often the log is considered for compaction.
-pub const COMPACT_EVERY: Duration = Duration::from_secs(10);
-/// A log smaller than this is never compacted.
+/// A log smaller than this (or than a quarter of the quota) is never
+/// compacted.
 pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -68,12 +69,21 @@ pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Re
     };
     let wake = topics.wake.clone();
     let mut workers: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
-    let mut compacted = tokio::time::Instant::now();
+    let min = COMPACT_MIN_BYTES.min(outbox.max_bytes() / 4);
+    // After a try that would not have gained enough, the next waits until
+    // the log grew by a quarter or the events held fell by half.
+    let mut next_try = (min, usize::MAX);
     loop {
-        if compacted.elapsed() >= COMPACT_EVERY {
-            compacted = tokio::time::Instant::now();
-            if let Err(e) = outbox.compact(COMPACT_MIN_BYTES).await {
-                tracing::error!(error = %e, "outbox compaction failed");
+        let used = outbox.used_bytes();
+        let events = outbox.depth().0;
+        if used > min && (used > next_try.0 || events.saturating_mul(2) <= next_try.1) {
+            match outbox.compact(min).await {
+                Ok(true) => next_try = (min, usize::MAX),
+                Ok(false) => next_try = (used + used / 4, events),
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox compaction failed");
+                    next_try = (used + used / 4, events);
+                }
             }
         }
         workers.retain(|_, w| !w.is_finished());

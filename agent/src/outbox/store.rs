@@ -266,6 +266,7 @@ pub struct Opened {
 #[derive(Debug)]
 pub struct Outbox {
     appender: Appender,
+    max_bytes: u64,
     state: Mutex<State>,
     next_seq: AtomicU64,
 }
@@ -307,6 +308,7 @@ impl Outbox {
         Ok((
             Self {
                 appender,
+                max_bytes: options.max_bytes,
                 state: Mutex::new(state),
                 next_seq: AtomicU64::new(next_seq),
             },
@@ -471,6 +473,16 @@ impl Outbox {
             "outbox compacted"
         );
         Ok(true)
+    }
+
+    /// Bytes the log takes now.
+    pub fn used_bytes(&self) -> u64 {
+        self.appender.stats().used_bytes.load(Relaxed)
+    }
+
+    /// The quota for durable appends.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     pub fn log_stats(&self) -> &Arc<log::LogStats> {

@@ -94,6 +94,8 @@ pub fn compensation(
 #[derive(Debug)]
 pub struct Topics {
     outbox: Result<Arc<Outbox>, String>,
+    /// The outbox exists but could not be opened (not merely unset).
+    broken: bool,
     routes: Arc<Routes>,
     durable_by_default: bool,
     unsubscribed: Unsubscribed,
@@ -117,15 +119,18 @@ fn default_delivery() -> Delivery {
 }
 
 impl Topics {
-    /// `outbox`: the opened outbox, or why there is none.
+    /// `outbox`: the opened outbox, or why there is none; `broken`: it
+    /// failed to open (as opposed to not being configured).
     pub fn new(
         outbox: Result<Arc<Outbox>, String>,
+        broken: bool,
         routes: Arc<Routes>,
         durable_by_default: bool,
         unsubscribed: Unsubscribed,
     ) -> Self {
         Self {
             outbox,
+            broken,
             routes,
             durable_by_default,
             unsubscribed,
@@ -138,6 +143,11 @@ impl Topics {
     /// The outbox, when there is one.
     pub fn outbox(&self) -> Option<&Arc<Outbox>> {
         self.outbox.as_ref().ok()
+    }
+
+    /// Why the outbox failed to open, if it did (`/readyz` reports it).
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.then(|| self.unavailable()).flatten()
     }
 
     /// Why there is no outbox, if there is none.
@@ -162,6 +172,19 @@ impl Topics {
                 ),
             ));
         }
+        let outbox = self
+            .outbox
+            .as_ref()
+            .map_err(|why| Rejection::new(Reason::OutboxUnavailable, why.clone()))?;
+        if !self.routes.loaded() {
+            // Subscribers are unknown until the registry view is in.
+            let mut r = Rejection::new(
+                Reason::OutboxUnavailable,
+                "no registry view yet, so the topic's subscribers are unknown; try again shortly",
+            );
+            r.retry_after = Some(Duration::from_secs(1));
+            return Err(r);
+        }
         let subscribers = self.routes.subscribers(namespace, topic);
         let id = event.id.clone();
         if subscribers.is_empty() {
@@ -179,10 +202,6 @@ impl Topics {
                 durable: false,
             });
         }
-        let outbox = self
-            .outbox
-            .as_ref()
-            .map_err(|why| Rejection::new(Reason::OutboxUnavailable, why.clone()))?;
         let now = weir_core::time::now_unix_ms();
         let mut durable = self.durable_by_default;
         let targets: Vec<Target> = subscribers
