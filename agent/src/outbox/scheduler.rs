@@ -52,6 +52,62 @@ pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
+/// The outbox's depth, set every [`TICK`].
+struct Gauges {
+    events: metrics::Gauge,
+    pending: metrics::Gauge,
+    dead: metrics::Gauge,
+    bytes: metrics::Gauge,
+    oldest: metrics::Gauge,
+}
+
+impl Gauges {
+    fn new() -> Self {
+        Self {
+            events: metrics::gauge!("weir_agent_outbox_events"),
+            pending: metrics::gauge!("weir_agent_outbox_pending_deliveries"),
+            dead: metrics::gauge!("weir_agent_outbox_dead_letters"),
+            bytes: metrics::gauge!("weir_agent_outbox_bytes"),
+            oldest: metrics::gauge!("weir_agent_outbox_oldest_age_seconds"),
+        }
+    }
+
+    fn set(&self, outbox: &Outbox) {
+        let (events, pending, dead) = outbox.depth();
+        self.events.set(events as f64);
+        self.pending.set(pending as f64);
+        self.dead.set(dead as f64);
+        self.bytes.set(outbox.used_bytes() as f64);
+        let age = outbox.oldest_accepted_unix_ms().map_or(0.0, |at| {
+            (weir_core::time::now_unix_ms() - at).max(0) as f64 / 1000.0
+        });
+        self.oldest.set(age);
+    }
+}
+
+/// A service's delivery outcomes, counted.
+struct Outcomes([metrics::Counter; 4]);
+
+impl Outcomes {
+    fn new(service: &str) -> Self {
+        Self(["delivered", "attempted", "dead", "dropped"].map(|o| {
+            metrics::counter!("weir_agent_outbox_deliveries_total",
+                "service" => service.to_owned(), "outcome" => o)
+        }))
+    }
+
+    fn count(&self, outcome: Outcome) {
+        let i = match outcome {
+            Outcome::Delivered => 0,
+            Outcome::Attempted => 1,
+            Outcome::Dead => 2,
+            Outcome::Dropped => 3,
+            _ => return,
+        };
+        self.0[i].increment(1);
+    }
+}
+
 /// How one delivery went.
 enum Tried {
     Delivered,
@@ -73,7 +129,9 @@ pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Re
     // After a try that would not have gained enough, the next waits until
     // the log grew by a quarter or the events held fell by half.
     let mut next_try = (min, usize::MAX);
+    let gauges = Gauges::new();
     loop {
+        gauges.set(&outbox);
         let used = outbox.used_bytes();
         let events = outbox.depth().0;
         if used > min && (used > next_try.0 || events.saturating_mul(2) <= next_try.1) {
@@ -112,6 +170,7 @@ pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Re
 /// Delivers `service`'s events until it has none pending.
 async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, service: Box<str>) {
     let wake = topics.wake.clone();
+    let outcomes = Outcomes::new(&service);
     loop {
         let now = weir_core::time::now_unix_ms();
         let due = outbox.due(&service, now, WINDOW);
@@ -127,7 +186,7 @@ async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, s
         }
         let sends = due
             .into_iter()
-            .map(|d| deliver(&topics, &outbox, &ingress, &service, d));
+            .map(|d| deliver(&topics, &outbox, &ingress, &service, &outcomes, d));
         let waited = futures_join(sends).await;
         if waited {
             // Nothing could be tried: do not spin.
@@ -154,6 +213,7 @@ async fn deliver(
     outbox: &Outbox,
     ingress: &Ingress,
     service: &str,
+    outcomes: &Outcomes,
     due: Due,
 ) -> bool {
     let Due { event, delivery } = due;
@@ -181,7 +241,7 @@ async fn deliver(
                     error: e,
                     at_unix_ms: now,
                 };
-                record(outbox, update).await;
+                record(outbox, outcomes, update).await;
                 return false;
             }
             let why = if spent {
@@ -217,11 +277,12 @@ async fn deliver(
         error,
         at_unix_ms: now,
     };
-    record(outbox, update).await;
+    record(outbox, outcomes, update).await;
     false
 }
 
-async fn record(outbox: &Outbox, update: Update) {
+async fn record(outbox: &Outbox, outcomes: &Outcomes, update: Update) {
+    outcomes.count(Outcome::try_from(update.outcome).unwrap_or(Outcome::Unspecified));
     if let Err(e) = outbox.update(update).await {
         tracing::error!(error = %e, "cannot record a delivery outcome; it will be delivered again");
     }

@@ -439,6 +439,16 @@ impl Outbox {
             .collect()
     }
 
+    /// When the oldest event still held was accepted (unix ms).
+    pub fn oldest_accepted_unix_ms(&self) -> Option<i64> {
+        let state = self.state();
+        state
+            .events
+            .values()
+            .next()
+            .map(|(e, _)| e.accepted_unix_ms)
+    }
+
     /// (events held, deliveries pending, dead letters).
     pub fn depth(&self) -> (usize, usize, usize) {
         let state = self.state();
