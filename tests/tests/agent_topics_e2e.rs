@@ -156,6 +156,16 @@ async fn every_subscribing_service_gets_each_event_once() -> Result<()> {
         received(&billing).values().all(|n| *n == 1),
         "a duplicate without a failure"
     );
+    let metrics = weir_tests::http_get(agent.admin_addr(), "/metrics").await?;
+    let delivered = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("weir_agent_outbox_deliveries_total{")
+                && l.contains("service=\"audit\"")
+                && l.contains("outcome=\"delivered\"")
+        })
+        .context("audit's delivered count")?;
+    ensure!(delivered.ends_with(&format!(" {N}")), "{delivered}");
     ensure!(
         billing_old.hits().is_empty(),
         "an instance not listing the topic got events"
