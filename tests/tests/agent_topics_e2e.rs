@@ -540,3 +540,72 @@ async fn a_damaged_outbox_is_reported_and_left_alone_while_traffic_flows() -> Re
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn grpc_publish_reaches_a_grpc_subscriber_with_the_topic() -> Result<()> {
+    use weir_proto::{
+        cloudevents::v1::CloudEvent,
+        events::v1::{publisher_client::PublisherClient, PublishRequest},
+    };
+    use weir_tests::fixtures::SubscriberInstance;
+
+    let (_etcd, plane, client) = start_one("topics-grpc").await?;
+    let audit = SubscriberInstance::start().await?;
+    let mut i = instance("default", "audit", "g0", u32::from(audit.port()));
+    i.protocol = weir_client::Protocol::Grpc as i32;
+    i.topics = vec!["orders".into()];
+    client.register(i).await?;
+    let data = tempfile::tempdir()?;
+    let agent = AgentProcess::start(
+        &[plane.endpoint()],
+        "node-1",
+        &[format!("--data-dir={}", data.path().display())],
+    )?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    let mut publisher =
+        PublisherClient::connect(format!("http://{}", agent.ingress_addr())).await?;
+    let event = CloudEvent {
+        id: "g-1".into(),
+        source: "/tests/grpc".into(),
+        spec_version: "1.0".into(),
+        r#type: "com.example.order.created".into(),
+        ..CloudEvent::default()
+    };
+    let answer = publisher
+        .publish(PublishRequest {
+            namespace: String::new(),
+            topic: "orders".into(),
+            event: Some(event.clone()),
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        answer.id == "g-1" && answer.subscribers == ["audit"],
+        "{answer:?}"
+    );
+    let delivered = poll_until(
+        SETTLE,
+        "the gRPC subscriber's Deliver",
+        || async { Ok(audit.deliveries()) },
+        |d| !d.is_empty(),
+    )
+    .await?;
+    ensure!(
+        delivered[0].topic == "orders" && delivered[0].attempt == 1,
+        "{:?}",
+        delivered[0]
+    );
+    ensure!(delivered[0].subscription == "audit");
+    ensure!(delivered[0].event.as_ref().is_some_and(|e| e.id == "g-1"));
+    // A bad request names the field.
+    let status = publisher
+        .publish(PublishRequest {
+            namespace: String::new(),
+            topic: String::new(),
+            event: Some(event),
+        })
+        .await
+        .expect_err("no topic");
+    ensure!(status.code() == tonic::Code::InvalidArgument, "{status:?}");
+    Ok(())
+}

@@ -26,7 +26,7 @@ use weir_proto::{
     },
     events::v1::{
         publisher_server::{Publisher, PublisherServer},
-        DeliverRequest, SendRequest, SendResponse,
+        DeliverRequest, PublishRequest, PublishResponse, SendRequest, SendResponse,
     },
 };
 
@@ -88,6 +88,22 @@ impl Publisher for EventsPublisher {
             }
         }
     }
+
+    async fn publish(
+        &self,
+        request: tonic::Request<PublishRequest>,
+    ) -> Result<tonic::Response<PublishResponse>, tonic::Status> {
+        let _in_flight = self.ingress.in_flight.enter();
+        let (metadata, _, message) = request.into_parts();
+        match self.publish_event(&metadata, message).await {
+            Ok(r) => Ok(tonic::Response::new(r)),
+            Err(r) => {
+                tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher/Publish refused");
+                self.ingress.count(&r);
+                Err(r.into_status())
+            }
+        }
+    }
 }
 
 /// Why `Send` did not succeed.
@@ -132,6 +148,43 @@ fn refused(instance: &str, status: &tonic::Status) -> tonic::Status {
 }
 
 impl EventsPublisher {
+    async fn publish_event(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        request: PublishRequest,
+    ) -> Result<PublishResponse, Rejection> {
+        let topics = self.ingress.topics.as_ref().ok_or_else(|| {
+            Rejection::new(
+                Reason::OutboxUnavailable,
+                "topic publishing is not configured",
+            )
+        })?;
+        if request.topic.is_empty() {
+            return Err(Rejection::new(Reason::NoTarget, "topic is required").with_field("topic"));
+        }
+        let event = request.event.ok_or_else(|| {
+            Rejection::new(Reason::BadEvent, "event is required").with_field("event")
+        })?;
+        check_event(&event)?;
+        let namespace = if request.namespace.is_empty() {
+            self.ingress.default_namespace.as_str()
+        } else {
+            request.namespace.as_str()
+        };
+        let traceparent = metadata
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let published = topics
+            .publish(namespace, &request.topic, event, traceparent)
+            .await?;
+        Ok(PublishResponse {
+            id: published.id,
+            subscribers: published.subscribers,
+            durable: published.durable,
+        })
+    }
+
     async fn send_event(
         &self,
         metadata: &tonic::metadata::MetadataMap,
@@ -165,6 +218,7 @@ impl EventsPublisher {
             keep: handling.failure.attempts() > 1,
             event: Some(event),
             path,
+            topic: None,
         };
         let plan = Plan {
             route: &route,
@@ -194,12 +248,24 @@ pub(crate) enum Sent {
 }
 
 /// `Send`'s event (or a topic delivery), as the attempt loop sends it.
+/// What a gRPC subscriber's `Deliver` says of a topic delivery.
+#[derive(Clone, Debug)]
+pub(crate) struct TopicDelivery {
+    pub topic: String,
+    /// The subscribing service.
+    pub subscription: String,
+    /// From 1.
+    pub attempt: u32,
+}
+
 pub(crate) struct Publish<'a> {
     ingress: &'a Ingress,
     /// The event; kept for a retry when `keep`, else taken by the attempt.
     event: Option<CloudEvent>,
     keep: bool,
     path: PathAndQuery,
+    /// Set for a topic delivery.
+    topic: Option<TopicDelivery>,
 }
 
 impl<'a> Publish<'a> {
@@ -211,7 +277,14 @@ impl<'a> Publish<'a> {
             event: Some(event),
             keep: true,
             path,
+            topic: None,
         }
+    }
+
+    /// The same, for a delivery to a topic's subscriber.
+    pub(crate) fn for_topic(mut self, delivery: TopicDelivery) -> Self {
+        self.topic = Some(delivery);
+        self
     }
 }
 
@@ -242,13 +315,14 @@ impl Exchange for Publish<'_> {
         };
         let ingress = self.ingress;
         let path = self.path.clone();
+        let topic = self.topic.clone();
         async move {
             let event = event.ok_or_else(|| {
                 Rejection::new(Reason::UpstreamUnavailable, "the event was not kept")
             })?;
             match endpoint.protocol {
                 Protocol::Http => send_http(ingress, endpoint, event, path).await,
-                Protocol::Grpc => send_grpc(ingress, endpoint, event, path).await,
+                Protocol::Grpc => send_grpc(ingress, endpoint, event, path, topic.as_ref()).await,
             }
         }
     }
@@ -317,13 +391,23 @@ async fn send_grpc(
     endpoint: &Endpoint,
     event: CloudEvent,
     path: PathAndQuery,
+    delivery: Option<&TopicDelivery>,
 ) -> Result<Sent, Failed> {
-    let message = DeliverRequest {
-        event: Some(event),
-        topic: String::new(),
-        subscription: String::new(),
-        attempt: 1,
-        path: path.as_str().to_owned(),
+    let message = match delivery {
+        None => DeliverRequest {
+            event: Some(event),
+            topic: String::new(),
+            subscription: String::new(),
+            attempt: 1,
+            path: path.as_str().to_owned(),
+        },
+        Some(d) => DeliverRequest {
+            event: Some(event),
+            topic: d.topic.clone(),
+            subscription: d.subscription.clone(),
+            attempt: d.attempt,
+            path: String::new(),
+        },
     };
     let max = ingress.max_event_bytes;
     match deliver::deliver(&ingress.upstreams, endpoint, &message, max).await {

@@ -36,7 +36,7 @@ use super::{
 use crate::{
     ingress::{
         attempts::{self, Plan},
-        publisher::{Publish, Sent},
+        publisher::{Publish, Sent, TopicDelivery},
         Ingress,
     },
     reject::Reason,
@@ -217,7 +217,7 @@ async fn deliver(
     due: Due,
 ) -> bool {
     let Due { event, delivery } = due;
-    let outcome = send(ingress, service, &event).await;
+    let outcome = send(ingress, service, &event, delivery.attempts + 1).await;
     let now = weir_core::time::now_unix_ms();
     let attempts = delivery.attempts + u32::from(!matches!(outcome, Tried::NoInstance(_)));
     let (outcome, error) = match outcome {
@@ -289,7 +289,12 @@ async fn record(outbox: &Outbox, outcomes: &Outcomes, update: Update) {
 }
 
 /// One pass through the service's balancer and attempt loop.
-async fn send(ingress: &Ingress, service: &str, event: &super::store::Stored) -> Tried {
+async fn send(
+    ingress: &Ingress,
+    service: &str,
+    event: &super::store::Stored,
+    attempt: u32,
+) -> Tried {
     let Some(route) = ingress.routes.get(&event.namespace, service) else {
         return Tried::NoInstance(format!(
             "service {}/{service} has no instance",
@@ -304,7 +309,12 @@ async fn send(ingress: &Ingress, service: &str, event: &super::store::Stored) ->
         safe: true,
         topic: Some(&event.topic),
     };
-    let mut exchange = Publish::new(ingress, event.event.clone(), PathAndQuery::from_static("/"));
+    let mut exchange = Publish::new(ingress, event.event.clone(), PathAndQuery::from_static("/"))
+        .for_topic(TopicDelivery {
+            topic: event.topic.clone(),
+            subscription: service.to_owned(),
+            attempt,
+        });
     match attempts::run(plan, &mut exchange).await {
         Ok(Sent::Answered(r)) if (200..300).contains(&r.status) => Tried::Delivered,
         Ok(Sent::Answered(r)) => {
