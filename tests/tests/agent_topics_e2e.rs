@@ -609,3 +609,111 @@ async fn grpc_publish_reaches_a_grpc_subscriber_with_the_topic() -> Result<()> {
     ensure!(status.code() == tonic::Code::InvalidArgument, "{status:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_subscriber_away_past_its_registration_gets_everything_in_key_order() -> Result<()> {
+    use weir_client::{
+        policy::{Delivery, TrafficPolicy},
+        InstanceRef,
+    };
+    use weir_tests::agents::put_policy_applied;
+
+    let (_etcd, plane, client) = start_one("topics-away").await?;
+    let first = HttpInstance::start().await?;
+    subscribe(&client, "billing", "b0", &first, &["orders"]).await?;
+    let data = tempfile::tempdir()?;
+    let agent = AgentProcess::start(
+        &[plane.endpoint()],
+        "node-1",
+        &[format!("--data-dir={}", data.path().display())],
+    )?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    put_policy_applied(
+        &client,
+        "billing",
+        TrafficPolicy {
+            delivery: Some(Delivery {
+                ordered: true,
+                ..Delivery::default()
+            }),
+            ..TrafficPolicy::default()
+        },
+    )
+    .await?;
+    // It goes away: its server stops and its registration is gone, as
+    // when its TTL lapses.
+    drop(first);
+    client
+        .deregister(&InstanceRef {
+            namespace: "default".into(),
+            service: "billing".into(),
+            instance_id: "b0".into(),
+        })
+        .await?;
+    poll_until(
+        SETTLE,
+        "billing gone from the routes",
+        || agent.state(),
+        |s| {
+            s["routes"]
+                .as_array()
+                .is_some_and(|r| !r.iter().any(|x| x["service"] == "billing"))
+        },
+    )
+    .await?;
+    // Published meanwhile, three keys interleaved.
+    let http = http();
+    const N: usize = 60;
+    for n in 0..N {
+        let key = format!("customer-{}", n % 3);
+        let request = Request::post(format!("http://{}/v1/topics/orders", agent.ingress_addr()))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", format!("a-{n}"))
+            .header("ce-source", "/tests/topics")
+            .header("ce-type", "com.example.order.created")
+            .header("ce-partitionkey", key)
+            .body(Full::new(Bytes::from_static(b"{}")))?;
+        let response = http.request(request).await?;
+        ensure!(response.status() == 202, "{}", response.status());
+        let body = response.into_body().collect().await?.to_bytes();
+        ensure!(
+            String::from_utf8_lossy(&body).contains("billing"),
+            "the subscription outlived its instance"
+        );
+    }
+    // Back, on another port.
+    let back = HttpInstance::start().await?;
+    subscribe(&client, "billing", "b1", &back, &["orders"]).await?;
+    poll_until(
+        SETTLE,
+        "everything published meanwhile delivered",
+        || async { Ok(received(&back).len()) },
+        |n| *n == N,
+    )
+    .await?;
+    for k in 0..3 {
+        let key = format!("customer-{k}");
+        let order: Vec<usize> = back
+            .hits()
+            .iter()
+            .filter(|h| {
+                h.headers
+                    .get("ce-partitionkey")
+                    .is_some_and(|v| v == key.as_str())
+            })
+            .filter_map(|h| {
+                h.headers
+                    .get("ce-id")?
+                    .to_str()
+                    .ok()?
+                    .strip_prefix("a-")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        ensure!(order == sorted, "{key} out of publish order: {order:?}");
+    }
+    Ok(())
+}
