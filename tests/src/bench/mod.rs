@@ -18,6 +18,7 @@
 
 mod ab;
 mod build;
+pub mod peers;
 mod proc;
 mod stats;
 
