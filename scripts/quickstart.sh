@@ -6,13 +6,19 @@
 # (node-a, node-b) and sample services built from this workspace
 # (weir-sample): four `orders` instances, two per node, one of them answering
 # every 10th event with 503 and one answering 20 ms late, and one `checkout`
-# per node sending CloudEvents to `orders` through its own node's agent. Before
+# per node sending CloudEvents to `orders` through its own node's agent. The
+# agents keep a durable outbox (--data-dir, --durable-by-default true), and
+# two more samples, `billing` (node-a) and `shipping` (node-b), subscribe to
+# the topic orders.created: the script publishes 100 events to it through
+# node-a's agent, stops shipping for a while partway and starts it again,
+# and shows that both got every event. Before
 # the traffic starts it sets a policy for `orders` with weirctl (peak EWMA
 # balancing, retries with a budget, a total timeout) and waits until both
 # agents applied it. It shows the registry, how many events each orders
 # instance got, how many the agents retried, what the senders saw (no failed
-# events), says what to try, and keeps running until Ctrl-C. `--exit` stops
-# after printing.
+# events), what billing and shipping received and the outboxes' pending
+# deliveries, says what to try, and keeps running until Ctrl-C. `--exit` stops
+# after printing (exit status 1 when a subscriber missed topic events).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -28,6 +34,11 @@ RATE=20             # events per second from each checkout
 REPORT_EVERY=5      # seconds between checkout's report lines
 FAIL_EVERY=10       # orders-a2 answers every FAIL_EVERY-th event with 503
 SLOW_MS=20          # orders-b2 answers every event SLOW_MS late
+TOPIC=orders.created
+TOPIC_EVENTS=100    # published to TOPIC through node-a's agent,
+TOPIC_RATE=20       # at about TOPIC_RATE events per second
+AWAY_AFTER=30       # shipping-b1 stops once it has this many events
+BACK_AFTER=70       # and starts again after this many were published
 
 # Stopped in this order: samples and the keeper deregister their instances
 # on SIGTERM, agents close their sessions, then the control plane goes.
@@ -113,10 +124,12 @@ weirctl register legacy --host 127.0.0.1 --port "$(weir_free_port)" --id legacy-
 SAMPLE_PIDS+=($!)
 
 # Two agents, one per "node"; each prints its ingress and admin addresses.
+# Each keeps its outbox (what is published to topics) in its own data dir,
+# and fsyncs every publish before answering it.
 for node in a b; do
   start_ready "agent-$node" AGENT_PIDS "$BIN/weir-agent" --node-id "node-$node" --zone "$node" \
     --control-plane "$WEIR_ENDPOINT" --ingress-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
-    --registry-addr 127.0.0.1:0 || exit 1
+    --registry-addr 127.0.0.1:0 --data-dir "$LOG_DIR/agent-$node-data" --durable-by-default true || exit 1
   printf -v "INGRESS_$node" '%s' "$(ready_field ingress)"
   printf -v "ADMIN_$node" '%s' "$(ready_field admin)"
   printf -v "REGISTRY_$node" '%s' "$(ready_field registry)"
@@ -146,6 +159,10 @@ for id in "${ORDERS[@]}"; do
   read -ra flags <<<"${ORDERS_FLAGS[$id]:-}"
   start_sample "${id: -2:1}" "$id" ${flags[@]+"${flags[@]}"}
 done
+# The subscribers of TOPIC: one billing instance on node-a, one shipping
+# instance on node-b.
+start_sample a billing-a1 --topic "$TOPIC"
+start_sample b shipping-b1 --topic "$TOPIC"
 
 # routes_to ADMIN SERVICE: how many endpoints that agent routes SERVICE to.
 routes_to() {
@@ -166,6 +183,26 @@ for node in a b; do
   fi
 done
 weir_log "both agents route orders to ${ORDERS[*]}"
+# subscribed NODE SERVICE: whether node-NODE's agent has SERVICE subscribed
+# to TOPIC through a registered instance listing it.
+subscribed() {
+  local admin_var=ADMIN_$1
+  curl -fsS "http://${!admin_var}/v1/state" 2>/dev/null \
+    | grep -q "\"topic\":\"$TOPIC\",\"service\":\"$2\",\"listed\":true"
+}
+for node in a b; do
+  admin_var=ADMIN_$node
+  for _ in $(seq 1 100); do
+    subscribed "$node" billing && subscribed "$node" shipping && break
+    sleep 0.1
+  done
+  if ! { subscribed "$node" billing && subscribed "$node" shipping; }; then
+    weir_log "after 10 s agent node-$node does not have billing and shipping subscribed to $TOPIC:"
+    curl -fsS "http://${!admin_var}/v1/state" >&2 || true
+    exit 1
+  fi
+done
+weir_log "both agents have billing and shipping subscribed to $TOPIC"
 
 # json_num NAME JSON: the number after "NAME": in JSON.
 json_num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$2"; }
@@ -212,6 +249,92 @@ done
 echo
 echo "\$ weirctl get legacy"
 weirctl get legacy
+
+# The topic, while the checkouts run: TOPIC_EVENTS events published to
+# TOPIC through node-a's agent. shipping-b1 stops (SIGTERM: it deregisters;
+# the subscription is retained) once it has AWAY_AFTER events and starts
+# again after BACK_AFTER were published; what was published meanwhile
+# waits in node-a's outbox.
+# received_by ID: the events sample ID received (its /stats), 0 if down.
+received_by() {
+  local addr_var=ADDR_${1//-/_} n
+  n=$(json_num received "$(curl -fsS "http://${!addr_var}/stats" 2>/dev/null || echo '{}')")
+  echo "${n:-0}"
+}
+# outbox_pending NODE: node-NODE's agent's pending deliveries (/v1/state).
+outbox_pending() {
+  local admin_var=ADMIN_$1
+  curl -fsS "http://${!admin_var}/v1/state" 2>/dev/null | grep -o '"outbox":{[^}]*}' \
+    | sed -n 's/.*"pending":\([0-9]*\).*/\1/p'
+}
+# stop_sample ID: stops sample ID (SIGTERM: it deregisters) and forgets
+# its pid.
+stop_sample() {
+  local pid_var=PID_${1//-/_} pid keep=()
+  stop_pids "${!pid_var}" || true
+  for pid in "${SAMPLE_PIDS[@]}"; do [ "$pid" = "${!pid_var}" ] || keep+=("$pid"); done
+  SAMPLE_PIDS=(${keep[@]+"${keep[@]}"})
+}
+# publish SEQ: publishes event SEQ; prints the HTTP status (000: no answer).
+publish() {
+  curl -sS -o "$LOG_DIR/publish.json" -w '%{http_code}' --max-time 5 \
+    "http://$INGRESS_a/v1/topics/$TOPIC" -H 'ce-specversion: 1.0' -H "ce-id: order-$1" \
+    -H 'ce-source: /quickstart' -H "ce-type: $TOPIC" -H 'content-type: application/json' \
+    -d "{\"order\":$1}" 2>>"$LOG_DIR/publish.log" || true
+}
+weir_log "publishing $TOPIC_EVENTS events to $TOPIC through node-a's agent ($TOPIC_RATE/s); shipping-b1 goes away for a while"
+# start_pace SEQ: the publishing runs at TOPIC_RATE/s from now on, after
+# event SEQ. pace_from SEQ: after event SEQ, sleeps until the next is due.
+start_pace() { pace_t0=$EPOCHREALTIME pace_seq=$1; }
+pace_from() {
+  sleep "$(awk -v t0="${pace_t0/,/.}" -v now="${EPOCHREALTIME/,/.}" -v n=$(( $1 - pace_seq )) -v r="$TOPIC_RATE" \
+    'BEGIN { d = t0 + n / r - now; printf "%.3f", (d > 0 ? d : 0) }')"
+}
+published=0 publish_codes='' first_answer='' shipping_before=0 away_pending='?' away_sub=
+start_pace 0
+for seq in $(seq 1 "$TOPIC_EVENTS"); do
+  if [ "$seq" = $(( AWAY_AFTER + 1 )) ]; then
+    # Stop shipping-b1 once it has all published so far, so its count
+    # before it went away is known.
+    for _ in $(seq 1 50); do
+      [ "$(received_by shipping-b1)" -ge "$published" ] && break
+      sleep 0.1
+    done
+    shipping_before=$(received_by shipping-b1)
+    stop_sample shipping-b1
+    mv "$LOG_DIR/shipping-b1.log" "$LOG_DIR/shipping-b1.1.log"
+    weir_log "stopped shipping-b1 after $shipping_before events; publishing on"
+    start_pace "$AWAY_AFTER"
+  fi
+  if [ "$seq" = $(( BACK_AFTER + 1 )) ]; then
+    away_pending=$(outbox_pending a)
+    admin_var=ADMIN_a
+    away_sub=$(curl -fsS "http://${!admin_var}/v1/state" 2>/dev/null \
+      | grep -o "\"topic\":\"$TOPIC\",\"service\":\"shipping\",\"listed\":[a-z]*" | sed 's/.*://')
+    start_sample b shipping-b1 --topic "$TOPIC"
+    weir_log "started shipping-b1 again (node-a's outbox holds ${away_pending:-?} deliveries for it)"
+    start_pace "$BACK_AFTER"
+  fi
+  code=$(publish "$seq")
+  if [ "$code" = 202 ]; then
+    published=$(( published + 1 ))
+    [ -n "$first_answer" ] || first_answer=$(cat "$LOG_DIR/publish.json")
+  else
+    publish_codes+=" $seq:$code"
+  fi
+  pace_from "$seq"
+done
+# Wait, at most 15 s, until billing and shipping have every event and no
+# delivery is pending.
+topic_done() {
+  [ "$(received_by billing-a1)" -ge "$published" ] \
+    && [ $(( shipping_before + $(received_by shipping-b1) )) -ge "$published" ] \
+    && [ "$(outbox_pending a)" = 0 ] && [ "$(outbox_pending b)" = 0 ]
+}
+for _ in $(seq 1 150); do
+  topic_done && break
+  sleep 0.1
+done
 
 # The checkouts' first report lines come after REPORT_EVERY seconds.
 for _ in $(seq 1 $(( (REPORT_EVERY + 5) * 10 ))); do
@@ -291,16 +414,50 @@ else
   echo "$senders_failed events failed (the reasons: by_reason in each checkout's /stats)."
 fi
 echo
+echo "Topic $TOPIC: node-a's agent accepted $published of $TOPIC_EVENTS events (202, each fsync'd first:"
+echo "--durable-by-default true); the first answer: $first_answer"
+[ -z "$publish_codes" ] || echo "Not accepted (event:status):$publish_codes (curl's errors: $LOG_DIR/publish.log)"
+case $away_sub in
+  false) away_sub="its subscription retained (listed: false)" ;;
+  '') away_sub="its subscription gone" ;;
+  *) away_sub="its subscription listed: $away_sub" ;;
+esac
+echo "shipping-b1 stopped after event $AWAY_AFTER and started again after event $BACK_AFTER; meanwhile, with"
+echo "$away_sub, node-a's outbox held ${away_pending:-?} pending deliveries."
+echo "What the subscribers received (/stats):"
+billing=$(received_by billing-a1)
+shipping_after=$(received_by shipping-b1)
+shipping=$(( shipping_before + shipping_after ))
+topic_missing=0
+for sub in "billing billing-a1 node-a $billing" "shipping shipping-b1 node-b $shipping"; do
+  read -r svc id node n <<<"$sub"
+  note=
+  [ "$svc" = shipping ] && note=" ($shipping_before before it stopped, $shipping_after after it came back)"
+  if [ "$n" -lt "$published" ]; then
+    note+="  MISSING $(( published - n ))"
+    topic_missing=1
+  fi
+  printf '  %-9s %-12s %-7s received %3d of %d%s\n' "$svc" "$id" "$node" "$n" "$published" "$note"
+done
+echo "  outbox pending: node-a $(outbox_pending a), node-b $(outbox_pending b)"
+if [ "$topic_missing" = 0 ] && [ "$published" = "$TOPIC_EVENTS" ]; then
+  echo "Both subscribers got every event, shipping too: what was published while it was away waited in the outbox."
+else
+  topic_missing=1
+  weir_log "topic $TOPIC: not every event was published and received within 15 s (see above)"
+fi
+echo
 echo "Agents (admin API: /v1/state /metrics /readyz /healthz):"
 for node in a b; do
   ingress_var=INGRESS_$node admin_var=ADMIN_$node
   echo "  node-$node  ingress http://${!ingress_var}  admin http://${!admin_var}/v1/state"
   curl -fsS "http://${!admin_var}/metrics" 2>/dev/null \
-    | awk '/^weir_agent_(requests|rejections|upstream_errors|retries|retry_budget_exhausted|timeouts|ejections)_total/ && $NF != 0 { print "    " $0 }' || true
+    | awk '/^weir_agent_((requests|rejections|upstream_errors|retries|retry_budget_exhausted|timeouts|ejections|outbox_published|outbox_deliveries)_total|outbox_pending_deliveries)/ && $NF != 0 { print "    " $0 }' || true
 done
 echo
+# shellcheck disable=SC2154  # INGRESS_*, ADMIN_* and PID_* are set with printf -v
 cat <<MSG
-Weir is running: a control plane, two agents, four orders instances and two checkouts.
+Weir is running: a control plane, two agents, four orders instances, two checkouts, billing and shipping.
   control plane  $WEIR_ENDPOINT (gRPC: weir.registry.v1.Registry, health, reflection)
                  http://$http/readyz   store: $store_note
   logs           $LOG_DIR (one .out and one .log per process)
@@ -317,10 +474,14 @@ Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $BIN/weirctl)
   curl -s http://$ADMIN_b/v1/state   # node-b's agent: routes (balancer, failure) and endpoints
                                      # (in_flight, ewma_ms, ejected_ms while ejected, ejections)
   curl -s http://$ADMIN_b/metrics | grep -E '^weir_agent_(retr|timeouts|ejec)'
+  curl -i http://$INGRESS_a/v1/topics/$TOPIC -H 'ce-specversion: 1.0' -H 'ce-id: hand-3' \\
+    -H 'ce-source: /you' -H 'ce-type: $TOPIC' -d '{}'   # 202: billing and shipping each get it
+  curl -s http://$ADMIN_a/v1/state   # also subscriptions (listed or retained) and outbox (pending)
+  curl -s http://$ADMIN_a/metrics | grep '^weir_agent_outbox'
   weirctl health legacy              # status history with reasons
   weirctl policy set -f docs/examples/orders-policy.yaml && weirctl policy status orders
                                      # a fuller policy: "partly", the agents name what they do not enforce yet
 Rate limits, circuit breakers and the dashboard come with later stages. Ctrl-C here stops everything.
 MSG
-if [ "$exit_after" = 1 ]; then exit 0; fi
+if [ "$exit_after" = 1 ]; then exit "$topic_missing"; fi
 wait "${CP_PIDS[0]}"

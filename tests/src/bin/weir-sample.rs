@@ -5,7 +5,10 @@
 //! JSON body naming itself, counts what it received (`GET /stats`), and
 //! registers itself as an ephemeral instance, deregistering on SIGTERM or
 //! Ctrl-C. `--fail-every N` answers every Nth event 503 and `--delay-ms`
-//! answers late, for an instance that fails now and then or is slow. With `--emit-to` it also sends CloudEvents (binary mode) to a
+//! answers late, for an instance that fails now and then or is slow.
+//! `--topic NAME` (repeatable) subscribes it to a topic: the agents
+//! deliver what is published there to `/`, counted like any event. With
+//! `--emit-to` it also sends CloudEvents (binary mode) to a
 //! service through an agent's ingress, at a fixed rate, and every
 //! `--report-every` seconds prints one line saying which instances
 //! answered (from their JSON answers) and why the rest failed: by the
@@ -105,6 +108,10 @@ struct Args {
     /// The registration's TTL in seconds, renewed in the background.
     #[arg(long, default_value_t = 10)]
     ttl: u32,
+    /// A topic this instance subscribes to (`Instance.topics`): the agents
+    /// deliver what is published to it at `/`. Repeat for more.
+    #[arg(long = "topic")]
+    topics: Vec<String>,
     /// Send events to this service (through `--agent`).
     #[arg(long, requires = "agent")]
     emit_to: Option<String>,
@@ -606,6 +613,7 @@ async fn run(args: Args) -> Result<()> {
         .into(),
         ephemeral: true,
         ttl_seconds: args.ttl,
+        topics: args.topics.clone(),
         ..Instance::default()
     };
 
