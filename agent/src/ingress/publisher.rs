@@ -270,12 +270,17 @@ pub(crate) struct Publish<'a> {
 
 impl<'a> Publish<'a> {
     /// `event` to `path` of an instance through `ingress`'s pools; kept
-    /// for retries.
-    pub(crate) fn new(ingress: &'a Ingress, event: CloudEvent, path: PathAndQuery) -> Self {
+    /// for more attempts when `keep`.
+    pub(crate) fn new(
+        ingress: &'a Ingress,
+        event: CloudEvent,
+        path: PathAndQuery,
+        keep: bool,
+    ) -> Self {
         Self {
             ingress,
             event: Some(event),
-            keep: true,
+            keep,
             path,
             topic: None,
         }

@@ -123,7 +123,6 @@ pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Re
     let Some(outbox) = topics.outbox().cloned() else {
         return;
     };
-    let wake = topics.wake.clone();
     let mut workers: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
     let min = COMPACT_MIN_BYTES.min(outbox.max_bytes() / 4);
     // After a try that would not have gained enough, the next waits until
@@ -156,8 +155,9 @@ pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Re
                 )));
             }
         }
+        // Workers are woken by new events; the supervisor only looks for
+        // new services, every tick.
         tokio::select! {
-            () = wake.notified() => {}
             () = tokio::time::sleep(TICK) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
@@ -309,12 +309,18 @@ async fn send(
         safe: true,
         topic: Some(&event.topic),
     };
-    let mut exchange = Publish::new(ingress, event.event.clone(), PathAndQuery::from_static("/"))
-        .for_topic(TopicDelivery {
-            topic: event.topic.clone(),
-            subscription: service.to_owned(),
-            attempt,
-        });
+    let keep = handling.failure.attempts() > 1;
+    let mut exchange = Publish::new(
+        ingress,
+        event.event.clone(),
+        PathAndQuery::from_static("/"),
+        keep,
+    )
+    .for_topic(TopicDelivery {
+        topic: event.topic.clone(),
+        subscription: service.to_owned(),
+        attempt,
+    });
     match attempts::run(plan, &mut exchange).await {
         Ok(Sent::Answered(r)) if (200..300).contains(&r.status) => Tried::Delivered,
         Ok(Sent::Answered(r)) => {

@@ -341,7 +341,12 @@ impl Outbox {
             accepted_unix_ms: weir_core::time::now_unix_ms(),
             targets,
         };
-        let bytes = encode(Kind::Accepted(accepted.clone()));
+        // `Record { accepted }` encoded from a borrow (field 1 of the
+        // oneof), so the event is not copied before it moves into the
+        // state.
+        let mut buf = Vec::with_capacity(accepted.encoded_len() + 6);
+        prost::encoding::message::encode(1, &accepted, &mut buf);
+        let bytes = Bytes::from(buf);
         // In the state before the log, so a compaction that runs while
         // this is being written holds it (see `compact`).
         self.state().accept(accepted);
@@ -355,8 +360,8 @@ impl Outbox {
     /// Records what happened to a delivery (written with the next group,
     /// not waited on).
     pub async fn update(&self, update: Update) -> Result<(), OutboxError> {
-        let bytes = encode(Kind::Update(update.clone()));
         self.state().apply(&update);
+        let bytes = encode(Kind::Update(update));
         self.appender.append(vec![bytes], false).await?;
         Ok(())
     }
