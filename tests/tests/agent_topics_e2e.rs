@@ -97,6 +97,18 @@ async fn subscribe(
     Ok(())
 }
 
+/// An agent for node-1 on `plane`, its data (and outbox) in `data`.
+fn agent_on(
+    plane: &weir_tests::ControlPlaneProcess,
+    data: &std::path::Path,
+) -> Result<AgentProcess> {
+    AgentProcess::start(
+        &[plane.endpoint()],
+        "node-1",
+        &[format!("--data-dir={}", data.display())],
+    )
+}
+
 /// Waits until the agent knows `n` subscribing services of `topic`.
 async fn wait_for_subscribers(agent: &AgentProcess, topic: &str, n: usize) -> Result<()> {
     poll_until(
@@ -124,11 +136,7 @@ async fn every_subscribing_service_gets_each_event_once() -> Result<()> {
     subscribe(&client, "billing", "b1", &billing_old, &[]).await?;
     subscribe(&client, "audit", "a0", &audit, &["orders", "refunds"]).await?;
     let data = tempfile::tempdir()?;
-    let agent = AgentProcess::start(
-        &[plane.endpoint()],
-        "node-1",
-        &[format!("--data-dir={}", data.path().display())],
-    )?;
+    let agent = agent_on(&plane, data.path())?;
     wait_for_subscribers(&agent, "orders", 2).await?;
     let http = http();
     const N: usize = 200;
@@ -285,11 +293,7 @@ async fn a_dead_letter_is_listed_and_replayed_with_its_id() -> Result<()> {
     let ops = HttpInstance::start().await?;
     subscribe(&client, "ops", "o0", &ops, &["orders.failed"]).await?;
     let data = tempfile::tempdir()?;
-    let agent = AgentProcess::start(
-        &[plane.endpoint()],
-        "node-1",
-        &[format!("--data-dir={}", data.path().display())],
-    )?;
+    let agent = agent_on(&plane, data.path())?;
     wait_for_subscribers(&agent, "orders", 1).await?;
     wait_for_subscribers(&agent, "orders.failed", 1).await?;
     put_policy_applied(
@@ -556,11 +560,7 @@ async fn grpc_publish_reaches_a_grpc_subscriber_with_the_topic() -> Result<()> {
     i.topics = vec!["orders".into()];
     client.register(i).await?;
     let data = tempfile::tempdir()?;
-    let agent = AgentProcess::start(
-        &[plane.endpoint()],
-        "node-1",
-        &[format!("--data-dir={}", data.path().display())],
-    )?;
+    let agent = agent_on(&plane, data.path())?;
     wait_for_subscribers(&agent, "orders", 1).await?;
     let mut publisher =
         PublisherClient::connect(format!("http://{}", agent.ingress_addr())).await?;
@@ -622,11 +622,7 @@ async fn a_subscriber_away_past_its_registration_gets_everything_in_key_order() 
     let first = HttpInstance::start().await?;
     subscribe(&client, "billing", "b0", &first, &["orders"]).await?;
     let data = tempfile::tempdir()?;
-    let agent = AgentProcess::start(
-        &[plane.endpoint()],
-        "node-1",
-        &[format!("--data-dir={}", data.path().display())],
-    )?;
+    let agent = agent_on(&plane, data.path())?;
     wait_for_subscribers(&agent, "orders", 1).await?;
     put_policy_applied(
         &client,

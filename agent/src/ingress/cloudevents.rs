@@ -184,16 +184,11 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<BatchEntry>, Rejection> {
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
 
     use super::*;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_static(v));
-        }
-        h
+        crate::ingress::test_headers(pairs)
     }
 
     #[test]

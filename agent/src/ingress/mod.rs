@@ -75,6 +75,20 @@ pub struct Ingress {
     rejections: [metrics::Counter; Reason::ALL.len()],
 }
 
+/// A header map of static pairs, for tests.
+#[cfg(test)]
+pub(crate) fn test_headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            (
+                http::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            )
+        })
+        .collect()
+}
+
 /// Paths of publishes to a topic start with this.
 pub const TOPICS_PREFIX: &str = "/v1/topics/";
 
@@ -819,15 +833,7 @@ mod tests {
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    http::HeaderName::from_static(k),
-                    HeaderValue::from_static(v),
-                )
-            })
-            .collect()
+        crate::ingress::test_headers(pairs)
     }
 
     #[test]

@@ -144,21 +144,12 @@ pub fn attribute<'e>(event: &'e CloudEvent, name: &str) -> Option<&'e str> {
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
 
     use super::*;
     use crate::ingress::publisher::binary_request;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    http::HeaderName::from_static(k),
-                    HeaderValue::from_static(v),
-                )
-            })
-            .collect()
+        crate::ingress::test_headers(pairs)
     }
 
     #[test]
