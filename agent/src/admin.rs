@@ -158,28 +158,6 @@ async fn state(State(a): State<Admin>) -> Json<StateBody> {
     })
 }
 
-/// Which dead letters a request means: every filter given must match.
-#[derive(Debug, Default, serde::Deserialize)]
-struct DeadFilter {
-    service: Option<String>,
-    topic: Option<String>,
-    #[serde(rename = "type")]
-    event_type: Option<String>,
-    id: Option<String>,
-}
-
-impl DeadFilter {
-    fn matches(&self, service: &str, e: &crate::outbox::store::Stored) -> bool {
-        self.service.as_deref().is_none_or(|s| s == service)
-            && self.topic.as_deref().is_none_or(|t| t == e.topic)
-            && self
-                .event_type
-                .as_deref()
-                .is_none_or(|t| t == e.event.r#type)
-            && self.id.as_deref().is_none_or(|i| i == e.event.id)
-    }
-}
-
 #[derive(Serialize)]
 struct DeadLetterState {
     seq: u64,
@@ -196,101 +174,71 @@ struct DeadLetterState {
     accepted_unix_ms: i64,
 }
 
-fn no_outbox(a: &Admin) -> (StatusCode, String) {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!(
-            "no outbox: {}\n",
-            a.topics.unavailable().unwrap_or("not configured")
-        ),
-    )
-}
-
-/// `GET /v1/dead-letters?service=&topic=&type=&id=`: the dead letters
-/// every given filter matches.
-async fn dead_letters(
-    State(a): State<Admin>,
-    axum::extract::Query(filter): axum::extract::Query<DeadFilter>,
-) -> axum::response::Response {
-    let Some(outbox) = a.topics.outbox() else {
-        return no_outbox(&a).into_response();
-    };
-    let list: Vec<DeadLetterState> = outbox
-        .all_dead_letters()
-        .into_iter()
-        .filter(|(svc, e, _)| filter.matches(svc, e))
-        .map(|(svc, e, d)| DeadLetterState {
-            seq: e.seq,
-            service: svc.to_string(),
-            namespace: e.namespace.clone(),
-            topic: e.topic.clone(),
-            id: e.event.id.clone(),
-            event_type: e.event.r#type.clone(),
-            source: e.event.source.clone(),
-            attempts: d.delivery.attempts,
-            reason: d.reason,
-            dead_unix_ms: d.dead_unix_ms,
-            accepted_unix_ms: e.accepted_unix_ms,
-        })
-        .collect();
-    Json(list).into_response()
-}
-
-/// Replays (delivers again, with the original id and a fresh max age) or
-/// purges the dead letters `filter` matches; how many.
-async fn act_on_dead(
+/// `action` on the dead letters `filter` matches: the list (for a list),
+/// or how many were replayed or purged.
+async fn dead(
     a: &Admin,
-    filter: &DeadFilter,
-    outcome: weir_proto::outbox::v1::Outcome,
+    action: weir_proto::agent::v1::dead_letters_request::Action,
+    filter: &crate::outbox::dead::Filter,
 ) -> axum::response::Response {
-    let Some(outbox) = a.topics.outbox() else {
-        return no_outbox(a).into_response();
+    use weir_proto::agent::v1::dead_letters_request::Action;
+    let matched = match crate::outbox::dead::act(&a.topics, &a.routes, action, filter).await {
+        Ok(m) => m,
+        Err(why) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     };
-    let now = weir_core::time::now_unix_ms();
-    let mut done = 0usize;
-    for (svc, e, _) in outbox.all_dead_letters() {
-        if !filter.matches(&svc, &e) {
-            continue;
-        }
-        let max_age = a
-            .routes
-            .delivery(&e.namespace, &svc)
-            .map_or(std::time::Duration::from_secs(86_400), |d| d.max_age);
-        let update = weir_proto::outbox::v1::Update {
-            seq: e.seq,
-            service: svc.to_string(),
-            outcome: outcome as i32,
-            attempts: 0,
-            // For a replay: its new deadline.
-            next_attempt_unix_ms: now
-                .saturating_add(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX)),
-            error: String::new(),
-            at_unix_ms: now,
-        };
-        if let Err(e) = outbox.update(update).await {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
-        }
-        done += 1;
+    match action {
+        Action::Replay => Json(serde_json::json!({ "replayed": matched.len() })).into_response(),
+        Action::Purge => Json(serde_json::json!({ "purged": matched.len() })).into_response(),
+        Action::List | Action::Unspecified => Json(
+            matched
+                .into_iter()
+                .map(|d| DeadLetterState {
+                    seq: d.seq,
+                    service: d.service,
+                    namespace: d.namespace,
+                    topic: d.topic,
+                    id: d.id,
+                    event_type: d.r#type,
+                    source: d.source,
+                    attempts: d.attempts,
+                    reason: d.reason,
+                    dead_unix_ms: d.dead_unix_ms,
+                    accepted_unix_ms: d.accepted_unix_ms,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
     }
-    a.topics.wake.notify_waiters();
-    let key = if outcome == weir_proto::outbox::v1::Outcome::Replayed {
-        "replayed"
-    } else {
-        "purged"
-    };
-    Json(serde_json::json!({ key: done })).into_response()
 }
 
-async fn replay(
-    State(a): State<Admin>,
-    axum::extract::Query(filter): axum::extract::Query<DeadFilter>,
-) -> axum::response::Response {
-    act_on_dead(&a, &filter, weir_proto::outbox::v1::Outcome::Replayed).await
+type Filtered = axum::extract::Query<crate::outbox::dead::Filter>;
+
+/// `GET /v1/dead-letters?service=&topic=&type=&id=`.
+async fn dead_letters(State(a): State<Admin>, filter: Filtered) -> axum::response::Response {
+    dead(
+        &a,
+        weir_proto::agent::v1::dead_letters_request::Action::List,
+        &filter,
+    )
+    .await
 }
 
-async fn purge(
-    State(a): State<Admin>,
-    axum::extract::Query(filter): axum::extract::Query<DeadFilter>,
-) -> axum::response::Response {
-    act_on_dead(&a, &filter, weir_proto::outbox::v1::Outcome::Purged).await
+/// `POST /v1/dead-letters/replay?...`: delivered again, original ids.
+async fn replay(State(a): State<Admin>, filter: Filtered) -> axum::response::Response {
+    dead(
+        &a,
+        weir_proto::agent::v1::dead_letters_request::Action::Replay,
+        &filter,
+    )
+    .await
+}
+
+/// `POST /v1/dead-letters/purge?...`.
+async fn purge(State(a): State<Admin>, filter: Filtered) -> axum::response::Response {
+    dead(
+        &a,
+        weir_proto::agent::v1::dead_letters_request::Action::Purge,
+        &filter,
+    )
+    .await
 }

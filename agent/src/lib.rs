@@ -237,6 +237,7 @@ impl Agent {
             session::Persistence {
                 persister: persister.as_ref().map(|(p, _)| p.clone()),
                 seed,
+                topics: Some(topics.clone()),
             },
         ));
         let sweeper = {

@@ -99,6 +99,8 @@ pub struct Persistence {
     /// The policies read from disk; the view was loaded from the same
     /// file ([`crate::persist::Store::restore`]).
     pub seed: Option<Seed>,
+    /// The outbox's topics, for the control plane's dead-letter requests.
+    pub topics: Option<std::sync::Arc<crate::outbox::topics::Topics>>,
 }
 
 /// Runs the session until the process stops. With a view loaded from
@@ -120,6 +122,7 @@ pub async fn run(
     let Persistence {
         persister,
         mut seed,
+        topics,
     } = persistence;
     if let Some(seed) = seed.as_ref().filter(|_| view.is_loaded()) {
         degraded.set(1.0);
@@ -188,8 +191,15 @@ pub async fn run(
                     s.local_registered = true;
                     s.local_instances = local.len();
                 });
-                let error =
-                    follow(&mut session, &mut view, &local, &state, persister.as_ref()).await;
+                let error = follow(
+                    &mut session,
+                    &mut view,
+                    &local,
+                    &state,
+                    persister.as_ref(),
+                    topics.as_deref(),
+                )
+                .await;
                 tracing::warn!(error = %error, "node session ended; reconnecting");
                 connected.set(0.0);
                 degraded.set(if view.is_loaded() { 1.0 } else { 0.0 });
@@ -217,6 +227,7 @@ async fn follow(
     local: &Local,
     state: &watch::Sender<SessionState>,
     persister: Option<&Persister>,
+    topics: Option<&crate::outbox::topics::Topics>,
 ) -> String {
     let mut reported: Option<AgentStatus> = None;
     loop {
@@ -301,7 +312,12 @@ async fn follow(
                 }
             }
             SessionEvent::Request(request) => {
-                let body = answer(&request, view, local, &state.borrow(), session);
+                let body = match &request.body {
+                    Some(agent_request::Body::DeadLetters(r)) => {
+                        dead_letters(topics, view.routes(), r).await
+                    }
+                    _ => answer(&request, view, local, &state.borrow(), session),
+                };
                 if let Err(e) = session.reply(request.request_id, body).await {
                     return format!("answering a request failed: {e}");
                 }
@@ -332,6 +348,37 @@ fn status_of(view: &View, local: &Local) -> AgentStatus {
         reason: String::new(),
         local_instances: u32::try_from(local.len()).unwrap_or(u32::MAX),
         endpoints: u32::try_from(view.endpoints()).unwrap_or(u32::MAX),
+    }
+}
+
+/// The answer to a dead-letter request: the letters it matched, or the
+/// agent's error (no outbox).
+async fn dead_letters(
+    topics: Option<&crate::outbox::topics::Topics>,
+    routes: &crate::view::Routes,
+    request: &weir_client::agent::DeadLettersRequest,
+) -> agent_reply::Body {
+    use crate::outbox::dead;
+    let failed = |message: String| {
+        agent_reply::Body::Error(ReplyError {
+            kind: reply_error::Kind::Failed as i32,
+            message: message.chars().take(1024).collect(),
+        })
+    };
+    let Some(topics) = topics else {
+        return failed("this agent has no topics".to_owned());
+    };
+    let filter = dead::Filter::of(
+        &request.service,
+        &request.topic,
+        &request.r#type,
+        &request.id,
+    );
+    match dead::act(topics, routes, request.action(), &filter).await {
+        Ok(letters) => {
+            agent_reply::Body::DeadLetters(weir_client::agent::DeadLettersReply { letters })
+        }
+        Err(why) => failed(why),
     }
 }
 
@@ -374,7 +421,8 @@ fn answer(
                 })
                 .collect(),
         }),
-        None => agent_reply::Body::Error(ReplyError {
+        // Answered by `dead_letters`, which awaits the outbox.
+        Some(agent_request::Body::DeadLetters(_)) | None => agent_reply::Body::Error(ReplyError {
             kind: reply_error::Kind::Unsupported as i32,
             message: "this agent does not know the request".to_owned(),
         }),

@@ -5,7 +5,8 @@ use std::time::Duration;
 use tonic::{transport::Channel, Code};
 use weir_proto::agent::v1::{
     agent_reply, agent_request, agents_client::AgentsClient, AgentDescription, AgentRequest,
-    AskAgentRequest, AskAgentResponse, DescribeRequest, ListAgentsRequest, ListAgentsResponse,
+    AskAgentRequest, AskAgentResponse, DeadLetter, DeadLettersRequest, DescribeRequest,
+    ListAgentsRequest, ListAgentsResponse,
 };
 
 use crate::{each_page, Client, Error, MAX_RESPONSE_BYTES};
@@ -107,12 +108,38 @@ impl Client {
             .await?;
         match answer.reply.and_then(|r| r.body) {
             Some(agent_reply::Body::Describe(d)) => Ok((d, answer.replica_id)),
-            Some(agent_reply::Body::Error(e)) => Err(Error::Agent(format!(
-                "{}: {}",
-                e.kind().as_str_name(),
-                e.message
-            ))),
-            None => Err(Error::Protocol("an empty reply from the agent".into())),
+            other => Err(unexpected(other)),
         }
+    }
+
+    /// Asks the agent of `node` to list, replay or purge its dead letters
+    /// ([`Client::ask_agent`] with a `DeadLettersRequest`): those the
+    /// request matched. [`Error::Agent`] when it answered with an error of
+    /// its own (an agent without an outbox, say).
+    pub async fn dead_letters(
+        &self,
+        node: &str,
+        request: DeadLettersRequest,
+        timeout: Duration,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        let answer = self
+            .ask_agent(node, agent_request::Body::DeadLetters(request), timeout)
+            .await?;
+        match answer.reply.and_then(|r| r.body) {
+            Some(agent_reply::Body::DeadLetters(d)) => Ok(d.letters),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// An agent's reply that is not the one asked for: its own error, or a
+/// protocol error.
+fn unexpected(body: Option<agent_reply::Body>) -> Error {
+    match body {
+        Some(agent_reply::Body::Error(e)) => {
+            Error::Agent(format!("{}: {}", e.kind().as_str_name(), e.message))
+        }
+        Some(_) => Error::Protocol("the agent answered another kind of request".into()),
+        None => Error::Protocol("an empty reply from the agent".into()),
     }
 }

@@ -376,10 +376,24 @@ async fn a_dead_letter_is_listed_and_replayed_with_its_id() -> Result<()> {
             anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
         }
     };
-    let (status, body) = admin("/v1/dead-letters/replay?id=d-1").await?;
+    // Through the control plane, as an operator does.
+    let listed = weir_tests::weirctl(&plane.endpoint(), &["events", "dead-letters"]).await?;
+    let text = String::from_utf8_lossy(&listed.stdout);
     ensure!(
-        status == 200 && body.contains("\"replayed\":1"),
-        "{status} {body}"
+        listed.status.success() && text.contains("d-1") && text.contains("node-1"),
+        "{text} {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let shown =
+        weir_tests::weirctl(&plane.endpoint(), &["-o", "json", "events", "show", "d-2"]).await?;
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout)?;
+    ensure!(shown["letters"][0]["service"] == "billing", "{shown}");
+    let replayed =
+        weir_tests::weirctl(&plane.endpoint(), &["events", "replay", "--id", "d-1"]).await?;
+    let text = String::from_utf8_lossy(&replayed.stdout);
+    ensure!(
+        replayed.status.success() && text.contains("replayed 1"),
+        "{text}"
     );
     poll_until(
         SETTLE,

@@ -24,7 +24,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use weir_client::{Client, DEFAULT_ENDPOINT};
 
-use cmd::{agents, deregister, get, health, list, policy, register, service_config, watch};
+use cmd::{agents, deregister, events, get, health, list, policy, register, service_config, watch};
 use output::Format;
 
 #[derive(Parser, Debug)]
@@ -69,6 +69,10 @@ enum Command {
     Watch(watch::Args),
     /// Agents, connected or not; `agents describe NODE` asks one.
     Agents(agents::Args),
+    /// Dead letters of topic deliveries, asked of the agents: list, show,
+    /// replay, purge.
+    #[command(subcommand)]
+    Events(events::Command),
 }
 
 #[tokio::main]
@@ -103,5 +107,6 @@ async fn run(cli: Cli) -> Result<()> {
         Command::ServiceConfig(args) => service_config::run(&client, format, args).await,
         Command::Watch(args) => watch::run(&client, format, args).await,
         Command::Agents(args) => agents::run(&client, format, args).await,
+        Command::Events(command) => events::run(&client, format, command).await,
     }
 }

@@ -9,6 +9,7 @@
 //! publishing, the delivery scheduler, compaction of resolved segments;
 //! see `docs/outbox.md`.
 
+pub mod dead;
 pub mod event;
 pub mod log;
 pub mod scheduler;

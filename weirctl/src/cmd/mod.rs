@@ -2,6 +2,7 @@
 
 pub mod agents;
 pub mod deregister;
+pub mod events;
 pub mod get;
 pub mod health;
 pub mod list;
