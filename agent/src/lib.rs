@@ -138,10 +138,13 @@ impl Agent {
                 };
                 match outbox::store::Outbox::open(&dir.join("outbox"), options) {
                     Ok((o, opened)) => {
+                        metrics::counter!("weir_agent_outbox_possible_duplicates_total")
+                            .increment(opened.unproven as u64);
                         tracing::info!(
                             events = opened.events,
                             pending = opened.pending,
                             dead_letters = opened.dead,
+                            possible_duplicates = opened.unproven,
                             torn_bytes_cut = opened.truncated,
                             "outbox opened"
                         );

@@ -217,6 +217,28 @@ async fn deliver(
     due: Due,
 ) -> bool {
     let Due { event, delivery } = due;
+    if !reachable(ingress, service, &event) {
+        // No instance of the service lists the topic now: nothing to try,
+        // nothing to record; it waits (up to its deadline, below).
+        if weir_core::time::now_unix_ms() < delivery.target.deadline_unix_ms {
+            return true;
+        }
+    }
+    // Before the send: after a crash, this delivery is known to be one
+    // that may have arrived (its redelivery a possible duplicate).
+    let sending = Update {
+        seq: event.seq,
+        service: service.to_owned(),
+        outcome: Outcome::Sending as i32,
+        attempts: delivery.attempts,
+        next_attempt_unix_ms: 0,
+        error: String::new(),
+        at_unix_ms: 0,
+    };
+    if let Err(e) = outbox.update(sending).await {
+        tracing::error!(error = %e, "cannot record a delivery about to be sent; not sending it");
+        return true;
+    }
     let outcome = send(ingress, service, &event, delivery.attempts + 1).await;
     let now = weir_core::time::now_unix_ms();
     let attempts = delivery.attempts + u32::from(!matches!(outcome, Tried::NoInstance(_)));
@@ -227,7 +249,17 @@ async fn deliver(
             let late = now >= delivery.target.deadline_unix_ms;
             if !spent && !late {
                 if attempts == delivery.attempts {
-                    // No instance: wait, with no record.
+                    // No instance: nothing was sent; wait.
+                    let unsent = Update {
+                        seq: event.seq,
+                        service: service.to_owned(),
+                        outcome: Outcome::Attempted as i32,
+                        attempts,
+                        next_attempt_unix_ms: delivery.next_attempt_unix_ms,
+                        error: e,
+                        at_unix_ms: now,
+                    };
+                    record(outbox, outcomes, unsent).await;
                     return true;
                 }
                 let delay = exponential(BACKOFF_BASE, BACKOFF_MAX, attempts);
@@ -286,6 +318,19 @@ async fn record(outbox: &Outbox, outcomes: &Outcomes, update: Update) {
     if let Err(e) = outbox.update(update).await {
         tracing::error!(error = %e, "cannot record a delivery outcome; it will be delivered again");
     }
+}
+
+/// Whether `service` has an instance that lists the event's topic.
+fn reachable(ingress: &Ingress, service: &str, event: &super::store::Stored) -> bool {
+    ingress
+        .routes
+        .get(&event.namespace, service)
+        .is_some_and(|r| {
+            r.balancer
+                .endpoints()
+                .iter()
+                .any(|e| e.subscribes(&event.topic))
+        })
 }
 
 /// One pass through the service's balancer and attempt loop.

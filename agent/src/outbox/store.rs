@@ -59,6 +59,8 @@ pub struct Stored {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {
     pub target: Target,
+    /// Being sent: a SENDING record came last.
+    pub sending: bool,
     pub attempts: u32,
     /// Not before this (0: at once).
     pub next_attempt_unix_ms: i64,
@@ -113,6 +115,7 @@ impl State {
                 (target.service.as_str().into(), seq),
                 Delivery {
                     target,
+                    sending: false,
                     attempts: 0,
                     next_attempt_unix_ms: 0,
                     last_error: String::new(),
@@ -136,8 +139,14 @@ impl State {
     fn apply(&mut self, u: &Update) {
         let key: Key = (u.service.as_str().into(), u.seq);
         match Outcome::try_from(u.outcome).unwrap_or(Outcome::Unspecified) {
+            Outcome::Sending => {
+                if let Some(d) = self.pending.get_mut(&key) {
+                    d.sending = true;
+                }
+            }
             Outcome::Attempted => {
                 if let Some(d) = self.pending.get_mut(&key) {
+                    d.sending = false;
                     d.attempts = u.attempts;
                     d.next_attempt_unix_ms = u.next_attempt_unix_ms;
                     d.last_error.clone_from(&u.error);
@@ -164,6 +173,7 @@ impl State {
             Outcome::Replayed => {
                 if let Some(dead) = self.dead.remove(&key) {
                     let mut d = dead.delivery;
+                    d.sending = false;
                     d.attempts = 0;
                     d.next_attempt_unix_ms = 0;
                     d.last_error.clear();
@@ -195,6 +205,17 @@ impl State {
         let mut updates = Vec::new();
         for ((service, seq), d) in &self.pending {
             targets.entry(*seq).or_default().push(d.target.clone());
+            if d.sending {
+                updates.push(Update {
+                    seq: *seq,
+                    service: service.to_string(),
+                    outcome: Outcome::Sending as i32,
+                    attempts: d.attempts,
+                    next_attempt_unix_ms: 0,
+                    error: String::new(),
+                    at_unix_ms: 0,
+                });
+            }
             if d.attempts > 0 {
                 updates.push(Update {
                     seq: *seq,
@@ -258,6 +279,9 @@ pub struct Opened {
     pub events: usize,
     pub pending: usize,
     pub dead: usize,
+    /// Deliveries that were being sent when the agent stopped: their
+    /// redelivery may be a duplicate.
+    pub unproven: usize,
     /// Bytes of a torn tail cut off.
     pub truncated: u64,
 }
@@ -298,10 +322,16 @@ impl Outbox {
                 None => {}
             }
         }
+        let unproven = state.pending.values().filter(|d| d.sending).count();
+        // Sent again from the start, like any pending delivery.
+        for d in state.pending.values_mut() {
+            d.sending = false;
+        }
         let opened = Opened {
             events: state.events.len(),
             pending: state.pending.len(),
             dead: state.dead.len(),
+            unproven,
             truncated: recovered.truncated,
         };
         let (appender, _thread) = log::spawn(log).map_err(OutboxError::Thread)?;
