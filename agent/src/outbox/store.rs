@@ -796,6 +796,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deliveries_being_sent_at_a_stop_are_counted_as_possible_duplicates() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        let mut seqs = Vec::new();
+        for n in 0..3 {
+            seqs.push(
+                outbox
+                    .accept(
+                        "default",
+                        "t",
+                        event(&format!("e{n}"), ""),
+                        "",
+                        vec![target("s", "")],
+                        true,
+                    )
+                    .await
+                    .expect("accepted"),
+            );
+        }
+        // e0 sent and delivered; e1 being sent; e2 sent and failed.
+        for seq in [seqs[0], seqs[1], seqs[2]] {
+            outbox
+                .update(update(seq, "s", Outcome::Sending))
+                .await
+                .expect("recorded");
+        }
+        outbox
+            .update(update(seqs[0], "s", Outcome::Delivered))
+            .await
+            .expect("recorded");
+        outbox
+            .update(update(seqs[2], "s", Outcome::Attempted))
+            .await
+            .expect("recorded");
+        drop(outbox);
+        let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("reopens");
+        assert_eq!(opened.unproven, 1, "only e1 may have arrived unrecorded");
+        assert_eq!(ids(&outbox.due("s", 0, 10)), ["e1", "e2"]);
+        assert!(outbox.due("s", 0, 10).iter().all(|d| !d.delivery.sending));
+    }
+
+    #[tokio::test]
     async fn an_ordering_key_holds_back_only_its_own_events() {
         let dir = tempfile::tempdir().expect("tmp");
         let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
