@@ -198,9 +198,8 @@ async fn damage_check(root: &Path) {
     };
     let log_dir = root.join("damage-log");
     {
-        let Store::Log(appender) = open_log(&log_dir) else {
-            unreachable!()
-        };
+        let (log, _) = Log::open(&log_dir, Options::default()).expect("log");
+        let (appender, writer) = log::spawn(log).expect("writer");
         for _ in 0..2000 {
             appender
                 .append(vec![Bytes::from(record.clone())], false)
@@ -211,14 +210,15 @@ async fn damage_check(root: &Path) {
             .append(vec![Bytes::from(record.clone())], true)
             .await
             .expect("append");
+        // The writer thread is done with the file once it has ended.
+        drop(appender);
+        writer.join().expect("the writer ends");
     }
     let segment = std::fs::read_dir(&log_dir)
         .expect("dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "log"))
         .expect("a segment");
-    // Let the writer thread finish with the file first.
-    tokio::time::sleep(Duration::from_millis(100)).await;
     damage(&segment);
     let log_says = match Log::open(&log_dir, Options::default()) {
         Err(e) => format!("refused to open: {e}"),

@@ -187,24 +187,12 @@ async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, s
         let sends = due
             .into_iter()
             .map(|d| deliver(&topics, &outbox, &ingress, &service, &outcomes, d));
-        let waited = futures_join(sends).await;
-        if waited {
+        let waited = futures_util::future::join_all(sends).await;
+        if waited.iter().all(|w| *w) {
             // Nothing could be tried: do not spin.
             tokio::time::sleep(TICK).await;
         }
     }
-}
-
-/// Runs the deliveries together; `true` when none could be tried.
-async fn futures_join<F: std::future::Future<Output = bool>>(
-    sends: impl Iterator<Item = F>,
-) -> bool {
-    let mut set = Vec::new();
-    for s in sends {
-        set.push(s);
-    }
-    let results = futures_util::future::join_all(set).await;
-    results.iter().all(|waited| *waited)
 }
 
 /// One delivery and its record; `true` when it waited (no instance).
