@@ -24,7 +24,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{mpsc, Arc},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
