@@ -167,19 +167,6 @@ impl Agent {
             config.durable_by_default,
             config.unsubscribed,
         ));
-        let scheduler = topics.outbox().is_some().then(|| {
-            let ingress = Arc::new(ingress::Ingress::new(
-                routes.clone(),
-                config.namespace.clone(),
-                config.max_event_bytes,
-                in_flight.worker(),
-            ));
-            tokio::spawn(outbox::scheduler::run(
-                topics.clone(),
-                ingress,
-                stopped.clone(),
-            ))
-        });
         let ingress = {
             let (routes, in_flight) = (routes.clone(), in_flight.clone());
             let topics = topics.clone();
@@ -205,6 +192,13 @@ impl Agent {
                 source,
             })?
         };
+        let scheduler = topics.outbox().is_some().then(|| {
+            tokio::spawn(outbox::scheduler::run(
+                topics.clone(),
+                ingress.runtimes().to_vec(),
+                stopped.clone(),
+            ))
+        });
         let ingress_addr = ingress.addr();
         let (state_tx, state_rx) = watch::channel(session::SessionState::default());
         let hello = Hello {

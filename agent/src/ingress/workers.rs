@@ -5,11 +5,16 @@
 //! every task they wake stay on one thread: no cross-thread wake-ups, no
 //! shared pool lock on the hot path. What the workers share is read-mostly:
 //! the routes (a read lock per request) and a few atomic counters.
+//!
+//! The outbox's deliveries run on the workers too ([`Workers::runtimes`]):
+//! a delivery uses the worker's own pools and is woken by publishes on the
+//! same thread, instead of crossing to another runtime's threads.
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     net::TcpSocket,
+    runtime::Handle,
     sync::{mpsc, watch},
 };
 
@@ -23,6 +28,8 @@ pub struct Workers {
     /// Each worker sends its index when its thread ends.
     exits: mpsc::UnboundedReceiver<usize>,
     exited: usize,
+    /// Each worker's runtime and its [`Ingress`].
+    runtimes: Vec<(Handle, Arc<Ingress>)>,
 }
 
 /// One listening socket on `addr`, shareable with the other workers'.
@@ -37,6 +44,25 @@ fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(1024)?.into_std()
+}
+
+/// One worker: serves `socket` until `stop`, then drains.
+async fn work(
+    i: usize,
+    socket: std::net::TcpListener,
+    ingress: Arc<Ingress>,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    match tokio::net::TcpListener::from_std(socket) {
+        Ok(listener) => {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            serve(listener, ingress, stopped, drain).await;
+        }
+        Err(e) => tracing::error!(worker = i, error = %e, "ingress worker cannot listen"),
+    }
 }
 
 impl Workers {
@@ -59,10 +85,14 @@ impl Workers {
             sockets.push(listener(addr)?);
         }
         let (tx, exits) = mpsc::unbounded_channel();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let mut ingresses = Vec::with_capacity(n);
         for (i, socket) in sockets.into_iter().enumerate() {
             let ingress = Arc::new(make());
-            let mut stop = stop.clone();
+            ingresses.push(ingress.clone());
+            let stop = stop.clone();
             let tx = tx.clone();
+            let started_tx = started_tx.clone();
             std::thread::Builder::new()
                 .name(format!("weir-ingress-{i}"))
                 .spawn(move || {
@@ -70,32 +100,46 @@ impl Workers {
                         .enable_all()
                         .build()
                     {
-                        Ok(runtime) => runtime.block_on(async move {
-                            match tokio::net::TcpListener::from_std(socket) {
-                                Ok(listener) => {
-                                    let stopped = async move {
-                                        let _ = stop.wait_for(|s| *s).await;
-                                    };
-                                    serve(listener, ingress, stopped, drain).await;
-                                }
-                                Err(e) => {
-                                    tracing::error!(worker = i, error = %e, "ingress worker cannot listen")
-                                }
-                            }
-                        }),
+                        Ok(runtime) => {
+                            let _ = started_tx.send((i, Some(runtime.handle().clone())));
+                            runtime.block_on(work(i, socket, ingress, stop, drain));
+                        }
                         Err(e) => {
-                            tracing::error!(worker = i, error = %e, "ingress worker cannot start its runtime")
+                            let _ = started_tx.send((i, None));
+                            tracing::error!(worker = i, error = %e, "ingress worker cannot start its runtime");
                         }
                     }
                     let _ = tx.send(i);
                 })?;
         }
+        drop(started_tx);
+        // Each thread sends its runtime's handle (or `None`, when it
+        // cannot start one) before anything else.
+        let mut handles: Vec<Option<Handle>> = vec![None; n];
+        for _ in 0..n {
+            match started.recv() {
+                Ok((i, handle)) => handles[i] = handle,
+                Err(_) => break,
+            }
+        }
+        let runtimes = handles
+            .into_iter()
+            .zip(ingresses)
+            .filter_map(|(h, ingress)| Some((h?, ingress)))
+            .collect();
         Ok(Self {
             addr,
             count: n,
             exits,
             exited: 0,
+            runtimes,
         })
+    }
+
+    /// Each running worker's runtime and [`Ingress`], to run work that
+    /// sends through the ingress's pools (the outbox's deliveries).
+    pub fn runtimes(&self) -> &[(Handle, Arc<Ingress>)] {
+        &self.runtimes
     }
 
     /// The address every worker listens on.

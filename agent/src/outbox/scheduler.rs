@@ -8,7 +8,8 @@
 //! One delivery is one pass through the service's balancer and attempt
 //! loop (its `retry` and `timeout`, as for addressed traffic), to an
 //! instance that lists the topic: HTTP instances get the event in binary
-//! mode at `/`, gRPC instances through `Subscriber/Deliver`. A 2xx (or
+//! mode at the path of their `weir.delivery.path` metadata (default `/`),
+//! gRPC instances through `Subscriber/Deliver`. A 2xx (or
 //! OK) is delivered. Any other outcome counts one attempt and the
 //! delivery is tried again after a backoff (1 s doubling to 60 s), until
 //! `max_attempts` or its deadline (`max_age`): then it becomes a dead
@@ -25,7 +26,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use http::uri::PathAndQuery;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
 use weir_core::backoff::exponential;
 use weir_proto::outbox::v1::{Outcome, Update};
 
@@ -118,11 +119,22 @@ enum Tried {
 }
 
 /// Runs until `stop`: starts a worker for every service with pending
-/// deliveries.
-pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Receiver<bool>) {
+/// deliveries, on one of `runtimes` (the ingress workers' runtimes, each
+/// with its [`Ingress`], taken in turn), so that a delivery runs on the
+/// thread whose pools it uses.
+pub async fn run(
+    topics: Arc<Topics>,
+    runtimes: Vec<(Handle, Arc<Ingress>)>,
+    mut stop: watch::Receiver<bool>,
+) {
     let Some(outbox) = topics.outbox().cloned() else {
         return;
     };
+    if runtimes.is_empty() {
+        tracing::error!("no ingress worker runs; the outbox delivers nothing");
+        return;
+    }
+    let mut turn = 0usize;
     let mut workers: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
     let min = COMPACT_MIN_BYTES.min(outbox.max_bytes() / 4);
     // After a try that would not have gained enough, the next waits until
@@ -147,7 +159,9 @@ pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Re
         for service in outbox.pending_services() {
             if let std::collections::hash_map::Entry::Vacant(slot) = workers.entry(service) {
                 let service = slot.key().clone();
-                slot.insert(tokio::spawn(work(
+                let (runtime, ingress) = &runtimes[turn % runtimes.len()];
+                turn = turn.wrapping_add(1);
+                slot.insert(runtime.spawn(work(
                     topics.clone(),
                     outbox.clone(),
                     ingress.clone(),
@@ -167,7 +181,9 @@ pub async fn run(topics: Arc<Topics>, ingress: Arc<Ingress>, mut stop: watch::Re
     }
 }
 
-/// Delivers `service`'s events until it has none pending.
+/// Delivers `service`'s events until it has none pending. Each window's
+/// markers go to the log together: the SENDING ones before any of its
+/// deliveries is sent, the outcomes once all are back.
 async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, service: Box<str>) {
     let wake = topics.wake.clone();
     let outcomes = Outcomes::new(&service);
@@ -184,128 +200,118 @@ async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, s
             }
             continue;
         }
-        let sends = due
+        // No instance of the service lists the topic now: nothing to try,
+        // nothing to record; it waits (up to its deadline).
+        let ready: Vec<Due> = due
             .into_iter()
-            .map(|d| deliver(&topics, &outbox, &ingress, &service, &outcomes, d));
-        let waited = futures_util::future::join_all(sends).await;
-        if waited.iter().all(|w| *w) {
+            .filter(|d| {
+                reachable(&ingress, &service, &d.event) || now >= d.delivery.target.deadline_unix_ms
+            })
+            .collect();
+        if ready.is_empty() {
+            tokio::time::sleep(TICK).await;
+            continue;
+        }
+        // Before the sends: after a crash, these deliveries are known to
+        // be ones that may have arrived (a redelivery, a possible
+        // duplicate).
+        let sending = ready
+            .iter()
+            .map(|d| Update {
+                seq: d.event.seq,
+                service: service.to_string(),
+                outcome: Outcome::Sending as i32,
+                attempts: d.delivery.attempts,
+                next_attempt_unix_ms: 0,
+                error: String::new(),
+                at_unix_ms: 0,
+            })
+            .collect();
+        if let Err(e) = outbox.update_all(sending).await {
+            tracing::error!(error = %e, "cannot record deliveries about to be sent; not sending them");
+            tokio::time::sleep(TICK).await;
+            continue;
+        }
+        let sends = ready
+            .into_iter()
+            .map(|d| deliver(&topics, &ingress, &service, d));
+        let done = futures_util::future::join_all(sends).await;
+        let waited = done.iter().all(|(_, waited)| *waited);
+        let updates: Vec<Update> = done
+            .into_iter()
+            .map(|(update, _)| {
+                outcomes.count(Outcome::try_from(update.outcome).unwrap_or(Outcome::Unspecified));
+                update
+            })
+            .collect();
+        if let Err(e) = outbox.update_all(updates).await {
+            tracing::error!(error = %e, "cannot record delivery outcomes; they will be delivered again");
+        }
+        if waited {
             // Nothing could be tried: do not spin.
             tokio::time::sleep(TICK).await;
         }
     }
 }
 
-/// One delivery and its record; `true` when it waited (no instance).
-async fn deliver(
-    topics: &Topics,
-    outbox: &Outbox,
-    ingress: &Ingress,
-    service: &str,
-    outcomes: &Outcomes,
-    due: Due,
-) -> bool {
+/// One delivery: the record of its outcome, and whether it waited (no
+/// instance to try).
+async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) -> (Update, bool) {
     let Due { event, delivery } = due;
-    if !reachable(ingress, service, &event) {
-        // No instance of the service lists the topic now: nothing to try,
-        // nothing to record; it waits (up to its deadline, below).
-        if weir_core::time::now_unix_ms() < delivery.target.deadline_unix_ms {
-            return true;
-        }
-    }
-    // Before the send: after a crash, this delivery is known to be one
-    // that may have arrived (its redelivery a possible duplicate).
-    let sending = Update {
-        seq: event.seq,
-        service: service.to_owned(),
-        outcome: Outcome::Sending as i32,
-        attempts: delivery.attempts,
-        next_attempt_unix_ms: 0,
-        error: String::new(),
-        at_unix_ms: 0,
-    };
-    if let Err(e) = outbox.update(sending).await {
-        tracing::error!(error = %e, "cannot record a delivery about to be sent; not sending it");
-        return true;
-    }
     let outcome = send(ingress, service, &event, delivery.attempts + 1).await;
     let now = weir_core::time::now_unix_ms();
-    let attempts = delivery.attempts + u32::from(!matches!(outcome, Tried::NoInstance(_)));
-    let (outcome, error) = match outcome {
-        Tried::Delivered => (Outcome::Delivered, String::new()),
-        Tried::Failed(e) | Tried::NoInstance(e) => {
-            let spent = attempts >= delivery.target.max_attempts;
-            let late = now >= delivery.target.deadline_unix_ms;
-            if !spent && !late {
-                if attempts == delivery.attempts {
-                    // No instance: nothing was sent; wait.
-                    let unsent = Update {
-                        seq: event.seq,
-                        service: service.to_owned(),
-                        outcome: Outcome::Attempted as i32,
-                        attempts,
-                        next_attempt_unix_ms: delivery.next_attempt_unix_ms,
-                        error: e,
-                        at_unix_ms: now,
-                    };
-                    record(outbox, outcomes, unsent).await;
-                    return true;
-                }
-                let delay = exponential(BACKOFF_BASE, BACKOFF_MAX, attempts);
-                let update = Update {
-                    seq: event.seq,
-                    service: service.to_owned(),
-                    outcome: Outcome::Attempted as i32,
-                    attempts,
-                    next_attempt_unix_ms: now
-                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-                    error: e,
-                    at_unix_ms: now,
-                };
-                record(outbox, outcomes, update).await;
-                return false;
-            }
-            let why = if spent {
-                format!("{attempts} attempts failed; the last: {e}")
-            } else {
-                format!("not delivered within its max age; the last error: {e}")
-            };
-            let comp = &delivery.target.compensation_topic;
-            if !comp.is_empty() {
-                let failed = compensation(&event.event, &event.topic, service, attempts, &e);
-                if let Err(r) = topics
-                    .publish(&event.namespace, comp, failed, &event.traceparent)
-                    .await
-                {
-                    tracing::error!(service, topic = %comp, error = %r, "cannot publish the compensation event");
-                }
-            }
-            if delivery.target.dead_letter {
-                tracing::warn!(service, topic = %event.topic, id = %event.event.id, reason = %why, "delivery dead-lettered");
-                (Outcome::Dead, why)
-            } else {
-                tracing::warn!(service, topic = %event.topic, id = %event.event.id, reason = %why, "delivery dropped (the policy keeps no dead letters)");
-                (Outcome::Dropped, why)
-            }
-        }
-    };
-    let update = Update {
+    let tried = !matches!(outcome, Tried::NoInstance(_));
+    let attempts = delivery.attempts + u32::from(tried);
+    let record = |outcome: Outcome, next_attempt_unix_ms: i64, error: String| Update {
         seq: event.seq,
         service: service.to_owned(),
         outcome: outcome as i32,
         attempts,
-        next_attempt_unix_ms: 0,
+        next_attempt_unix_ms,
         error,
         at_unix_ms: now,
     };
-    record(outbox, outcomes, update).await;
-    false
-}
-
-async fn record(outbox: &Outbox, outcomes: &Outcomes, update: Update) {
-    outcomes.count(Outcome::try_from(update.outcome).unwrap_or(Outcome::Unspecified));
-    if let Err(e) = outbox.update(update).await {
-        tracing::error!(error = %e, "cannot record a delivery outcome; it will be delivered again");
+    let e = match outcome {
+        Tried::Delivered => return (record(Outcome::Delivered, 0, String::new()), false),
+        Tried::Failed(e) | Tried::NoInstance(e) => e,
+    };
+    let spent = attempts >= delivery.target.max_attempts;
+    let late = now >= delivery.target.deadline_unix_ms;
+    if !spent && !late {
+        if !tried {
+            // No instance: nothing was sent; wait.
+            return (
+                record(Outcome::Attempted, delivery.next_attempt_unix_ms, e),
+                true,
+            );
+        }
+        let delay = exponential(BACKOFF_BASE, BACKOFF_MAX, attempts);
+        let next = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        return (record(Outcome::Attempted, next, e), false);
     }
+    let why = if spent {
+        format!("{attempts} attempts failed; the last: {e}")
+    } else {
+        format!("not delivered within its max age; the last error: {e}")
+    };
+    let comp = &delivery.target.compensation_topic;
+    if !comp.is_empty() {
+        let failed = compensation(&event.event, &event.topic, service, attempts, &e);
+        if let Err(r) = topics
+            .publish(&event.namespace, comp, failed, &event.traceparent)
+            .await
+        {
+            tracing::error!(service, topic = %comp, error = %r, "cannot publish the compensation event");
+        }
+    }
+    let outcome = if delivery.target.dead_letter {
+        tracing::warn!(service, topic = %event.topic, id = %event.event.id, reason = %why, "delivery dead-lettered");
+        Outcome::Dead
+    } else {
+        tracing::warn!(service, topic = %event.topic, id = %event.event.id, reason = %why, "delivery dropped (the policy keeps no dead letters)");
+        Outcome::Dropped
+    };
+    (record(outcome, 0, why), false)
 }
 
 /// Whether `service` has an instance that lists the event's topic.

@@ -390,9 +390,26 @@ impl Outbox {
     /// Records what happened to a delivery (written with the next group,
     /// not waited on).
     pub async fn update(&self, update: Update) -> Result<(), OutboxError> {
-        self.state().apply(&update);
-        let bytes = encode(Kind::Update(update));
-        self.appender.append(vec![bytes], false).await?;
+        self.update_all(vec![update]).await
+    }
+
+    /// Records several outcomes with one hand-over to the writer (a
+    /// scheduler window's markers), in order.
+    pub async fn update_all(&self, updates: Vec<Update>) -> Result<(), OutboxError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut state = self.state();
+            for u in &updates {
+                state.apply(u);
+            }
+        }
+        let records = updates
+            .into_iter()
+            .map(|u| encode(Kind::Update(u)))
+            .collect();
+        self.appender.append(records, false).await?;
         Ok(())
     }
 
