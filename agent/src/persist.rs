@@ -4,8 +4,15 @@
 //! One file, [`FILE`] (`view.pb`): a `weir.agent.v1.PersistedState`
 //! protobuf holding the registry mirror as one complete SNAPSHOT
 //! `WatchResponse` (instances, protection, revision), the policies as one
-//! SNAPSHOT `PolicyUpdate` (at the policy revision) and the versions
-//! acknowledged. It is written atomically (a temporary file in the same
+//! SNAPSHOT `PolicyUpdate` (at the policy revision), the versions
+//! acknowledged, and the topic subscriptions, the retained ones included
+//! (`PersistedSubscription`: since when each is unlisted in unix ms, and
+//! its retention; see [`crate::outbox::subscriptions`]). The
+//! subscriptions are written with the view, so whenever a registry change
+//! (which is what changes them, expiry included) is; at start they are
+//! added back after the view, a retained one on its original retention
+//! clock, one past its retention dropped. A file without them (from an
+//! earlier build) loads with none. It is written atomically (a temporary file in the same
 //! directory, fsync, rename, fsync of the directory), never more than once
 //! per [`DEBOUNCE`], and once more on a clean stop. At start a file that
 //! does not decode, or that another node wrote, is ignored with a warning:
@@ -25,14 +32,18 @@ use std::{
 use prost::Message;
 use tokio::sync::{watch, Notify};
 use weir_client::{
-    agent::{policy_update, PersistedAck, PersistedState, PolicyChange, PolicyUpdate},
+    agent::{
+        policy_update, PersistedAck, PersistedState, PersistedSubscription, PolicyChange,
+        PolicyUpdate,
+    },
     RegistryMirror, WatchKind, WatchResponse,
 };
 use weir_core::time::now_unix_ms;
 
 use crate::{
+    outbox::subscriptions::SavedSubscription,
     session::{PolicyAck, SessionState},
-    view::View,
+    view::{Routes, View},
 };
 
 /// The file under the data dir.
@@ -92,6 +103,9 @@ pub enum LoadError {
 pub struct Store {
     dir: PathBuf,
     node_id: String,
+    /// The routes whose subscriptions are saved with the view: those of
+    /// the view [`Store::restore`] loaded into.
+    routes: std::sync::OnceLock<Arc<Routes>>,
 }
 
 /// What a file held, checked.
@@ -102,6 +116,8 @@ pub struct Saved {
     pub policies: PolicySet,
     pub policy_revision: u64,
     pub acks: BTreeMap<String, PolicyAck>,
+    /// Empty in a file from a build that did not keep them.
+    pub subscriptions: Vec<SavedSubscription>,
 }
 
 /// The policy state the session starts from, read from disk.
@@ -132,6 +148,7 @@ impl Store {
         Ok(Self {
             dir: dir.to_owned(),
             node_id: node_id.to_owned(),
+            routes: std::sync::OnceLock::new(),
         })
     }
 
@@ -184,19 +201,29 @@ impl Store {
                 )
             })
             .collect();
+        let subscriptions = state
+            .subscriptions
+            .into_iter()
+            .filter(|s| !s.namespace.is_empty() && !s.topic.is_empty() && !s.service.is_empty())
+            .map(saved_subscription)
+            .collect();
         Ok(Some(Saved {
             registry,
             policies,
             policy_revision,
             acks,
+            subscriptions,
         }))
     }
 
-    /// Loads the file into `view` and returns the policy state to start
-    /// the session from. A file that is missing, does not decode, or is
-    /// another node's, gives `None` and leaves `view` empty (with a
-    /// warning for the last two).
+    /// Loads the file into `view` (its subscriptions into `view`'s
+    /// routes, after the registry view) and returns the policy state to
+    /// start the session from. A file that is missing, does not decode, or
+    /// is another node's, gives `None` and leaves `view` empty (with a
+    /// warning for the last two). Either way, from then on what is written
+    /// holds the subscriptions of `view`'s routes.
     pub fn restore(&self, view: &mut View) -> Option<Seed> {
+        let _ = self.routes.set(view.routes().clone());
         let saved = match self.read() {
             Ok(Some(saved)) => saved,
             Ok(None) => return None,
@@ -220,9 +247,16 @@ impl Store {
                 .iter()
                 .map(|(key, change)| (key, change.policy.as_ref())),
         );
+        // After the view: what it lists stays listed, the rest is retained
+        // on its original clock.
+        let subscriptions = view
+            .routes()
+            .restore_subscriptions(saved.subscriptions, now_unix_ms());
         tracing::info!(
             file = %self.path().display(),
             instances,
+            retained_subscriptions = subscriptions.retained,
+            expired_subscriptions = subscriptions.expired,
             registry_revision = view.revision(),
             policy_revision = saved.policy_revision,
             policies = saved.policies.len(),
@@ -257,13 +291,37 @@ impl Store {
     }
 }
 
-/// The message for a mirror, policies and acknowledgements.
+/// A subscription as read from the file: an unset (or nonsensical)
+/// since means listed when written.
+fn saved_subscription(s: PersistedSubscription) -> SavedSubscription {
+    SavedSubscription {
+        namespace: s.namespace,
+        topic: s.topic,
+        service: s.service,
+        unlisted_since_unix_ms: (s.unlisted_since_unix_ms > 0).then_some(s.unlisted_since_unix_ms),
+        retention: Duration::from_millis(s.retention_ms),
+    }
+}
+
+fn persisted_subscription(s: &SavedSubscription) -> PersistedSubscription {
+    PersistedSubscription {
+        namespace: s.namespace.clone(),
+        topic: s.topic.clone(),
+        service: s.service.clone(),
+        unlisted_since_unix_ms: s.unlisted_since_unix_ms.unwrap_or(0),
+        retention_ms: u64::try_from(s.retention.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// The message for a mirror, policies, acknowledgements and
+/// subscriptions.
 pub fn state_of(
     node_id: &str,
     mirror: &RegistryMirror,
     policies: &PolicySet,
     policy_revision: u64,
     acks: &BTreeMap<String, PolicyAck>,
+    subscriptions: &[SavedSubscription],
 ) -> PersistedState {
     PersistedState {
         format: FORMAT,
@@ -289,6 +347,7 @@ pub fn state_of(
                 }
             })
             .collect(),
+        subscriptions: subscriptions.iter().map(persisted_subscription).collect(),
     }
 }
 
@@ -376,6 +435,13 @@ impl Persister {
             return;
         }
         let state = {
+            let subscriptions = self
+                .inner
+                .store
+                .routes
+                .get()
+                .map(|r| r.saved_subscriptions(now_unix_ms()))
+                .unwrap_or_default();
             let acks = self.inner.state.borrow().policies.clone();
             let (policies, revision) = self
                 .inner
@@ -390,6 +456,7 @@ impl Persister {
                 &policies,
                 revision,
                 &acks,
+                &subscriptions,
             )
         };
         let store = self.inner.store.clone();
@@ -501,7 +568,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("nested/data"), "node-a").expect("open");
         store
-            .write(&state_of("node-a", &mirror(), &policies(), 18, &acks()))
+            .write(&state_of(
+                "node-a",
+                &mirror(),
+                &policies(),
+                18,
+                &acks(),
+                &[],
+            ))
             .expect("write");
         assert!(!dir.path().join("nested/data").join(TEMP).exists());
 
@@ -537,13 +611,20 @@ mod tests {
 
         let other = Store::open(dir.path(), "node-b").expect("open");
         store
-            .write(&state_of("node-a", &mirror(), &policies(), 18, &acks()))
+            .write(&state_of(
+                "node-a",
+                &mirror(),
+                &policies(),
+                18,
+                &acks(),
+                &[],
+            ))
             .expect("write");
         assert!(matches!(other.read(), Err(LoadError::OtherNode(n)) if n == "node-a"));
         assert!(other.restore(&mut view).is_none());
         assert!(!view.is_loaded());
 
-        let mut partial = state_of("node-a", &mirror(), &policies(), 18, &acks());
+        let mut partial = state_of("node-a", &mirror(), &policies(), 18, &acks(), &[]);
         if let Some(r) = partial.registry.as_mut() {
             r.snapshot_complete = false;
         }
@@ -552,7 +633,7 @@ mod tests {
 
         let future = PersistedState {
             format: FORMAT + 1,
-            ..state_of("node-a", &mirror(), &policies(), 18, &acks())
+            ..state_of("node-a", &mirror(), &policies(), 18, &acks(), &[])
         };
         store.write(&future).expect("write");
         assert!(matches!(store.read(), Err(LoadError::Format(_))));
@@ -651,5 +732,182 @@ mod tests {
         std::fs::remove_file(store.path()).expect("rm");
         p.flush().await;
         assert!(!store.path().exists(), "nothing changed: no write");
+    }
+
+    fn retained(service: &str, since: i64) -> SavedSubscription {
+        SavedSubscription {
+            namespace: "default".into(),
+            topic: "orders".into(),
+            service: service.into(),
+            unlisted_since_unix_ms: Some(since),
+            retention: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn subscriptions_round_trip_and_restore_after_the_view() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), "node-a").expect("open");
+        let now = now_unix_ms();
+        let subscriptions = [
+            // Listed by orders' instances when written (they list no topic
+            // here: the restored view does not list it).
+            SavedSubscription {
+                topic: "audit".into(),
+                service: "orders".into(),
+                unlisted_since_unix_ms: None,
+                ..retained("orders", 0)
+            },
+            retained("billing", now - 60_000),
+            // Past its retention by the restore.
+            retained("gone", now - 3_600_000),
+        ];
+        store
+            .write(&state_of(
+                "node-a",
+                &mirror(),
+                &policies(),
+                18,
+                &acks(),
+                &subscriptions,
+            ))
+            .expect("write");
+        let saved = store.read().expect("reads").expect("a file");
+        assert_eq!(saved.subscriptions, subscriptions);
+
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), Duration::from_secs(30));
+        store.restore(&mut view).expect("restored");
+        assert_eq!(
+            routes.subscription_list(),
+            [
+                ("default".into(), "audit".into(), "orders".into(), false),
+                ("default".into(), "orders".into(), "billing".into(), false),
+            ],
+            "retained ones are back, not listed; the expired one is dropped"
+        );
+        assert_eq!(routes.subscribers("default", "orders").len(), 1);
+        // Saved again on the original clock, not the restart's.
+        let again = routes.saved_subscriptions(now_unix_ms());
+        let billing = again
+            .iter()
+            .find(|s| s.service == "billing")
+            .expect("billing");
+        let since = billing.unlisted_since_unix_ms.expect("unlisted");
+        assert!(
+            (now - 60_000 - 1_000..=now - 60_000 + 1_000).contains(&since),
+            "{since} vs {}",
+            now - 60_000
+        );
+    }
+
+    /// `PersistedState` as the previous build wrote it: no subscriptions.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct PersistedStateV1 {
+        #[prost(uint32, tag = "1")]
+        format: u32,
+        #[prost(string, tag = "2")]
+        node_id: String,
+        #[prost(int64, tag = "3")]
+        written_unix_ms: i64,
+        #[prost(message, optional, tag = "4")]
+        registry: Option<WatchResponse>,
+        #[prost(message, optional, tag = "5")]
+        policies: Option<PolicyUpdate>,
+        #[prost(message, repeated, tag = "6")]
+        acks: Vec<PersistedAck>,
+    }
+
+    #[test]
+    fn a_file_from_the_previous_build_loads_without_subscriptions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), "node-a").expect("open");
+        let now = state_of("node-a", &mirror(), &policies(), 18, &acks(), &[]);
+        let old = PersistedStateV1 {
+            format: now.format,
+            node_id: now.node_id,
+            written_unix_ms: now.written_unix_ms,
+            registry: now.registry,
+            policies: now.policies,
+            acks: now.acks,
+        };
+        std::fs::write(store.path(), old.encode_to_vec()).expect("write");
+        let saved = store.read().expect("reads").expect("a file");
+        assert!(saved.subscriptions.is_empty());
+        assert_eq!(saved.policy_revision, 18);
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), Duration::from_secs(30));
+        store.restore(&mut view).expect("restored");
+        assert_eq!(view.revision(), 42);
+        assert!(routes.subscription_list().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_persister_writes_the_subscriptions_with_the_view() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), "node-a").expect("open");
+        let routes = Arc::new(Routes::default());
+        let mut view = View::new(routes.clone(), Duration::from_secs(30));
+        assert!(store.restore(&mut view).is_none(), "no file yet");
+        let (state_tx, state_rx) = watch::channel(SessionState::default());
+        let p = Persister::new(store.clone(), view.mirror(), state_rx, None);
+        state_tx.send_modify(|s| s.view_loaded = true);
+        let billing = Instance {
+            service: "billing".into(),
+            topics: vec!["orders".into()],
+            ..instance("b0", 1003)
+        };
+        let event = |t: EventType| Event {
+            r#type: t as i32,
+            instance: Some(billing.clone()),
+            revision: 50,
+        };
+        view.apply(WatchResponse {
+            kind: WatchKind::Snapshot as i32,
+            events: vec![event(EventType::Put)],
+            revision: 50,
+            snapshot_complete: true,
+            ..WatchResponse::default()
+        })
+        .expect("applies");
+        p.touch();
+        p.flush().await;
+        let saved = store.read().expect("reads").expect("a file");
+        assert_eq!(saved.subscriptions.len(), 1);
+        assert_eq!(saved.subscriptions[0].unlisted_since_unix_ms, None);
+
+        // Billing's instance leaves: the retained subscription is saved.
+        view.apply(WatchResponse {
+            kind: WatchKind::Changes as i32,
+            events: vec![Event {
+                revision: 51,
+                ..event(EventType::Delete)
+            }],
+            revision: 51,
+            ..WatchResponse::default()
+        })
+        .expect("applies");
+        p.touch();
+        p.flush().await;
+        let saved = store.read().expect("reads").expect("a file");
+        assert!(saved.registry.events.is_empty());
+        let since = saved.subscriptions[0]
+            .unlisted_since_unix_ms
+            .expect("unlisted");
+        assert!(since <= now_unix_ms());
+
+        // A restart on that file routes nothing but keeps the subscriber.
+        let restarted = Arc::new(Routes::default());
+        let mut again = View::new(restarted.clone(), Duration::from_secs(30));
+        store.restore(&mut again).expect("restored");
+        assert_eq!(
+            restarted.subscription_list(),
+            [("default".into(), "orders".into(), "billing".into(), false)]
+        );
+        assert_eq!(
+            restarted.subscribers("default", "orders").len(),
+            1,
+            "an event published now is kept for billing"
+        );
     }
 }

@@ -23,7 +23,7 @@ use weir_client::{
 
 use crate::{
     balance::{policy::Lb, Balancing, Endpoint, Picker, Protocol},
-    outbox::subscriptions::{Subscriptions, DEFAULT_RETENTION},
+    outbox::subscriptions::{Restored, SavedSubscription, Subscriptions, DEFAULT_RETENTION},
     retry::{Budget, Failure, FailureMetrics, FailureState},
 };
 
@@ -169,6 +169,27 @@ impl Routes {
             .list(Instant::now())
     }
 
+    /// Every subscription as kept on disk (`now_unix_ms`: the wall clock
+    /// now), for [`crate::persist`].
+    pub fn saved_subscriptions(&self, now_unix_ms: i64) -> Vec<SavedSubscription> {
+        self.subscriptions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .save(Instant::now(), now_unix_ms)
+    }
+
+    /// Adds back the subscriptions saved on disk, after the saved registry
+    /// view was applied (what it lists stays listed; see
+    /// [`Subscriptions::restore`]).
+    pub fn restore_subscriptions(
+        &self,
+        saved: impl IntoIterator<Item = SavedSubscription>,
+        now_unix_ms: i64,
+    ) -> Restored {
+        self.subscriptions()
+            .restore(saved, Instant::now(), now_unix_ms)
+    }
+
     fn subscriptions(&self) -> std::sync::RwLockWriteGuard<'_, Subscriptions> {
         self.subscriptions
             .write()
@@ -272,6 +293,16 @@ pub struct View {
     /// How long a service's subscriptions outlive its instances, when its
     /// policy's `delivery.max_age_seconds` asks for more than the default.
     retention: BTreeMap<(String, String), std::time::Duration>,
+}
+
+/// Where `i` takes topic deliveries: its `weir.delivery.path` metadata
+/// (checked when it registered), else `/`.
+fn delivery_path_of(i: &Instance) -> http::uri::PathAndQuery {
+    i.metadata
+        .get(weir_core::validate::DELIVERY_PATH_KEY)
+        .and_then(|p| weir_core::validate::delivery_path(p))
+        .and_then(|p| http::uri::PathAndQuery::try_from(p).ok())
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
 }
 
 /// `host:port` with IPv6 literals bracketed.
@@ -571,14 +602,16 @@ impl View {
                 };
                 let weight = if i.weight == 0 { 100 } else { i.weight };
                 let fresh = Endpoint::new(&i.instance_id, authority, protocol, weight, &i.zone)
-                    .with_topics(i.topics.iter().map(String::as_str));
+                    .with_topics(i.topics.iter().map(String::as_str))
+                    .with_delivery_path(delivery_path_of(i));
                 match old.get(i.instance_id.as_str()) {
                     Some(e)
                         if e.authority == fresh.authority
                             && e.protocol == protocol
                             && e.weight == weight
                             && e.zone == fresh.zone
-                            && e.topics == fresh.topics =>
+                            && e.topics == fresh.topics
+                            && e.delivery_path == fresh.delivery_path =>
                     {
                         Some(Arc::clone(e))
                     }

@@ -288,6 +288,19 @@ pub fn session_registration(
     Ok(i)
 }
 
+/// The instance metadata key naming the path at which an HTTP instance
+/// takes topic deliveries (default `/`).
+pub const DELIVERY_PATH_KEY: &str = "weir.delivery.path";
+
+/// `value` as a delivery path ([`DELIVERY_PATH_KEY`]): `/` then printable
+/// ASCII, no spaces and no fragment; `None` otherwise.
+pub fn delivery_path(value: &str) -> Option<&str> {
+    let ok = value.starts_with('/')
+        && value.len() <= MAX_METADATA_VALUE_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic() && b != b'#');
+    ok.then_some(value)
+}
+
 pub fn metadata(
     field: &str,
     metadata: &std::collections::HashMap<String, String>,
@@ -325,6 +338,12 @@ pub fn metadata(
                     "value must be at most {MAX_METADATA_VALUE_LEN} bytes (got {})",
                     value.len()
                 ),
+            ));
+        }
+        if key == DELIVERY_PATH_KEY && delivery_path(value).is_none() {
+            return Err(err(
+                format!("{field}[{}]", shown(key)),
+                "the delivery path must be an absolute HTTP path: '/' then printable ASCII without spaces or '#'",
             ));
         }
         total += key.len() + value.len();
@@ -742,6 +761,20 @@ mod tests {
                 "instance.metadata[\"k\"]",
                 Instance {
                     metadata: [("k".to_string(), "v".repeat(513))].into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.metadata[\"weir.delivery.path\"]",
+                Instance {
+                    metadata: [("weir.delivery.path".to_string(), "events".to_string())].into(),
+                    ..valid()
+                },
+            ),
+            (
+                "instance.metadata[\"weir.delivery.path\"]",
+                Instance {
+                    metadata: [("weir.delivery.path".to_string(), "/a b".to_string())].into(),
                     ..valid()
                 },
             ),

@@ -26,7 +26,7 @@ use std::{
     sync::{atomic::AtomicUsize, Arc},
 };
 
-use http::uri::Authority;
+use http::uri::{Authority, PathAndQuery};
 
 use crate::eject::Ejection;
 
@@ -70,6 +70,9 @@ pub struct Endpoint {
     /// The topics the instance subscribes to (sorted): a topic's events go
     /// only to instances that list it.
     pub topics: Box<[Box<str>]>,
+    /// Where an HTTP instance takes topic deliveries: its metadata's
+    /// `weir.delivery.path`, else `/`.
+    pub delivery_path: PathAndQuery,
 }
 
 impl Endpoint {
@@ -91,7 +94,14 @@ impl Endpoint {
             ewma: Ewma::default(),
             ejection: Ejection::default(),
             topics: Box::default(),
+            delivery_path: PathAndQuery::from_static("/"),
         }
+    }
+
+    /// The same endpoint, taking topic deliveries at `path`.
+    pub fn with_delivery_path(mut self, path: PathAndQuery) -> Self {
+        self.delivery_path = path;
+        self
     }
 
     /// The same endpoint, subscribed to `topics`.

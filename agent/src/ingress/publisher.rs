@@ -319,7 +319,11 @@ impl Exchange for Publish<'_> {
             self.event.take()
         };
         let ingress = self.ingress;
-        let path = self.path.clone();
+        // A topic delivery goes where the instance takes them.
+        let path = match (&self.topic, endpoint.protocol) {
+            (Some(_), Protocol::Http) => endpoint.delivery_path.clone(),
+            _ => self.path.clone(),
+        };
         let topic = self.topic.clone();
         async move {
             let event = event.ok_or_else(|| {
