@@ -21,6 +21,20 @@ use weir_proto::{
     registry::v1::{health_check, HealthCheck, HttpCheck, Instance},
 };
 
+/// Registers `default/service/id` at `server`, subscribed to `topics`.
+pub async fn subscribe(
+    client: &weir_client::Client,
+    service: &str,
+    id: &str,
+    server: &HttpInstance,
+    topics: &[&str],
+) -> anyhow::Result<()> {
+    let mut i = instance("default", service, id, u32::from(server.port()));
+    i.topics = topics.iter().map(|t| t.to_string()).collect();
+    client.register(i).await?;
+    Ok(())
+}
+
 /// A persistent instance at `127.0.0.1:port`.
 pub fn instance(namespace: &str, service: &str, id: &str, port: u32) -> Instance {
     Instance {

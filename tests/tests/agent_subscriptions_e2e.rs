@@ -14,25 +14,11 @@ use prost::Message;
 use weir_client::{agent::PersistedState, InstanceRef};
 use weir_tests::{
     agent::AgentProcess,
-    fixtures::{instance, HttpInstance},
+    fixtures::{subscribe, HttpInstance},
     poll_until, start_one,
 };
 
 const SETTLE: Duration = Duration::from_secs(10);
-
-/// Registers `service/id` at `server`, listing `topics`.
-async fn subscribe(
-    client: &weir_client::Client,
-    service: &str,
-    id: &str,
-    server: &HttpInstance,
-    topics: &[&str],
-) -> Result<()> {
-    let mut i = instance("default", service, id, u32::from(server.port()));
-    i.topics = topics.iter().map(|t| t.to_string()).collect();
-    client.register(i).await?;
-    Ok(())
-}
 
 /// An agent for node-1 on `plane`, its data (view and outbox) in `data`.
 fn agent_on(plane: &weir_tests::ControlPlaneProcess, data: &Path) -> Result<AgentProcess> {

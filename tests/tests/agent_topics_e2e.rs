@@ -21,7 +21,7 @@ use hyper_util::{
 };
 use weir_tests::{
     agent::AgentProcess,
-    fixtures::{instance, HttpInstance},
+    fixtures::{instance, subscribe, HttpInstance},
     poll_until, start_one,
 };
 
@@ -82,19 +82,6 @@ fn received(server: &HttpInstance) -> HashMap<String, usize> {
         }
     }
     ids
-}
-
-async fn subscribe(
-    client: &weir_client::Client,
-    service: &str,
-    id: &str,
-    server: &HttpInstance,
-    topics: &[&str],
-) -> Result<()> {
-    let mut i = instance("default", service, id, u32::from(server.port()));
-    i.topics = topics.iter().map(|t| t.to_string()).collect();
-    client.register(i).await?;
-    Ok(())
 }
 
 /// An agent for node-1 on `plane`, its data (and outbox) in `data`.
