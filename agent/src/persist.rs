@@ -563,20 +563,17 @@ mod tests {
         .into()
     }
 
+    /// node-a's state with the test mirror, policies (revision 18) and
+    /// acknowledgements, and no subscriptions.
+    fn sample_state() -> PersistedState {
+        state_of("node-a", &mirror(), &policies(), 18, &acks(), &[])
+    }
+
     #[test]
     fn a_written_state_reads_back_into_a_view() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("nested/data"), "node-a").expect("open");
-        store
-            .write(&state_of(
-                "node-a",
-                &mirror(),
-                &policies(),
-                18,
-                &acks(),
-                &[],
-            ))
-            .expect("write");
+        store.write(&sample_state()).expect("write");
         assert!(!dir.path().join("nested/data").join(TEMP).exists());
 
         let saved = store.read().expect("reads").expect("a file");
@@ -610,16 +607,7 @@ mod tests {
         assert!(!view.is_loaded(), "a corrupt file leaves the view empty");
 
         let other = Store::open(dir.path(), "node-b").expect("open");
-        store
-            .write(&state_of(
-                "node-a",
-                &mirror(),
-                &policies(),
-                18,
-                &acks(),
-                &[],
-            ))
-            .expect("write");
+        store.write(&sample_state()).expect("write");
         assert!(matches!(other.read(), Err(LoadError::OtherNode(n)) if n == "node-a"));
         assert!(other.restore(&mut view).is_none());
         assert!(!view.is_loaded());
