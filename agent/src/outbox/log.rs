@@ -429,12 +429,16 @@ impl Log {
     }
 }
 
+/// The whole state, taken by the writer thread when it gets to a
+/// checkpoint ([`Appender::checkpoint`]).
+type Snapshot = Box<dyn FnOnce() -> Vec<Bytes> + Send>;
+
 /// One appender's records, waiting for the writer.
 struct Job {
     payloads: Vec<Bytes>,
     durable: bool,
-    /// A compaction: the payloads are the whole state ([`Log::checkpoint`]).
-    checkpoint: bool,
+    /// A compaction ([`Log::checkpoint`]); `payloads` is empty.
+    checkpoint: Option<Snapshot>,
     reply: oneshot::Sender<Result<(), LogError>>,
 }
 
@@ -452,29 +456,31 @@ impl Appender {
     /// be lost in a crash (markers of what the agent did, which at worst
     /// it does again).
     pub async fn append(&self, payloads: Vec<Bytes>, durable: bool) -> Result<(), LogError> {
-        self.send(payloads, durable, false).await
+        check_sizes(&payloads)?;
+        self.send(payloads, durable, None).await
     }
 
-    /// Compaction: writes `payloads` (the whole state, starting with a
-    /// checkpoint record) to a fresh segment, fsyncs it, then deletes
-    /// every older segment. A crash in between leaves the older segments,
-    /// which the checkpoint supersedes when the log is read back.
-    pub async fn checkpoint(&self, payloads: Vec<Bytes>) -> Result<(), LogError> {
-        self.send(payloads, true, true).await
+    /// Compaction: writes the whole state, as `snapshot` returns it
+    /// (starting with a checkpoint record), to a fresh segment, fsyncs
+    /// it, then deletes every older segment. `snapshot` runs on the
+    /// writer thread in its turn, so every record queued before is
+    /// reflected in what it returns (its change entered the state before
+    /// it was queued) and every record queued after is written after the
+    /// checkpoint. A crash in between leaves the older segments, which the
+    /// checkpoint supersedes when the log is read back.
+    pub async fn checkpoint(
+        &self,
+        snapshot: impl FnOnce() -> Vec<Bytes> + Send + 'static,
+    ) -> Result<(), LogError> {
+        self.send(Vec::new(), true, Some(Box::new(snapshot))).await
     }
 
     async fn send(
         &self,
         payloads: Vec<Bytes>,
         durable: bool,
-        checkpoint: bool,
+        checkpoint: Option<Snapshot>,
     ) -> Result<(), LogError> {
-        if let Some(p) = payloads
-            .iter()
-            .find(|p| p.is_empty() || p.len() > MAX_RECORD)
-        {
-            return Err(LogError::TooLarge(p.len()));
-        }
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job {
@@ -489,6 +495,16 @@ impl Appender {
 
     pub fn stats(&self) -> &Arc<LogStats> {
         &self.stats
+    }
+}
+
+fn check_sizes(payloads: &[Bytes]) -> Result<(), LogError> {
+    match payloads
+        .iter()
+        .find(|p| p.is_empty() || p.len() > MAX_RECORD)
+    {
+        Some(p) => Err(LogError::TooLarge(p.len())),
+        None => Ok(()),
     }
 }
 
@@ -514,12 +530,14 @@ fn write_groups(mut log: Log, queue: mpsc::Receiver<Job>) {
                 Err(_) => return,
             },
         };
-        if first.checkpoint {
+        if let Some(snapshot) = first.checkpoint {
+            let payloads = snapshot();
             buf.clear();
-            for p in &first.payloads {
+            for p in &payloads {
                 encode(&mut buf, p);
             }
-            let result = log.checkpoint(&buf, first.payloads.len() as u64);
+            let result =
+                check_sizes(&payloads).and_then(|()| log.checkpoint(&buf, payloads.len() as u64));
             let closed = matches!(result, Err(LogError::Closed));
             let _ = first.reply.send(result);
             if closed {
@@ -535,7 +553,7 @@ fn write_groups(mut log: Log, queue: mpsc::Receiver<Job>) {
             .sum();
         while bytes < MAX_GROUP_BYTES {
             match queue.try_recv() {
-                Ok(job) if job.checkpoint => {
+                Ok(job) if job.checkpoint.is_some() => {
                     // On its own, after this group.
                     carried = Some(job);
                     break;

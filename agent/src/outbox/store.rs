@@ -10,7 +10,7 @@
 //! update lost with the crash costs a duplicate, never an event.
 //!
 //! An event stays while any of its deliveries is pending or dead-lettered;
-//! the log's compaction (planned) will drop the rest.
+//! the log's compaction ([`Outbox::compact`]) drops the rest.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -53,6 +53,8 @@ pub struct Stored {
     pub event: CloudEvent,
     pub traceparent: String,
     pub accepted_unix_ms: i64,
+    /// The size of its record in the log.
+    record_bytes: u64,
 }
 
 /// Where one delivery stands.
@@ -91,12 +93,16 @@ struct State {
     /// By (service, seq): each service's queue in publish order.
     pending: BTreeMap<Key, Delivery>,
     dead: BTreeMap<Key, DeadLetter>,
+    /// What the held events' records take in the log: a compaction can
+    /// gain at most the rest, known without a snapshot.
+    live_bytes: u64,
 }
 
 impl State {
-    /// Adds an accepted event; one already known is left as it is (the
-    /// original record read back after a checkpoint that holds it).
-    fn accept(&mut self, accepted: Accepted) {
+    /// Adds an accepted event, whose record takes `record_bytes`; one
+    /// already known is left as it is (the original record read back
+    /// after a checkpoint that holds it).
+    fn accept(&mut self, accepted: Accepted, record_bytes: u64) {
         if self.events.contains_key(&accepted.seq) {
             return;
         }
@@ -132,7 +138,9 @@ impl State {
             event: event.unwrap_or_default(),
             traceparent,
             accepted_unix_ms,
+            record_bytes,
         });
+        self.live_bytes += record_bytes;
         self.events.insert(seq, (stored, refs));
     }
 
@@ -193,7 +201,8 @@ impl State {
 
     /// Takes back an event whose record could not be written.
     fn forget(&mut self, seq: u64) {
-        if self.events.remove(&seq).is_some() {
+        if let Some((e, _)) = self.events.remove(&seq) {
+            self.live_bytes -= e.record_bytes;
             self.pending.retain(|(_, s), _| *s != seq);
         }
     }
@@ -267,7 +276,9 @@ impl State {
         if let Some((_, refs)) = self.events.get_mut(&seq) {
             *refs -= 1;
             if *refs == 0 {
-                self.events.remove(&seq);
+                if let Some((e, _)) = self.events.remove(&seq) {
+                    self.live_bytes -= e.record_bytes;
+                }
             }
         }
     }
@@ -291,8 +302,13 @@ pub struct Opened {
 pub struct Outbox {
     appender: Appender,
     max_bytes: u64,
-    state: Mutex<State>,
-    next_seq: AtomicU64,
+    /// Shared with a compaction's snapshot, taken on the log's thread.
+    state: Arc<Mutex<State>>,
+    next_seq: Arc<AtomicU64>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn encode(kind: Kind) -> Bytes {
@@ -306,12 +322,13 @@ impl Outbox {
         let mut state = State::default();
         let mut next_seq = 1;
         for (index, bytes) in recovered.records.into_iter().enumerate() {
+            let size = bytes.len() as u64;
             let record =
                 Record::decode(bytes).map_err(|source| OutboxError::Decode { index, source })?;
             match record.kind {
                 Some(Kind::Accepted(a)) => {
                     next_seq = next_seq.max(a.seq + 1);
-                    state.accept(a);
+                    state.accept(a, size);
                 }
                 Some(Kind::Update(u)) => state.apply(&u),
                 Some(Kind::Checkpoint(c)) => {
@@ -339,15 +356,15 @@ impl Outbox {
             Self {
                 appender,
                 max_bytes: options.max_bytes,
-                state: Mutex::new(state),
-                next_seq: AtomicU64::new(next_seq),
+                state: Arc::new(Mutex::new(state)),
+                next_seq: Arc::new(AtomicU64::new(next_seq)),
             },
             opened,
         ))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Accepts `event` for `targets`; with `durable`, returns only once it
@@ -379,7 +396,7 @@ impl Outbox {
         let bytes = Bytes::from(buf);
         // In the state before the log, so a compaction that runs while
         // this is being written holds it (see `compact`).
-        self.state().accept(accepted);
+        self.state().accept(accepted, bytes.len() as u64);
         if let Err(e) = self.appender.append(vec![bytes], durable).await {
             self.state().forget(seq);
             return Err(e.into());
@@ -512,23 +529,28 @@ impl Outbox {
     /// checkpoint to a fresh segment and the older segments are deleted.
     /// `true` when it compacted.
     ///
-    /// Consistent without stopping writers: events and updates enter the
-    /// state before their records are queued, so the snapshot holds all
-    /// that came before it; a record queued before the checkpoint but
-    /// written after it is read back as a repeat, which changes nothing
-    /// (an event already known is kept as is; an update is applied again
-    /// to the same effect).
+    /// Consistent without stopping appenders for long: events and
+    /// updates enter the state before their records are written, and the
+    /// snapshot is taken under the log's lock, so every record already
+    /// written is reflected in it and every later one follows the
+    /// checkpoint; a change in the snapshot whose record is written after
+    /// it is read back as a repeat, which changes nothing (an event
+    /// already known is kept as is; an update is applied again to the
+    /// same effect). Whether it is worth it is judged from the held
+    /// events' record sizes, without a snapshot.
     pub async fn compact(&self, min_bytes: u64) -> Result<bool, OutboxError> {
         let used = self.appender.stats().used_bytes.load(Relaxed);
         if used <= min_bytes {
             return Ok(false);
         }
-        let snapshot = self.state().snapshot(self.next_seq.load(Relaxed));
-        let live: u64 = snapshot.iter().map(|b| b.len() as u64 + 8).sum();
+        let live = self.state().live_bytes;
         if live.saturating_mul(2) > used {
             return Ok(false);
         }
-        self.appender.checkpoint(snapshot).await?;
+        let (state, next_seq) = (self.state.clone(), self.next_seq.clone());
+        self.appender
+            .checkpoint(move || lock(&state).snapshot(next_seq.load(Relaxed)))
+            .await?;
         tracing::info!(
             before = used,
             after = self.appender.stats().used_bytes.load(Relaxed),
@@ -713,6 +735,79 @@ mod tests {
             .await
             .expect("recorded");
         assert_eq!(outbox.depth(), (0, 0, 0), "purged: nothing held");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_racing_compactions_are_all_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        let outbox = Arc::new(outbox);
+        let publishing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        // Each publisher keeps one event of two and resolves the other,
+        // so the log keeps growing past what is live.
+        let publishers: Vec<_> = (0..4)
+            .map(|p| {
+                let outbox = outbox.clone();
+                tokio::spawn(async move {
+                    for n in 0..150 {
+                        for (id, kept) in
+                            [(format!("p{p}-{n}"), true), (format!("x{p}-{n}"), false)]
+                        {
+                            let seq = outbox
+                                .accept(
+                                    "default",
+                                    "t",
+                                    event(&id, ""),
+                                    "",
+                                    vec![target("billing", "")],
+                                    n % 2 == 0,
+                                )
+                                .await
+                                .expect("accepted");
+                            if !kept {
+                                outbox
+                                    .update(update(seq, "billing", Outcome::Delivered))
+                                    .await
+                                    .expect("recorded");
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let compactor = {
+            let (outbox, publishing) = (outbox.clone(), publishing.clone());
+            tokio::spawn(async move {
+                let mut compactions = 0;
+                while publishing.load(Relaxed) {
+                    compactions += usize::from(outbox.compact(0).await.expect("compacts"));
+                    tokio::task::yield_now().await;
+                }
+                compactions
+            })
+        };
+        for p in publishers {
+            p.await.expect("publisher");
+        }
+        publishing.store(false, Relaxed);
+        let compactions = compactor.await.expect("compactor");
+        assert!(compactions > 0, "no compaction ran while publishing");
+        let mut expected: Vec<String> = (0..4)
+            .flat_map(|p| (0..150).map(move |n| format!("p{p}-{n}")))
+            .collect();
+        expected.sort();
+        let held = |o: &Outbox| {
+            let mut got: Vec<String> = ids(&o.due("billing", 0, 10_000))
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            got.sort();
+            got
+        };
+        assert_eq!(held(&outbox), expected);
+        drop(outbox);
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("reopens");
+        assert_eq!(held(&outbox), expected, "read back after compactions");
     }
 
     #[tokio::test]
