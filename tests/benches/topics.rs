@@ -16,17 +16,20 @@
 //!
 //! Each round measures, in a rotated order, **weir durable** (`POST
 //! /v1/topics/bench.durable`, answered once the event is fsync'd),
-//! **weir fast** (`bench.fast`, answered once written) and **jetstream**
-//! (publish with ack from `async-nats`), at 1, 16 and 128 concurrent
+//! **weir fast** (`bench.fast`, answered once written), **jetstream**
+//! (publish with ack from `async-nats`, no consumer) and **js+consumer**
+//! (the same to a subject a pull consumer in this process takes and acks
+//! message by message, as the agent delivers to its subscriber), at 1,
+//! 16 and 128 concurrent
 //! publishers, each sending 1 KiB events one after another for
 //! `WEIR_BENCH_SECS` (default 3): events per second and the latency from
 //! request to answer (p50, p99). Weir's publishers each hold one
 //! keep-alive HTTP/1.1 connection and write requests the way `wrk` does
 //! (a lean client: the load generator shares the 2 cores with what it
 //! measures); JetStream's share `async-nats`'s one connection. After
-//! each Weir figure the bench waits until the agent has delivered
-//! everything it accepted and reports the end-to-end rate (events over
-//! publishing plus draining time); after every figure it runs `sync`,
+//! each Weir and js+consumer figure the bench waits until everything
+//! published was delivered (consumed) and reports the end-to-end rate
+//! (events over publishing plus draining time); after every figure it runs `sync`,
 //! so no target's writes slow the next one's fsyncs. JetStream 2.9
 //! acknowledges before any fsync (it syncs every 2 minutes and cannot be
 //! told otherwise): its ack means "in the page cache", a weaker promise
@@ -36,7 +39,10 @@
 
 use std::{
     path::Path,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -68,13 +74,31 @@ enum Target {
         addr: std::net::SocketAddr,
         path: String,
     },
-    JetStream(async_nats::jetstream::Context),
+    JetStream(JetStream),
+}
+
+/// A JetStream subject to publish to; with `consumed`, a pull consumer
+/// takes and acks every message published there, the way the agent
+/// delivers every event to its subscriber.
+#[derive(Clone)]
+struct JetStream {
+    js: async_nats::jetstream::Context,
+    subject: &'static str,
+    consumed: Option<Consumed>,
+}
+
+/// Messages published (and acked by the server) and taken (and acked) by
+/// the consumer.
+#[derive(Clone, Default)]
+struct Consumed {
+    published: Arc<AtomicU64>,
+    taken: Arc<AtomicU64>,
 }
 
 /// One publisher's link to its target.
 enum Link {
     Weir(H1),
-    JetStream(async_nats::jetstream::Context),
+    JetStream(JetStream),
 }
 
 /// A minimal HTTP/1.1 keep-alive client, one request at a time, as `wrk`
@@ -148,7 +172,7 @@ impl Target {
     async fn link(&self) -> Result<Link> {
         Ok(match self {
             Target::Weir { addr, path } => Link::Weir(H1::connect(*addr, path).await?),
-            Target::JetStream(js) => Link::JetStream(js.clone()),
+            Target::JetStream(j) => Link::JetStream(j.clone()),
         })
     }
 }
@@ -160,11 +184,14 @@ impl Link {
                 let status = h1.post(id, body).await?;
                 anyhow::ensure!(status == 202, "the agent answered {status}");
             }
-            Link::JetStream(js) => {
-                js.publish("bench.events", body.clone())
+            Link::JetStream(j) => {
+                j.js.publish(j.subject, body.clone())
                     .await?
                     .await
                     .map_err(|e| anyhow::anyhow!("no ack: {e}"))?;
+                if let Some(c) = &j.consumed {
+                    c.published.fetch_add(1, Relaxed);
+                }
             }
         }
         Ok(())
@@ -212,6 +239,20 @@ async fn measure(target: &Target, publishers: usize, secs: u64) -> Result<(usize
         ms(percentile(&all, 0.50)),
         ms(percentile(&all, 0.99)),
     ))
+}
+
+/// Waits until the consumer has taken every message published; how long
+/// that took.
+async fn consumed(c: &Consumed) -> Result<Duration> {
+    let start = Instant::now();
+    poll_until(
+        DRAIN,
+        "the consumer took every message",
+        || async { Ok((c.published.load(Relaxed), c.taken.load(Relaxed))) },
+        |(published, taken)| taken >= published,
+    )
+    .await?;
+    Ok(start.elapsed())
 }
 
 /// Waits until the agent has delivered everything it accepted; how long
@@ -318,14 +359,41 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
             .await
             .context("cannot connect to nats-server")?,
     );
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
-        name: "BENCH".into(),
-        subjects: vec!["bench.>".into()],
-        storage: async_nats::jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot create the stream: {e}"))?;
+    let stream = js
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "BENCH".into(),
+            subjects: vec!["bench.>".into()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the stream: {e}"))?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("bench-sub".into()),
+            filter_subject: "bench.consumed".into(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the consumer: {e}"))?;
+    let consumed = Consumed::default();
+    {
+        let taken = consumed.taken.clone();
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot consume: {e}"))?;
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            while let Some(Ok(m)) = messages.next().await {
+                if m.ack().await.is_err() {
+                    break;
+                }
+                taken.fetch_add(1, Relaxed);
+            }
+        });
+    }
     let targets = vec![
         (
             "weir durable",
@@ -341,7 +409,22 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
                 path: "/v1/topics/bench.fast".to_owned(),
             },
         ),
-        ("jetstream", Target::JetStream(js)),
+        (
+            "jetstream",
+            Target::JetStream(JetStream {
+                js: js.clone(),
+                subject: "bench.events",
+                consumed: None,
+            }),
+        ),
+        (
+            "js+consumer",
+            Target::JetStream(JetStream {
+                js,
+                subject: "bench.consumed",
+                consumed: Some(consumed),
+            }),
+        ),
     ];
     // Warm-up: every target answers.
     for (name, t) in &targets {
@@ -374,22 +457,27 @@ fn main() -> Result<()> {
                     for p in PUBLISHERS {
                         let (events, secs, p50, p99) = measure(target, p, setup.secs).await?;
                         let rate = events as f64 / secs;
-                        // What the agent accepted it also delivers, while
-                        // it takes publishes and after: the next figure
-                        // starts once it is done.
-                        let delivered = match target {
-                            Target::Weir { .. } => {
-                                let drain = drained(&setup.agent).await?.as_secs_f64();
-                                let rate = events as f64 / (secs + drain);
-                                figures.push(bench::Figure::higher(
-                                    format!("{name} delivered/s @{p}"),
-                                    "ev/s",
-                                    rate,
-                                ));
-                                format!(", all delivered {drain:.2} s after the last answer ({rate:.0} events/s end to end)")
-                            }
-                            Target::JetStream(_) => String::new(),
+                        // What the agent accepted it also delivers (and
+                        // the JetStream consumer takes), while publishes
+                        // come and after: the next figure starts once it
+                        // is done.
+                        let drain = match target {
+                            Target::Weir { .. } => Some(drained(&setup.agent).await?),
+                            Target::JetStream(JetStream {
+                                consumed: Some(c), ..
+                            }) => Some(consumed(c).await?),
+                            Target::JetStream(_) => None,
                         };
+                        let delivered = drain.map_or(String::new(), |drain| {
+                            let drain = drain.as_secs_f64();
+                            let rate = events as f64 / (secs + drain);
+                            figures.push(bench::Figure::higher(
+                                format!("{name} delivered/s @{p}"),
+                                "ev/s",
+                                rate,
+                            ));
+                            format!(", all delivered {drain:.2} s after the last answer ({rate:.0} events/s end to end)")
+                        });
                         // What this target left in the page cache is
                         // written out before the next one runs, so that
                         // it does not slow the next one's fsyncs.
