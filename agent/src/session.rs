@@ -244,7 +244,12 @@ async fn follow(
         let next = tokio::select! {
             next = session.next() => next,
             () = sleep_until(expiry), if expiry.is_some() => {
-                view.expire(tokio::time::Instant::now());
+                // The subscriptions saved with the view may have changed.
+                if view.expire(tokio::time::Instant::now()) {
+                    if let Some(p) = persister {
+                        p.touch();
+                    }
+                }
                 continue;
             }
         };

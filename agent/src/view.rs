@@ -415,8 +415,9 @@ impl View {
         self.stale.values().map(|(_, t)| *t).min()
     }
 
-    /// Drops the stale instances whose grace ended by `now`.
-    pub fn expire(&mut self, now: Instant) {
+    /// Drops the stale instances whose grace ended by `now`; whether any
+    /// was (the routes, and the subscriptions they make, changed).
+    pub fn expire(&mut self, now: Instant) -> bool {
         let due: Vec<InstanceId> = self
             .stale
             .iter()
@@ -434,6 +435,7 @@ impl View {
         for (ns, svc) in &touched {
             self.rebuild(ns, svc);
         }
+        !touched.is_empty()
     }
 
     pub fn routes(&self) -> &Arc<Routes> {
@@ -1073,7 +1075,7 @@ mod tests {
             .expect("applies");
         assert_eq!(view.stale(), 1);
         let due = view.next_expiry().expect("b is due");
-        view.expire(tokio::time::Instant::now());
+        assert!(!view.expire(tokio::time::Instant::now()), "nothing due yet");
         assert_eq!(
             ids(&routes, "orders"),
             ["a", "b"],
@@ -1081,7 +1083,7 @@ mod tests {
         );
 
         tokio::time::advance(due - tokio::time::Instant::now()).await;
-        view.expire(tokio::time::Instant::now());
+        assert!(view.expire(tokio::time::Instant::now()), "b dropped");
         assert_eq!(
             ids(&routes, "orders"),
             ["a"],
