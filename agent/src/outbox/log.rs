@@ -461,7 +461,33 @@ struct Writer {
     written: u64,
 }
 
-type Reply = oneshot::Sender<Result<(), LogError>>;
+/// Run when an append's batch is written (fsync'd, when durable), with
+/// whether it was; whether or not its appender still waits.
+pub type Done = Box<dyn FnOnce(bool) + Send>;
+
+/// Whom to tell when an append's batch is written.
+struct Reply {
+    answer: oneshot::Sender<Result<(), LogError>>,
+    done: Option<Done>,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply").finish_non_exhaustive()
+    }
+}
+
+impl Reply {
+    fn finish(self, result: &Result<(), LogError>) {
+        if let Some(done) = self.done {
+            done(result.is_ok());
+        }
+        let _ = self.answer.send(match result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(copy_error(e)),
+        });
+    }
+}
 
 #[derive(Debug, Default)]
 struct SyncQueue {
@@ -565,6 +591,19 @@ impl Appender {
     /// survive the agent's crash, not the machine's) and not waited on:
     /// markers of what the agent did, which at worst it does again.
     pub async fn append(&self, payloads: Vec<Bytes>, durable: bool) -> Result<(), LogError> {
+        self.append_then(payloads, durable, None).await
+    }
+
+    /// [`append`](Self::append), and `done` runs once the records are
+    /// written (or could not be), even if this future is dropped first.
+    /// It does not run when the append is refused before being written
+    /// (the error returned says so).
+    pub async fn append_then(
+        &self,
+        payloads: Vec<Bytes>,
+        durable: bool,
+        done: Option<Done>,
+    ) -> Result<(), LogError> {
         check_sizes(&payloads)?;
         self.shared.check()?;
         let size: u64 = payloads
@@ -577,7 +616,14 @@ impl Appender {
             return Err(LogError::Full { used, max });
         }
         let (reply, answer) = oneshot::channel();
-        let (batch, opened) = self.join(&payloads, durable, reply);
+        let (batch, opened) = self.join(
+            &payloads,
+            durable,
+            Reply {
+                answer: reply,
+                done,
+            },
+        );
         if opened {
             // Its own task, so that no appender's cancellation leaves it
             // unwritten; it lets the appends of this turn of the runtime
@@ -661,12 +707,13 @@ impl Appender {
             }
             Ok(_) => {
                 for reply in replies {
-                    let _ = reply.send(Ok(()));
+                    reply.finish(&Ok(()));
                 }
             }
             Err(e) => {
+                let e = Err(e);
                 for reply in replies {
-                    let _ = reply.send(Err(copy_error(&e)));
+                    reply.finish(&e);
                 }
             }
         }
@@ -798,10 +845,7 @@ fn sync_loop(shared: &Shared) {
             }
         };
         for reply in ready.into_iter().flat_map(|(_, r)| r) {
-            let _ = reply.send(match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(copy_error(e)),
-            });
+            reply.finish(&result);
         }
         if stop {
             return;

@@ -16,7 +16,10 @@ use std::{
     collections::{BTreeMap, HashSet},
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicU64,
+            Ordering::{Acquire, Relaxed, Release},
+        },
         Arc, Mutex, MutexGuard,
     },
 };
@@ -55,6 +58,12 @@ pub struct Stored {
     pub accepted_unix_ms: i64,
     /// The size of its record in the log.
     record_bytes: u64,
+    /// Its record is in the log (fsync'd, when durable): only then is it
+    /// delivered. Records are written in batches from several threads,
+    /// so without this a delivery's SENDING marker could reach the log
+    /// before the event's own record, and a restart would not know the
+    /// delivery may have been made.
+    written: AtomicBool,
 }
 
 /// Where one delivery stands.
@@ -102,9 +111,14 @@ impl State {
     /// Adds an accepted event, whose record takes `record_bytes`; one
     /// already known is left as it is (the original record read back
     /// after a checkpoint that holds it).
-    fn accept(&mut self, accepted: Accepted, record_bytes: u64) {
+    fn accept(
+        &mut self,
+        accepted: Accepted,
+        record_bytes: u64,
+        written: bool,
+    ) -> Option<Arc<Stored>> {
         if self.events.contains_key(&accepted.seq) {
-            return;
+            return None;
         }
         let Accepted {
             seq,
@@ -129,7 +143,7 @@ impl State {
             );
         }
         if refs == 0 {
-            return;
+            return None;
         }
         let stored = Arc::new(Stored {
             seq,
@@ -139,9 +153,11 @@ impl State {
             traceparent,
             accepted_unix_ms,
             record_bytes,
+            written: AtomicBool::new(written),
         });
         self.live_bytes += record_bytes;
-        self.events.insert(seq, (stored, refs));
+        self.events.insert(seq, (stored.clone(), refs));
+        Some(stored)
     }
 
     fn apply(&mut self, u: &Update) {
@@ -328,7 +344,7 @@ impl Outbox {
             match record.kind {
                 Some(Kind::Accepted(a)) => {
                     next_seq = next_seq.max(a.seq + 1);
-                    state.accept(a, size);
+                    state.accept(a, size, true);
                 }
                 Some(Kind::Update(u)) => state.apply(&u),
                 Some(Kind::Checkpoint(c)) => {
@@ -396,8 +412,20 @@ impl Outbox {
         let bytes = Bytes::from(buf);
         // In the state before the log, so a compaction that runs while
         // this is being written holds it (see `compact`).
-        self.state().accept(accepted, bytes.len() as u64);
-        if let Err(e) = self.appender.append(vec![bytes], durable).await {
+        let stored = self.state().accept(accepted, bytes.len() as u64, false);
+        // Run by the log once the record is written, even if this
+        // publish is dropped meanwhile (its publisher went away).
+        let state = self.state.clone();
+        let done: log::Done = Box::new(move |written| match (stored, written) {
+            (Some(stored), true) => stored.written.store(true, Release),
+            (_, false) => lock(&state).forget(seq),
+            (None, true) => {}
+        });
+        if let Err(e) = self
+            .appender
+            .append_then(vec![bytes], durable, Some(done))
+            .await
+        {
             self.state().forget(seq);
             return Err(e.into());
         }
@@ -445,11 +473,14 @@ impl Outbox {
             let key = d.target.ordering_key.as_str();
             let first_of_key = key.is_empty() || keys_seen.insert(key);
             if first_of_key && d.next_attempt_unix_ms <= now_unix_ms {
+                // One not yet written holds back its key like one not due.
                 if let Some((event, _)) = state.events.get(seq) {
-                    out.push(Due {
-                        event: event.clone(),
-                        delivery: d.clone(),
-                    });
+                    if event.written.load(Acquire) {
+                        out.push(Due {
+                            event: event.clone(),
+                            delivery: d.clone(),
+                        });
+                    }
                 }
             }
         }
@@ -735,6 +766,37 @@ mod tests {
             .await
             .expect("recorded");
         assert_eq!(outbox.depth(), (0, 0, 0), "purged: nothing held");
+    }
+
+    #[tokio::test]
+    async fn an_event_is_due_once_written_even_if_its_publish_is_dropped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        let mut publish = Box::pin(outbox.accept(
+            "default",
+            "t",
+            event("e1", ""),
+            "",
+            vec![target("billing", "")],
+            true,
+        ));
+        let polled = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(publish.as_mut(), cx))
+        })
+        .await;
+        assert!(polled.is_pending(), "waits for its fsync");
+        assert!(
+            outbox.due("billing", 0, 10).is_empty(),
+            "not delivered before its record is written"
+        );
+        // The publisher goes away; the record is written all the same.
+        drop(publish);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while outbox.due("billing", 0, 10).is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "never became due");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(ids(&outbox.due("billing", 0, 10)), ["e1"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
