@@ -915,19 +915,25 @@ mod tests {
         assert_eq!(recovered.records.len(), 101);
     }
 
-    #[tokio::test]
-    async fn concurrent_durable_appends_share_fsyncs() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let (appender, _, thread) = open(dir.path(), Options::default());
-        let tasks: Vec<_> = (0..256)
+    /// `n` appends of `payload(0..n)`, each from its own task, spawned
+    /// together.
+    async fn append_together(appender: &Appender, n: usize, durable: bool) {
+        let tasks: Vec<_> = (0..n)
             .map(|n| {
                 let a = appender.clone();
-                tokio::spawn(async move { a.append(vec![payload(n)], true).await })
+                tokio::spawn(async move { a.append(vec![payload(n)], durable).await })
             })
             .collect();
         for t in tasks {
             t.await.expect("task").expect("appended");
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_durable_appends_share_fsyncs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (appender, _, thread) = open(dir.path(), Options::default());
+        append_together(&appender, 256, true).await;
         let syncs = appender.stats().syncs.load(Relaxed);
         assert_eq!(appender.stats().records.load(Relaxed), 256);
         assert!(syncs < 256, "one fsync per append: {syncs}");
@@ -941,15 +947,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let (appender, _, thread) = open(dir.path(), Options::default());
         // Spawned together: they run in one turn of this runtime.
-        let tasks: Vec<_> = (0..100)
-            .map(|n| {
-                let a = appender.clone();
-                tokio::spawn(async move { a.append(vec![payload(n)], false).await })
-            })
-            .collect();
-        for t in tasks {
-            t.await.expect("task").expect("appended");
-        }
+        append_together(&appender, 100, false).await;
         let writes = appender.stats().groups.load(Relaxed);
         assert_eq!(appender.stats().records.load(Relaxed), 100);
         assert!(writes < 10, "{writes} writes for 100 appends");
