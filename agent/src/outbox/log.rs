@@ -153,7 +153,7 @@ pub struct LogStats {
     pub used_bytes: AtomicU64,
     /// Records appended since start.
     pub records: AtomicU64,
-    /// Writes (one per append) since start.
+    /// Writes (one per batch) since start.
     pub groups: AtomicU64,
     /// fsyncs since start.
     pub syncs: AtomicU64,
@@ -393,9 +393,9 @@ impl Log {
         Ok(())
     }
 
-    /// Writes `buf` (encoded records) at the end, then syncs when `sync`.
-    /// A failed write is cut back off.
-    fn write(&mut self, buf: &[u8], records: u64, sync: bool) -> Result<(), LogError> {
+    /// Writes `buf` (encoded records) at the end; the sync thread makes
+    /// it durable. A failed write is cut back off.
+    fn write(&mut self, buf: &[u8], records: u64) -> Result<(), LogError> {
         let current = self.segments.last().map_or(HEADER, |s| s.len);
         if current > HEADER && current + buf.len() as u64 > self.options.segment_bytes {
             // The closed segment is durable before the next begins.
@@ -410,10 +410,7 @@ impl Log {
         }
         let segment = self.segments.last_mut().ok_or(LogError::Closed)?;
         let mut file = &*self.file;
-        let written = file
-            .write_all(buf)
-            .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
-        if let Err(e) = written {
+        if let Err(e) = file.write_all(buf) {
             // Leave no half append behind: cut back to where it began.
             let undone = file
                 .set_len(segment.len)
@@ -429,9 +426,6 @@ impl Log {
         self.stats.used_bytes.fetch_add(buf.len() as u64, Relaxed);
         self.stats.records.fetch_add(records, Relaxed);
         self.stats.groups.fetch_add(1, Relaxed);
-        if sync {
-            self.stats.syncs.fetch_add(1, Relaxed);
-        }
         Ok(())
     }
 }
@@ -455,7 +449,7 @@ struct Shared {
 #[derive(Debug)]
 struct Writer {
     log: Log,
-    /// Scratch for encoding an append.
+    /// Scratch for encoding a checkpoint.
     buf: Vec<u8>,
     /// Bytes written since start (a position, across segments).
     written: u64,
@@ -686,7 +680,7 @@ impl Appender {
         let written = {
             let mut guard = self.shared.writer.lock().await;
             let writer = &mut *guard;
-            match writer.log.write(&buf, records, false) {
+            match writer.log.write(&buf, records) {
                 Ok(()) => {
                     writer.written += buf.len() as u64;
                     Ok(writer.written)
