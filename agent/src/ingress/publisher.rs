@@ -13,7 +13,10 @@
 //! ([`Rejection::into_status`]); a gRPC instance's own refusal passes
 //! through with its code, message and details ([`refused`]).
 
-use std::{borrow::Cow, sync::Arc};
+use std::{
+    borrow::Cow,
+    sync::{atomic::Ordering::Relaxed, Arc},
+};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -25,8 +28,10 @@ use weir_proto::{
         CloudEvent,
     },
     events::v1::{
+        publish_stream_response,
         publisher_server::{Publisher, PublisherServer},
-        DeliverRequest, PublishRequest, PublishResponse, SendRequest, SendResponse,
+        DeliverRequest, PublishRefusal, PublishRequest, PublishResponse, PublishStreamResponse,
+        SendRequest, SendResponse,
     },
 };
 
@@ -95,13 +100,138 @@ impl Publisher for EventsPublisher {
     ) -> Result<tonic::Response<PublishResponse>, tonic::Status> {
         let _in_flight = self.ingress.in_flight.enter();
         let (metadata, _, message) = request.into_parts();
-        match self.publish_event(&metadata, message).await {
-            Ok(r) => Ok(tonic::Response::new(r)),
-            Err(r) => {
-                tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher/Publish refused");
+        publish_event(&self.ingress, traceparent(&metadata), message)
+            .await
+            .map(tonic::Response::new)
+            .map_err(|r| {
                 self.ingress.count(&r);
-                Err(r.into_status())
+                r.into_status()
+            })
+    }
+
+    type PublishStreamStream = Answers;
+
+    async fn publish_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<PublishRequest>>,
+    ) -> Result<tonic::Response<Answers>, tonic::Status> {
+        let (metadata, _, requests) = request.into_parts();
+        // The stream counts as one request in flight until it ends.
+        self.ingress.in_flight.0.fetch_add(1, Relaxed);
+        Ok(tonic::Response::new(Answers {
+            ingress: self.ingress.clone(),
+            traceparent: traceparent(&metadata).into(),
+            requests: Some(requests),
+            pending: futures_util::stream::FuturesOrdered::new(),
+        }))
+    }
+}
+
+/// The `traceparent` of a call's metadata, or "".
+fn traceparent(metadata: &tonic::metadata::MetadataMap) -> &str {
+    metadata
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// The most events of one `PublishStream` the agent works on at once.
+pub const STREAM_WINDOW: usize = 1024;
+
+/// One answer of a `PublishStream`, on its way.
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = PublishStreamResponse> + Send>>;
+
+/// The answers of one `PublishStream`, in request order: it reads requests
+/// while fewer than [`STREAM_WINDOW`] are unanswered, publishes each at
+/// once (they share group commits), and yields answers as the oldest
+/// completes. No task or channel of its own: the connection's task polls
+/// it.
+pub struct Answers {
+    ingress: Arc<Ingress>,
+    traceparent: Arc<str>,
+    /// None once the publisher closed its side (or broke it).
+    requests: Option<tonic::Streaming<PublishRequest>>,
+    pending: futures_util::stream::FuturesOrdered<Answer>,
+}
+
+impl Answers {
+    fn answer(&self, request: PublishRequest) -> Answer {
+        let ingress = self.ingress.clone();
+        let traceparent = self.traceparent.clone();
+        Box::pin(async move {
+            let result = match publish_event(&ingress, &traceparent, request).await {
+                Ok(published) => publish_stream_response::Result::Published(published),
+                Err(r) => {
+                    ingress.count(&r);
+                    publish_stream_response::Result::Refused(PublishRefusal {
+                        code: i32::from(r.reason.grpc_code()),
+                        reason: r.reason.as_str().to_owned(),
+                        message: r.detail.into_owned(),
+                        field: r.field.map(Cow::into_owned).unwrap_or_default(),
+                        retry_after_ms: r.retry_after.map_or(0, |d| {
+                            u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+                        }),
+                    })
+                }
+            };
+            PublishStreamResponse {
+                result: Some(result),
             }
+        })
+    }
+}
+
+impl std::fmt::Debug for Answers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answers")
+            .field("pending", &self.pending.len())
+            .field("reading", &self.requests.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        self.ingress.in_flight.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl futures_util::Stream for Answers {
+    type Item = Result<PublishStreamResponse, tonic::Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        while this.pending.len() < STREAM_WINDOW {
+            let Some(requests) = this.requests.as_mut() else {
+                break;
+            };
+            match std::pin::Pin::new(requests).poll_next(cx) {
+                Poll::Ready(Some(Ok(request))) => {
+                    let answer = this.answer(request);
+                    this.pending.push_back(answer);
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    // A broken request stream (a reset, a message too large
+                    // or not decodable): what was read is still answered,
+                    // then the stream ends with that status.
+                    tracing::debug!(code = ?status.code(), message = status.message(), "Publisher/PublishStream: the request stream broke");
+                    this.requests = None;
+                    if this.pending.is_empty() {
+                        return Poll::Ready(Some(Err(status)));
+                    }
+                }
+                Poll::Ready(None) => this.requests = None,
+                Poll::Pending => break,
+            }
+        }
+        match std::pin::Pin::new(&mut this.pending).poll_next(cx) {
+            Poll::Ready(Some(answer)) => Poll::Ready(Some(Ok(answer))),
+            Poll::Ready(None) if this.requests.is_none() => Poll::Ready(None),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -147,44 +277,42 @@ fn refused(instance: &str, status: &tonic::Status) -> tonic::Status {
     out
 }
 
-impl EventsPublisher {
-    async fn publish_event(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        request: PublishRequest,
-    ) -> Result<PublishResponse, Rejection> {
-        let topics = self.ingress.topics.as_ref().ok_or_else(|| {
-            Rejection::new(
-                Reason::OutboxUnavailable,
-                "topic publishing is not configured",
-            )
-        })?;
-        if request.topic.is_empty() {
-            return Err(Rejection::new(Reason::NoTarget, "topic is required").with_field("topic"));
-        }
-        let event = request.event.ok_or_else(|| {
-            Rejection::new(Reason::BadEvent, "event is required").with_field("event")
-        })?;
-        check_event(&event)?;
-        let namespace = if request.namespace.is_empty() {
-            self.ingress.default_namespace.as_str()
-        } else {
-            request.namespace.as_str()
-        };
-        let traceparent = metadata
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let published = topics
-            .publish(namespace, &request.topic, event, traceparent)
-            .await?;
-        Ok(PublishResponse {
-            id: published.id,
-            subscribers: published.subscribers,
-            durable: published.durable,
-        })
+/// Publishes one event of `Publish` or `PublishStream`.
+async fn publish_event(
+    ingress: &Ingress,
+    traceparent: &str,
+    request: PublishRequest,
+) -> Result<PublishResponse, Rejection> {
+    let topics = ingress.topics.as_ref().ok_or_else(|| {
+        Rejection::new(
+            Reason::OutboxUnavailable,
+            "topic publishing is not configured",
+        )
+    })?;
+    if request.topic.is_empty() {
+        return Err(Rejection::new(Reason::NoTarget, "topic is required").with_field("topic"));
     }
+    let event = request
+        .event
+        .ok_or_else(|| Rejection::new(Reason::BadEvent, "event is required").with_field("event"))?;
+    check_event(&event)?;
+    let namespace = if request.namespace.is_empty() {
+        ingress.default_namespace.as_str()
+    } else {
+        request.namespace.as_str()
+    };
+    let published = topics
+        .publish(namespace, &request.topic, event, traceparent)
+        .await
+        .inspect_err(|r| tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher: a publish refused"))?;
+    Ok(PublishResponse {
+        id: published.id,
+        subscribers: published.subscribers,
+        durable: published.durable,
+    })
+}
 
+impl EventsPublisher {
     async fn send_event(
         &self,
         metadata: &tonic::metadata::MetadataMap,
