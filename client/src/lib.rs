@@ -19,7 +19,9 @@
 //!   [`Client::list_agents`] / [`Client::ask_agent`] the operator's;
 //! - the node calls ([`Client::register_for_node`],
 //!   [`Client::report_health`], [`NodeStatusSink`]) are what a node's agent
-//!   does for the instances its session holds, and their health.
+//!   does for the instances its session holds, and their health;
+//! - [`TopicPublisher`] publishes events to topics through a node's agent,
+//!   the events of many tasks sharing one stream.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), weir_client::Error> {
@@ -43,6 +45,7 @@
 mod agent_calls;
 mod node_calls;
 mod policy_calls;
+mod publisher;
 mod registration;
 mod renewer;
 mod session;
@@ -65,6 +68,7 @@ use tonic_types::StatusExt as _;
 use weir_proto::registry::v1::registry_client::RegistryClient;
 
 pub use node_calls::NodeStatusSink;
+pub use publisher::{CloudEvent, PublishError, PublishRefusal, PublishResponse, TopicPublisher};
 pub use registration::{retry_delay, Registration, RegistrationState};
 pub use session::{AckOutcome, AgentSession, SessionEvent};
 pub use watch::{RegistryMirror, WatchUpdate, WatchView};

@@ -738,3 +738,105 @@ async fn a_subscriber_away_past_its_registration_gets_everything_in_key_order() 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_publish_stream_answers_each_event_in_order_and_reopens_after_a_restart() -> Result<()> {
+    use weir_client::{CloudEvent, PublishError, TopicPublisher};
+
+    let (_etcd, plane, client) = start_one("topics-stream").await?;
+    let billing = HttpInstance::start().await?;
+    subscribe(&client, "billing", "b0", &billing, &["orders"]).await?;
+    let data = tempfile::tempdir()?;
+    let mut flags = vec![
+        format!("--data-dir={}", data.path().display()),
+        "--durable-by-default=true".to_owned(),
+    ];
+    let mut agent = AgentProcess::start(&[plane.endpoint()], "node-1", &flags)?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    let ingress = agent.ingress_addr();
+    let publisher = TopicPublisher::connect(format!("http://{ingress}")).await?;
+    let event = |id: String| CloudEvent {
+        id,
+        source: "/tests/stream".into(),
+        spec_version: "1.0".into(),
+        r#type: "com.example.order.created".into(),
+        ..CloudEvent::default()
+    };
+
+    // 1,500 publishers at once on one stream (past the agent's window of
+    // 1,024): each gets its own answer.
+    let tasks: Vec<_> = (0..1500)
+        .map(|n| {
+            let (publisher, event) = (publisher.clone(), event(format!("s-{n}")));
+            tokio::spawn(async move { publisher.publish("orders", event).await })
+        })
+        .collect();
+    for (n, task) in tasks.into_iter().enumerate() {
+        let answer = task.await??;
+        ensure!(
+            answer.id == format!("s-{n}") && answer.subscribers == ["billing"] && answer.durable,
+            "event {n}: {answer:?}"
+        );
+    }
+    // A refused event is answered as refused, and the stream goes on.
+    let mut untyped = event("s-bad".into());
+    untyped.r#type.clear();
+    match publisher.publish("orders", untyped).await {
+        Err(PublishError::Refused(r)) => ensure!(
+            r.reason == "bad-event"
+                && r.code == tonic::Code::InvalidArgument as i32
+                && r.field == "event.type",
+            "{r:?}"
+        ),
+        other => anyhow::bail!("an event without a type: {other:?}"),
+    }
+    match publisher
+        .publish("no such topic", event("s-x".into()))
+        .await
+    {
+        Err(PublishError::Refused(r)) => ensure!(r.reason == "no-target", "{r:?}"),
+        other => anyhow::bail!("a topic with spaces: {other:?}"),
+    }
+    publisher.publish("orders", event("s-1500".into())).await?;
+    let missing = |got: &HashMap<String, usize>| {
+        (0..=1500)
+            .filter(|n| !got.contains_key(&format!("s-{n}")))
+            .count()
+    };
+    poll_until(
+        SETTLE,
+        "the 1,501 accepted events at billing",
+        || async { Ok(missing(&received(&billing))) },
+        |missing| *missing == 0,
+    )
+    .await?;
+
+    // The agent goes away: a publish fails; once it is back on the same
+    // address, the publisher opens a new stream by itself.
+    agent.kill()?;
+    let gone = publisher.publish("orders", event("s-gone".into())).await;
+    ensure!(
+        matches!(
+            gone,
+            Err(PublishError::Unknown(_) | PublishError::Unavailable(_))
+        ),
+        "{gone:?}"
+    );
+    flags.push(format!("--ingress-addr={ingress}"));
+    let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &flags)?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    let mut n = 0;
+    poll_until(
+        SETTLE,
+        "a publish through a new stream",
+        || {
+            n += 1;
+            let (publisher, event) = (publisher.clone(), event(format!("s-back-{n}")));
+            async move { Ok(publisher.publish("orders", event).await.is_ok()) }
+        },
+        |ok| *ok,
+    )
+    .await?;
+    drop(agent);
+    Ok(())
+}
