@@ -16,7 +16,11 @@
 //!
 //! Each round measures, in a rotated order, **weir durable** (`POST
 //! /v1/topics/bench.durable`, answered once the event is fsync'd),
-//! **weir fast** (`bench.fast`, answered once written), **jetstream**
+//! **weir fast** (`bench.fast`, answered once written), **stream dur.**
+//! and **stream fast** (the same two topics through
+//! `weir_client::TopicPublisher`: every publisher's events share one
+//! `Publisher/PublishStream`, as JetStream's publishers share one
+//! connection), **jetstream**
 //! (publish with ack from `async-nats`, no consumer) and **js+consumer**
 //! (the same to a subject a pull consumer in this process takes and acks
 //! message by message, as the agent delivers to its subscriber), at 1,
@@ -35,7 +39,9 @@
 //! told otherwise): its ack means "in the page cache", a weaker promise
 //! than Weir's durable answer.
 //!
-//! Knobs: `WEIR_BENCH_ROUNDS` (default 3), `WEIR_BENCH_SECS`.
+//! Knobs: `WEIR_BENCH_ROUNDS` (default 3), `WEIR_BENCH_SECS`,
+//! `WEIR_BENCH_TARGETS` (only the targets whose names contain one of
+//! these comma-separated words, for profiling one of them).
 
 use std::{
     path::Path,
@@ -48,7 +54,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use weir_client::policy::{Delivery, TrafficPolicy};
+use weir_client::{
+    policy::{Delivery, TrafficPolicy},
+    CloudEvent, TopicPublisher,
+};
 use weir_tests::{
     agent::AgentProcess,
     agents::put_policy_applied,
@@ -74,6 +83,12 @@ enum Target {
         addr: std::net::SocketAddr,
         path: String,
     },
+    /// The agent's `PublishStream` through `weir-client`: every publisher
+    /// shares one stream (as JetStream's share one connection).
+    WeirStream {
+        publisher: TopicPublisher,
+        topic: &'static str,
+    },
     JetStream(JetStream),
 }
 
@@ -98,6 +113,7 @@ struct Consumed {
 /// One publisher's link to its target.
 enum Link {
     Weir(H1),
+    WeirStream(TopicPublisher, &'static str),
     JetStream(JetStream),
 }
 
@@ -172,6 +188,7 @@ impl Target {
     async fn link(&self) -> Result<Link> {
         Ok(match self {
             Target::Weir { addr, path } => Link::Weir(H1::connect(*addr, path).await?),
+            Target::WeirStream { publisher, topic } => Link::WeirStream(publisher.clone(), topic),
             Target::JetStream(j) => Link::JetStream(j.clone()),
         })
     }
@@ -183,6 +200,22 @@ impl Link {
             Link::Weir(h1) => {
                 let status = h1.post(id, body).await?;
                 anyhow::ensure!(status == 202, "the agent answered {status}");
+            }
+            Link::WeirStream(publisher, topic) => {
+                use weir_proto::cloudevents::v1::cloud_event::Data;
+                publisher
+                    .publish(
+                        *topic,
+                        CloudEvent {
+                            id: id.to_string(),
+                            source: "/bench".into(),
+                            spec_version: "1.0".into(),
+                            r#type: "bench.event".into(),
+                            data: Some(Data::BinaryData(body.clone())),
+                            ..CloudEvent::default()
+                        },
+                    )
+                    .await?;
             }
             Link::JetStream(j) => {
                 j.js.publish(j.subject, body.clone())
@@ -394,6 +427,7 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
             }
         });
     }
+    let publisher = TopicPublisher::connect(format!("http://{ingress}")).await?;
     let targets = vec![
         (
             "weir durable",
@@ -407,6 +441,20 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
             Target::Weir {
                 addr: ingress,
                 path: "/v1/topics/bench.fast".to_owned(),
+            },
+        ),
+        (
+            "stream dur.",
+            Target::WeirStream {
+                publisher: publisher.clone(),
+                topic: "bench.durable",
+            },
+        ),
+        (
+            "stream fast",
+            Target::WeirStream {
+                publisher,
+                topic: "bench.fast",
             },
         ),
         (
@@ -426,6 +474,14 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
             }),
         ),
     ];
+    let targets = match std::env::var("WEIR_BENCH_TARGETS") {
+        Ok(only) => targets
+            .into_iter()
+            .filter(|(name, _)| only.split(',').any(|w| name.contains(w.trim())))
+            .collect(),
+        Err(_) => targets,
+    };
+    anyhow::ensure!(!targets.is_empty(), "WEIR_BENCH_TARGETS left no target");
     // Warm-up: every target answers.
     for (name, t) in &targets {
         t.link()
@@ -462,7 +518,9 @@ fn main() -> Result<()> {
                         // come and after: the next figure starts once it
                         // is done.
                         let drain = match target {
-                            Target::Weir { .. } => Some(drained(&setup.agent).await?),
+                            Target::Weir { .. } | Target::WeirStream { .. } => {
+                                Some(drained(&setup.agent).await?)
+                            }
                             Target::JetStream(JetStream {
                                 consumed: Some(c), ..
                             }) => Some(consumed(c).await?),
