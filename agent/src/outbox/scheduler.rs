@@ -31,7 +31,7 @@ use weir_core::backoff::exponential;
 use weir_proto::outbox::v1::{Outcome, Update};
 
 use super::{
-    store::{Due, Outbox},
+    store::{Due, Outbox, Queue},
     topics::{compensation, Topics},
 };
 use crate::{
@@ -90,10 +90,11 @@ impl Gauges {
 struct Outcomes([metrics::Counter; 4]);
 
 impl Outcomes {
-    fn new(service: &str) -> Self {
+    fn new(queue: &Queue) -> Self {
         Self(["delivered", "attempted", "dead", "dropped"].map(|o| {
             metrics::counter!("weir_agent_outbox_deliveries_total",
-                "service" => service.to_owned(), "outcome" => o)
+                "namespace" => queue.namespace.to_string(),
+                "service" => queue.service.to_string(), "outcome" => o)
         }))
     }
 
@@ -135,7 +136,7 @@ pub async fn run(
         return;
     }
     let mut turn = 0usize;
-    let mut workers: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
+    let mut workers: HashMap<Queue, JoinHandle<()>> = HashMap::new();
     let min = COMPACT_MIN_BYTES.min(outbox.max_bytes() / 4);
     // After a try that would not have gained enough, the next waits until
     // the log grew by a quarter or the events held fell by half.
@@ -156,16 +157,16 @@ pub async fn run(
             }
         }
         workers.retain(|_, w| !w.is_finished());
-        for service in outbox.pending_services() {
-            if let std::collections::hash_map::Entry::Vacant(slot) = workers.entry(service) {
-                let service = slot.key().clone();
+        for queue in outbox.pending_queues() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = workers.entry(queue) {
+                let queue = slot.key().clone();
                 let (runtime, ingress) = &runtimes[turn % runtimes.len()];
                 turn = turn.wrapping_add(1);
                 slot.insert(runtime.spawn(work(
                     topics.clone(),
                     outbox.clone(),
                     ingress.clone(),
-                    service,
+                    queue,
                 )));
             }
         }
@@ -181,17 +182,18 @@ pub async fn run(
     }
 }
 
-/// Delivers `service`'s events until it has none pending. Each window's
+/// Delivers `queue`'s events until it has none pending. Each window's
 /// markers go to the log together: the SENDING ones before any of its
 /// deliveries is sent, the outcomes once all are back.
-async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, service: Box<str>) {
+async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, queue: Queue) {
     let wake = topics.wake.clone();
-    let outcomes = Outcomes::new(&service);
+    let outcomes = Outcomes::new(&queue);
+    let service = &*queue.service;
     loop {
         let now = weir_core::time::now_unix_ms();
-        let due = outbox.due(&service, now, WINDOW);
+        let due = outbox.due(&queue, now, WINDOW);
         if due.is_empty() {
-            if !outbox.has_pending(&service) {
+            if !outbox.has_pending(&queue) {
                 return;
             }
             tokio::select! {
@@ -205,7 +207,7 @@ async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, s
         let ready: Vec<Due> = due
             .into_iter()
             .filter(|d| {
-                reachable(&ingress, &service, &d.event) || now >= d.delivery.target.deadline_unix_ms
+                reachable(&ingress, service, &d.event) || now >= d.delivery.target.deadline_unix_ms
             })
             .collect();
         if ready.is_empty() {
@@ -234,7 +236,7 @@ async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, s
         }
         let sends = ready
             .into_iter()
-            .map(|d| deliver(&topics, &ingress, &service, d));
+            .map(|d| deliver(&topics, &ingress, service, d));
         let done = futures_util::future::join_all(sends).await;
         let waited = done.iter().all(|(_, waited)| *waited);
         let updates: Vec<Update> = done

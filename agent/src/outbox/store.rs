@@ -93,13 +93,40 @@ pub struct Due {
     pub delivery: Delivery,
 }
 
-type Key = (Box<str>, u64);
+/// A subscribing service's delivery queue: the service, in the
+/// namespace of the events it subscribed to. Services of the same name in
+/// two namespaces are two queues, each with its own window and order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Queue {
+    pub namespace: Box<str>,
+    pub service: Box<str>,
+}
+
+impl Queue {
+    pub fn new(namespace: &str, service: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service: service.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service)
+    }
+}
+
+/// A delivery: its queue and its event's seq. An event's targets are
+/// services of its own namespace, so (service, seq) alone names a
+/// delivery, as the log's records do.
+type Key = (Queue, u64);
 
 #[derive(Debug, Default)]
 struct State {
     /// Each event with the number of its deliveries pending or dead.
     events: BTreeMap<u64, (Arc<Stored>, usize)>,
-    /// By (service, seq): each service's queue in publish order.
+    /// By (queue, seq): each queue in publish order.
     pending: BTreeMap<Key, Delivery>,
     dead: BTreeMap<Key, DeadLetter>,
     /// What the held events' records take in the log: a compaction can
@@ -132,7 +159,7 @@ impl State {
         let refs = targets.len();
         for target in targets {
             self.pending.insert(
-                (target.service.as_str().into(), seq),
+                (Queue::new(&namespace, &target.service), seq),
                 Delivery {
                     target,
                     sending: false,
@@ -161,7 +188,12 @@ impl State {
     }
 
     fn apply(&mut self, u: &Update) {
-        let key: Key = (u.service.as_str().into(), u.seq);
+        // Every delivery's event is held until its last delivery is
+        // resolved: one not held has nothing left to update.
+        let Some((event, _)) = self.events.get(&u.seq) else {
+            return;
+        };
+        let key: Key = (Queue::new(&event.namespace, &u.service), u.seq);
         match Outcome::try_from(u.outcome).unwrap_or(Outcome::Unspecified) {
             Outcome::Sending => {
                 if let Some(d) = self.pending.get_mut(&key) {
@@ -228,7 +260,7 @@ impl State {
     fn snapshot(&self, next_seq: u64) -> Vec<Bytes> {
         let mut targets: BTreeMap<u64, Vec<Target>> = BTreeMap::new();
         let mut updates = Vec::new();
-        for ((service, seq), d) in &self.pending {
+        for ((Queue { service, .. }, seq), d) in &self.pending {
             targets.entry(*seq).or_default().push(d.target.clone());
             if d.sending {
                 updates.push(Update {
@@ -253,7 +285,7 @@ impl State {
                 });
             }
         }
-        for ((service, seq), dead) in &self.dead {
+        for ((Queue { service, .. }, seq), dead) in &self.dead {
             targets
                 .entry(*seq)
                 .or_default()
@@ -458,16 +490,16 @@ impl Outbox {
         Ok(())
     }
 
-    /// Up to `limit` of `service`'s deliveries due at `now`, in publish
+    /// Up to `limit` of `queue`'s deliveries due at `now`, in publish
     /// order; of deliveries with the same ordering key only the oldest, so
     /// one that keeps failing holds back its own key and no other.
-    pub fn due(&self, service: &str, now_unix_ms: i64, limit: usize) -> Vec<Due> {
+    pub fn due(&self, queue: &Queue, now_unix_ms: i64, limit: usize) -> Vec<Due> {
         let state = self.state();
         let mut keys_seen: HashSet<&str> = HashSet::new();
         let mut out = Vec::new();
-        let from: Key = (service.into(), 0);
-        for ((svc, seq), d) in state.pending.range(from..) {
-            if &**svc != service || out.len() >= limit {
+        let from: Key = (queue.clone(), 0);
+        for ((q, seq), d) in state.pending.range(from..) {
+            if q != queue || out.len() >= limit {
                 break;
             }
             let key = d.target.ordering_key.as_str();
@@ -487,54 +519,58 @@ impl Outbox {
         out
     }
 
-    /// The services with deliveries pending.
-    pub fn pending_services(&self) -> Vec<Box<str>> {
+    /// The queues with deliveries pending.
+    pub fn pending_queues(&self) -> Vec<Queue> {
         let state = self.state();
-        let mut out: Vec<Box<str>> = Vec::new();
-        let mut at = state.pending.keys().next().cloned();
-        // One step per service, not per delivery.
-        while let Some((svc, _)) = at {
+        let mut out: Vec<Queue> = Vec::new();
+        let mut at = state.pending.keys().next().map(|(q, _)| q.clone());
+        // One step per queue, not per delivery.
+        while let Some(queue) = at {
             at = state
                 .pending
-                .range((svc.clone(), u64::MAX)..)
-                .find(|((s, _), _)| *s != svc)
-                .map(|(k, _)| k.clone());
-            out.push(svc);
+                .range((queue.clone(), u64::MAX)..)
+                .find(|((q, _), _)| *q != queue)
+                .map(|((q, _), _)| q.clone());
+            out.push(queue);
         }
         out
     }
 
-    /// Whether `service` has deliveries pending (due or not).
-    pub fn has_pending(&self, service: &str) -> bool {
-        let from: Key = (service.into(), 0);
+    /// Whether `queue` has deliveries pending (due or not).
+    pub fn has_pending(&self, queue: &Queue) -> bool {
+        let from: Key = (queue.clone(), 0);
         self.state()
             .pending
             .range(from..)
             .next()
-            .is_some_and(|((s, _), _)| &**s == service)
+            .is_some_and(|((q, _), _)| q == queue)
     }
 
-    /// `service`'s dead letters, in publish order.
-    pub fn dead_letters(&self, service: &str) -> Vec<(Arc<Stored>, DeadLetter)> {
+    /// `queue`'s dead letters, in publish order.
+    pub fn dead_letters(&self, queue: &Queue) -> Vec<(Arc<Stored>, DeadLetter)> {
         let state = self.state();
-        let from: Key = (service.into(), 0);
+        let from: Key = (queue.clone(), 0);
         state
             .dead
             .range(from..)
-            .take_while(|((svc, _), _)| &**svc == service)
+            .take_while(|((q, _), _)| q == queue)
             .filter_map(|((_, seq), d)| Some((state.events.get(seq)?.0.clone(), d.clone())))
             .collect()
     }
 
-    /// Every dead letter: (service, event, where it stands), by service and
+    /// Every dead letter: (service, event, where it stands), by queue and
     /// publish order.
     pub fn all_dead_letters(&self) -> Vec<(Box<str>, Arc<Stored>, DeadLetter)> {
         let state = self.state();
         state
             .dead
             .iter()
-            .filter_map(|((svc, seq), d)| {
-                Some((svc.clone(), state.events.get(seq)?.0.clone(), d.clone()))
+            .filter_map(|((q, seq), d)| {
+                Some((
+                    q.service.clone(),
+                    state.events.get(seq)?.0.clone(),
+                    d.clone(),
+                ))
             })
             .collect()
     }
@@ -655,6 +691,11 @@ mod tests {
         }
     }
 
+    /// `service`'s queue in the tests' namespace.
+    fn q(service: &str) -> Queue {
+        Queue::new("default", service)
+    }
+
     fn ids(due: &[Due]) -> Vec<&str> {
         due.iter().map(|d| d.event.event.id.as_str()).collect()
     }
@@ -693,9 +734,9 @@ mod tests {
         drop(outbox);
         let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("reopens");
         assert_eq!(opened.events, 2, "e1 reached both and is gone");
-        assert_eq!(ids(&outbox.due("billing", 0, 10)), ["e2"]);
-        assert_eq!(ids(&outbox.due("audit", 0, 10)), ["e0", "e2"]);
-        let due = outbox.due("audit", 0, 10);
+        assert_eq!(ids(&outbox.due(&q("billing"), 0, 10)), ["e2"]);
+        assert_eq!(ids(&outbox.due(&q("audit"), 0, 10)), ["e0", "e2"]);
+        let due = outbox.due(&q("audit"), 0, 10);
         assert_eq!(due[0].event.traceparent, "00-abc-def-01");
         assert_eq!(due[0].event.topic, "orders");
         // New events continue the sequence.
@@ -734,10 +775,10 @@ mod tests {
         tried.error = "503".into();
         outbox.update(tried).await.expect("recorded");
         assert!(
-            outbox.due("billing", 4_999, 10).is_empty(),
+            outbox.due(&q("billing"), 4_999, 10).is_empty(),
             "not before its time"
         );
-        let due = outbox.due("billing", 5_000, 10);
+        let due = outbox.due(&q("billing"), 5_000, 10);
         assert_eq!(due[0].delivery.attempts, 2);
         assert_eq!(due[0].delivery.last_error, "503");
         let mut dead = update(seq, "billing", Outcome::Dead);
@@ -746,14 +787,14 @@ mod tests {
         drop(outbox);
         let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("reopens");
         assert_eq!((opened.pending, opened.dead), (0, 1));
-        let letters = outbox.dead_letters("billing");
+        let letters = outbox.dead_letters(&q("billing"));
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].1.reason, "5 attempts");
         assert_eq!(letters[0].0.event.id, "e0", "with its original id");
         let mut replay = update(seq, "billing", Outcome::Replayed);
         replay.next_attempt_unix_ms = 99_000;
         outbox.update(replay).await.expect("recorded");
-        let due = outbox.due("billing", 0, 10);
+        let due = outbox.due(&q("billing"), 0, 10);
         assert_eq!(ids(&due), ["e0"]);
         assert_eq!(due[0].delivery.attempts, 0);
         assert_eq!(due[0].delivery.target.deadline_unix_ms, 99_000);
@@ -786,17 +827,17 @@ mod tests {
         .await;
         assert!(polled.is_pending(), "waits for its fsync");
         assert!(
-            outbox.due("billing", 0, 10).is_empty(),
+            outbox.due(&q("billing"), 0, 10).is_empty(),
             "not delivered before its record is written"
         );
         // The publisher goes away; the record is written all the same.
         drop(publish);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while outbox.due("billing", 0, 10).is_empty() {
+        while outbox.due(&q("billing"), 0, 10).is_empty() {
             assert!(tokio::time::Instant::now() < deadline, "never became due");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        assert_eq!(ids(&outbox.due("billing", 0, 10)), ["e1"]);
+        assert_eq!(ids(&outbox.due(&q("billing"), 0, 10)), ["e1"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -859,7 +900,7 @@ mod tests {
             .collect();
         expected.sort();
         let held = |o: &Outbox| {
-            let mut got: Vec<String> = ids(&o.due("billing", 0, 10_000))
+            let mut got: Vec<String> = ids(&o.due(&q("billing"), 0, 10_000))
                 .into_iter()
                 .map(str::to_owned)
                 .collect();
@@ -932,11 +973,17 @@ mod tests {
         );
         let expect = |o: &Outbox| {
             assert_eq!(o.depth(), (5, 9, 1));
-            assert_eq!(ids(&o.due("audit", 0, 10)), ["e46", "e47", "e48", "e49"]);
-            let due = o.due("audit", 7, 10);
+            assert_eq!(
+                ids(&o.due(&q("audit"), 0, 10)),
+                ["e46", "e47", "e48", "e49"]
+            );
+            let due = o.due(&q("audit"), 7, 10);
             assert_eq!(due[0].delivery.attempts, 3);
-            assert_eq!(ids(&o.due("billing", 0, 10)), ["e45", "e47", "e48", "e49"]);
-            assert_eq!(o.dead_letters("billing")[0].0.event.id, "e46");
+            assert_eq!(
+                ids(&o.due(&q("billing"), 0, 10)),
+                ["e45", "e47", "e48", "e49"]
+            );
+            assert_eq!(o.dead_letters(&q("billing"))[0].0.event.id, "e46");
         };
         expect(&outbox);
         // Writing goes on after the checkpoint.
@@ -954,7 +1001,7 @@ mod tests {
         assert!(late > seqs[49]);
         drop(outbox);
         let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("reopens");
-        assert_eq!(ids(&outbox.due("audit", 0, 10)).last(), Some(&"e50"));
+        assert_eq!(ids(&outbox.due(&q("audit"), 0, 10)).last(), Some(&"e50"));
         outbox
             .update(update(late, "audit", Outcome::Delivered))
             .await
@@ -1007,8 +1054,11 @@ mod tests {
         drop(outbox);
         let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("reopens");
         assert_eq!(opened.unproven, 1, "only e1 may have arrived unrecorded");
-        assert_eq!(ids(&outbox.due("s", 0, 10)), ["e1", "e2"]);
-        assert!(outbox.due("s", 0, 10).iter().all(|d| !d.delivery.sending));
+        assert_eq!(ids(&outbox.due(&q("s"), 0, 10)), ["e1", "e2"]);
+        assert!(outbox
+            .due(&q("s"), 0, 10)
+            .iter()
+            .all(|d| !d.delivery.sending));
     }
 
     #[tokio::test]
@@ -1037,7 +1087,7 @@ mod tests {
                     .expect("accepted"),
             );
         }
-        assert_eq!(ids(&outbox.due("s", 0, 10)), ["a1", "b1", "n1"]);
+        assert_eq!(ids(&outbox.due(&q("s"), 0, 10)), ["a1", "b1", "n1"]);
         // a1 keeps failing: a2 waits; b moves on.
         let mut tried = update(seqs[0], "s", Outcome::Attempted);
         tried.next_attempt_unix_ms = 1_000;
@@ -1046,8 +1096,51 @@ mod tests {
             .update(update(seqs[1], "s", Outcome::Delivered))
             .await
             .expect("recorded");
-        assert_eq!(ids(&outbox.due("s", 0, 10)), ["n1", "b2"]);
-        assert_eq!(ids(&outbox.due("s", 1_000, 10)), ["a1", "n1", "b2"]);
-        assert_eq!(ids(&outbox.due("s", 1_000, 2)), ["a1", "n1"], "bounded");
+        assert_eq!(ids(&outbox.due(&q("s"), 0, 10)), ["n1", "b2"]);
+        assert_eq!(ids(&outbox.due(&q("s"), 1_000, 10)), ["a1", "n1", "b2"]);
+        assert_eq!(ids(&outbox.due(&q("s"), 1_000, 2)), ["a1", "n1"], "bounded");
+    }
+
+    #[tokio::test]
+    async fn same_named_services_of_two_namespaces_are_two_queues() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        let mut seqs = Vec::new();
+        for (namespace, id) in [("shop", "s1"), ("lab", "l1"), ("shop", "s2"), ("lab", "l2")] {
+            seqs.push(
+                outbox
+                    .accept(
+                        namespace,
+                        "t",
+                        event(id, "k"),
+                        "",
+                        vec![target("billing", "k")],
+                        true,
+                    )
+                    .await
+                    .expect("accepted"),
+            );
+        }
+        let (shop, lab) = (Queue::new("shop", "billing"), Queue::new("lab", "billing"));
+        assert_eq!(outbox.pending_queues(), [lab.clone(), shop.clone()]);
+        // Each has its own order: shop's s1 failing holds back s2, not l1.
+        let mut failed = update(seqs[0], "billing", Outcome::Attempted);
+        failed.next_attempt_unix_ms = 1_000;
+        outbox.update(failed).await.expect("recorded");
+        assert!(outbox.due(&shop, 0, 10).is_empty());
+        assert_eq!(ids(&outbox.due(&lab, 0, 10)), ["l1"]);
+        // An update names the service; the event says which namespace.
+        outbox
+            .update(update(seqs[1], "billing", Outcome::Delivered))
+            .await
+            .expect("recorded");
+        assert_eq!(ids(&outbox.due(&lab, 0, 10)), ["l2"]);
+        assert_eq!(ids(&outbox.due(&shop, 1_000, 10)), ["s1"]);
+        // And so after a restart.
+        drop(outbox);
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("reopens");
+        assert_eq!(ids(&outbox.due(&lab, 0, 10)), ["l2"]);
+        assert_eq!(ids(&outbox.due(&shop, 1_000, 10)), ["s1"]);
+        assert!(outbox.has_pending(&shop) && !outbox.has_pending(&q("billing")));
     }
 }
