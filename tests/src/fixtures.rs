@@ -7,7 +7,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
@@ -102,6 +102,8 @@ struct Behaviour {
     /// Paths that alternate 200, 500, 200, ... per request.
     flapping: HashSet<String>,
     flap_state: HashMap<String, bool>,
+    /// Requests with this header value are answered only after the delay.
+    delays: Vec<(String, String, Duration)>,
     hits: Vec<Hit>,
 }
 
@@ -121,6 +123,19 @@ async fn answer(
     body: Bytes,
 ) -> StatusCode {
     let path = uri.path().to_owned();
+    let delay = {
+        let b = state.lock().unwrap_or_else(|e| e.into_inner());
+        b.delays
+            .iter()
+            .find(|(name, value, _)| headers.get(name).is_some_and(|v| v == value.as_str()))
+            .map(|(_, _, d)| *d)
+    };
+    if let Some(delay) = delay {
+        // Recorded when it came, answered after the delay.
+        record(&state, path, headers, body, 200);
+        tokio::time::sleep(delay).await;
+        return StatusCode::OK;
+    }
     let mut b = state.lock().unwrap_or_else(|e| e.into_inner());
     let status = if b.flapping.contains(&path) {
         let failing = b.flap_state.entry(path.clone()).or_insert(true);
@@ -133,20 +148,29 @@ async fn answer(
     } else {
         b.status.get(&path).copied().unwrap_or(b.default_status)
     };
+    drop(b);
+    record(&state, path, headers, body, status);
+    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+fn record(state: &Mutex<Behaviour>, path: String, headers: HeaderMap, body: Bytes, status: u16) {
     let checker = headers
         .get("x-weir-checker")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    b.hits.push(Hit {
-        path,
-        checker,
-        at: Instant::now(),
-        status,
-        headers,
-        body,
-    });
-    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .hits
+        .push(Hit {
+            path,
+            checker,
+            at: Instant::now(),
+            status,
+            headers,
+            body,
+        });
 }
 
 impl HttpInstance {
@@ -184,6 +208,14 @@ impl HttpInstance {
     pub fn flap(&self, path: &str) {
         self.with(|b| {
             b.flapping.insert(path.to_owned());
+        });
+    }
+
+    /// Answers requests whose `header` is `value` with 200 only after
+    /// `delay` (recording them when they come).
+    pub fn delay_when(&self, header: &str, value: &str, delay: Duration) {
+        self.with(|b| {
+            b.delays.push((header.to_owned(), value.to_owned(), delay));
         });
     }
 

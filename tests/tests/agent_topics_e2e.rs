@@ -197,6 +197,90 @@ async fn every_subscribing_service_gets_each_event_once() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_slow_delivery_holds_up_only_its_own_key() -> Result<()> {
+    use weir_client::policy::{Delivery, TrafficPolicy};
+    use weir_tests::agents::put_policy_applied;
+
+    const SLOW: Duration = Duration::from_secs(3);
+    let (_etcd, plane, client) = start_one("topics-slow").await?;
+    let billing = HttpInstance::start().await?;
+    billing.delay_when("ce-id", "slow", SLOW);
+    subscribe(&client, "billing", "b0", &billing, &["orders"]).await?;
+    let data = tempfile::tempdir()?;
+    let agent = agent_on(&plane, data.path())?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    put_policy_applied(
+        &client,
+        "billing",
+        TrafficPolicy {
+            delivery: Some(Delivery {
+                ordered: true,
+                ..Delivery::default()
+            }),
+            ..TrafficPolicy::default()
+        },
+    )
+    .await?;
+    let http = http();
+    let publish_keyed = |id: String, key: &'static str| {
+        let request = Request::post(format!("http://{}/v1/topics/orders", agent.ingress_addr()))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", id.as_str())
+            .header("ce-source", "/tests/topics")
+            .header("ce-type", "com.example.order.created")
+            .header("ce-partitionkey", key)
+            .body(Full::new(Bytes::from_static(b"{}")));
+        let http = http.clone();
+        async move {
+            let response = http.request(request?).await?;
+            ensure!(response.status() == 202, "{id}: {}", response.status());
+            anyhow::Ok(())
+        }
+    };
+    publish_keyed("slow".into(), "a").await?;
+    let slow = poll_until(
+        SETTLE,
+        "the slow delivery at billing",
+        || async { Ok(billing.hits()) },
+        |hits| !hits.is_empty(),
+    )
+    .await?[0]
+        .at;
+    // While it is in flight, the window goes on: key b's events pass, and
+    // key a's next waits for it, in order.
+    publish_keyed("a-2".into(), "a").await?;
+    for n in 0..20 {
+        publish_keyed(format!("b-{n}"), "b").await?;
+    }
+    let hits = poll_until(
+        SETTLE,
+        "every event at billing",
+        || async { Ok(billing.hits()) },
+        |hits| hits.len() == 22,
+    )
+    .await?;
+    let at = |id: &str| {
+        hits.iter()
+            .find(|h| h.headers.get("ce-id").is_some_and(|v| v == id))
+            .map(|h| h.at)
+            .with_context(|| format!("{id} never came"))
+    };
+    for n in 0..20 {
+        let b = at(&format!("b-{n}"))?;
+        ensure!(
+            b < slow + SLOW,
+            "b-{n} came {:?} after the slow one, held up by it",
+            b - slow
+        );
+    }
+    ensure!(
+        at("a-2")? >= slow + SLOW,
+        "a-2 passed the slow event of its key"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_killed_agent_loses_no_event_it_answered() -> Result<()> {
     let (_etcd, plane, client) = start_one("topics-kill").await?;
     let billing = HttpInstance::start().await?;

@@ -1,9 +1,10 @@
 //! Delivering what the outbox holds: one worker per subscribing service
-//! with pending deliveries, so a slow or dead subscriber never holds up
-//! the others. A worker takes up to [`WINDOW`] due deliveries of its
-//! service (in publish order, the oldest per ordering key only), sends
-//! them all at once, records each outcome, and goes again; with nothing
-//! due it waits for a new event or [`TICK`].
+//! (a [`Queue`]: namespace and service) with pending deliveries, so a slow
+//! or dead subscriber never holds up the others. A worker keeps up to
+//! [`WINDOW`] deliveries of its queue in flight (started in publish order,
+//! the oldest per ordering key only, and one key never twice at once),
+//! starting another due one as each ends and recording each outcome; with
+//! nothing due it waits for a new event or [`TICK`].
 //!
 //! One delivery is one pass through the service's balancer and attempt
 //! loop (its `retry` and `timeout`, as for addressed traffic), to an
@@ -23,7 +24,11 @@
 //! try that would not have gained only once the log grew by a quarter or
 //! the events it holds fell by half.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use http::uri::PathAndQuery;
 use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
@@ -182,83 +187,100 @@ pub async fn run(
     }
 }
 
-/// Delivers `queue`'s events until it has none pending. Each window's
-/// markers go to the log together: the SENDING ones before any of its
-/// deliveries is sent, the outcomes once all are back.
+/// Delivers `queue`'s events until it has none pending, with up to
+/// [`WINDOW`] in flight: as each delivery ends another due one starts, so
+/// one slow delivery takes one place in the window and holds up nothing
+/// else (but its own ordering key). The SENDING markers of the deliveries
+/// started together go to the log together before any of them is sent;
+/// the outcomes of those that ended together, likewise.
 async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, queue: Queue) {
+    use futures_util::{stream::FuturesUnordered, FutureExt as _, StreamExt as _};
+
     let wake = topics.wake.clone();
     let outcomes = Outcomes::new(&queue);
     let service = &*queue.service;
+    // By seq: what is being delivered now.
+    let mut flying: HashSet<u64> = HashSet::new();
+    let mut in_flight = FuturesUnordered::new();
     loop {
         let now = weir_core::time::now_unix_ms();
-        let due = outbox.due(&queue, now, WINDOW);
-        if due.is_empty() {
+        if in_flight.len() < WINDOW {
+            // No instance of the service lists the topic now: nothing to
+            // try, nothing to record; it waits (up to its deadline).
+            let ready: Vec<Due> = outbox
+                .due(&queue, now, WINDOW - in_flight.len(), &flying)
+                .into_iter()
+                .filter(|d| {
+                    reachable(&ingress, service, &d.event)
+                        || now >= d.delivery.target.deadline_unix_ms
+                })
+                .collect();
+            if !ready.is_empty() {
+                // Before the sends: after a crash, these deliveries are
+                // known to be ones that may have arrived (a redelivery, a
+                // possible duplicate).
+                let sending = ready
+                    .iter()
+                    .map(|d| Update {
+                        seq: d.event.seq,
+                        service: service.to_owned(),
+                        outcome: Outcome::Sending as i32,
+                        attempts: d.delivery.attempts,
+                        next_attempt_unix_ms: 0,
+                        error: String::new(),
+                        at_unix_ms: 0,
+                    })
+                    .collect();
+                match outbox.update_all(sending).await {
+                    Ok(()) => {
+                        for d in ready {
+                            flying.insert(d.event.seq);
+                            in_flight.push(deliver(&topics, &ingress, service, d));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record deliveries about to be sent; not sending them");
+                    }
+                }
+            }
+        }
+        if in_flight.is_empty() {
             if !outbox.has_pending(&queue) {
                 return;
             }
+            // Nothing due: a new event, or a retry's time, comes.
             tokio::select! {
                 () = wake.notified() => {}
                 () = tokio::time::sleep(TICK) => {}
             }
             continue;
         }
-        // No instance of the service lists the topic now: nothing to try,
-        // nothing to record; it waits (up to its deadline).
-        let ready: Vec<Due> = due
-            .into_iter()
-            .filter(|d| {
-                reachable(&ingress, service, &d.event) || now >= d.delivery.target.deadline_unix_ms
-            })
-            .collect();
-        if ready.is_empty() {
-            tokio::time::sleep(TICK).await;
+        // A delivery ends; or, with room in the window, a new event or a
+        // retry's time comes.
+        let ended = tokio::select! {
+            ended = in_flight.next() => ended,
+            () = wake.notified(), if in_flight.len() < WINDOW => None,
+            () = tokio::time::sleep(TICK), if in_flight.len() < WINDOW => None,
+        };
+        let Some(first) = ended else {
             continue;
+        };
+        let mut updates = vec![first];
+        while let Some(Some(more)) = in_flight.next().now_or_never() {
+            updates.push(more);
         }
-        // Before the sends: after a crash, these deliveries are known to
-        // be ones that may have arrived (a redelivery, a possible
-        // duplicate).
-        let sending = ready
-            .iter()
-            .map(|d| Update {
-                seq: d.event.seq,
-                service: service.to_string(),
-                outcome: Outcome::Sending as i32,
-                attempts: d.delivery.attempts,
-                next_attempt_unix_ms: 0,
-                error: String::new(),
-                at_unix_ms: 0,
-            })
-            .collect();
-        if let Err(e) = outbox.update_all(sending).await {
-            tracing::error!(error = %e, "cannot record deliveries about to be sent; not sending them");
-            tokio::time::sleep(TICK).await;
-            continue;
+        for u in &updates {
+            flying.remove(&u.seq);
+            outcomes.count(Outcome::try_from(u.outcome).unwrap_or(Outcome::Unspecified));
         }
-        let sends = ready
-            .into_iter()
-            .map(|d| deliver(&topics, &ingress, service, d));
-        let done = futures_util::future::join_all(sends).await;
-        let waited = done.iter().all(|(_, waited)| *waited);
-        let updates: Vec<Update> = done
-            .into_iter()
-            .map(|(update, _)| {
-                outcomes.count(Outcome::try_from(update.outcome).unwrap_or(Outcome::Unspecified));
-                update
-            })
-            .collect();
         if let Err(e) = outbox.update_all(updates).await {
             tracing::error!(error = %e, "cannot record delivery outcomes; they will be delivered again");
-        }
-        if waited {
-            // Nothing could be tried: do not spin.
-            tokio::time::sleep(TICK).await;
         }
     }
 }
 
-/// One delivery: the record of its outcome, and whether it waited (no
-/// instance to try).
-async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) -> (Update, bool) {
+/// One delivery: the record of its outcome.
+async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) -> Update {
     let Due { event, delivery } = due;
     let outcome = send(ingress, service, &event, delivery.attempts + 1).await;
     let now = weir_core::time::now_unix_ms();
@@ -274,22 +296,21 @@ async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) ->
         at_unix_ms: now,
     };
     let e = match outcome {
-        Tried::Delivered => return (record(Outcome::Delivered, 0, String::new()), false),
+        Tried::Delivered => return record(Outcome::Delivered, 0, String::new()),
         Tried::Failed(e) | Tried::NoInstance(e) => e,
     };
     let spent = attempts >= delivery.target.max_attempts;
     let late = now >= delivery.target.deadline_unix_ms;
     if !spent && !late {
-        if !tried {
-            // No instance: nothing was sent; wait.
-            return (
-                record(Outcome::Attempted, delivery.next_attempt_unix_ms, e),
-                true,
-            );
-        }
-        let delay = exponential(BACKOFF_BASE, BACKOFF_MAX, attempts);
+        // No usable instance: nothing was sent and no attempt counts;
+        // look again after a tick. Tried and failed: back off.
+        let delay = if tried {
+            exponential(BACKOFF_BASE, BACKOFF_MAX, attempts)
+        } else {
+            TICK
+        };
         let next = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-        return (record(Outcome::Attempted, next, e), false);
+        return record(Outcome::Attempted, next, e);
     }
     let why = if spent {
         format!("{attempts} attempts failed; the last: {e}")
@@ -313,7 +334,7 @@ async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) ->
         tracing::warn!(service, topic = %event.topic, id = %event.event.id, reason = %why, "delivery dropped (the policy keeps no dead letters)");
         Outcome::Dropped
     };
-    (record(outcome, 0, why), false)
+    record(outcome, 0, why)
 }
 
 /// Whether `service` has an instance that lists the event's topic.

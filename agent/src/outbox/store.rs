@@ -491,9 +491,16 @@ impl Outbox {
     }
 
     /// Up to `limit` of `queue`'s deliveries due at `now`, in publish
-    /// order; of deliveries with the same ordering key only the oldest, so
-    /// one that keeps failing holds back its own key and no other.
-    pub fn due(&self, queue: &Queue, now_unix_ms: i64, limit: usize) -> Vec<Due> {
+    /// order, but for those `in_flight` (by seq); of deliveries with the
+    /// same ordering key only the oldest, so one that keeps failing (or is
+    /// in flight) holds back its own key and no other.
+    pub fn due(
+        &self,
+        queue: &Queue,
+        now_unix_ms: i64,
+        limit: usize,
+        in_flight: &HashSet<u64>,
+    ) -> Vec<Due> {
         let state = self.state();
         let mut keys_seen: HashSet<&str> = HashSet::new();
         let mut out = Vec::new();
@@ -504,7 +511,7 @@ impl Outbox {
             }
             let key = d.target.ordering_key.as_str();
             let first_of_key = key.is_empty() || keys_seen.insert(key);
-            if first_of_key && d.next_attempt_unix_ms <= now_unix_ms {
+            if first_of_key && d.next_attempt_unix_ms <= now_unix_ms && !in_flight.contains(seq) {
                 // One not yet written holds back its key like one not due.
                 if let Some((event, _)) = state.events.get(seq) {
                     if event.written.load(Acquire) {
@@ -734,9 +741,15 @@ mod tests {
         drop(outbox);
         let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("reopens");
         assert_eq!(opened.events, 2, "e1 reached both and is gone");
-        assert_eq!(ids(&outbox.due(&q("billing"), 0, 10)), ["e2"]);
-        assert_eq!(ids(&outbox.due(&q("audit"), 0, 10)), ["e0", "e2"]);
-        let due = outbox.due(&q("audit"), 0, 10);
+        assert_eq!(
+            ids(&outbox.due(&q("billing"), 0, 10, &HashSet::new())),
+            ["e2"]
+        );
+        assert_eq!(
+            ids(&outbox.due(&q("audit"), 0, 10, &HashSet::new())),
+            ["e0", "e2"]
+        );
+        let due = outbox.due(&q("audit"), 0, 10, &HashSet::new());
         assert_eq!(due[0].event.traceparent, "00-abc-def-01");
         assert_eq!(due[0].event.topic, "orders");
         // New events continue the sequence.
@@ -775,10 +788,12 @@ mod tests {
         tried.error = "503".into();
         outbox.update(tried).await.expect("recorded");
         assert!(
-            outbox.due(&q("billing"), 4_999, 10).is_empty(),
+            outbox
+                .due(&q("billing"), 4_999, 10, &HashSet::new())
+                .is_empty(),
             "not before its time"
         );
-        let due = outbox.due(&q("billing"), 5_000, 10);
+        let due = outbox.due(&q("billing"), 5_000, 10, &HashSet::new());
         assert_eq!(due[0].delivery.attempts, 2);
         assert_eq!(due[0].delivery.last_error, "503");
         let mut dead = update(seq, "billing", Outcome::Dead);
@@ -794,7 +809,7 @@ mod tests {
         let mut replay = update(seq, "billing", Outcome::Replayed);
         replay.next_attempt_unix_ms = 99_000;
         outbox.update(replay).await.expect("recorded");
-        let due = outbox.due(&q("billing"), 0, 10);
+        let due = outbox.due(&q("billing"), 0, 10, &HashSet::new());
         assert_eq!(ids(&due), ["e0"]);
         assert_eq!(due[0].delivery.attempts, 0);
         assert_eq!(due[0].delivery.target.deadline_unix_ms, 99_000);
@@ -827,17 +842,20 @@ mod tests {
         .await;
         assert!(polled.is_pending(), "waits for its fsync");
         assert!(
-            outbox.due(&q("billing"), 0, 10).is_empty(),
+            outbox.due(&q("billing"), 0, 10, &HashSet::new()).is_empty(),
             "not delivered before its record is written"
         );
         // The publisher goes away; the record is written all the same.
         drop(publish);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while outbox.due(&q("billing"), 0, 10).is_empty() {
+        while outbox.due(&q("billing"), 0, 10, &HashSet::new()).is_empty() {
             assert!(tokio::time::Instant::now() < deadline, "never became due");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        assert_eq!(ids(&outbox.due(&q("billing"), 0, 10)), ["e1"]);
+        assert_eq!(
+            ids(&outbox.due(&q("billing"), 0, 10, &HashSet::new())),
+            ["e1"]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -900,7 +918,7 @@ mod tests {
             .collect();
         expected.sort();
         let held = |o: &Outbox| {
-            let mut got: Vec<String> = ids(&o.due(&q("billing"), 0, 10_000))
+            let mut got: Vec<String> = ids(&o.due(&q("billing"), 0, 10_000, &HashSet::new()))
                 .into_iter()
                 .map(str::to_owned)
                 .collect();
@@ -974,13 +992,13 @@ mod tests {
         let expect = |o: &Outbox| {
             assert_eq!(o.depth(), (5, 9, 1));
             assert_eq!(
-                ids(&o.due(&q("audit"), 0, 10)),
+                ids(&o.due(&q("audit"), 0, 10, &HashSet::new())),
                 ["e46", "e47", "e48", "e49"]
             );
-            let due = o.due(&q("audit"), 7, 10);
+            let due = o.due(&q("audit"), 7, 10, &HashSet::new());
             assert_eq!(due[0].delivery.attempts, 3);
             assert_eq!(
-                ids(&o.due(&q("billing"), 0, 10)),
+                ids(&o.due(&q("billing"), 0, 10, &HashSet::new())),
                 ["e45", "e47", "e48", "e49"]
             );
             assert_eq!(o.dead_letters(&q("billing"))[0].0.event.id, "e46");
@@ -1001,7 +1019,10 @@ mod tests {
         assert!(late > seqs[49]);
         drop(outbox);
         let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("reopens");
-        assert_eq!(ids(&outbox.due(&q("audit"), 0, 10)).last(), Some(&"e50"));
+        assert_eq!(
+            ids(&outbox.due(&q("audit"), 0, 10, &HashSet::new())).last(),
+            Some(&"e50")
+        );
         outbox
             .update(update(late, "audit", Outcome::Delivered))
             .await
@@ -1054,9 +1075,12 @@ mod tests {
         drop(outbox);
         let (outbox, opened) = Outbox::open(dir.path(), Options::default()).expect("reopens");
         assert_eq!(opened.unproven, 1, "only e1 may have arrived unrecorded");
-        assert_eq!(ids(&outbox.due(&q("s"), 0, 10)), ["e1", "e2"]);
+        assert_eq!(
+            ids(&outbox.due(&q("s"), 0, 10, &HashSet::new())),
+            ["e1", "e2"]
+        );
         assert!(outbox
-            .due(&q("s"), 0, 10)
+            .due(&q("s"), 0, 10, &HashSet::new())
             .iter()
             .all(|d| !d.delivery.sending));
     }
@@ -1087,7 +1111,10 @@ mod tests {
                     .expect("accepted"),
             );
         }
-        assert_eq!(ids(&outbox.due(&q("s"), 0, 10)), ["a1", "b1", "n1"]);
+        assert_eq!(
+            ids(&outbox.due(&q("s"), 0, 10, &HashSet::new())),
+            ["a1", "b1", "n1"]
+        );
         // a1 keeps failing: a2 waits; b moves on.
         let mut tried = update(seqs[0], "s", Outcome::Attempted);
         tried.next_attempt_unix_ms = 1_000;
@@ -1096,9 +1123,22 @@ mod tests {
             .update(update(seqs[1], "s", Outcome::Delivered))
             .await
             .expect("recorded");
-        assert_eq!(ids(&outbox.due(&q("s"), 0, 10)), ["n1", "b2"]);
-        assert_eq!(ids(&outbox.due(&q("s"), 1_000, 10)), ["a1", "n1", "b2"]);
-        assert_eq!(ids(&outbox.due(&q("s"), 1_000, 2)), ["a1", "n1"], "bounded");
+        assert_eq!(
+            ids(&outbox.due(&q("s"), 0, 10, &HashSet::new())),
+            ["n1", "b2"]
+        );
+        assert_eq!(
+            ids(&outbox.due(&q("s"), 1_000, 10, &HashSet::new())),
+            ["a1", "n1", "b2"]
+        );
+        assert_eq!(
+            ids(&outbox.due(&q("s"), 1_000, 2, &HashSet::new())),
+            ["a1", "n1"],
+            "bounded"
+        );
+        // In flight: not due again, and it holds back its key.
+        let flying = HashSet::from([seqs[0], seqs[3]]);
+        assert_eq!(ids(&outbox.due(&q("s"), 1_000, 10, &flying)), ["b2"]);
     }
 
     #[tokio::test]
@@ -1127,20 +1167,20 @@ mod tests {
         let mut failed = update(seqs[0], "billing", Outcome::Attempted);
         failed.next_attempt_unix_ms = 1_000;
         outbox.update(failed).await.expect("recorded");
-        assert!(outbox.due(&shop, 0, 10).is_empty());
-        assert_eq!(ids(&outbox.due(&lab, 0, 10)), ["l1"]);
+        assert!(outbox.due(&shop, 0, 10, &HashSet::new()).is_empty());
+        assert_eq!(ids(&outbox.due(&lab, 0, 10, &HashSet::new())), ["l1"]);
         // An update names the service; the event says which namespace.
         outbox
             .update(update(seqs[1], "billing", Outcome::Delivered))
             .await
             .expect("recorded");
-        assert_eq!(ids(&outbox.due(&lab, 0, 10)), ["l2"]);
-        assert_eq!(ids(&outbox.due(&shop, 1_000, 10)), ["s1"]);
+        assert_eq!(ids(&outbox.due(&lab, 0, 10, &HashSet::new())), ["l2"]);
+        assert_eq!(ids(&outbox.due(&shop, 1_000, 10, &HashSet::new())), ["s1"]);
         // And so after a restart.
         drop(outbox);
         let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("reopens");
-        assert_eq!(ids(&outbox.due(&lab, 0, 10)), ["l2"]);
-        assert_eq!(ids(&outbox.due(&shop, 1_000, 10)), ["s1"]);
+        assert_eq!(ids(&outbox.due(&lab, 0, 10, &HashSet::new())), ["l2"]);
+        assert_eq!(ids(&outbox.due(&shop, 1_000, 10, &HashSet::new())), ["s1"]);
         assert!(outbox.has_pending(&shop) && !outbox.has_pending(&q("billing")));
     }
 }
