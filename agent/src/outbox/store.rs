@@ -176,7 +176,7 @@ impl State {
             seq,
             namespace,
             topic,
-            event: event.unwrap_or_default(),
+            event: owned(event.unwrap_or_default()),
             traceparent,
             accepted_unix_ms,
             record_bytes,
@@ -330,6 +330,24 @@ impl State {
             }
         }
     }
+}
+
+/// `event` with bytes of its own. Decoded bytes fields are slices of the
+/// buffer they were read from (hyper's and tonic's receive buffers, a
+/// whole log segment read back at start), and a held slice keeps all of
+/// it alive: 200,000 held events of 1 KiB took 1.6 GB. A held event
+/// copies its payload (and any bytes attribute) out instead.
+fn owned(mut event: CloudEvent) -> CloudEvent {
+    use weir_proto::cloudevents::v1::cloud_event::{cloud_event_attribute_value::Attr, Data};
+    if let Some(Data::BinaryData(b)) = &mut event.data {
+        *b = Bytes::copy_from_slice(b);
+    }
+    for value in event.attributes.values_mut() {
+        if let Some(Attr::CeBytes(b)) = &mut value.attr {
+            *b = Bytes::copy_from_slice(b);
+        }
+    }
+    event
 }
 
 /// What [`Outbox::open`] read back.
@@ -503,7 +521,7 @@ impl Outbox {
     ) -> Vec<Due> {
         let state = self.state();
         let mut keys_seen: HashSet<&str> = HashSet::new();
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(limit.min(state.pending.len()));
         let from: Key = (queue.clone(), 0);
         for ((q, seq), d) in state.pending.range(from..) {
             if q != queue || out.len() >= limit {
@@ -1182,5 +1200,31 @@ mod tests {
         assert_eq!(ids(&outbox.due(&lab, 0, 10, &HashSet::new())), ["l2"]);
         assert_eq!(ids(&outbox.due(&shop, 1_000, 10, &HashSet::new())), ["s1"]);
         assert!(outbox.has_pending(&shop) && !outbox.has_pending(&q("billing")));
+    }
+
+    #[tokio::test]
+    async fn a_held_event_does_not_keep_the_buffer_it_was_read_from() {
+        use weir_proto::cloudevents::v1::cloud_event::Data;
+        let dir = tempfile::tempdir().expect("tmp");
+        let (outbox, _) = Outbox::open(dir.path(), Options::default()).expect("opens");
+        // As a receive buffer holds many requests: the event's data is a
+        // slice of it.
+        let received = Bytes::from(vec![7u8; 64 << 10]);
+        let mut e = event("e1", "");
+        e.data = Some(Data::BinaryData(received.slice(1024..2048)));
+        outbox
+            .accept("default", "t", e, "", vec![target("s", "")], false)
+            .await
+            .expect("accepted");
+        let due = outbox.due(&q("s"), 0, 10, &HashSet::new());
+        let Some(Data::BinaryData(held)) = &due[0].event.event.data else {
+            panic!("the data is gone: {:?}", due[0].event.event.data);
+        };
+        assert_eq!(held, &received.slice(1024..2048));
+        let within = received.as_ptr_range();
+        assert!(
+            !within.contains(&held.as_ptr()),
+            "the held event shares the 64 KiB buffer it came in"
+        );
     }
 }
