@@ -96,6 +96,25 @@ fn agent_on(
     )
 }
 
+/// Sets `service`'s policy to deliver events in order of their
+/// `partitionkey`, and waits until the agents applied it.
+async fn order_deliveries(client: &weir_client::Client, service: &str) -> Result<()> {
+    use weir_client::policy::{Delivery, TrafficPolicy};
+    weir_tests::agents::put_policy_applied(
+        client,
+        service,
+        TrafficPolicy {
+            delivery: Some(Delivery {
+                ordered: true,
+                ..Delivery::default()
+            }),
+            ..TrafficPolicy::default()
+        },
+    )
+    .await
+    .map(drop)
+}
+
 /// Waits until the agent knows `n` subscribing services of `topic`.
 async fn wait_for_subscribers(agent: &AgentProcess, topic: &str, n: usize) -> Result<()> {
     poll_until(
@@ -198,9 +217,6 @@ async fn every_subscribing_service_gets_each_event_once() -> Result<()> {
 
 #[tokio::test]
 async fn a_slow_delivery_holds_up_only_its_own_key() -> Result<()> {
-    use weir_client::policy::{Delivery, TrafficPolicy};
-    use weir_tests::agents::put_policy_applied;
-
     const SLOW: Duration = Duration::from_secs(3);
     let (_etcd, plane, client) = start_one("topics-slow").await?;
     let billing = HttpInstance::start().await?;
@@ -209,18 +225,7 @@ async fn a_slow_delivery_holds_up_only_its_own_key() -> Result<()> {
     let data = tempfile::tempdir()?;
     let agent = agent_on(&plane, data.path())?;
     wait_for_subscribers(&agent, "orders", 1).await?;
-    put_policy_applied(
-        &client,
-        "billing",
-        TrafficPolicy {
-            delivery: Some(Delivery {
-                ordered: true,
-                ..Delivery::default()
-            }),
-            ..TrafficPolicy::default()
-        },
-    )
-    .await?;
+    order_deliveries(&client, "billing").await?;
     let http = http();
     let publish_keyed = |id: String, key: &'static str| {
         let request = Request::post(format!("http://{}/v1/topics/orders", agent.ingress_addr()))
@@ -721,11 +726,7 @@ async fn grpc_publish_reaches_a_grpc_subscriber_with_the_topic() -> Result<()> {
 
 #[tokio::test]
 async fn a_subscriber_away_past_its_registration_gets_everything_in_key_order() -> Result<()> {
-    use weir_client::{
-        policy::{Delivery, TrafficPolicy},
-        InstanceRef,
-    };
-    use weir_tests::agents::put_policy_applied;
+    use weir_client::InstanceRef;
 
     let (_etcd, plane, client) = start_one("topics-away").await?;
     let first = HttpInstance::start().await?;
@@ -733,18 +734,7 @@ async fn a_subscriber_away_past_its_registration_gets_everything_in_key_order() 
     let data = tempfile::tempdir()?;
     let agent = agent_on(&plane, data.path())?;
     wait_for_subscribers(&agent, "orders", 1).await?;
-    put_policy_applied(
-        &client,
-        "billing",
-        TrafficPolicy {
-            delivery: Some(Delivery {
-                ordered: true,
-                ..Delivery::default()
-            }),
-            ..TrafficPolicy::default()
-        },
-    )
-    .await?;
+    order_deliveries(&client, "billing").await?;
     // It goes away: its server stops and its registration is gone, as
     // when its TTL lapses.
     drop(first);
