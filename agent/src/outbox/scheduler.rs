@@ -142,25 +142,12 @@ pub async fn run(
     }
     let mut turn = 0usize;
     let mut workers: HashMap<Queue, JoinHandle<()>> = HashMap::new();
-    let min = COMPACT_MIN_BYTES.min(outbox.max_bytes() / 4);
-    // After a try that would not have gained enough, the next waits until
-    // the log grew by a quarter or the events held fell by half.
-    let mut next_try = (min, usize::MAX);
+    // Its own task: a compaction with a large backlog takes a while, and
+    // meanwhile new queues still get their workers and the gauges move.
+    let compactor = tokio::spawn(compact_while_running(outbox.clone(), stop.clone()));
     let gauges = Gauges::new();
     loop {
         gauges.set(&outbox);
-        let used = outbox.used_bytes();
-        let events = outbox.depth().0;
-        if used > min && (used > next_try.0 || events.saturating_mul(2) <= next_try.1) {
-            match outbox.compact(min).await {
-                Ok(true) => next_try = (min, usize::MAX),
-                Ok(false) => next_try = (used + used / 4, events),
-                Err(e) => {
-                    tracing::error!(error = %e, "outbox compaction failed");
-                    next_try = (used + used / 4, events);
-                }
-            }
-        }
         workers.retain(|_, w| !w.is_finished());
         for queue in outbox.pending_queues() {
             if let std::collections::hash_map::Entry::Vacant(slot) = workers.entry(queue) {
@@ -184,6 +171,35 @@ pub async fn run(
     }
     for (_, w) in workers {
         w.abort();
+    }
+    // It ends at `stop` too, after the compaction it may be running.
+    let _ = compactor.await;
+}
+
+/// Compacts the log when it is worth it (see the module docs), looking
+/// every [`TICK`], until `stop`.
+async fn compact_while_running(outbox: Arc<Outbox>, mut stop: watch::Receiver<bool>) {
+    let min = COMPACT_MIN_BYTES.min(outbox.max_bytes() / 4);
+    // After a try that would not have gained enough, the next waits until
+    // the log grew by a quarter or the events held fell by half.
+    let mut next_try = (min, usize::MAX);
+    loop {
+        let used = outbox.used_bytes();
+        let events = outbox.depth().0;
+        if used > min && (used > next_try.0 || events.saturating_mul(2) <= next_try.1) {
+            match outbox.compact(min).await {
+                Ok(true) => next_try = (min, usize::MAX),
+                Ok(false) => next_try = (used + used / 4, events),
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox compaction failed");
+                    next_try = (used + used / 4, events);
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 
