@@ -82,7 +82,7 @@ pub use weir_proto::registry::v1::{
     ServiceSummary, SetServiceConfigRequest, SetServiceConfigResponse, TcpCheck, TtlCheck,
     WatchRequest, WatchResponse,
 };
-pub use weir_proto::{agent::v1 as agent, policy::v1 as policy};
+pub use weir_proto::{agent::v1 as agent, cloudevents::v1 as cloudevents, policy::v1 as policy};
 
 /// The control plane's default gRPC address.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";

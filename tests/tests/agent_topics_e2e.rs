@@ -914,3 +914,69 @@ async fn a_publish_stream_answers_each_event_in_order_and_reopens_after_a_restar
     drop(agent);
     Ok(())
 }
+
+#[tokio::test]
+async fn weirctl_publishes_an_event_by_hand() -> Result<()> {
+    let (_etcd, plane, client) = start_one("topics-weirctl").await?;
+    let billing = HttpInstance::start().await?;
+    subscribe(&client, "billing", "b0", &billing, &["orders"]).await?;
+    let data = tempfile::tempdir()?;
+    let agent = agent_on(&plane, data.path())?;
+    wait_for_subscribers(&agent, "orders", 1).await?;
+    let ingress = format!("http://{}", agent.ingress_addr());
+    let out = weir_tests::weirctl_ok(
+        &plane.endpoint(),
+        &[
+            "-o",
+            "json",
+            "events",
+            "publish",
+            "orders",
+            "--agent",
+            &ingress,
+            "--type",
+            "com.example.order.created",
+            "--id",
+            "h-1",
+            "--data",
+            "{\"total\":3}",
+        ],
+    )
+    .await?;
+    let answer: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(
+        answer["id"] == "h-1" && answer["subscribers"] == serde_json::json!(["billing"]),
+        "{answer}"
+    );
+    let hits = poll_until(
+        SETTLE,
+        "h-1 at billing",
+        || async { Ok(billing.hits()) },
+        |hits| !hits.is_empty(),
+    )
+    .await?;
+    ensure!(hits[0].headers["ce-id"] == "h-1");
+    ensure!(hits[0].headers["ce-source"] == "/weirctl");
+    ensure!(hits[0].headers["content-type"] == "application/json");
+    ensure!(hits[0].body == Bytes::from_static(b"{\"total\":3}"));
+    // A refusal says why, and fails.
+    let refused = weir_tests::weirctl(
+        &plane.endpoint(),
+        &[
+            "events",
+            "publish",
+            "no such topic",
+            "--agent",
+            &ingress,
+            "--type",
+            "t",
+        ],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        !refused.status.success() && stderr.contains("no-target"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -70,7 +70,7 @@ enum Command {
     /// Agents, connected or not; `agents describe NODE` asks one.
     Agents(agents::Args),
     /// Dead letters of topic deliveries, asked of the agents: list, show,
-    /// replay, purge.
+    /// replay, purge; and publish an event by hand through an agent.
     #[command(subcommand)]
     Events(events::Command),
 }

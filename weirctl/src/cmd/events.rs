@@ -2,16 +2,17 @@
 //! agents over their sessions through the control plane (every connected
 //! agent, or the one `--node` names): `dead-letters` lists them, `show ID`
 //! shows one, `replay` delivers the matching ones again with their
-//! original ids, `purge` removes them.
+//! original ids, `purge` removes them. And `publish TOPIC`, one event by
+//! hand through a node's agent (its ingress, not the control plane).
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
 use weir_client::{
     agent::{dead_letters_request::Action, DeadLetter, DeadLettersRequest},
-    Client,
+    Client, CloudEvent, PublishError, TopicPublisher,
 };
 
 use crate::output::{table, utc, Format};
@@ -32,6 +33,127 @@ pub enum Command {
     Replay(Filter),
     /// Remove the matching dead letters.
     Purge(Filter),
+    /// Publish one event to a topic through a node's agent.
+    Publish(Box<PublishArgs>),
+}
+
+/// One event to publish by hand.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PublishArgs {
+    /// The topic.
+    #[arg(value_name = "TOPIC")]
+    topic: String,
+    /// The agent's ingress address (not the control plane's).
+    #[arg(long, env = "WEIR_AGENT", default_value = "http://127.0.0.1:7080")]
+    agent: String,
+    /// The topic's namespace; default: the agent's.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The CloudEvents type.
+    #[arg(long = "type")]
+    event_type: String,
+    /// The CloudEvents source.
+    #[arg(long, default_value = "/weirctl")]
+    source: String,
+    /// The CloudEvents id; default: a new one.
+    #[arg(long)]
+    id: Option<String>,
+    /// The data, as text.
+    #[arg(long)]
+    data: Option<String>,
+    /// The data's content type.
+    #[arg(long, default_value = "application/json")]
+    content_type: String,
+    /// The CloudEvents subject.
+    #[arg(long)]
+    subject: Option<String>,
+    /// The CloudEvents partitionkey (ordered delivery keys on it).
+    #[arg(long)]
+    partition_key: Option<String>,
+}
+
+/// The event `args` describe.
+fn event_of(args: &PublishArgs) -> CloudEvent {
+    use weir_client::cloudevents::cloud_event::{
+        cloud_event_attribute_value::Attr, CloudEventAttributeValue, Data,
+    };
+    let text = |s: &str| CloudEventAttributeValue {
+        attr: Some(Attr::CeString(s.to_owned())),
+    };
+    let mut attributes = std::collections::HashMap::new();
+    let mut data = None;
+    if let Some(d) = &args.data {
+        attributes.insert("datacontenttype".to_owned(), text(&args.content_type));
+        data = Some(Data::TextData(d.clone()));
+    }
+    if let Some(s) = &args.subject {
+        attributes.insert("subject".to_owned(), text(s));
+    }
+    if let Some(k) = &args.partition_key {
+        attributes.insert("partitionkey".to_owned(), text(k));
+    }
+    let id = args.id.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!("weirctl-{}-{}", now.as_micros(), std::process::id())
+    });
+    CloudEvent {
+        id,
+        source: args.source.clone(),
+        spec_version: "1.0".into(),
+        r#type: args.event_type.clone(),
+        attributes,
+        data,
+    }
+}
+
+async fn publish(format: Format, args: &PublishArgs) -> Result<()> {
+    let mut publisher = TopicPublisher::connect(args.agent.clone())
+        .await
+        .with_context(|| format!("cannot reach the agent at {}", args.agent))?;
+    if let Some(ns) = &args.namespace {
+        publisher = publisher.in_namespace(ns.clone());
+    }
+    let answer = match publisher.publish(args.topic.clone(), event_of(args)).await {
+        Ok(a) => a,
+        Err(PublishError::Refused(r)) => {
+            let field = if r.field.is_empty() {
+                String::new()
+            } else {
+                format!(" (field {})", r.field)
+            };
+            bail!(
+                "the agent refused the event, {}: {}{field}",
+                r.reason,
+                r.message
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "id": answer.id,
+                "topic": args.topic,
+                "subscribers": answer.subscribers,
+                "durable": answer.durable,
+            })
+        ),
+        Format::Table if answer.subscribers.is_empty() => println!(
+            "published {} to {}: nobody subscribes, so the agent dropped it",
+            answer.id, args.topic
+        ),
+        Format::Table => println!(
+            "published {} to {}{}: reaches {}",
+            answer.id,
+            args.topic,
+            if answer.durable { " (on disk)" } else { "" },
+            answer.subscribers.join(", ")
+        ),
+    }
+    Ok(())
 }
 
 /// Which dead letters, and where to ask.
@@ -58,6 +180,7 @@ pub struct Filter {
 
 pub async fn run(client: &Client, format: Format, command: Command) -> Result<()> {
     let (action, filter) = match command {
+        Command::Publish(args) => return publish(format, &args).await,
         Command::DeadLetters(f) => (Action::List, f),
         Command::Show {
             event_id,
@@ -202,6 +325,48 @@ mod tests {
         assert!(
             Cli::try_parse_from(["t", "show"]).is_err(),
             "ID is required"
+        );
+    }
+
+    #[test]
+    fn publish_makes_the_event_its_flags_describe() {
+        use weir_client::cloudevents::cloud_event::{cloud_event_attribute_value::Attr, Data};
+        let c = Cli::try_parse_from([
+            "t",
+            "publish",
+            "orders",
+            "--type",
+            "com.example.t",
+            "--id",
+            "h-1",
+            "--data",
+            "{\"a\":1}",
+            "--partition-key",
+            "k1",
+        ])
+        .expect("parses");
+        let Command::Publish(args) = c.command else {
+            panic!("not publish: {:?}", c.command);
+        };
+        assert_eq!(args.topic, "orders");
+        let e = event_of(&args);
+        assert_eq!((e.id.as_str(), e.source.as_str()), ("h-1", "/weirctl"));
+        assert_eq!(e.data, Some(Data::TextData("{\"a\":1}".into())));
+        let attr = |name: &str| match &e.attributes[name].attr {
+            Some(Attr::CeString(s)) => s.clone(),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(attr("datacontenttype"), "application/json");
+        assert_eq!(attr("partitionkey"), "k1");
+        // Without an id, a new one each time.
+        let c = Cli::try_parse_from(["t", "publish", "orders", "--type", "t"]).expect("parses");
+        let Command::Publish(args) = c.command else {
+            panic!("not publish");
+        };
+        assert!(event_of(&args).id.starts_with("weirctl-"));
+        assert!(
+            Cli::try_parse_from(["t", "publish", "orders"]).is_err(),
+            "--type is required"
         );
     }
 }
