@@ -33,7 +33,9 @@
 //! measures); JetStream's share `async-nats`'s one connection. After
 //! each Weir and js+consumer figure the bench waits until everything
 //! published was delivered (consumed) and reports the end-to-end rate
-//! (events over publishing plus draining time); after every figure it runs `sync`,
+//! (events over publishing plus draining time), and the server's CPU per
+//! event (the agent's, or nats-server's, from `/proc`, over publishing
+//! and draining); after every figure it runs `sync`,
 //! so no target's writes slow the next one's fsyncs. JetStream 2.9
 //! acknowledges before any fsync (it syncs every 2 minutes and cannot be
 //! told otherwise): its ack means "in the page cache", a weaker promise
@@ -62,7 +64,7 @@ use weir_tests::{
     agent::AgentProcess,
     agents::put_policy_applied,
     bench::{
-        self, env_num,
+        self, clock_ticks, cpu_ticks, env_num,
         peers::{alive, free_ports, need, nginx, wait_port, Guard},
         percentile, Plan,
     },
@@ -312,6 +314,8 @@ struct Setup {
     targets: Vec<(&'static str, Target)>,
     secs: u64,
     agent: AgentProcess,
+    /// nats-server's pid, for its CPU time.
+    nats_pid: u32,
     _keep: (Vec<Guard>, ControlPlaneProcess, tempfile::TempDir),
 }
 
@@ -352,6 +356,7 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
     for (guard, what) in guards.iter_mut().zip(["nginx", "nats-server"]) {
         alive(guard, what)?;
     }
+    let nats_pid = guards[1].0.id();
     let plane = ControlPlaneProcess::start_binary(&plan.this.binary, &["--dev".to_owned()])?;
     let client = weir_client::Client::connect([plane.endpoint()]).await?;
     for (service, topic) in [("durable-sub", "bench.durable"), ("fast-sub", "bench.fast")] {
@@ -494,6 +499,7 @@ async fn set_up(plan: &Plan) -> Result<Setup> {
         targets,
         secs: env_num("WEIR_BENCH_SECS", 3).max(1),
         agent,
+        nats_pid,
         _keep: (guards, plane, data),
     })
 }
@@ -510,7 +516,13 @@ fn main() -> Result<()> {
                 let n = setup.targets.len();
                 for k in 0..n {
                     let (name, target) = &setup.targets[(k + run.round) % n];
+                    // The server's CPU: the agent's, or nats-server's.
+                    let server = match target {
+                        Target::JetStream(_) => setup.nats_pid,
+                        _ => setup.agent.pid(),
+                    };
                     for p in PUBLISHERS {
+                        let cpu_before = cpu_ticks(server);
                         let (events, secs, p50, p99) = measure(target, p, setup.secs).await?;
                         let rate = events as f64 / secs;
                         // What the agent accepted it also delivers (and
@@ -536,12 +548,25 @@ fn main() -> Result<()> {
                             ));
                             format!(", all delivered {drain:.2} s after the last answer ({rate:.0} events/s end to end)")
                         });
+                        // Per event accepted, with its delivery (or
+                        // consumption) included.
+                        let cpu_us = match (cpu_before, cpu_ticks(server)) {
+                            (Some(a), Some(b)) if events > 0 => {
+                                (b - a) as f64 / clock_ticks() * 1e6 / events as f64
+                            }
+                            _ => f64::NAN,
+                        };
+                        figures.push(bench::Figure::lower(
+                            format!("{name} server CPU @{p}"),
+                            "µs/ev",
+                            cpu_us,
+                        ));
                         // What this target left in the page cache is
                         // written out before the next one runs, so that
                         // it does not slow the next one's fsyncs.
                         tokio::process::Command::new("sync").status().await?;
                         println!(
-                            "  {name:12} {p:>3} publishers: {rate:>8.0} events/s, p50 {p50:.2} ms, p99 {p99:.2} ms{delivered}"
+                            "  {name:12} {p:>3} publishers: {rate:>8.0} events/s, p50 {p50:.2} ms, p99 {p99:.2} ms, server CPU {cpu_us:.1} µs/event{delivered}"
                         );
                         figures.push(bench::Figure::higher(
                             format!("{name} events/s @{p}"),
