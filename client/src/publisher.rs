@@ -182,22 +182,19 @@ impl TopicPublisher {
 
     /// Publishes over `channel`, in the agent's default namespace.
     pub fn new(channel: Channel) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                client: PublisherClient::new(channel),
-                namespace: String::new(),
-                current: Mutex::new(None),
-                opening: tokio::sync::Mutex::new(()),
-            }),
-        }
+        Self::with(PublisherClient::new(channel), String::new())
     }
 
     /// The same agent, publishing in `namespace` (a new stream).
     pub fn in_namespace(&self, namespace: impl Into<String>) -> Self {
+        Self::with(self.inner.client.clone(), namespace.into())
+    }
+
+    fn with(client: PublisherClient<Channel>, namespace: String) -> Self {
         Self {
             inner: Arc::new(Inner {
-                client: self.inner.client.clone(),
-                namespace: namespace.into(),
+                client,
+                namespace,
                 current: Mutex::new(None),
                 opening: tokio::sync::Mutex::new(()),
             }),

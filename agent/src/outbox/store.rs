@@ -111,12 +111,6 @@ impl Queue {
     }
 }
 
-impl std::fmt::Display for Queue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.service)
-    }
-}
-
 /// A delivery: its queue and its event's seq. An event's targets are
 /// services of its own namespace, so (service, seq) alone names a
 /// delivery, as the log's records do.
