@@ -30,6 +30,7 @@ pub mod body;
 pub mod config;
 pub mod eject;
 pub mod ingress;
+pub mod limit;
 pub mod local;
 pub mod outbox;
 pub mod persist;

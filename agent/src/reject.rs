@@ -15,6 +15,11 @@ use crate::body::Body;
 /// The `weir-reason` header.
 pub const WEIR_REASON: &str = "weir-reason";
 
+/// The header naming the bucket that refused a request (`rate-limited`):
+/// `{namespace}/{service}/{rule}`, the rule `default` for the service's
+/// own limit.
+pub const WEIR_LIMIT: &str = "weir-limit";
+
 /// `weir-reason` on a status a gRPC instance answered itself and the agent
 /// passes on (`Publisher/Send` to a `Subscriber`): not a [`Reason`], since
 /// the agent did not refuse.
@@ -47,6 +52,9 @@ pub enum Reason {
     OutboxUnavailable,
     /// The outbox is at its quota (`--outbox-max-bytes`).
     OutboxFull,
+    /// The target's rate limit refused the request (`weir-limit` names
+    /// which).
+    RateLimited,
 }
 
 impl Reason {
@@ -63,6 +71,7 @@ impl Reason {
             Reason::NoSubscriber => "no-subscriber",
             Reason::OutboxUnavailable => "outbox-unavailable",
             Reason::OutboxFull => "outbox-full",
+            Reason::RateLimited => "rate-limited",
         }
     }
 
@@ -76,6 +85,7 @@ impl Reason {
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::NoSubscriber => StatusCode::NOT_FOUND,
             Reason::OutboxUnavailable | Reason::OutboxFull => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -90,11 +100,12 @@ impl Reason {
             Reason::NoSubscriber => 5,                              // NOT_FOUND
             Reason::OutboxUnavailable => 14,                        // UNAVAILABLE
             Reason::OutboxFull => 8,                                // RESOURCE_EXHAUSTED
+            Reason::RateLimited => 8,                               // RESOURCE_EXHAUSTED
         }
     }
 
     /// Every reason, for metrics set up front.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::UnknownService,
         Reason::NoTarget,
         Reason::NoEndpoint,
@@ -105,6 +116,7 @@ impl Reason {
         Reason::NoSubscriber,
         Reason::OutboxUnavailable,
         Reason::OutboxFull,
+        Reason::RateLimited,
     ];
 }
 
@@ -120,6 +132,8 @@ pub struct Rejection {
     /// The request field at fault, when a gRPC request names it: a
     /// `google.rpc.BadRequest` violation in [`Rejection::into_status`].
     pub field: Option<Cow<'static, str>>,
+    /// The bucket that refused, for `weir-limit`.
+    pub limit: Option<std::sync::Arc<str>>,
 }
 
 impl Rejection {
@@ -129,6 +143,7 @@ impl Rejection {
             detail: detail.into(),
             retry_after: None,
             field: None,
+            limit: None,
         }
     }
 
@@ -167,6 +182,11 @@ impl Rejection {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             metadata.insert("retry-after", secs.max(1).into());
         }
+        if let Some(limit) = self.limit.as_deref() {
+            if let Ok(v) = limit.parse() {
+                metadata.insert(WEIR_LIMIT, v);
+            }
+        }
         status
     }
 
@@ -177,6 +197,9 @@ impl Rejection {
             // Whole seconds, rounded up: 0 would mean "now".
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             builder = builder.header(header::RETRY_AFTER, secs.max(1));
+        }
+        if let Some(limit) = self.limit.as_deref() {
+            builder = builder.header(WEIR_LIMIT, limit);
         }
         let response = if grpc {
             builder

@@ -23,6 +23,7 @@ use weir_client::{
 
 use crate::{
     balance::{policy::Lb, Balancing, Endpoint, Picker, Protocol},
+    limit::{LimitState, Limiter, SERVICE_RULE},
     outbox::subscriptions::{Restored, SavedSubscription, Subscriptions, DEFAULT_RETENTION},
     retry::{Budget, Failure, FailureMetrics, FailureState},
 };
@@ -50,6 +51,12 @@ pub struct ServiceRoute {
     pub failure: Failure,
     /// The service's retry budget, kept across rebuilds.
     pub budget: Arc<Budget>,
+    /// The service's own rate limit, if any: its bucket lives on across
+    /// rebuilds (and policy changes, in proportion).
+    pub limit: Option<Arc<Limiter>>,
+    /// One per rule of `balancing`, by index: the rule's own bucket, or
+    /// `None` (its events take the service's).
+    rule_limits: Box<[Option<Arc<Limiter>>]>,
     pub(crate) requests: metrics::Counter,
     pub(crate) upstream_errors: metrics::Counter,
     pub(crate) failures: FailureMetrics,
@@ -60,6 +67,8 @@ pub struct ServiceRoute {
 pub struct Handling<'r> {
     pub picker: &'r Picker,
     pub failure: &'r Failure,
+    /// The bucket the request takes a token from, if any.
+    pub limit: Option<&'r Limiter>,
 }
 
 impl ServiceRoute {
@@ -83,6 +92,7 @@ impl ServiceRoute {
         Handling {
             picker: &self.balancer,
             failure: &self.failure,
+            limit: self.limit.as_deref(),
         }
     }
 
@@ -107,7 +117,28 @@ impl ServiceRoute {
                 .get(i)
                 .and_then(|r| r.failure.as_ref())
                 .unwrap_or(&self.failure),
+            limit: self
+                .rule_limits
+                .get(i)
+                .and_then(Option::as_deref)
+                .or(self.limit.as_deref()),
         }
+    }
+
+    /// The bucket of the rule named `rule` (or the service's own, for
+    /// [`SERVICE_RULE`]) in this route, to carry over to the next.
+    fn bucket(&self, rule: &str) -> Option<&Arc<Limiter>> {
+        if rule == SERVICE_RULE {
+            return self.limit.as_ref();
+        }
+        let balancing = self.balancing.as_deref()?;
+        let i = balancing.rules.iter().position(|r| r.name == rule)?;
+        self.rule_limits.get(i)?.as_ref()
+    }
+
+    /// Every bucket of the route, the service's own first.
+    pub fn limits(&self) -> impl Iterator<Item = &Arc<Limiter>> {
+        self.limit.iter().chain(self.rule_limits.iter().flatten())
     }
 
     /// Where the rotation of rule `name`'s own balancer is, if it has one.
@@ -666,6 +697,28 @@ impl View {
         let budget = previous
             .as_ref()
             .map_or_else(Arc::default, |r| r.budget.clone());
+        // Buckets carry on from the previous route's of the same rule.
+        let bucket = |rule: &str, spec: Option<&weir_core::policy::resolve::RateLimit>| {
+            let spec = spec?;
+            let old = previous.as_ref().and_then(|r| r.bucket(rule));
+            Some(match old {
+                Some(old) if old.runs(spec) => old.clone(),
+                Some(old) => Arc::new(old.successor(namespace, service, spec)),
+                None => Arc::new(Limiter::new(namespace, service, rule, spec)),
+            })
+        };
+        let limit = bucket(
+            SERVICE_RULE,
+            balancing.as_ref().and_then(|b| b.limit.as_ref()),
+        );
+        let rule_limits: Box<[Option<Arc<Limiter>>]> = match &balancing {
+            Some(b) if !b.rules.is_empty() => b
+                .rules
+                .iter()
+                .map(|rule| bucket(&rule.name, rule.limit.as_ref()))
+                .collect(),
+            _ => Box::default(),
+        };
         let route = ServiceRoute {
             namespace: namespace.into(),
             service: service.into(),
@@ -676,6 +729,8 @@ impl View {
             protection,
             failure,
             budget,
+            limit,
+            rule_limits,
             requests: metrics::counter!("weir_agent_requests_total", &labels),
             upstream_errors: metrics::counter!("weir_agent_upstream_errors_total", &labels),
             failures: FailureMetrics::new(&labels),
@@ -705,6 +760,10 @@ pub struct RouteState {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureState>,
     pub endpoints: Vec<EndpointState>,
+    /// The rate limit buckets: the service's own (`rule: default`) and
+    /// each rule's own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<LimitState>,
     /// The rules balancing and failure handling follow, in order (empty
     /// when none has a balancer, retry or timeout of its own).
     pub rules: Vec<RuleState>,
@@ -757,6 +816,7 @@ impl From<&ServiceRoute> for RouteState {
             shadow_balancer: r.balancer.shadow_algorithm(),
             in_zone: r.balancer.in_zone(),
             failure: FailureState::of(&r.failure),
+            limits: r.limits().map(|l| l.state()).collect(),
             endpoints: r
                 .balancer
                 .endpoints()

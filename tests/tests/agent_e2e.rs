@@ -918,8 +918,11 @@ async fn a_rule_balances_the_events_it_matches_by_weight() -> Result<()> {
     // A rule with a section the agent does not enforce yet: "partly",
     // naming `rules`.
     let mut partial = policy;
+    // (A GLOBAL rate limit: enforced per agent until the control plane
+    // allocates shares.)
     partial.rules[0].rate_limit = Some(RateLimit {
         requests_per_second: 50.0,
+        scope: weir_client::policy::rate_limit::Scope::Global as i32,
         ..RateLimit::default()
     });
     client.put_policy(partial, Some(first.version)).await?;

@@ -84,9 +84,11 @@ pub struct Balancing {
     pub default: Lb,
     /// The default failure handling.
     pub failure: Failure,
-    /// The policy's rules in order, up to the last one that has a balancer
-    /// or failure handling of its own; empty when none has, so events need
-    /// not be matched.
+    /// The service's own rate limit (its `rate_limit` section).
+    pub limit: Option<resolve::RateLimit>,
+    /// The policy's rules in order, up to the last one that has a
+    /// balancer, failure handling or rate limit of its own; empty when
+    /// none has, so events need not be matched.
     /// Earlier rules without one are kept: the first match wins, and such
     /// a rule sends its events to the default balancer.
     pub rules: Vec<RuleBalancing>,
@@ -105,6 +107,10 @@ pub struct RuleBalancing {
     /// Failure handling of its own (its `retry` or `timeout` differs from
     /// the defaults'), or `None`: the default one.
     pub failure: Option<Failure>,
+    /// A rate limit of its own: a bucket for the events the rule matches
+    /// (the rule sets a `rate_limit` section). `None`: its events share
+    /// the service's bucket, if it has one.
+    pub limit: Option<resolve::RateLimit>,
 }
 
 /// Whether this agent enforces `lb`: any algorithm it knows (one from a
@@ -148,14 +154,25 @@ impl Balancing {
                 (f != failure).then_some(f)
             })
             .collect();
-        let Some(last) = own
+        let limit = resolved.defaults.rate_limit.clone();
+        let own_limit: Vec<Option<resolve::RateLimit>> = policy
+            .rules
             .iter()
-            .zip(&own_failure)
-            .rposition(|(lb, f)| lb.is_some() || f.is_some())
+            .zip(&resolved.rules)
+            .map(|(r, resolved)| {
+                r.rate_limit
+                    .as_ref()
+                    .and(resolved.sections.rate_limit.clone())
+            })
+            .collect();
+        let Some(last) = (0..own.len())
+            .rev()
+            .find(|&i| own[i].is_some() || own_failure[i].is_some() || own_limit[i].is_some())
         else {
             return Self {
                 default,
                 failure,
+                limit,
                 rules: Vec::new(),
             };
         };
@@ -164,18 +181,20 @@ impl Balancing {
         let rules = resolved
             .rules
             .into_iter()
-            .zip(own.into_iter().zip(own_failure))
+            .zip(own.into_iter().zip(own_failure).zip(own_limit))
             .take(last + 1)
-            .map(|(r, (own, failure))| RuleBalancing {
+            .map(|(r, ((own, failure), limit))| RuleBalancing {
                 name: r.name,
                 matcher: r.matcher,
                 own,
                 failure,
+                limit,
             })
             .collect();
         Self {
             default,
             failure,
+            limit,
             rules,
         }
     }
@@ -190,13 +209,21 @@ impl Balancing {
 }
 
 /// Whether this agent enforces every section `rule` sets: a
-/// `load_balancer` it enforces, `retry` and `timeout` (and the match
-/// itself).
+/// `load_balancer` it enforces, `retry`, `timeout` and a per-agent
+/// `rate_limit` (and the match itself).
 fn rule_enforced(rule: &Rule) -> bool {
-    rule.rate_limit.is_none()
+    rule.rate_limit.as_ref().is_none_or(limit_enforced)
         && rule.circuit_breaker.is_none()
         && rule.delivery.is_none()
         && rule.load_balancer.as_ref().is_none_or(enforced)
+}
+
+/// Whether this agent enforces `limit` in full: a per-agent one. A
+/// `GLOBAL` limit is enforced per agent at the whole rate until the
+/// control plane allocates shares, and acknowledged as not enforced.
+fn limit_enforced(limit: &weir_client::policy::RateLimit) -> bool {
+    use weir_client::policy::rate_limit::Scope;
+    Scope::try_from(limit.scope).is_ok_and(|s| s != Scope::Global)
 }
 
 /// The top-level sections `policy` sets that this agent does not enforce
@@ -213,6 +240,7 @@ pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
         .filter(|s| match *s {
             "load_balancer" => !policy.load_balancer.as_ref().is_some_and(enforced),
             "retry" | "timeout" => false,
+            "rate_limit" => !policy.rate_limit.as_ref().is_none_or(limit_enforced),
             // Topic delivery follows the defaults' section; shadow mode
             // is not built for it.
             "delivery" => policy.delivery.as_ref().is_some_and(|d| d.shadow),
@@ -226,7 +254,9 @@ pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
 pub(crate) mod tests {
     use std::time::Duration;
 
-    use weir_client::policy::{EventMatch, RateLimit, Retry, Timeout, ZonePreference};
+    use weir_client::policy::{
+        CircuitBreaker, EventMatch, RateLimit, Retry, Timeout, ZonePreference,
+    };
     use weir_core::policy::resolve::TypeMatch;
 
     use super::*;
@@ -346,12 +376,12 @@ pub(crate) mod tests {
         let b = Balancing::of(&policy(
             lb(Algorithm::WeightedRoundRobin),
             vec![Rule {
-                // What the defaults have already.
-                rate_limit: Some(RateLimit {
-                    requests_per_second: 5.0,
-                    ..RateLimit::default()
+                // Nothing the balancing runs.
+                circuit_breaker: Some(CircuitBreaker {
+                    consecutive_failures: 5,
+                    ..CircuitBreaker::default()
                 }),
-                ..rule("limited", prefix("a."), None)
+                ..rule("broken", prefix("a."), None)
             }],
         ));
         assert_eq!(
@@ -359,6 +389,37 @@ pub(crate) mod tests {
             resolve::Algorithm::WeightedRoundRobin
         );
         assert!(b.rules.is_empty(), "no rule has its own: {b:?}");
+        // A rule's own rate limit is a bucket of its own: the rule is
+        // kept, and so are the rules before it.
+        let b = Balancing::of(&TrafficPolicy {
+            rate_limit: Some(RateLimit {
+                requests_per_second: 50.0,
+                ..RateLimit::default()
+            }),
+            ..policy(
+                None,
+                vec![
+                    rule("first", prefix("b."), None),
+                    Rule {
+                        rate_limit: Some(RateLimit {
+                            requests_per_second: 5.0,
+                            ..RateLimit::default()
+                        }),
+                        ..rule("limited", prefix("a."), None)
+                    },
+                ],
+            )
+        });
+        assert_eq!(b.limit.as_ref().map(|l| l.burst), Some(50));
+        assert_eq!(b.rules.len(), 2);
+        assert_eq!(b.rules[0].limit, None, "shares the service's bucket");
+        assert_eq!(
+            b.rules[1]
+                .limit
+                .as_ref()
+                .map(|l| (l.requests_per_second, l.burst)),
+            Some((5.0, 5))
+        );
         // An unknown algorithm in a rule is no balancer.
         let b = Balancing::of(&policy(
             None,
@@ -486,11 +547,23 @@ pub(crate) mod tests {
         // enforced too.
         assert!(unenforced(&policy(None, vec![rule("m", prefix("a."), None)])).is_empty());
 
-        let rate_limited = Rule {
+        let global = RateLimit {
+            requests_per_second: 5.0,
+            scope: weir_client::policy::rate_limit::Scope::Global as i32,
+            ..RateLimit::default()
+        };
+        // Per agent: enforced; global: enforced per agent, not in full.
+        let limited = |global_scope: bool| TrafficPolicy {
             rate_limit: Some(RateLimit {
-                requests_per_second: 5.0,
-                ..RateLimit::default()
+                scope: if global_scope { global.scope } else { 0 },
+                ..global
             }),
+            ..policy(None, Vec::new())
+        };
+        assert!(unenforced(&limited(false)).is_empty());
+        assert_eq!(unenforced(&limited(true)), ["rate_limit"]);
+        let rate_limited = Rule {
+            rate_limit: Some(global),
             ..rule("limited", prefix("a."), None)
         };
         let p = TrafficPolicy {

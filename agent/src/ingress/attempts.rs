@@ -32,6 +32,7 @@ use super::{forward::Failed, InFlight};
 use crate::{
     balance::{any, Endpoint, Picker},
     eject::eject,
+    limit::Decision,
     reject::{Reason, Rejection},
     retry::Class,
     view::{Handling, ServiceRoute},
@@ -135,11 +136,24 @@ pub(crate) async fn run<E: Exchange>(
 ) -> Result<E::Answer, Rejection> {
     let Plan {
         route,
-        handling: Handling { picker, failure },
+        handling: Handling {
+            picker,
+            failure,
+            limit,
+        },
         key,
         safe,
         topic,
     } = plan;
+    // The rate limit, for requests; the outbox paces topic deliveries
+    // before they come here.
+    if let (Some(limit), None) = (limit, topic) {
+        match limit.admit() {
+            Decision::Go => {}
+            Decision::Wait(wait) => tokio::time::sleep(wait).await,
+            Decision::Reject(after) => return Err(limit.rejection(after)),
+        }
+    }
     let start = (!failure.is_none()).then(Instant::now);
     let deadline = start.zip(failure.total()).map(|(s, t)| s + t);
     let budget = failure.budget_percent();

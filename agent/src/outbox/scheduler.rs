@@ -380,6 +380,10 @@ async fn send(
         ));
     };
     let handling = route.handling_for(&event.event.r#type, &event.event.source);
+    // The subscriber's rate limit sets the pace; it never refuses.
+    if let Some(limit) = handling.limit {
+        limit.paced().await;
+    }
     let plan = Plan {
         route: &route,
         handling,

@@ -176,7 +176,8 @@ pub struct RateLimit {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     PerAgent,
-    /// Across all agents (each runs rate / number of agents for now).
+    /// Across all agents (enforced per agent at the whole rate until the
+    /// control plane allocates shares).
     Global,
 }
 
