@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod breaker;
 pub mod config;
 pub mod eject;
 pub mod ingress;

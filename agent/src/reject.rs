@@ -55,6 +55,9 @@ pub enum Reason {
     /// The target's rate limit refused the request (`weir-limit` names
     /// which).
     RateLimited,
+    /// Every endpoint of the service has its circuit breaker open: the
+    /// agent fails fast rather than sending to a failing service.
+    CircuitOpen,
 }
 
 impl Reason {
@@ -72,6 +75,7 @@ impl Reason {
             Reason::OutboxUnavailable => "outbox-unavailable",
             Reason::OutboxFull => "outbox-full",
             Reason::RateLimited => "rate-limited",
+            Reason::CircuitOpen => "circuit-open",
         }
     }
 
@@ -86,6 +90,7 @@ impl Reason {
             Reason::NoSubscriber => StatusCode::NOT_FOUND,
             Reason::OutboxUnavailable | Reason::OutboxFull => StatusCode::SERVICE_UNAVAILABLE,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -101,11 +106,12 @@ impl Reason {
             Reason::OutboxUnavailable => 14,                        // UNAVAILABLE
             Reason::OutboxFull => 8,                                // RESOURCE_EXHAUSTED
             Reason::RateLimited => 8,                               // RESOURCE_EXHAUSTED
+            Reason::CircuitOpen => 14,                              // UNAVAILABLE
         }
     }
 
     /// Every reason, for metrics set up front.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::UnknownService,
         Reason::NoTarget,
         Reason::NoEndpoint,
@@ -117,6 +123,7 @@ impl Reason {
         Reason::OutboxUnavailable,
         Reason::OutboxFull,
         Reason::RateLimited,
+        Reason::CircuitOpen,
     ];
 }
 

@@ -57,6 +57,8 @@ pub struct ServiceRoute {
     /// One per rule of `balancing`, by index: the rule's own bucket, or
     /// `None` (its events take the service's).
     rule_limits: Box<[Option<Arc<Limiter>>]>,
+    /// The breaker each endpoint runs, if the policy has one.
+    pub breaker: Option<weir_core::policy::resolve::CircuitBreaker>,
     pub(crate) requests: metrics::Counter,
     pub(crate) upstream_errors: metrics::Counter,
     pub(crate) failures: FailureMetrics,
@@ -134,6 +136,34 @@ impl ServiceRoute {
         let balancing = self.balancing.as_deref()?;
         let i = balancing.rules.iter().position(|r| r.name == rule)?;
         self.rule_limits.get(i)?.as_ref()
+    }
+
+    /// Whether one more endpoint may leave the rotation under the
+    /// breaker's `max_ejection_percent`: those out now (ejected, or
+    /// excluded by their breaker) are fewer than that share of the
+    /// endpoints (at least one may always go).
+    pub fn may_exclude(&self) -> bool {
+        let Some(spec) = &self.breaker else {
+            return true;
+        };
+        let endpoints = self.balancer.endpoints();
+        let cap = (endpoints.len() * spec.max_ejection_percent as usize / 100).max(1);
+        let out = endpoints
+            .iter()
+            .filter(|e| e.ejection.is_ejected() || e.breaker.gate.excludes())
+            .count();
+        out < cap
+    }
+
+    /// Whether every endpoint's breaker is open or half open (capped or
+    /// not): then the service fails fast, but for half-open probes.
+    pub fn all_tripped(&self) -> bool {
+        self.breaker.as_ref().is_some_and(|b| !b.shadow)
+            && self
+                .balancer
+                .endpoints()
+                .iter()
+                .all(|e| e.breaker.gate.tripped())
     }
 
     /// Every bucket of the route, the service's own first.
@@ -711,6 +741,13 @@ impl View {
             SERVICE_RULE,
             balancing.as_ref().and_then(|b| b.limit.as_ref()),
         );
+        let breaker = balancing.as_ref().and_then(|b| b.breaker.clone());
+        if previous.as_ref().is_some_and(|r| r.breaker != breaker) {
+            // The section changed (or went): every breaker starts afresh.
+            for e in &endpoints {
+                e.breaker.reset();
+            }
+        }
         let rule_limits: Box<[Option<Arc<Limiter>>]> = match &balancing {
             Some(b) if !b.rules.is_empty() => b
                 .rules
@@ -731,6 +768,7 @@ impl View {
             budget,
             limit,
             rule_limits,
+            breaker,
             requests: metrics::counter!("weir_agent_requests_total", &labels),
             upstream_errors: metrics::counter!("weir_agent_upstream_errors_total", &labels),
             failures: FailureMetrics::new(&labels),
@@ -801,6 +839,9 @@ pub struct EndpointState {
     pub ejected_ms: Option<u64>,
     /// Times it was ejected since the agent started.
     pub ejections: u64,
+    /// Its circuit breaker, on routes with one, once it saw a call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<crate::breaker::BreakerState>,
 }
 
 impl From<&ServiceRoute> for RouteState {
@@ -831,6 +872,7 @@ impl From<&ServiceRoute> for RouteState {
                     ewma_ms: observed.then(|| e.ewma.millis()),
                     ejected_ms: e.ejection.ejected_for().map(|d| d.as_millis() as u64),
                     ejections: e.ejection.count(),
+                    breaker: r.breaker.as_ref().and_then(|_| e.breaker.state()),
                 })
                 .collect(),
             rules: r

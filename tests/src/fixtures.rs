@@ -219,6 +219,11 @@ impl HttpInstance {
         });
     }
 
+    /// Answers every request at once again.
+    pub fn clear_delays(&self) {
+        self.with(|b| b.delays.clear());
+    }
+
     /// Every request so far.
     pub fn hits(&self) -> Vec<Hit> {
         self.with(|b| b.hits.clone())

@@ -67,6 +67,8 @@ pub struct Endpoint {
     pub ewma: Ewma,
     /// Out of this agent's rotation after refused or dropped connections.
     pub ejection: Ejection,
+    /// The endpoint's circuit breaker, on routes whose policy has one.
+    pub breaker: crate::breaker::Cell,
     /// The topics the instance subscribes to (sorted): a topic's events go
     /// only to instances that list it.
     pub topics: Box<[Box<str>]>,
@@ -93,6 +95,7 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             ewma: Ewma::default(),
             ejection: Ejection::default(),
+            breaker: crate::breaker::Cell::default(),
             topics: Box::default(),
             delivery_path: PathAndQuery::from_static("/"),
         }
@@ -111,6 +114,12 @@ impl Endpoint {
         topics.dedup();
         self.topics = topics.into();
         self
+    }
+
+    /// Whether picks skip it now: ejected, or its breaker is open.
+    #[inline]
+    pub fn out_of_rotation(&self) -> bool {
+        self.ejection.is_ejected() || self.breaker.gate.blocks()
     }
 
     /// Whether the instance lists `topic`.

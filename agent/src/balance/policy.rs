@@ -86,6 +86,9 @@ pub struct Balancing {
     pub failure: Failure,
     /// The service's own rate limit (its `rate_limit` section).
     pub limit: Option<resolve::RateLimit>,
+    /// The breaker every endpoint of the service gets (its
+    /// `circuit_breaker` section).
+    pub breaker: Option<resolve::CircuitBreaker>,
     /// The policy's rules in order, up to the last one that has a
     /// balancer, failure handling or rate limit of its own; empty when
     /// none has, so events need not be matched.
@@ -155,6 +158,7 @@ impl Balancing {
             })
             .collect();
         let limit = resolved.defaults.rate_limit.clone();
+        let breaker = resolved.defaults.circuit_breaker.clone();
         let own_limit: Vec<Option<resolve::RateLimit>> = policy
             .rules
             .iter()
@@ -173,6 +177,7 @@ impl Balancing {
                 default,
                 failure,
                 limit,
+                breaker,
                 rules: Vec::new(),
             };
         };
@@ -195,6 +200,7 @@ impl Balancing {
             default,
             failure,
             limit,
+            breaker,
             rules,
         }
     }
@@ -210,7 +216,8 @@ impl Balancing {
 
 /// Whether this agent enforces every section `rule` sets: a
 /// `load_balancer` it enforces, `retry`, `timeout` and a per-agent
-/// `rate_limit` (and the match itself).
+/// `rate_limit` (and the match itself). Breakers are per endpoint and
+/// follow the service's section: a rule's own is not enforced.
 fn rule_enforced(rule: &Rule) -> bool {
     rule.rate_limit.as_ref().is_none_or(limit_enforced)
         && rule.circuit_breaker.is_none()
@@ -241,6 +248,7 @@ pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
             "load_balancer" => !policy.load_balancer.as_ref().is_some_and(enforced),
             "retry" | "timeout" => false,
             "rate_limit" => !policy.rate_limit.as_ref().is_none_or(limit_enforced),
+            "circuit_breaker" => false,
             // Topic delivery follows the defaults' section; shadow mode
             // is not built for it.
             "delivery" => policy.delivery.as_ref().is_some_and(|d| d.shadow),

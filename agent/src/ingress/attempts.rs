@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use super::{forward::Failed, InFlight};
 use crate::{
     balance::{any, Endpoint, Picker},
+    breaker::Transition,
     eject::eject,
     limit::Decision,
     reject::{Reason, Rejection},
@@ -92,9 +93,15 @@ fn pick<'p>(
 ) -> Result<&'p Arc<Endpoint>, Rejection> {
     let elsewhere = |e: &Endpoint| topic.is_some_and(|t| !e.subscribes(t));
     let was_tried = |e: &Endpoint| elsewhere(e) || tried.contains(&(e as *const Endpoint as usize));
+    if route.all_tripped() {
+        // The service fails fast: only half-open probes go.
+        return picker
+            .pick(key, &|e| !e.breaker.gate.may_probe() || was_tried(e))
+            .ok_or_else(|| circuit_open(route));
+    }
     let again: &dyn Fn(&Endpoint) -> bool = if topic.is_some() { &elsewhere } else { &any };
     picker
-        .pick(key, &|e| e.ejection.is_ejected() || was_tried(e))
+        .pick(key, &|e| e.out_of_rotation() || was_tried(e))
         .or_else(|| picker.pick(key, &was_tried))
         .or_else(|| {
             (!tried.is_empty())
@@ -110,6 +117,77 @@ fn pick<'p>(
                 ),
             )
         })
+}
+
+/// The answer when every breaker of `route` is open: when the first
+/// half-open probe may go.
+fn circuit_open(route: &ServiceRoute) -> Rejection {
+    let next = route
+        .balancer
+        .endpoints()
+        .iter()
+        .filter_map(|e| e.breaker.gate.reopens_in())
+        .min()
+        .unwrap_or_default();
+    let mut r = Rejection::new(
+        Reason::CircuitOpen,
+        format!(
+            "every instance of {}/{} is failing (circuit breakers open); the next probe goes in {} ms",
+            route.namespace,
+            route.service,
+            next.as_millis()
+        ),
+    );
+    r.retry_after = Some(next);
+    r
+}
+
+/// Feeds an attempt's outcome to its endpoint's breaker: `class` is how it
+/// failed (`None`: it got an answer to pass on), `counted` whether the
+/// instance is to blame at all.
+fn record(route: &ServiceRoute, endpoint: &Endpoint, class: Option<Class>, latency: Duration) {
+    let Some(spec) = &route.breaker else {
+        return;
+    };
+    // A 429 is the instance pacing its callers, not failing.
+    let failed = class.is_some_and(|c| c != Class::Http429);
+    let Some(transition) = endpoint
+        .breaker
+        .record(spec, failed, latency, || route.may_exclude())
+    else {
+        return;
+    };
+    let labels = [
+        ("namespace", route.namespace.to_string()),
+        ("service", route.service.to_string()),
+        ("to", transition_name(&transition).to_owned()),
+        ("shadow", spec.shadow.to_string()),
+    ];
+    metrics::counter!("weir_agent_breaker_transitions_total", &labels).increment(1);
+    match transition {
+        Transition::Opened { why, period } => {
+            let left_in_rotation =
+                endpoint.breaker.gate.tripped() && !endpoint.breaker.gate.excludes();
+            tracing::warn!(service = %route.service, instance = %endpoint.id, %why,
+                open_ms = period.as_millis() as u64, shadow = spec.shadow,
+                capped = left_in_rotation && !spec.shadow,
+                "circuit breaker opened");
+        }
+        Transition::HalfOpened => {
+            tracing::info!(service = %route.service, instance = %endpoint.id, "circuit breaker half open: probing");
+        }
+        Transition::Closed => {
+            tracing::info!(service = %route.service, instance = %endpoint.id, "circuit breaker closed: back in rotation");
+        }
+    }
+}
+
+fn transition_name(t: &Transition) -> &'static str {
+    match t {
+        Transition::Opened { .. } => "open",
+        Transition::HalfOpened => "half_open",
+        Transition::Closed => "closed",
+    }
 }
 
 /// The failure of an attempt cut off at `until`.
@@ -154,6 +232,9 @@ pub(crate) async fn run<E: Exchange>(
             Decision::Reject(after) => return Err(limit.rejection(after)),
         }
     }
+    let breaker = route.breaker.as_ref();
+    // Answers are classed for retries, and for breakers.
+    let judged = failure.retry.is_some() || breaker.is_some();
     let start = (!failure.is_none()).then(Instant::now);
     let deadline = start.zip(failure.total()).map(|(s, t)| s + t);
     let budget = failure.budget_percent();
@@ -171,11 +252,13 @@ pub(crate) async fn run<E: Exchange>(
         if attempt == 1 {
             route.requests.increment(1);
         }
-        let result = {
+        let probe = breaker.and_then(|_| endpoint.breaker.gate.picked());
+        let (result, sent_at) = {
             let _in_flight = InFlight::new(endpoint);
-            // Only peak EWMA routes and routes with a deadline read the
-            // clock per attempt.
-            let sent = (picker.observes() || start.is_some()).then(Instant::now);
+            // Only peak EWMA routes, routes with a deadline and routes
+            // with a breaker read the clock per attempt.
+            let sent =
+                (picker.observes() || start.is_some() || breaker.is_some()).then(Instant::now);
             let per_try = sent.zip(failure.per_try()).map(|(s, p)| s + p);
             let result = match (sent, earliest(deadline, per_try)) {
                 (Some(sent), Some(until)) => {
@@ -190,20 +273,31 @@ pub(crate) async fn run<E: Exchange>(
                 // The answer came: the latency peak EWMA weighs.
                 picker.observe(endpoint, sent.elapsed());
             }
-            result
+            (result, sent)
         };
         let class = match &result {
-            Ok(answer) if failure.retry.is_some() => exchange.judge(answer),
+            Ok(answer) if judged => exchange.judge(answer),
             Ok(_) => None,
             Err(f) => {
                 route.upstream_errors.increment(1);
                 f.class
             }
         };
+        if let Some(sent) = breaker.and(sent_at) {
+            // Not the instance's doing (the caller's body broke off, say):
+            // nothing to hold against it.
+            if !matches!(&result, Err(f) if f.class.is_none()) {
+                record(route, endpoint, class, sent.elapsed());
+                if let Some(p) = probe {
+                    p.done();
+                }
+            }
+        }
         let Some(class) = class else {
             break result;
         };
-        if class.ejects() {
+        // Under a breaker, ejection also keeps to max_ejection_percent.
+        if class.ejects() && route.may_exclude() {
             eject(endpoint, class, &route.failures.ejection);
         }
         if !failure.retries(class) || !(class.never_sent() || safe) {
@@ -479,5 +573,178 @@ mod tests {
             .all(|e| e.ejection.is_ejected()));
         let mut script = Script::new(&[]);
         assert_eq!(run(plan(&route, true), &mut script).await, Ok(200));
+    }
+
+    /// An exchange whose instances answer as the test says: 500 from
+    /// those in `failing`, 200 after `slow` from those in `slowed`, else
+    /// 200 at once.
+    #[derive(Default)]
+    struct Fleet {
+        failing: Vec<&'static str>,
+        slowed: Vec<&'static str>,
+        slow: Duration,
+        tried: Vec<String>,
+    }
+
+    impl Exchange for Fleet {
+        type Answer = u16;
+
+        fn judge(&self, status: &u16) -> Option<Class> {
+            (*status >= 500).then_some(Class::Http5xx)
+        }
+
+        fn replayable(&self) -> bool {
+            true
+        }
+
+        fn attempt(
+            &mut self,
+            endpoint: &Endpoint,
+        ) -> impl Future<Output = Result<u16, Failed>> + Send {
+            self.tried.push(endpoint.id.to_string());
+            let fails = self.failing.contains(&&*endpoint.id);
+            let delay = if self.slowed.contains(&&*endpoint.id) {
+                self.slow
+            } else {
+                Duration::ZERO
+            };
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok(if fails { 500 } else { 200 })
+            }
+        }
+    }
+
+    fn breaker(cb: weir_client::policy::CircuitBreaker) -> Arc<ServiceRoute> {
+        route(TrafficPolicy {
+            circuit_breaker: Some(cb),
+            ..TrafficPolicy::default()
+        })
+    }
+
+    fn tripped(route: &ServiceRoute) -> Vec<&str> {
+        let endpoints = route.balancer.endpoints();
+        endpoints
+            .iter()
+            .filter(|e| e.breaker.gate.tripped())
+            .map(|e| &*e.id)
+            .collect()
+    }
+
+    async fn send(
+        route: &ServiceRoute,
+        fleet: &mut Fleet,
+        n: usize,
+    ) -> Vec<Result<u16, Rejection>> {
+        let mut answers = Vec::new();
+        for _ in 0..n {
+            answers.push(run(plan(route, true), fleet).await);
+        }
+        answers
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_instance_is_broken_off_and_probed_back() {
+        let route = breaker(weir_client::policy::CircuitBreaker {
+            consecutive_failures: 3,
+            open_ms: 1_000,
+            half_open_probes: 2,
+            ..Default::default()
+        });
+        let mut fleet = Fleet {
+            failing: vec!["b"],
+            ..Fleet::default()
+        };
+        send(&route, &mut fleet, 9).await;
+        assert_eq!(tripped(&route), ["b"]);
+        fleet.tried.clear();
+        let answers = send(&route, &mut fleet, 20).await;
+        assert!(answers.iter().all(|a| *a == Ok(200)), "{answers:?}");
+        assert!(!fleet.tried.iter().any(|id| id == "b"), "{:?}", fleet.tried);
+        // b recovers; after the open period, two probes close its breaker.
+        fleet.failing.clear();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        fleet.tried.clear();
+        send(&route, &mut fleet, 12).await;
+        assert!(tripped(&route).is_empty());
+        let to_b = fleet.tried.iter().filter(|id| *id == "b").count();
+        assert!(to_b >= 3, "b back in rotation: {:?}", fleet.tried);
+        let state = route.balancer.endpoints()[1]
+            .breaker
+            .state()
+            .expect("b's breaker");
+        assert_eq!(
+            (state.state, state.opens),
+            (crate::breaker::State::Closed, 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_instance_is_broken_off_by_the_slow_call_ratio() {
+        let route = breaker(weir_client::policy::CircuitBreaker {
+            slow_call_ms: 100,
+            slow_call_ratio: 0.5,
+            minimum_requests: 4,
+            window_ms: 2_000,
+            ..Default::default()
+        });
+        let mut fleet = Fleet {
+            slowed: vec!["c"],
+            slow: Duration::from_millis(300),
+            ..Fleet::default()
+        };
+        // c takes every third call, each slow; with the first four calls
+        // (two of them c's) it opens.
+        send(&route, &mut fleet, 12).await;
+        assert_eq!(tripped(&route), ["c"]);
+        fleet.tried.clear();
+        send(&route, &mut fleet, 10).await;
+        assert!(!fleet.tried.iter().any(|id| id == "c"), "{:?}", fleet.tried);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_failing_no_more_than_the_cap_leaves_and_the_service_fails_fast() {
+        let route = breaker(weir_client::policy::CircuitBreaker {
+            consecutive_failures: 2,
+            open_ms: 1_000,
+            half_open_probes: 1,
+            // Of 3 instances, 1 may leave the rotation.
+            max_ejection_percent: 50,
+            ..Default::default()
+        });
+        let mut fleet = Fleet {
+            failing: vec!["a", "b", "c"],
+            ..Fleet::default()
+        };
+        let answers = send(&route, &mut fleet, 12).await;
+        assert_eq!(tripped(&route).len(), 3, "every breaker opened");
+        let excluded = route
+            .balancer
+            .endpoints()
+            .iter()
+            .filter(|e| e.breaker.gate.excludes())
+            .count();
+        assert_eq!(excluded, 1, "the cap holds");
+        let failed_fast = answers
+            .iter()
+            .filter(|a| a.as_ref().is_err_and(|r| r.reason == Reason::CircuitOpen))
+            .count();
+        assert!(failed_fast > 0, "{answers:?}");
+        // From then on, nothing is sent: 503 at once, saying when to try.
+        fleet.tried.clear();
+        let answer = run(plan(&route, true), &mut fleet).await;
+        let rejection = answer.expect_err("fails fast");
+        assert_eq!(rejection.reason, Reason::CircuitOpen);
+        assert!(rejection
+            .retry_after
+            .is_some_and(|d| d <= Duration::from_secs(1)));
+        assert!(fleet.tried.is_empty());
+        // The period passes and the service is back: a probe per instance
+        // goes, succeeds, and traffic flows.
+        fleet.failing.clear();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let answers = send(&route, &mut fleet, 6).await;
+        assert!(answers.iter().all(|a| *a == Ok(200)), "{answers:?}");
+        assert!(tripped(&route).is_empty());
     }
 }

@@ -413,7 +413,11 @@ async fn send(
             status.code(),
             status.message()
         )),
-        Err(r) if r.reason == Reason::NoEndpoint => Tried::NoInstance(r.detail.into_owned()),
+        // Every breaker open: like no instance, the delivery waits (no
+        // attempt counted) until a probe finds the service back.
+        Err(r) if matches!(r.reason, Reason::NoEndpoint | Reason::CircuitOpen) => {
+            Tried::NoInstance(r.detail.into_owned())
+        }
         Err(r) => Tried::Failed(r.to_string()),
     }
 }
