@@ -13,8 +13,11 @@
 # node-a's agent, stops shipping for a while partway and starts it again,
 # and shows that both got every event. Before
 # the traffic starts it sets a policy for `orders` with weirctl (peak EWMA
-# balancing, retries with a budget, a total timeout) and waits until both
-# agents applied it. It shows the registry, how many events each orders
+# balancing, retries with a budget, a total timeout, a circuit breaker per
+# instance, a rate limit on sample.bulk events) and waits until both
+# agents applied it. It sends a burst of sample.bulk events (the limit
+# refuses most with 429) and makes orders-a1 fail for 3 s (the agents'
+# breakers for it open, and close again once it recovers). It shows the registry, how many events each orders
 # instance got, how many the agents retried, what the senders saw (no failed
 # events), what billing and shipping received and the outboxes' pending
 # deliveries, says what to try, and keeps running until Ctrl-C. `--exit` stops
@@ -210,12 +213,19 @@ json_num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$2"; }
 # The policy for orders, set before any traffic: the agents balance by peak
 # EWMA (latency-aware), retry a 503, a refused connection or a reset on
 # another instance (3 attempts, retries at most 20% of requests) and give
-# each event 2 s in all.
+# each event 2 s in all; each instance has a circuit breaker (open after 3
+# failures in a row, for 2 s and doubling while its probes fail), and
+# events of type sample.bulk are limited to 5/s (burst 5) per agent.
 cat >"$LOG_DIR/orders-policy.yaml" <<'YAML'
 service: orders
 loadBalancer: { algorithm: PEAK_EWMA }
 retry: { attempts: 3, retryOn: [CONNECT_FAILURE, HTTP_5XX, RESET], budgetPercent: 20 }
 timeout: { totalMs: 2000 }
+circuitBreaker: { consecutiveFailures: 3, openMs: 2000, maxEjectionPercent: 50 }
+rules:
+  - name: bulk
+    match: { typeExact: sample.bulk }
+    rateLimit: { requestsPerSecond: 5, burst: 5 }
 YAML
 echo
 echo "\$ cat orders-policy.yaml && weirctl policy set -f orders-policy.yaml"
@@ -336,6 +346,54 @@ for _ in $(seq 1 150); do
   sleep 0.1
 done
 
+# A rate limit biting: BULK_EVENTS events of type sample.bulk sent one after
+# another through node-a's agent, against the bulk rule's 5/s (burst 5).
+BULK_EVENTS=30
+weir_log "sending $BULK_EVENTS sample.bulk events to orders through node-a's agent (limited to 5/s)"
+bulk_ok=0 bulk_limited=0 bulk_other=0
+for seq in $(seq 1 "$BULK_EVENTS"); do
+  code=$(curl -sS -o /dev/null -D "$LOG_DIR/bulk.headers" -w '%{http_code}' --max-time 5 \
+    "http://$INGRESS_a/v1/services/orders/events" -H 'ce-specversion: 1.0' -H "ce-id: bulk-$seq" \
+    -H 'ce-source: /quickstart' -H 'ce-type: sample.bulk' -d '{}' 2>>"$LOG_DIR/bulk.log" || true)
+  case $code in
+    2??) bulk_ok=$(( bulk_ok + 1 )) ;;
+    429) bulk_limited=$(( bulk_limited + 1 )); cp "$LOG_DIR/bulk.headers" "$LOG_DIR/bulk-429.headers" ;;
+    *) bulk_other=$(( bulk_other + 1 )) ;;
+  esac
+done
+
+# A breaker opening: orders-a1 answers every event 503 for OUTAGE_MS (its
+# POST /outage); each agent's breaker for it opens after 3 failures in a row
+# and its events go to the other three; half-open probes bring it back.
+OUTAGE_MS=3000
+# breaker_states: each agent's breaker for orders-a1 ("node-a open, node-b
+# closed"), from weirctl governance.
+breaker_states() {
+  weirctl governance orders --all -o json 2>/dev/null | grep -o '{[^{}]*"instance_id":"orders-a1"[^{}]*}' \
+    | sed -n 's/.*"node":"\([^"]*\)".*"state":"\([^"]*\)".*/\1 \2/p' | sort | paste -sd, - | sed 's/,/, /g'
+}
+weir_log "orders-a1 answers every event 503 for $OUTAGE_MS ms"
+curl -fsS -X POST "http://$ADDR_orders_a1/outage?ms=$OUTAGE_MS" >/dev/null
+breaker_open=
+for _ in $(seq 1 50); do
+  if weirctl governance orders -o json 2>/dev/null | grep -q '"instance_id":"orders-a1"[^}]*"state":"open"'; then
+    breaker_open=1
+    break
+  fi
+  sleep 0.1
+done
+echo
+echo "\$ weirctl governance orders     # while orders-a1 is failing"
+weirctl governance orders || true
+breaker_closed=
+for _ in $(seq 1 150); do
+  if [ -n "$breaker_open" ] && ! weirctl governance orders -o json 2>/dev/null | grep -q '"state":"\(open\|half_open\)"'; then
+    breaker_closed=1
+    break
+  fi
+  sleep 0.1
+done
+
 # The checkouts' first report lines come after REPORT_EVERY seconds.
 for _ in $(seq 1 $(( (REPORT_EVERY + 5) * 10 ))); do
   if grep -q 'weir-sample report' "$LOG_DIR/checkout-a1.out" \
@@ -447,12 +505,23 @@ else
   weir_log "topic $TOPIC: not every event was published and received within 15 s (see above)"
 fi
 echo
+echo "Rate limit: of $BULK_EVENTS sample.bulk events sent one after another, $bulk_ok were accepted and $bulk_limited"
+echo "refused at once (429) by the bulk rule's 5/s, burst 5${bulk_other:+; other answers: $bulk_other}. A refusal's headers:"
+grep -i '^\(HTTP\|weir-reason\|weir-limit\|retry-after\)' "$LOG_DIR/bulk-429.headers" 2>/dev/null | tr -d '\r' | sed 's/^/  /' || true
+if [ -n "$breaker_open" ]; then
+  echo "Circuit breaker: orders-a1's breaker opened on the agents within a few failures of its outage, its"
+  echo "events went to the other instances, and half-open probes brought it back once the outage ended"
+  echo "(${breaker_closed:+closed again: }$(breaker_states))."
+else
+  echo "Circuit breaker: no agent opened a breaker for orders-a1 within 5 s of its outage (see weirctl governance orders)."
+fi
+echo
 echo "Agents (admin API: /v1/state /metrics /readyz /healthz):"
 for node in a b; do
   ingress_var=INGRESS_$node admin_var=ADMIN_$node
   echo "  node-$node  ingress http://${!ingress_var}  admin http://${!admin_var}/v1/state"
   curl -fsS "http://${!admin_var}/metrics" 2>/dev/null \
-    | awk '/^weir_agent_((requests|rejections|upstream_errors|retries|retry_budget_exhausted|timeouts|ejections|outbox_published|outbox_deliveries)_total|outbox_pending_deliveries)/ && $NF != 0 { print "    " $0 }' || true
+    | awk '/^weir_agent_((requests|rejections|upstream_errors|retries|retry_budget_exhausted|timeouts|ejections|outbox_published|outbox_deliveries|rate_limit_decisions|breaker_transitions)_total|outbox_pending_deliveries)/ && $NF != 0 { print "    " $0 }' || true
 done
 echo
 # shellcheck disable=SC2154  # INGRESS_*, ADMIN_* and PID_* are set with printf -v
@@ -479,9 +548,11 @@ Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $BIN/weirctl)
   curl -s http://$ADMIN_a/v1/state   # also subscriptions (listed or retained) and outbox (pending)
   curl -s http://$ADMIN_a/metrics | grep '^weir_agent_outbox'
   weirctl health legacy              # status history with reasons
+  curl -X POST http://$ADDR_orders_a1/outage?ms=5000   # orders-a1 fails for 5 s: its breakers open
+  weirctl governance orders          # which breakers are open where, which limits bite
   weirctl policy set -f docs/examples/orders-policy.yaml && weirctl policy status orders
                                      # a fuller policy: "partly", the agents name what they do not enforce yet
-Rate limits, circuit breakers and the dashboard come with later stages. Ctrl-C here stops everything.
+Telemetry and the dashboard come with later stages. Ctrl-C here stops everything.
 MSG
 if [ "$exit_after" = 1 ]; then exit "$topic_missing"; fi
 wait "${CP_PIDS[0]}"

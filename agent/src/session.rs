@@ -387,6 +387,62 @@ async fn dead_letters(
     }
 }
 
+/// The rate limit buckets and breakers of the services `request` names.
+fn governance(
+    routes: &crate::view::Routes,
+    request: &weir_client::agent::GovernanceRequest,
+) -> weir_client::agent::GovernanceReply {
+    use weir_client::agent::{BreakerInfo, GovernanceReply, LimitInfo};
+    let mut reply = GovernanceReply::default();
+    let wanted = |filter: &str, value: &str| filter.is_empty() || filter == value;
+    for route in routes.all() {
+        if !wanted(&request.namespace, &route.namespace)
+            || !wanted(&request.service, &route.service)
+        {
+            continue;
+        }
+        for l in route.limits() {
+            let s = l.state();
+            reply.limits.push(LimitInfo {
+                namespace: route.namespace.to_string(),
+                service: route.service.to_string(),
+                rule: s.rule,
+                requests_per_second: s.requests_per_second,
+                burst: s.burst,
+                scope: s.scope.to_owned(),
+                on_excess: s.on_excess.to_owned(),
+                shadow: s.shadow,
+                tokens: s.tokens,
+                admitted: s.admitted,
+                queued: s.queued,
+                rejected: s.rejected,
+                shadow_rejected: s.shadow_rejected,
+            });
+        }
+        let Some(spec) = &route.breaker else {
+            continue;
+        };
+        for e in route.balancer.endpoints() {
+            let Some(b) = e.breaker.state() else {
+                continue;
+            };
+            reply.breakers.push(BreakerInfo {
+                namespace: route.namespace.to_string(),
+                service: route.service.to_string(),
+                instance_id: e.id.to_string(),
+                address: e.authority.to_string(),
+                state: b.state.as_str().to_owned(),
+                since_ms: b.since_ms,
+                why: b.why,
+                capped: b.capped,
+                opens: b.opens,
+                shadow: spec.shadow,
+            });
+        }
+    }
+    reply
+}
+
 /// The answer to a request from the control plane.
 fn answer(
     request: &AgentRequest,
@@ -426,6 +482,9 @@ fn answer(
                 })
                 .collect(),
         }),
+        Some(agent_request::Body::Governance(r)) => {
+            agent_reply::Body::Governance(governance(view.routes(), r))
+        }
         // Answered by `dead_letters`, which awaits the outbox.
         Some(agent_request::Body::DeadLetters(_)) | None => agent_reply::Body::Error(ReplyError {
             kind: reply_error::Kind::Unsupported as i32,

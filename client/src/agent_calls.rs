@@ -6,7 +6,7 @@ use tonic::{transport::Channel, Code};
 use weir_proto::agent::v1::{
     agent_reply, agent_request, agents_client::AgentsClient, AgentDescription, AgentRequest,
     AskAgentRequest, AskAgentResponse, DeadLetter, DeadLettersRequest, DescribeRequest,
-    ListAgentsRequest, ListAgentsResponse,
+    GovernanceReply, GovernanceRequest, ListAgentsRequest, ListAgentsResponse,
 };
 
 use crate::{each_page, Client, Error, MAX_RESPONSE_BYTES};
@@ -127,6 +127,23 @@ impl Client {
             .await?;
         match answer.reply.and_then(|r| r.body) {
             Some(agent_reply::Body::DeadLetters(d)) => Ok(d.letters),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks the agent of `node` what its rate limits and circuit breakers
+    /// are doing ([`Client::ask_agent`] with a `GovernanceRequest`).
+    pub async fn governance(
+        &self,
+        node: &str,
+        request: GovernanceRequest,
+        timeout: Duration,
+    ) -> Result<GovernanceReply, Error> {
+        let answer = self
+            .ask_agent(node, agent_request::Body::Governance(request), timeout)
+            .await?;
+        match answer.reply.and_then(|r| r.body) {
+            Some(agent_reply::Body::Governance(g)) => Ok(g),
             other => Err(unexpected(other)),
         }
     }

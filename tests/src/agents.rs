@@ -129,13 +129,14 @@ pub async fn run_stand_in(mut session: AgentSession, behaviour: StandIn) -> Resu
                             ..describe.clone()
                         })
                     }
-                    // A stand-in has no outbox.
-                    Some(agent_request::Body::DeadLetters(_)) | None => {
-                        agent_reply::Body::Error(ReplyError {
-                            kind: reply_error::Kind::Unsupported as i32,
-                            message: "an unknown request".into(),
-                        })
-                    }
+                    // A stand-in has no outbox, limits or breakers.
+                    Some(
+                        agent_request::Body::DeadLetters(_) | agent_request::Body::Governance(_),
+                    )
+                    | None => agent_reply::Body::Error(ReplyError {
+                        kind: reply_error::Kind::Unsupported as i32,
+                        message: "an unknown request".into(),
+                    }),
                 };
                 session.reply(request.request_id, body).await?;
             }

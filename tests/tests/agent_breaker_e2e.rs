@@ -299,7 +299,7 @@ async fn a_slow_instance_is_broken_off_by_the_slow_call_ratio() -> Result<()> {
 
 #[tokio::test]
 async fn all_failing_no_more_than_the_cap_leaves_and_the_service_fails_fast() -> Result<()> {
-    let (_etcd, _plane, instances, agent) = setup(
+    let (_etcd, plane, instances, agent) = setup(
         "breaker-all",
         CircuitBreaker {
             consecutive_failures: 3,
@@ -324,6 +324,14 @@ async fn all_failing_no_more_than_the_cap_leaves_and_the_service_fails_fast() ->
     // Of three instances, 50% lets one leave the rotation.
     let excluded = b.iter().filter(|(_, _, capped)| !capped).count();
     ensure!(excluded == 1, "{b:?}");
+    // weirctl shows them, through the control plane.
+    let out = weir_tests::weirctl_ok(&plane.endpoint(), &["governance", "orders"]).await?;
+    ensure!(
+        out.lines().filter(|l| l.starts_with("node-1")).count() == 3
+            && out.matches("(capped, in rotation)").count() == 2
+            && out.contains("3 failures in a row"),
+        "{out}"
+    );
     load.reset();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let answers = load.answers();

@@ -132,7 +132,7 @@ async fn buckets(agent: &AgentProcess) -> Result<Vec<serde_json::Value>> {
 
 #[tokio::test]
 async fn a_limit_lets_the_rate_and_the_burst_through_and_refuses_the_rest() -> Result<()> {
-    let (_etcd, _plane, client, orders, agent) = setup("limit-reject").await?;
+    let (_etcd, plane, client, orders, agent) = setup("limit-reject").await?;
     put_policy_applied(
         &client,
         "orders",
@@ -189,6 +189,15 @@ async fn a_limit_lets_the_rate_and_the_burst_through_and_refuses_the_rest() -> R
     ensure!(
         orders.hits().len() == accepted.len(),
         "the instance got only what was accepted"
+    );
+    let out = weir_tests::weirctl_ok(&plane.endpoint(), &["-o", "json", "governance"]).await?;
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    let limit = &json["limits"][0];
+    ensure!(
+        limit["service"] == "orders"
+            && limit["rule"] == "default"
+            && limit["rejected"].as_u64() == Some(refused as u64),
+        "{out}"
     );
     let b = &buckets(&agent).await?[0];
     ensure!(

@@ -8,6 +8,7 @@
 //! weirctl deregister orders orders-1a2b3c4d5e6f
 //! weirctl agents
 //! weirctl agents describe node-1
+//! weirctl governance orders
 //! ```
 //!
 //! One module per command under `cmd/` (its clap `Args` and its `run`);
@@ -24,7 +25,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use weir_client::{Client, DEFAULT_ENDPOINT};
 
-use cmd::{agents, deregister, events, get, health, list, policy, register, service_config, watch};
+use cmd::{
+    agents, deregister, events, get, governance, health, list, policy, register, service_config,
+    watch,
+};
 use output::Format;
 
 #[derive(Parser, Debug)]
@@ -73,6 +77,8 @@ enum Command {
     /// replay, purge; and publish an event by hand through an agent.
     #[command(subcommand)]
     Events(events::Command),
+    /// What the agents' circuit breakers and rate limits are doing now.
+    Governance(governance::Args),
 }
 
 #[tokio::main]
@@ -108,5 +114,6 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Watch(args) => watch::run(&client, format, args).await,
         Command::Agents(args) => agents::run(&client, format, args).await,
         Command::Events(command) => events::run(&client, format, command).await,
+        Command::Governance(args) => governance::run(&client, format, args).await,
     }
 }

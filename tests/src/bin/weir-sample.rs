@@ -5,7 +5,9 @@
 //! JSON body naming itself, counts what it received (`GET /stats`), and
 //! registers itself as an ephemeral instance, deregistering on SIGTERM or
 //! Ctrl-C. `--fail-every N` answers every Nth event 503 and `--delay-ms`
-//! answers late, for an instance that fails now and then or is slow.
+//! answers late, for an instance that fails now and then or is slow;
+//! `POST /outage?ms=N` makes it answer every event 503 for the next N ms
+//! (at most 10 minutes), an outage to trigger by hand.
 //! `--topic NAME` (repeatable) subscribes it to a topic: the agents
 //! deliver what is published there to `/`, counted like any event. With
 //! `--emit-to` it also sends CloudEvents (binary mode) to a
@@ -259,6 +261,8 @@ struct Sample {
     /// `--fail-every` and `--delay-ms`.
     fail_every: u64,
     delay: Duration,
+    /// Until when every event is answered 503 (`POST /outage`).
+    outage_until: Mutex<Option<tokio::time::Instant>>,
     /// Every event this instance emitted so far (`None`: not an emitter).
     sent: Mutex<Option<(String, Sent)>>,
 }
@@ -323,7 +327,8 @@ async fn answer(
             r.by_type.add(&kind, 1);
             r.events
         };
-        if sample.fail_every > 0 && n % sample.fail_every == 0 {
+        let outage = lock(&sample.outage_until).is_some_and(|t| tokio::time::Instant::now() < t);
+        if outage || (sample.fail_every > 0 && n % sample.fail_every == 0) {
             status = StatusCode::SERVICE_UNAVAILABLE;
         }
         if !sample.delay.is_zero() {
@@ -355,9 +360,33 @@ async fn stats(State(sample): State<Arc<Sample>>) -> Json<Value> {
     Json(body)
 }
 
+/// Longest outage `POST /outage` starts.
+const MAX_OUTAGE_MS: u64 = 600_000;
+
+/// `POST /outage?ms=N`: every event is answered 503 for the next N ms.
+async fn outage(State(sample): State<Arc<Sample>>, uri: Uri) -> (StatusCode, Json<Value>) {
+    let ms = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("ms="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| (1..=MAX_OUTAGE_MS).contains(ms));
+    let Some(ms) = ms else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("ms must be 1-{MAX_OUTAGE_MS}: POST /outage?ms=N")})),
+        );
+    };
+    *lock(&sample.outage_until) = Some(tokio::time::Instant::now() + Duration::from_millis(ms));
+    tracing::info!(ms, "outage: answering every event 503");
+    (StatusCode::OK, Json(json!({"outage_ms": ms})))
+}
+
 fn router(sample: Arc<Sample>) -> Router {
     Router::new()
         .route("/stats", get(stats))
+        .route("/outage", axum::routing::post(outage))
         .fallback(answer)
         .with_state(sample)
 }
@@ -627,6 +656,7 @@ async fn run(args: Args) -> Result<()> {
         sent: Mutex::new(emit.as_ref().map(|e| (e.target.clone(), Sent::default()))),
         fail_every: args.fail_every,
         delay: Duration::from_millis(args.delay_ms),
+        outage_until: Mutex::new(None),
     });
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let app = router(sample.clone());
@@ -737,7 +767,30 @@ mod tests {
             fail_every,
             delay: Duration::from_millis(delay_ms),
             sent: Mutex::new(None),
+            outage_until: Mutex::new(None),
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_answers_every_event_503_until_it_ends() {
+        let s = sample(0, 0);
+        let post = |s: &Arc<Sample>| {
+            answer(
+                State(s.clone()),
+                Method::POST,
+                HeaderMap::new(),
+                Bytes::new(),
+            )
+        };
+        let bad = outage(State(s.clone()), "/outage?ms=0".parse().expect("uri")).await;
+        assert_eq!(bad.0, StatusCode::BAD_REQUEST);
+        let ok = outage(State(s.clone()), "/outage?ms=500".parse().expect("uri")).await;
+        assert_eq!(ok.0, StatusCode::OK);
+        assert_eq!(post(&s).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert_eq!(post(&s).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(post(&s).await.0, StatusCode::OK);
     }
 
     #[tokio::test(start_paused = true)]

@@ -192,17 +192,7 @@ pub async fn run(client: &Client, format: Format, command: Command) -> Result<()
         Command::Replay(f) => (Action::Replay, f),
         Command::Purge(f) => (Action::Purge, f),
     };
-    let nodes = match &filter.node {
-        Some(node) => vec![node.clone()],
-        None => client
-            .list_all_agents()
-            .await?
-            .agents
-            .into_iter()
-            .filter(|a| a.connected)
-            .map(|a| a.node_id)
-            .collect(),
-    };
+    let nodes = super::nodes(client, filter.node.as_ref()).await?;
     let request = DeadLettersRequest {
         action: action as i32,
         service: filter.service.clone().unwrap_or_default(),

@@ -4,6 +4,7 @@ pub mod agents;
 pub mod deregister;
 pub mod events;
 pub mod get;
+pub mod governance;
 pub mod health;
 pub mod list;
 pub mod policy;
@@ -18,6 +19,24 @@ pub struct ServiceArg {
     pub service: String,
     #[arg(long, short = 'n', default_value = "default")]
     pub namespace: String,
+}
+
+/// The agents to ask: the one `node` names, else every connected one.
+pub async fn nodes(
+    client: &weir_client::Client,
+    node: Option<&String>,
+) -> anyhow::Result<Vec<String>> {
+    Ok(match node {
+        Some(node) => vec![node.clone()],
+        None => client
+            .list_all_agents()
+            .await?
+            .agents
+            .into_iter()
+            .filter(|a| a.connected)
+            .map(|a| a.node_id)
+            .collect(),
+    })
 }
 
 /// Parses a `key=value` argument.
