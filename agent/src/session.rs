@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use weir_client::{
     agent::{
         agent_reply, agent_request, applied_policy, reply_error, AgentDescription, AgentRequest,
-        AgentStatus, AppliedPolicy, Hello, PolicyChange, ReplyError,
+        AgentStatus, AppliedPolicy, Hello, Outlier, Outliers, PolicyChange, ReplyError,
     },
     AckOutcome, AgentSession, Client, EventType, SessionEvent, WatchUpdate,
 };
@@ -230,6 +230,11 @@ async fn follow(
     topics: Option<&crate::outbox::topics::Topics>,
 ) -> String {
     let mut reported: Option<AgentStatus> = None;
+    // The outliers last reported on this stream (none yet: report them,
+    // even an empty set, so an earlier stream's are replaced).
+    let mut outliers_reported: Option<Outliers> = None;
+    let mut outlier_tick = tokio::time::interval(OUTLIER_EVERY);
+    outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // The control plane keeps no status from an earlier stream: say it
         // at the start, then whenever it changes.
@@ -243,6 +248,16 @@ async fn follow(
         let expiry = view.next_expiry();
         let next = tokio::select! {
             next = session.next() => next,
+            _ = outlier_tick.tick() => {
+                let now = outliers_of(view.routes());
+                if !outliers_reported.as_ref().is_some_and(|r| same_outliers(r, &now)) {
+                    if let Err(e) = session.report_outliers(now.clone()).await {
+                        return format!("reporting outliers failed: {e}");
+                    }
+                    outliers_reported = Some(now);
+                }
+                continue;
+            }
             () = sleep_until(expiry), if expiry.is_some() => {
                 // The subscriptions saved with the view may have changed.
                 if view.expire(tokio::time::Instant::now()) {
@@ -345,6 +360,72 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// How often the agent looks at which instances it has taken out of
+/// rotation, to report them when that changed.
+pub const OUTLIER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The instances this agent has taken out of its rotation now: ejected,
+/// or with a breaker open or half open (not in shadow mode), in route and
+/// instance order.
+fn outliers_of(routes: &crate::view::Routes) -> Outliers {
+    let now = now_unix_ms();
+    let mut routes = routes.all();
+    routes.sort_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
+    let mut outliers = Vec::new();
+    for route in &routes {
+        let breakers = route.breaker.as_ref().is_some_and(|b| !b.shadow);
+        let mut endpoints: Vec<_> = route.balancer.endpoints().iter().collect();
+        endpoints.sort_by(|a, b| a.id.cmp(&b.id));
+        for e in endpoints {
+            let ago = |d: std::time::Duration| now - i64::try_from(d.as_millis()).unwrap_or(0);
+            let (kind, reason, since) = if let Some(d) = e.ejection.ejected_for() {
+                ("ejected", "refused or reset connections".to_owned(), ago(d))
+            } else if breakers && e.breaker.gate.tripped() {
+                let Some(b) = e.breaker.state() else {
+                    continue;
+                };
+                let why = if b.why.is_empty() {
+                    "circuit breaker open".to_owned()
+                } else {
+                    format!("circuit breaker open: {}", b.why)
+                };
+                (
+                    "breaker",
+                    why,
+                    ago(std::time::Duration::from_millis(b.since_ms)),
+                )
+            } else {
+                continue;
+            };
+            outliers.push(Outlier {
+                namespace: route.namespace.to_string(),
+                service: route.service.to_string(),
+                instance_id: e.id.to_string(),
+                kind: kind.to_owned(),
+                reason,
+                since_unix_ms: since,
+            });
+            if outliers.len() >= MAX_OUTLIERS {
+                return Outliers { outliers };
+            }
+        }
+    }
+    Outliers { outliers }
+}
+
+/// Whether two reports name the same instances, kinds and reasons (the
+/// times they give are read from clocks and may differ by a millisecond).
+fn same_outliers(a: &Outliers, b: &Outliers) -> bool {
+    a.outliers.len() == b.outliers.len()
+        && a.outliers.iter().zip(&b.outliers).all(|(x, y)| {
+            (&x.namespace, &x.service, &x.instance_id, &x.kind, &x.reason)
+                == (&y.namespace, &y.service, &y.instance_id, &y.kind, &y.reason)
+        })
+}
+
+/// The most outliers one report carries (the control plane's bound).
+const MAX_OUTLIERS: usize = 10_000;
 
 /// What the agent tells the control plane about itself.
 fn status_of(view: &View, local: &Local) -> AgentStatus {

@@ -248,6 +248,15 @@ impl AgentSession {
         self.send(agent_message::Kind::Status(status)).await
     }
 
+    /// Reports the instances the agent has taken out of its rotation, the
+    /// whole set: at the start of every session and whenever it changes.
+    pub async fn report_outliers(
+        &self,
+        outliers: weir_proto::agent::v1::Outliers,
+    ) -> Result<(), Error> {
+        self.send(agent_message::Kind::Outliers(outliers)).await
+    }
+
     /// Answers request `request_id` (from [`SessionEvent::Request`]).
     pub async fn reply(&self, request_id: u64, body: agent_reply::Body) -> Result<(), Error> {
         self.send(agent_message::Kind::Reply(AgentReply {

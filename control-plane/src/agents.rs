@@ -2,7 +2,9 @@
 //!
 //! The session is an etcd lease held while a stream is open: the agent's
 //! record (`{root}/v1/agents/{node}`) and its acknowledgements
-//! (`{root}/v1/acks/{ns}/{svc}/{node}`) hang on it. A replica serving the
+//! (`{root}/v1/acks/{ns}/{svc}/{node}`) hang on it, and so do the outliers
+//! it reports (`{root}/v1/outliers/{node}/{ns}/{svc}/{id}`, see
+//! [`crate::outliers`]). A replica serving the
 //! stream renews the lease every TTL/3; an agent that reconnects (to any
 //! replica) before it expires keeps the same lease, so its acknowledgements
 //! survive the move. When no stream renews it, the lease expires and the
@@ -42,12 +44,12 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::{
     agent::v1::{
         agent_message, agent_session_service_server::AgentSessionService, control_message, Ack,
-        AgentMessage, AgentRecord, AgentStatus, ControlMessage, Hello, Welcome,
+        AgentMessage, AgentRecord, AgentStatus, ControlMessage, Hello, Outlier, Outliers, Welcome,
     },
     policy::v1::AgentPolicyState,
 };
 
-use weir_core::{policy::sections, time::now_unix_ms, validate};
+use weir_core::{policy::sections, time::now_unix_ms, validate, InstanceKey};
 
 use crate::{
     error::ApiError,
@@ -130,6 +132,47 @@ fn check_ack(ack: &Ack) -> Result<(String, String), ApiError> {
     Ok(name)
 }
 
+/// The most outliers one report may carry.
+pub const MAX_OUTLIERS: usize = 10_000;
+
+/// Checks an outlier report: each instance named by valid names, a known
+/// kind, a bounded reason, no instance twice.
+fn check_outliers(
+    report: &Outliers,
+) -> Result<std::collections::BTreeMap<InstanceKey, Outlier>, ApiError> {
+    if report.outliers.len() > MAX_OUTLIERS {
+        return Err(ApiError::invalid(
+            "outliers.outliers",
+            format!("at most {MAX_OUTLIERS}"),
+        ));
+    }
+    let mut set = std::collections::BTreeMap::new();
+    for (i, o) in report.outliers.iter().enumerate() {
+        let field = |f: &str| format!("outliers.outliers[{i}].{f}");
+        validate::service_name(&o.namespace, &o.service)?;
+        validate::instance_id(&field("instance_id"), &o.instance_id)?;
+        if !matches!(o.kind.as_str(), "ejected" | "breaker") {
+            return Err(ApiError::invalid(
+                field("kind"),
+                "must be \"ejected\" or \"breaker\"",
+            ));
+        }
+        text_bound(&field("reason"), &o.reason)?;
+        let key = InstanceKey {
+            namespace: o.namespace.clone(),
+            service: o.service.clone(),
+            instance_id: o.instance_id.clone(),
+        };
+        if set.insert(key, o.clone()).is_some() {
+            return Err(ApiError::invalid(
+                field("instance_id"),
+                "names an instance reported already",
+            ));
+        }
+    }
+    Ok(set)
+}
+
 fn check_status(status: &AgentStatus) -> Result<(), ApiError> {
     text_bound("status.reason", &status.reason)
 }
@@ -186,6 +229,55 @@ impl SessionService {
         } else if !state.unenforced.is_empty() {
             tracing::info!(node, %namespace, %service, version = state.version, unenforced = ?state.unenforced, "agent applied a policy in part");
         }
+        Ok(())
+    }
+
+    /// Keeps the outliers `node`'s agent reported, on its session's lease:
+    /// writes those new or changed since `last` and deletes those it no
+    /// longer reports. `last` is `None` on a stream's first report: then
+    /// whatever an earlier stream of the node left is read and replaced.
+    async fn record_outliers(
+        &self,
+        node: &str,
+        lease: LeaseId,
+        report: Outliers,
+        last: &mut Option<std::collections::BTreeMap<InstanceKey, Outlier>>,
+    ) -> Result<(), ApiError> {
+        let now = check_outliers(&report)?;
+        let before = match last.take() {
+            Some(before) => before,
+            None => {
+                let prefix = self.keys.outliers_prefix(Some(node));
+                let mut before = std::collections::BTreeMap::new();
+                for kv in self.store.range(&prefix).await?.kvs {
+                    if let Some((_, key)) = self.keys.parse_outlier(&kv.key) {
+                        before.insert(
+                            key,
+                            Outlier::decode(kv.value.as_slice()).unwrap_or_default(),
+                        );
+                    }
+                }
+                before
+            }
+        };
+        for (key, o) in &now {
+            if before.get(key) != Some(o) {
+                self.store
+                    .put(
+                        &self.keys.outlier(node, key),
+                        o.encode_to_vec(),
+                        Some(lease),
+                    )
+                    .await?;
+            }
+        }
+        for key in before.keys().filter(|k| !now.contains_key(*k)) {
+            self.store.delete(&self.keys.outlier(node, key)).await?;
+        }
+        if now.len() != before.len() || now.keys().ne(before.keys()) {
+            tracing::info!(node, outliers = now.len(), "agent outliers");
+        }
+        *last = Some(now);
         Ok(())
     }
 
@@ -358,9 +450,10 @@ impl SessionService {
             }
         });
 
-        // What the agent sends: acknowledgements, status, replies.
+        // What the agent sends: acknowledgements, status, replies, outliers.
         let service = self.clone();
         tokio::spawn(async move {
+            let mut outliers = None;
             while let Some(message) = inbound.next().await {
                 let outcome = match message {
                     Ok(AgentMessage {
@@ -369,6 +462,13 @@ impl SessionService {
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Status(status)),
                     }) => service.record_status(&mut seen, status).await,
+                    Ok(AgentMessage {
+                        kind: Some(agent_message::Kind::Outliers(report)),
+                    }) => {
+                        service
+                            .record_outliers(&node, lease, report, &mut outliers)
+                            .await
+                    }
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Reply(reply)),
                     }) => {
@@ -446,5 +546,64 @@ impl AgentSessionService for SessionService {
         };
         let rx = self.open(hello, inbound).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outlier(id: &str) -> Outlier {
+        Outlier {
+            namespace: "default".into(),
+            service: "orders".into(),
+            instance_id: id.into(),
+            kind: "breaker".into(),
+            reason: "3 failures in a row".into(),
+            since_unix_ms: 1,
+        }
+    }
+
+    fn field_of(e: ApiError) -> String {
+        Status::from(e).message().to_owned()
+    }
+
+    #[test]
+    fn outlier_reports_name_what_is_wrong() {
+        let good = Outliers {
+            outliers: vec![outlier("o1"), outlier("o2")],
+        };
+        assert_eq!(check_outliers(&good).expect("valid").len(), 2);
+        let twice = Outliers {
+            outliers: vec![outlier("o1"), outlier("o1")],
+        };
+        let e = field_of(check_outliers(&twice).expect_err("a repeat"));
+        assert!(e.contains("outliers.outliers[1].instance_id"), "{e}");
+        let kind = Outliers {
+            outliers: vec![Outlier {
+                kind: "slow".into(),
+                ..outlier("o1")
+            }],
+        };
+        let e = field_of(check_outliers(&kind).expect_err("a kind"));
+        assert!(e.contains("outliers.outliers[0].kind"), "{e}");
+        let long = Outliers {
+            outliers: vec![Outlier {
+                reason: "x".repeat(MAX_ERROR_LEN + 1),
+                ..outlier("o1")
+            }],
+        };
+        let e = field_of(check_outliers(&long).expect_err("a long reason"));
+        assert!(e.contains("outliers.outliers[0].reason"), "{e}");
+        let many = Outliers {
+            outliers: (0..=MAX_OUTLIERS)
+                .map(|n| outlier(&format!("o{n}")))
+                .collect(),
+        };
+        assert!(check_outliers(&many).is_err());
+        let bad_id = Outliers {
+            outliers: vec![outlier("a/b")],
+        };
+        assert!(check_outliers(&bad_id).is_err());
     }
 }

@@ -41,6 +41,9 @@ pub enum Writer<'a> {
     /// The agent of `node`, whose live session has `lease`: only the
     /// instances that session holds.
     Agent { node: &'a str, lease: LeaseId },
+    /// The outlier verdicts of a quorum of agents ([`crate::outliers`]):
+    /// any instance.
+    Outliers,
 }
 
 /// What became of a transition.

@@ -58,6 +58,11 @@ pub struct Args {
     /// kept), 60-31536000 seconds (default 86400, one day).
     #[arg(long, env = "WEIR_AGENT_RETENTION_SECONDS")]
     pub agent_retention_seconds: Option<u64>,
+    /// How many agents must report an instance out of their rotation
+    /// (ejected, or its circuit breaker open) for the registry to mark it
+    /// WARNING, 1-100 (default 2; fewer when fewer agents are connected).
+    #[arg(long, env = "WEIR_OUTLIER_QUORUM")]
+    pub outlier_quorum: Option<u32>,
 }
 
 pub use weir_core::logging::LogFormat;
@@ -77,6 +82,7 @@ pub struct FileConfig {
     pub replica_ttl_seconds: Option<u32>,
     pub protection_threshold_percent: Option<u32>,
     pub agent_retention_seconds: Option<u64>,
+    pub outlier_quorum: Option<u32>,
 }
 
 /// Where the registry is kept.
@@ -102,6 +108,8 @@ pub struct Config {
     pub protection_threshold_percent: u32,
     /// How long a disconnected agent's last-seen record is kept.
     pub agent_retention: Duration,
+    /// Agents that must report an instance for it to be marked WARNING.
+    pub outlier_quorum: u32,
 }
 
 /// Shortest and longest agent retention accepted, seconds.
@@ -129,6 +137,7 @@ impl Default for Config {
             replica_ttl_seconds: 3,
             protection_threshold_percent: crate::hub::DEFAULT_PROTECTION_THRESHOLD_PERCENT,
             agent_retention: crate::agents::DEFAULT_RETENTION,
+            outlier_quorum: crate::outliers::DEFAULT_QUORUM,
         }
     }
 }
@@ -216,7 +225,17 @@ impl Config {
                 AGENT_RETENTION_SECONDS.end()
             )));
         }
+        let outlier_quorum = args
+            .outlier_quorum
+            .or(file.outlier_quorum)
+            .unwrap_or(defaults.outlier_quorum);
+        if !(1..=100).contains(&outlier_quorum) {
+            return Err(ConfigError::Invalid(format!(
+                "outlier_quorum must be 1-100 (got {outlier_quorum})"
+            )));
+        }
         Ok(Self {
+            outlier_quorum,
             replica_id,
             replica_ttl_seconds,
             protection_threshold_percent,

@@ -12,6 +12,7 @@
 //! {root}/v1/agents-seen/{node_id}                           AgentRecord, the last-seen record: no lease,
 //!                                                           dropped after the agent retention
 //! {root}/v1/acks/{namespace}/{service}/{node_id}            AgentPolicyState, leased by the agent's session
+//! {root}/v1/outliers/{node_id}/{namespace}/{service}/{id}   Outlier an agent reported, leased by its session
 //! ```
 //!
 //! Names are validated before they become keys (DNS labels for namespace and
@@ -124,6 +125,47 @@ impl Keys {
         format!("{}acks/{namespace}/{service}/", self.root)
     }
 
+    /// What `node`'s agent reported about an instance.
+    pub fn outlier(&self, node_id: &str, k: &InstanceKey) -> String {
+        format!(
+            "{}outliers/{node_id}/{}/{}/{}",
+            self.root, k.namespace, k.service, k.instance_id
+        )
+    }
+
+    /// Prefix of every outlier report, or of one node's.
+    pub fn outliers_prefix(&self, node_id: Option<&str>) -> String {
+        match node_id {
+            Some(node) => format!("{}outliers/{node}/", self.root),
+            None => format!("{}outliers/", self.root),
+        }
+    }
+
+    /// (node, instance) of an outlier key.
+    pub fn parse_outlier(&self, key: &str) -> Option<(String, InstanceKey)> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("outliers/")?;
+        let mut parts = rest.splitn(4, '/');
+        let node = parts.next()?;
+        let namespace = parts.next()?;
+        let service = parts.next()?;
+        let instance_id = parts.next()?;
+        if [node, namespace, service, instance_id]
+            .iter()
+            .any(|p| p.is_empty())
+            || instance_id.contains('/')
+        {
+            return None;
+        }
+        Some((
+            node.to_owned(),
+            InstanceKey {
+                namespace: namespace.to_owned(),
+                service: service.to_owned(),
+                instance_id: instance_id.to_owned(),
+            },
+        ))
+    }
+
     /// (namespace, service, node) of an ack key.
     pub fn parse_ack(&self, key: &str) -> Option<(String, String, String)> {
         let rest = key.strip_prefix(&self.root)?.strip_prefix("acks/")?;
@@ -215,6 +257,15 @@ mod tests {
             Some(("default".into(), "a".into(), "n1".into()))
         );
         assert_eq!(keys.parse_ack("/weir/v1/acks/default/a/"), None);
+        assert_eq!(
+            keys.parse_outlier(&keys.outlier("n1", &k)),
+            Some(("n1".into(), k.clone()))
+        );
+        assert!(keys
+            .outlier("n1", &k)
+            .starts_with(&keys.outliers_prefix(Some("n1"))));
+        assert_eq!(keys.parse_instance(&keys.outlier("n1", &k)), None);
+        assert_eq!(keys.parse_outlier("/weir/v1/outliers/n1/default/a/"), None);
         assert_eq!(keys.parse_ack(&keys.policy("default", "a")), None);
     }
 }

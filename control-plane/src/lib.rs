@@ -34,6 +34,7 @@ pub mod config;
 mod error;
 mod hub;
 pub mod keys;
+mod outliers;
 mod policy;
 mod readiness;
 mod registry;

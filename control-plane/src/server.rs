@@ -117,6 +117,7 @@ pub struct ControlPlane {
     hub_task: HubTask,
     _probe: StoreProbe,
     _sweeper: Sweeper,
+    _outliers: crate::outliers::OutlierJudge,
 }
 
 #[derive(Clone, Debug)]
@@ -280,6 +281,13 @@ impl ControlPlane {
             std::time::Duration::from_secs(u64::from(config.replica_ttl_seconds)),
         )
         .await?;
+        let outliers = crate::outliers::OutlierJudge::start(
+            store.clone(),
+            keys.clone(),
+            hub.clone(),
+            config.replica_id.clone(),
+            config.outlier_quorum,
+        );
         let (shutdown, _) = watch::channel(false);
         // The background probe reads the store directly; calls made for a
         // request go through the bound.
@@ -404,6 +412,7 @@ impl ControlPlane {
             hub_task,
             _probe: probe,
             _sweeper: sweeper,
+            _outliers: outliers,
         })
     }
 
