@@ -68,6 +68,16 @@ struct Counters {
     shadow_rejected: metrics::Counter,
 }
 
+/// The part of a `GLOBAL` limit this agent enforces.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Share {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    /// `allocated` by the control plane, or `fallback` (limit ÷ agents,
+    /// once allocations stopped coming).
+    pub source: &'static str,
+}
+
 /// Local counts, for the admin API (the `metrics` handles cannot be read).
 #[derive(Debug, Default)]
 struct Tally {
@@ -85,12 +95,17 @@ pub struct Limiter {
     /// `{namespace}/{service}/{rule}`, for `weir-limit`.
     name: Arc<str>,
     pub spec: RateLimit,
-    /// `T`, in nanoseconds.
-    interval: u64,
+    /// `T`, in nanoseconds (a `GLOBAL` limit's share changes it).
+    interval: AtomicU64,
     /// `τ`, in nanoseconds.
-    tolerance: u64,
+    tolerance: AtomicU64,
     /// The theoretical arrival time, in nanoseconds since [`epoch`].
     tat: AtomicU64,
+    /// Requests that reached the bucket (admitted or not) since the last
+    /// [`Limiter::take_arrivals`]: a `GLOBAL` limit's demand.
+    arrivals: AtomicU64,
+    /// What a `GLOBAL` limit runs now, if not the whole limit.
+    share: std::sync::Mutex<Option<Share>>,
     counters: Counters,
     tally: Arc<Tally>,
 }
@@ -129,9 +144,11 @@ impl Limiter {
             rule: rule.into(),
             name: format!("{namespace}/{service}/{rule}").into(),
             spec: spec.clone(),
-            interval,
-            tolerance: interval.saturating_mul(u64::from(spec.burst.max(1))),
+            interval: AtomicU64::new(interval),
+            tolerance: AtomicU64::new(interval.saturating_mul(u64::from(spec.burst.max(1)))),
             tat: AtomicU64::new(0),
+            arrivals: AtomicU64::new(0),
+            share: std::sync::Mutex::new(None),
             counters: Counters {
                 admitted: counter("admitted"),
                 queued: counter("queued"),
@@ -150,9 +167,40 @@ impl Limiter {
         let now = nanos(Instant::now());
         let fill = self.fill(now);
         // Empty by (1 - fill) of the new tolerance.
-        let owed = ((1.0 - fill) * next.tolerance as f64) as u64;
+        let owed = ((1.0 - fill) * next.tolerance.load(Relaxed) as f64) as u64;
         next.tat.store(now.saturating_add(owed), Relaxed);
         next
+    }
+
+    /// Whether this is a `GLOBAL` limit (shared among agents).
+    pub fn is_global(&self) -> bool {
+        self.spec.scope == Scope::Global
+    }
+
+    /// Requests that reached the bucket since the last call.
+    pub fn take_arrivals(&self) -> u64 {
+        self.arrivals.swap(0, Relaxed)
+    }
+
+    /// Runs the bucket at `share` of a `GLOBAL` limit from now on (`None`:
+    /// the whole limit), as full in proportion as it is now.
+    pub fn retune(&self, share: Option<Share>) {
+        let mut current = self.share.lock().unwrap_or_else(|p| p.into_inner());
+        if *current == share {
+            return;
+        }
+        let (rate, burst) = share.map_or((self.spec.requests_per_second, self.spec.burst), |s| {
+            (s.requests_per_second, s.burst)
+        });
+        let now = nanos(Instant::now());
+        let fill = self.fill(now);
+        let interval = interval_of(rate);
+        let tolerance = interval.saturating_mul(u64::from(burst.max(1)));
+        self.interval.store(interval, Relaxed);
+        self.tolerance.store(tolerance, Relaxed);
+        let owed = ((1.0 - fill) * tolerance as f64) as u64;
+        self.tat.store(now.saturating_add(owed), Relaxed);
+        *current = share;
     }
 
     /// Whether `spec` is what this bucket runs.
@@ -164,15 +212,24 @@ impl Limiter {
     fn fill(&self, now: u64) -> f64 {
         let tat = self.tat.load(Relaxed).max(now);
         let owed = tat - now;
-        if self.tolerance == 0 {
+        let tolerance = self.tolerance.load(Relaxed);
+        if tolerance == 0 {
             return 0.0;
         }
-        (1.0 - owed as f64 / self.tolerance as f64).clamp(0.0, 1.0)
+        (1.0 - owed as f64 / tolerance as f64).clamp(0.0, 1.0)
+    }
+
+    /// The burst the bucket runs now.
+    fn burst(&self) -> u32 {
+        self.share
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(self.spec.burst, |s| s.burst)
     }
 
     /// Tokens in the bucket now (what a burst could take at once).
     pub fn tokens(&self) -> f64 {
-        self.fill(nanos(Instant::now())) * f64::from(self.spec.burst)
+        self.fill(nanos(Instant::now())) * f64::from(self.burst())
     }
 
     /// Takes one token at `now`, or reserves the next slot when one comes
@@ -180,10 +237,11 @@ impl Limiter {
     /// when the answer is `Go` or `Wait`.
     fn take(&self, now: u64, max_wait: Option<Duration>) -> Decision {
         let max_wait = max_wait.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let (interval, tolerance) = (self.interval.load(Relaxed), self.tolerance.load(Relaxed));
         let mut current = self.tat.load(Relaxed);
         loop {
-            let next = current.max(now).saturating_add(self.interval);
-            let late = (next - now).saturating_sub(self.tolerance);
+            let next = current.max(now).saturating_add(interval);
+            let late = (next - now).saturating_sub(tolerance);
             if late > max_wait {
                 return Decision::Reject(Duration::from_nanos(late));
             }
@@ -206,6 +264,7 @@ impl Limiter {
             OnExcess::Reject => None,
             OnExcess::Queue { max_wait } => Some(max_wait),
         };
+        self.arrivals.fetch_add(1, Relaxed);
         let decision = self.take(nanos(Instant::now()), max_wait);
         match decision {
             Decision::Go => {
@@ -241,6 +300,7 @@ impl Limiter {
     /// outbox competes with addressed traffic for the rate rather than
     /// booking all of it in advance. In shadow mode nothing waits.
     pub async fn paced(&self) {
+        self.arrivals.fetch_add(1, Relaxed);
         loop {
             match self.take(nanos(Instant::now()), None) {
                 Decision::Go => break,
@@ -278,6 +338,7 @@ impl Limiter {
 
     /// The bucket as the admin API shows it.
     pub fn state(&self) -> LimitState {
+        let share = *self.share.lock().unwrap_or_else(|p| p.into_inner());
         LimitState {
             rule: self.rule.to_string(),
             requests_per_second: self.spec.requests_per_second,
@@ -295,6 +356,7 @@ impl Limiter {
                 OnExcess::Queue { max_wait } => max_wait.as_millis() as u64,
             },
             shadow: self.spec.shadow,
+            share,
             tokens: self.tokens(),
             admitted: self.tally.admitted.load(Relaxed),
             queued: self.tally.queued.load(Relaxed),
@@ -324,6 +386,10 @@ pub struct LimitState {
     pub on_excess: &'static str,
     pub max_queue_wait_ms: u64,
     pub shadow: bool,
+    /// A `GLOBAL` limit: this agent's part of it now (absent: the whole
+    /// limit, before the first allocation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share: Option<Share>,
     /// Tokens in the bucket now.
     pub tokens: f64,
     /// Decisions since the bucket was first made (kept across policy
@@ -468,6 +534,38 @@ mod tests {
         assert_eq!((s.admitted, s.rejected, s.burst), (27, 4, 2));
         assert!(small.runs(&spec(10.0, 2, OnExcess::Reject)));
         assert!(!small.runs(&spec(10.0, 3, OnExcess::Reject)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_global_share_retunes_the_bucket_in_proportion_and_demand_is_counted() {
+        let mut global = spec(100.0, 10, OnExcess::Reject);
+        global.scope = Scope::Global;
+        let l = Limiter::new("default", "orders", SERVICE_RULE, &global);
+        assert!(l.is_global());
+        assert_eq!(drain(&l), 10);
+        assert_eq!(l.take_arrivals(), 11, "admitted or not");
+        assert_eq!(l.take_arrivals(), 0);
+        // A share of 20/s, burst 2: empty, so it stays empty; one token
+        // every 50 ms.
+        let share = Share {
+            requests_per_second: 20.0,
+            burst: 2,
+            source: "allocated",
+        };
+        l.retune(Some(share));
+        assert!(l.tokens() < 1e-6);
+        tokio::time::advance(49 * MS).await;
+        assert!(matches!(l.admit(), Decision::Reject(_)));
+        tokio::time::advance(MS).await;
+        assert_eq!(drain(&l), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(drain(&l), 2, "the share's burst");
+        assert_eq!(l.state().share, Some(share));
+        // Back to the whole limit, full in proportion.
+        l.retune(None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(drain(&l), 10);
+        assert_eq!(l.state().share, None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,8 @@ use tokio::sync::watch;
 use weir_client::{
     agent::{
         agent_reply, agent_request, applied_policy, reply_error, AgentDescription, AgentRequest,
-        AgentStatus, AppliedPolicy, Hello, Outlier, Outliers, PolicyChange, ReplyError,
+        AgentStatus, AppliedPolicy, BucketDemand, Hello, LimitDemand, LimitShare, LimitShares,
+        Outlier, Outliers, PolicyChange, ReplyError,
     },
     AckOutcome, AgentSession, Client, EventType, SessionEvent, WatchUpdate,
 };
@@ -124,6 +125,19 @@ pub async fn run(
         mut seed,
         topics,
     } = persistence;
+    // GLOBAL rate limits follow their shares, or fall back, whether a
+    // stream is open or not.
+    let quota = std::sync::Arc::new(std::sync::Mutex::new(Quota::default()));
+    let _quota_task = {
+        let (quota, routes) = (quota.clone(), view.routes().clone());
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(OUTLIER_EVERY);
+            loop {
+                tick.tick().await;
+                lock(&quota).apply(&routes);
+            }
+        }))
+    };
     if let Some(seed) = seed.as_ref().filter(|_| view.is_loaded()) {
         degraded.set(1.0);
         state.send_modify(|s| {
@@ -198,6 +212,7 @@ pub async fn run(
                     &state,
                     persister.as_ref(),
                     topics.as_deref(),
+                    &quota,
                 )
                 .await;
                 tracing::warn!(error = %error, "node session ended; reconnecting");
@@ -228,6 +243,7 @@ async fn follow(
     state: &watch::Sender<SessionState>,
     persister: Option<&Persister>,
     topics: Option<&crate::outbox::topics::Topics>,
+    quota: &std::sync::Mutex<Quota>,
 ) -> String {
     let mut reported: Option<AgentStatus> = None;
     // The outliers last reported on this stream (none yet: report them,
@@ -255,6 +271,12 @@ async fn follow(
                         return format!("reporting outliers failed: {e}");
                     }
                     outliers_reported = Some(now);
+                }
+                let demand = lock(quota).demand(view.routes());
+                if let Some(demand) = demand {
+                    if let Err(e) = session.report_demand(demand).await {
+                        return format!("reporting rate limit demand failed: {e}");
+                    }
                 }
                 continue;
             }
@@ -331,6 +353,11 @@ async fn follow(
                     p.set_policies(session.policies(), session.policy_revision());
                 }
             }
+            SessionEvent::Shares(shares) => {
+                let mut quota = lock(quota);
+                quota.received(shares);
+                quota.apply(view.routes());
+            }
             SessionEvent::Request(request) => {
                 let body = match &request.body {
                     Some(agent_request::Body::DeadLetters(r)) => {
@@ -358,6 +385,119 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long an allocated share of a GLOBAL rate limit holds without a
+/// new one; then the agent falls back to the limit ÷ the agents it was
+/// shared among.
+pub const SHARE_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The agent's side of GLOBAL rate limits: it measures the demand on each
+/// such bucket and reports it; it runs each bucket at the share the
+/// control plane allocated, holds a share for [`SHARE_HOLD`] when no new
+/// one comes, then falls back to limit ÷ agents (and says so). It never
+/// runs more than the whole limit, and before its first share it runs the
+/// whole limit.
+#[derive(Debug, Default)]
+struct Quota {
+    /// The latest share of each bucket and when it came.
+    shares: std::collections::HashMap<(String, String, String), (LimitShare, tokio::time::Instant)>,
+    /// When the demand was last measured.
+    measured: Option<tokio::time::Instant>,
+    /// Whether the last report named any bucket.
+    reported: bool,
+    /// Buckets running on the fallback now (said once each).
+    falling_back: std::collections::HashSet<(String, String, String)>,
+}
+
+impl Quota {
+    fn received(&mut self, shares: LimitShares) {
+        let now = tokio::time::Instant::now();
+        for s in shares.shares {
+            self.shares.insert(
+                (s.namespace.clone(), s.service.clone(), s.rule.clone()),
+                (s, now),
+            );
+        }
+    }
+
+    /// The demand on every GLOBAL bucket since the last call, to report:
+    /// `None` when there is none now and none was reported last time.
+    fn demand(&mut self, routes: &crate::view::Routes) -> Option<LimitDemand> {
+        let now = tokio::time::Instant::now();
+        let secs = self
+            .measured
+            .replace(now)
+            .map_or(1.0, |t| now.duration_since(t).as_secs_f64().max(0.001));
+        let mut buckets = Vec::new();
+        for route in routes.all() {
+            for l in route.limits().filter(|l| l.is_global()) {
+                buckets.push(BucketDemand {
+                    namespace: route.namespace.to_string(),
+                    service: route.service.to_string(),
+                    rule: l.rule.to_string(),
+                    requests_per_second: l.take_arrivals() as f64 / secs,
+                });
+            }
+        }
+        if buckets.is_empty() && !self.reported {
+            return None;
+        }
+        self.reported = !buckets.is_empty();
+        buckets.truncate(1_000);
+        Some(LimitDemand { buckets })
+    }
+
+    /// Runs every GLOBAL bucket at its share, its fallback, or (before
+    /// any share) the whole limit.
+    fn apply(&mut self, routes: &crate::view::Routes) {
+        let now = tokio::time::Instant::now();
+        for route in routes.all() {
+            for l in route.limits().filter(|l| l.is_global()) {
+                let key = (
+                    route.namespace.to_string(),
+                    route.service.to_string(),
+                    l.rule.to_string(),
+                );
+                let share = self.shares.get(&key).map(|(s, at)| {
+                    if now.duration_since(*at) <= SHARE_HOLD {
+                        self.falling_back.remove(&key);
+                        crate::limit::Share {
+                            requests_per_second: s.requests_per_second,
+                            burst: s.burst.max(1),
+                            source: "allocated",
+                        }
+                    } else {
+                        let agents = f64::from(s.agents.max(1));
+                        if self.falling_back.insert(key.clone()) {
+                            tracing::warn!(namespace = %key.0, service = %key.1, rule = %key.2,
+                                agents = s.agents, "no rate limit share for {} s; running the limit divided by the agents it was shared among",
+                                SHARE_HOLD.as_secs());
+                        }
+                        crate::limit::Share {
+                            requests_per_second: l.spec.requests_per_second / agents,
+                            burst: ((f64::from(l.spec.burst) / agents).ceil() as u32).max(1),
+                            source: "fallback",
+                        }
+                    }
+                });
+                l.retune(share);
+            }
+        }
     }
 }
 
@@ -498,6 +638,8 @@ fn governance(
                 queued: s.queued,
                 rejected: s.rejected,
                 shadow_rejected: s.shadow_rejected,
+                share_requests_per_second: s.share.map_or(0.0, |x| x.requests_per_second),
+                share_source: s.share.map_or("", |x| x.source).to_owned(),
             });
         }
         let Some(spec) = &route.breaker else {
@@ -571,5 +713,73 @@ fn answer(
             kind: reply_error::Kind::Unsupported as i32,
             message: "this agent does not know the request".to_owned(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_client::policy::{rate_limit::Scope, RateLimit, TrafficPolicy};
+
+    use super::*;
+
+    fn global_share(routes: &crate::view::Routes) -> Option<crate::limit::Share> {
+        let route = routes.get("default", "orders").expect("a route");
+        let limit = route.limits().next().expect("a bucket");
+        limit.state().share
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_share_holds_for_a_while_then_falls_back_to_the_limit_over_the_agents() {
+        let routes = crate::view::test_routes(
+            &[("a", 0)],
+            TrafficPolicy {
+                rate_limit: Some(RateLimit {
+                    requests_per_second: 300.0,
+                    burst: 30,
+                    scope: Scope::Global as i32,
+                    ..RateLimit::default()
+                }),
+                ..TrafficPolicy::default()
+            },
+        );
+        let mut quota = Quota::default();
+        // Before any share: the whole limit, and a demand report.
+        quota.apply(&routes);
+        assert_eq!(global_share(&routes), None);
+        let demand = quota.demand(&routes).expect("a report");
+        assert_eq!(demand.buckets.len(), 1);
+        assert_eq!(demand.buckets[0].rule, "default");
+        quota.received(LimitShares {
+            shares: vec![LimitShare {
+                namespace: "default".into(),
+                service: "orders".into(),
+                rule: "default".into(),
+                requests_per_second: 80.0,
+                burst: 8,
+                agents: 4,
+            }],
+        });
+        quota.apply(&routes);
+        let allocated = crate::limit::Share {
+            requests_per_second: 80.0,
+            burst: 8,
+            source: "allocated",
+        };
+        assert_eq!(global_share(&routes), Some(allocated));
+        // The control plane goes quiet: the share holds ...
+        tokio::time::advance(SHARE_HOLD).await;
+        quota.apply(&routes);
+        assert_eq!(global_share(&routes), Some(allocated));
+        // ... then the agent falls back to 300 / 4, never the whole limit.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        quota.apply(&routes);
+        assert_eq!(
+            global_share(&routes),
+            Some(crate::limit::Share {
+                requests_per_second: 75.0,
+                burst: 8,
+                source: "fallback",
+            })
+        );
     }
 }

@@ -900,7 +900,7 @@ impl From<&ServiceRoute> for RouteState {
 /// 127.0.0.1:1, under `policy` (its namespace and service are set here):
 /// a route as the data path gets it, for tests.
 #[cfg(test)]
-pub(crate) fn test_route(instances: &[(&str, u32)], policy: TrafficPolicy) -> Arc<ServiceRoute> {
+pub(crate) fn test_routes(instances: &[(&str, u32)], policy: TrafficPolicy) -> Arc<Routes> {
     use weir_client::{Event, EventType, WatchKind, WatchResponse};
     let routes = Arc::new(Routes::default());
     let mut view = View::new(routes.clone(), std::time::Duration::from_secs(30));
@@ -935,7 +935,17 @@ pub(crate) fn test_route(instances: &[(&str, u32)], policy: TrafficPolicy) -> Ar
         ..policy
     };
     view.apply_policies([(&key, Some(&policy))]);
-    routes.get("default", "orders").expect("a route")
+    // The view holds the routes' subscriptions; the routes outlive it.
+    drop(view);
+    routes
+}
+
+/// [`test_routes`]' one route.
+#[cfg(test)]
+pub(crate) fn test_route(instances: &[(&str, u32)], policy: TrafficPolicy) -> Arc<ServiceRoute> {
+    test_routes(instances, policy)
+        .get("default", "orders")
+        .expect("a route")
 }
 
 #[cfg(test)]

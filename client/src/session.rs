@@ -32,6 +32,8 @@ pub enum SessionEvent {
     /// whose body is unset (a kind this build does not know) with a
     /// `ReplyError` of kind `UNSUPPORTED`.
     Request(AgentRequest),
+    /// The agent's shares of GLOBAL rate limits (about once a second).
+    Shares(weir_proto::agent::v1::LimitShares),
 }
 
 /// How an agent took a policy version ([`AgentSession::ack`]).
@@ -214,6 +216,7 @@ impl AgentSession {
             Some(control_message::Kind::Request(request)) => {
                 Ok(Some(SessionEvent::Request(request)))
             }
+            Some(control_message::Kind::Shares(shares)) => Ok(Some(SessionEvent::Shares(shares))),
             Some(control_message::Kind::Welcome(_)) | None => Err(Error::Protocol(
                 "unexpected message on an open session".into(),
             )),
@@ -246,6 +249,15 @@ impl AgentSession {
     /// it changes.
     pub async fn report_status(&self, status: AgentStatus) -> Result<(), Error> {
         self.send(agent_message::Kind::Status(status)).await
+    }
+
+    /// Reports the demand on the agent's GLOBAL rate limit buckets, the
+    /// whole set, about once a second while it has any.
+    pub async fn report_demand(
+        &self,
+        demand: weir_proto::agent::v1::LimitDemand,
+    ) -> Result<(), Error> {
+        self.send(agent_message::Kind::Demand(demand)).await
     }
 
     /// Reports the instances the agent has taken out of its rotation, the

@@ -44,7 +44,8 @@ use tonic::{Request, Response, Status, Streaming};
 use weir_proto::{
     agent::v1::{
         agent_message, agent_session_service_server::AgentSessionService, control_message, Ack,
-        AgentMessage, AgentRecord, AgentStatus, ControlMessage, Hello, Outlier, Outliers, Welcome,
+        AgentMessage, AgentRecord, AgentStatus, BucketDemand, ControlMessage, Hello, LimitDemand,
+        Outlier, Outliers, Welcome,
     },
     policy::v1::AgentPolicyState,
 };
@@ -173,6 +174,52 @@ fn check_outliers(
     Ok(set)
 }
 
+/// The most buckets one demand report may carry.
+pub const MAX_DEMAND_BUCKETS: usize = 1_000;
+
+/// (namespace, service, rule).
+type Bucket = (String, String, String);
+
+/// Checks a demand report: valid names, rates of 0-1e9, no bucket twice.
+fn check_demand(report: &LimitDemand) -> Result<std::collections::BTreeMap<Bucket, f64>, ApiError> {
+    if report.buckets.len() > MAX_DEMAND_BUCKETS {
+        return Err(ApiError::invalid(
+            "demand.buckets",
+            format!("at most {MAX_DEMAND_BUCKETS}"),
+        ));
+    }
+    let mut set = std::collections::BTreeMap::new();
+    for (i, b) in report.buckets.iter().enumerate() {
+        let field = |f: &str| format!("demand.buckets[{i}].{f}");
+        validate::service_name(&b.namespace, &b.service)?;
+        validate::dns_label(&field("rule"), &b.rule)?;
+        let rate = b.requests_per_second;
+        if !(rate.is_finite() && (0.0..=1e9).contains(&rate)) {
+            return Err(ApiError::invalid(
+                field("requests_per_second"),
+                "must be 0-1e9",
+            ));
+        }
+        let key = (b.namespace.clone(), b.service.clone(), b.rule.clone());
+        if set.insert(key, rate).is_some() {
+            return Err(ApiError::invalid(
+                field("rule"),
+                "names a bucket reported already",
+            ));
+        }
+    }
+    Ok(set)
+}
+
+/// A demand report in this many is checked against the store.
+const DEMAND_REFRESH: u64 = 5;
+
+/// Whether a demand moved enough from what was written to write it again:
+/// by a tenth, or to or from nothing.
+fn moved(written: f64, now: f64) -> bool {
+    (written == 0.0) != (now == 0.0) || (now - written).abs() > 0.1 * written.max(1.0)
+}
+
 fn check_status(status: &AgentStatus) -> Result<(), ApiError> {
     text_bound("status.reason", &status.reason)
 }
@@ -278,6 +325,99 @@ impl SessionService {
             tracing::info!(node, outliers = now.len(), "agent outliers");
         }
         *last = Some(now);
+        Ok(())
+    }
+
+    /// Keeps `node`'s demand on GLOBAL rate limits ([`crate::quota`]) on
+    /// its session's lease: a bucket's demand is written when it is new
+    /// or moved by a tenth since last written (`written`), and deleted when
+    /// no longer reported. `written` is `None` on a stream's first report:
+    /// then what an earlier stream left is read and replaced. Every
+    /// [`DEMAND_REFRESH`]th report rewrites it all, in case the end of an
+    /// earlier stream of the node (on another replica) deleted it.
+    async fn record_demand(
+        &self,
+        node: &str,
+        lease: LeaseId,
+        report: LimitDemand,
+        written: &mut Option<std::collections::BTreeMap<Bucket, f64>>,
+        reports: &mut u64,
+    ) -> Result<(), ApiError> {
+        let now = check_demand(&report)?;
+        *reports += 1;
+        let mut before = match written.take() {
+            Some(_) if (*reports).is_multiple_of(DEMAND_REFRESH) => self.read_demand(node).await?,
+            Some(before) => before,
+            None => self.read_demand(node).await?,
+        };
+        for ((ns, svc, rule), rate) in &now {
+            let key = (ns.clone(), svc.clone(), rule.clone());
+            if before.get(&key).is_some_and(|w| !moved(*w, *rate)) {
+                continue;
+            }
+            let demand = BucketDemand {
+                namespace: ns.clone(),
+                service: svc.clone(),
+                rule: rule.clone(),
+                requests_per_second: *rate,
+            };
+            self.store
+                .put(
+                    &self.keys.demand(node, ns, svc, rule),
+                    demand.encode_to_vec(),
+                    Some(lease),
+                )
+                .await?;
+            before.insert(key, *rate);
+        }
+        let gone: Vec<Bucket> = before
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .cloned()
+            .collect();
+        for (ns, svc, rule) in gone {
+            self.store
+                .delete(&self.keys.demand(node, &ns, &svc, &rule))
+                .await?;
+            before.remove(&(ns, svc, rule));
+        }
+        *written = Some(before);
+        Ok(())
+    }
+
+    /// What demand of `node` the store holds.
+    async fn read_demand(
+        &self,
+        node: &str,
+    ) -> Result<std::collections::BTreeMap<Bucket, f64>, ApiError> {
+        let mut out = std::collections::BTreeMap::new();
+        for kv in self
+            .store
+            .range(&self.keys.demand_prefix(Some(node)))
+            .await?
+            .kvs
+        {
+            if let (Some((_, bucket)), Ok(d)) = (
+                self.keys.parse_demand(&kv.key),
+                BucketDemand::decode(kv.value.as_slice()),
+            ) {
+                out.insert(bucket, d.requests_per_second);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stream of `node` ended: its demand goes at once (its share goes
+    /// back to the others), unless a newer stream of the node is open.
+    async fn forget_demand(&self, node: &str) -> Result<(), ApiError> {
+        if self.streams.get(node).is_some() {
+            return Ok(());
+        }
+        for (ns, svc, rule) in self.read_demand(node).await?.into_keys() {
+            self.store
+                .delete(&self.keys.demand(node, &ns, &svc, &rule))
+                .await?;
+        }
         Ok(())
     }
 
@@ -454,6 +594,8 @@ impl SessionService {
         let service = self.clone();
         tokio::spawn(async move {
             let mut outliers = None;
+            let mut demand = None;
+            let mut demand_reports = 0;
             while let Some(message) = inbound.next().await {
                 let outcome = match message {
                     Ok(AgentMessage {
@@ -462,6 +604,13 @@ impl SessionService {
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Status(status)),
                     }) => service.record_status(&mut seen, status).await,
+                    Ok(AgentMessage {
+                        kind: Some(agent_message::Kind::Demand(report)),
+                    }) => {
+                        service
+                            .record_demand(&node, lease, report, &mut demand, &mut demand_reports)
+                            .await
+                    }
                     Ok(AgentMessage {
                         kind: Some(agent_message::Kind::Outliers(report)),
                     }) => {
@@ -505,6 +654,9 @@ impl SessionService {
                 }
             }
             service.streams.close(&node, &stream);
+            if let Err(e) = service.forget_demand(&node).await {
+                tracing::warn!(node, error = %e, "could not drop the demand of an ended agent stream");
+            }
             if let Err(e) = service.record_closed(seen).await {
                 tracing::warn!(node, error = %e, "could not record the end of an agent stream");
             }

@@ -13,6 +13,8 @@
 //!                                                           dropped after the agent retention
 //! {root}/v1/acks/{namespace}/{service}/{node_id}            AgentPolicyState, leased by the agent's session
 //! {root}/v1/outliers/{node_id}/{namespace}/{service}/{id}   Outlier an agent reported, leased by its session
+//! {root}/v1/demand/{node_id}/{namespace}/{service}/{rule}   BucketDemand on a GLOBAL limit, leased by its session
+//! {root}/v1/shares/{namespace}/{service}/{rule}             LimitAllocation of a GLOBAL limit among agents
 //! ```
 //!
 //! Names are validated before they become keys (DNS labels for namespace and
@@ -166,6 +168,53 @@ impl Keys {
         ))
     }
 
+    /// `node`'s demand on a GLOBAL rate limit bucket.
+    pub fn demand(&self, node_id: &str, namespace: &str, service: &str, rule: &str) -> String {
+        format!("{}demand/{node_id}/{namespace}/{service}/{rule}", self.root)
+    }
+
+    /// Prefix of every demand, or of one node's.
+    pub fn demand_prefix(&self, node_id: Option<&str>) -> String {
+        match node_id {
+            Some(node) => format!("{}demand/{node}/", self.root),
+            None => format!("{}demand/", self.root),
+        }
+    }
+
+    /// (node, (namespace, service, rule)) of a demand key.
+    pub fn parse_demand(&self, key: &str) -> Option<(String, (String, String, String))> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("demand/")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [node, ns, svc, rule] if parts.iter().all(|p| !p.is_empty()) => Some((
+                (*node).to_owned(),
+                ((*ns).to_owned(), (*svc).to_owned(), (*rule).to_owned()),
+            )),
+            _ => None,
+        }
+    }
+
+    /// The allocation of a GLOBAL rate limit.
+    pub fn shares(&self, namespace: &str, service: &str, rule: &str) -> String {
+        format!("{}shares/{namespace}/{service}/{rule}", self.root)
+    }
+
+    pub fn shares_prefix(&self) -> String {
+        format!("{}shares/", self.root)
+    }
+
+    /// (namespace, service, rule) of an allocation key.
+    pub fn parse_shares(&self, key: &str) -> Option<(String, String, String)> {
+        let rest = key.strip_prefix(&self.root)?.strip_prefix("shares/")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [ns, svc, rule] if parts.iter().all(|p| !p.is_empty()) => {
+                Some(((*ns).to_owned(), (*svc).to_owned(), (*rule).to_owned()))
+            }
+            _ => None,
+        }
+    }
+
     /// (namespace, service, node) of an ack key.
     pub fn parse_ack(&self, key: &str) -> Option<(String, String, String)> {
         let rest = key.strip_prefix(&self.root)?.strip_prefix("acks/")?;
@@ -266,6 +315,26 @@ mod tests {
             .starts_with(&keys.outliers_prefix(Some("n1"))));
         assert_eq!(keys.parse_instance(&keys.outlier("n1", &k)), None);
         assert_eq!(keys.parse_outlier("/weir/v1/outliers/n1/default/a/"), None);
+        let bucket = ("default".to_owned(), "a".to_owned(), "bulk".to_owned());
+        assert_eq!(
+            keys.parse_demand(&keys.demand("n1", "default", "a", "bulk")),
+            Some(("n1".into(), bucket.clone()))
+        );
+        assert!(keys
+            .demand("n1", "default", "a", "bulk")
+            .starts_with(&keys.demand_prefix(Some("n1"))));
+        assert_eq!(
+            keys.parse_shares(&keys.shares("default", "a", "bulk")),
+            Some(bucket)
+        );
+        assert_eq!(
+            keys.parse_shares(&keys.demand("n1", "default", "a", "bulk")),
+            None
+        );
+        assert_eq!(
+            keys.parse_instance(&keys.shares("default", "a", "bulk")),
+            None
+        );
         assert_eq!(keys.parse_ack(&keys.policy("default", "a")), None);
     }
 }

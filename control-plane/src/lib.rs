@@ -36,6 +36,7 @@ mod hub;
 pub mod keys;
 mod outliers;
 mod policy;
+mod quota;
 mod readiness;
 mod registry;
 mod replicas;

@@ -118,6 +118,7 @@ pub struct ControlPlane {
     _probe: StoreProbe,
     _sweeper: Sweeper,
     _outliers: crate::outliers::OutlierJudge,
+    _quota: crate::quota::QuotaAllocator,
 }
 
 #[derive(Clone, Debug)]
@@ -315,6 +316,13 @@ impl ControlPlane {
             streams.clone(),
         ))
         .max_decoding_message_size(MAX_SESSION_MESSAGE_BYTES);
+        let quota = crate::quota::QuotaAllocator::start(
+            store.clone(),
+            keys.clone(),
+            hub.clone(),
+            streams.clone(),
+            config.replica_id.clone(),
+        );
         let agents = AgentsServer::new(AgentsApi::new(
             hub.clone(),
             streams,
@@ -413,6 +421,7 @@ impl ControlPlane {
             _probe: probe,
             _sweeper: sweeper,
             _outliers: outliers,
+            _quota: quota,
         })
     }
 

@@ -752,7 +752,7 @@ async fn publisher_send_reaches_a_grpc_instance_through_subscriber_deliver() -> 
 async fn a_rule_balances_the_events_it_matches_by_weight() -> Result<()> {
     use std::collections::HashMap;
 
-    use weir_client::policy::{EventMatch, RateLimit, Rule};
+    use weir_client::policy::{EventMatch, Rule};
     use weir_proto::{
         cloudevents::v1::{cloud_event::Data, CloudEvent},
         events::v1::{publisher_client::PublisherClient, SendRequest},
@@ -918,12 +918,10 @@ async fn a_rule_balances_the_events_it_matches_by_weight() -> Result<()> {
     // A rule with a section the agent does not enforce yet: "partly",
     // naming `rules`.
     let mut partial = policy;
-    // (A GLOBAL rate limit: enforced per agent until the control plane
-    // allocates shares.)
-    partial.rules[0].rate_limit = Some(RateLimit {
-        requests_per_second: 50.0,
-        scope: weir_client::policy::rate_limit::Scope::Global as i32,
-        ..RateLimit::default()
+    // (A rule's own circuit breaker: breakers follow the service's.)
+    partial.rules[0].circuit_breaker = Some(weir_client::policy::CircuitBreaker {
+        consecutive_failures: 5,
+        ..weir_client::policy::CircuitBreaker::default()
     });
     client.put_policy(partial, Some(first.version)).await?;
     let status = poll_until(

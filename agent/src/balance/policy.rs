@@ -225,12 +225,10 @@ fn rule_enforced(rule: &Rule) -> bool {
         && rule.load_balancer.as_ref().is_none_or(enforced)
 }
 
-/// Whether this agent enforces `limit` in full: a per-agent one. A
-/// `GLOBAL` limit is enforced per agent at the whole rate until the
-/// control plane allocates shares, and acknowledged as not enforced.
+/// Whether this agent enforces `limit`: one of a scope it knows
+/// (`PER_AGENT`, or `GLOBAL` at the share the control plane allocates).
 fn limit_enforced(limit: &weir_client::policy::RateLimit) -> bool {
-    use weir_client::policy::rate_limit::Scope;
-    Scope::try_from(limit.scope).is_ok_and(|s| s != Scope::Global)
+    weir_client::policy::rate_limit::Scope::try_from(limit.scope).is_ok()
 }
 
 /// The top-level sections `policy` sets that this agent does not enforce
@@ -560,18 +558,17 @@ pub(crate) mod tests {
             scope: weir_client::policy::rate_limit::Scope::Global as i32,
             ..RateLimit::default()
         };
-        // Per agent: enforced; global: enforced per agent, not in full.
-        let limited = |global_scope: bool| TrafficPolicy {
-            rate_limit: Some(RateLimit {
-                scope: if global_scope { global.scope } else { 0 },
-                ..global
-            }),
+        // Per agent and global: enforced; a scope from a newer proto is
+        // not.
+        let limited = |scope: i32| TrafficPolicy {
+            rate_limit: Some(RateLimit { scope, ..global }),
             ..policy(None, Vec::new())
         };
-        assert!(unenforced(&limited(false)).is_empty());
-        assert_eq!(unenforced(&limited(true)), ["rate_limit"]);
+        assert!(unenforced(&limited(0)).is_empty());
+        assert!(unenforced(&limited(global.scope)).is_empty());
+        assert_eq!(unenforced(&limited(7)), ["rate_limit"]);
         let rate_limited = Rule {
-            rate_limit: Some(global),
+            rate_limit: Some(RateLimit { scope: 7, ..global }),
             ..rule("limited", prefix("a."), None)
         };
         let p = TrafficPolicy {

@@ -109,6 +109,12 @@ impl Stream {
             .map_err(|_| AskError::TimedOut)?
     }
 
+    /// Sends `message` down the stream unless its buffer is full (the
+    /// agent is not reading): for what is sent again soon anyway.
+    pub fn send(&self, message: ControlMessage) -> bool {
+        self.tx.try_send(Ok(message)).is_ok()
+    }
+
     /// Hands a reply to its waiter; false when none waits for it (it gave
     /// up, or the id is unknown).
     pub fn answer(&self, reply: AgentReply) -> bool {

@@ -141,7 +141,13 @@ fn breaker_row(node: &str, b: &BreakerInfo) -> Vec<String> {
 fn limit_row(node: &str, l: &LimitInfo) -> Vec<String> {
     let mut limit = format!("{}/s burst {}", l.requests_per_second, l.burst);
     if l.scope == "global" {
-        limit.push_str(" global");
+        match l.share_source.as_str() {
+            "" => limit.push_str(" global (no share yet)"),
+            source => limit.push_str(&format!(
+                " global (share {:.1}/s, {source})",
+                l.share_requests_per_second
+            )),
+        }
     }
     let rejected = if l.shadow {
         format!("{} (shadow)", l.shadow_rejected)
@@ -193,6 +199,8 @@ fn limit_json(node: &str, l: &LimitInfo) -> Value {
         "queued": l.queued,
         "rejected": l.rejected,
         "shadow_rejected": l.shadow_rejected,
+        "share_requests_per_second": l.share_requests_per_second,
+        "share_source": l.share_source,
     })
 }
 
