@@ -24,10 +24,11 @@
 //! Needs `nginx`, `haproxy`, `wrk` and `h2load` (Debian: `apt-get install
 //! nginx haproxy wrk nghttp2-client`).
 //!
-//! Each round measures six targets in a rotated order: **direct** (nginx 1
+//! Each round measures seven targets in a rotated order: **direct** (nginx 1
 //! itself), **agent** (`POST /v1/services/bench/`), **haproxy**, and the
 //! same agent process on the policy services: **agent-p2c**
-//! (`/v1/services/bench-p2c/`), **agent-ewma** and **agent-retry**:
+//! (`/v1/services/bench-p2c/`), **agent-ewma**, **agent-retry** and
+//! **agent-guard** (a rate limit that never bites and a circuit breaker):
 //!
 //! * saturation: `wrk -t1 -c16` for `WEIR_BENCH_SECS` (default 5), requests
 //!   per second, and the proxy's CPU time per request (from `/proc`; the
@@ -59,7 +60,10 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use weir_client::policy::{load_balancer::Algorithm, LoadBalancer, Retry, Timeout, TrafficPolicy};
+use weir_client::policy::{
+    load_balancer::Algorithm, CircuitBreaker, LoadBalancer, RateLimit, Retry, Timeout,
+    TrafficPolicy,
+};
 use weir_tests::{
     agent::AgentProcess,
     bench::{
@@ -150,6 +154,28 @@ fn variants() -> Vec<Variant> {
                 timeout: Some(Timeout {
                     total_ms: 2000,
                     shadow: false,
+                }),
+                ..TrafficPolicy::default()
+            },
+            balancer: "round_robin",
+        },
+        // A rate limit that never bites and a circuit breaker with every
+        // trigger on: what the two cost per request when nothing trips.
+        Variant {
+            name: "agent-guard",
+            service: "bench-guard",
+            policy: TrafficPolicy {
+                rate_limit: Some(RateLimit {
+                    requests_per_second: 1_000_000.0,
+                    burst: 1_000_000,
+                    ..RateLimit::default()
+                }),
+                circuit_breaker: Some(CircuitBreaker {
+                    consecutive_failures: 5,
+                    failure_ratio: 0.5,
+                    slow_call_ms: 1_000,
+                    slow_call_ratio: 0.5,
+                    ..CircuitBreaker::default()
                 }),
                 ..TrafficPolicy::default()
             },
