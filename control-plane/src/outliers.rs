@@ -31,7 +31,6 @@ use std::{
 };
 
 use prost::Message;
-use tokio::task::JoinHandle;
 use weir_core::{health::checker::Transition, time::now_unix_ms, InstanceKey};
 use weir_proto::{
     agent::v1::Outlier,
@@ -39,6 +38,7 @@ use weir_proto::{
 };
 
 use crate::{
+    checks::AbortOnDrop,
     checks::{StoreSink, Writer},
     hub::Hub,
     keys::Keys,
@@ -215,7 +215,9 @@ async fn pass(
 
 /// Looks at the reports every [`EVERY`] until dropped.
 #[derive(Debug)]
-pub struct OutlierJudge(JoinHandle<()>);
+pub struct OutlierJudge {
+    _task: AbortOnDrop,
+}
 
 impl OutlierJudge {
     pub fn start(
@@ -225,20 +227,16 @@ impl OutlierJudge {
         replica_id: String,
         quorum: u32,
     ) -> Self {
-        Self(tokio::spawn(async move {
-            loop {
-                if let Err(e) = pass(&store, &keys, &hub, &replica_id, quorum).await {
-                    tracing::warn!(error = %e, "reading the agents' outlier reports failed");
+        Self {
+            _task: AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    if let Err(e) = pass(&store, &keys, &hub, &replica_id, quorum).await {
+                        tracing::warn!(error = %e, "reading the agents' outlier reports failed");
+                    }
+                    tokio::time::sleep(EVERY).await;
                 }
-                tokio::time::sleep(EVERY).await;
-            }
-        }))
-    }
-}
-
-impl Drop for OutlierJudge {
-    fn drop(&mut self) {
-        self.0.abort();
+            })),
+        }
     }
 }
 

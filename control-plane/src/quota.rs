@@ -26,7 +26,6 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message;
-use tokio::task::JoinHandle;
 use weir_core::{
     policy::resolve::{self, Scope},
     time::now_unix_ms,
@@ -38,6 +37,7 @@ use weir_proto::agent::v1::{
 
 use crate::{
     agents::LocalStreams,
+    checks::AbortOnDrop,
     hub::Hub,
     keys::Keys,
     replicas::owner_of,
@@ -250,7 +250,9 @@ async fn send_shares(
 
 /// Allocates and sends shares every [`EVERY`] until dropped.
 #[derive(Debug)]
-pub struct QuotaAllocator(JoinHandle<()>);
+pub struct QuotaAllocator {
+    _task: AbortOnDrop,
+}
 
 impl QuotaAllocator {
     pub fn start(
@@ -260,28 +262,24 @@ impl QuotaAllocator {
         streams: LocalStreams,
         replica_id: String,
     ) -> Self {
-        Self(tokio::spawn(async move {
-            let mut written = BTreeMap::new();
-            loop {
-                if hub.is_ready() {
-                    if let Err(e) =
-                        allocate_owned(&store, &keys, &hub, &replica_id, &mut written).await
-                    {
-                        tracing::warn!(error = %e, "allocating global rate limits failed");
+        Self {
+            _task: AbortOnDrop(tokio::spawn(async move {
+                let mut written = BTreeMap::new();
+                loop {
+                    if hub.is_ready() {
+                        if let Err(e) =
+                            allocate_owned(&store, &keys, &hub, &replica_id, &mut written).await
+                        {
+                            tracing::warn!(error = %e, "allocating global rate limits failed");
+                        }
+                        if let Err(e) = send_shares(store.as_ref(), &keys, &streams).await {
+                            tracing::warn!(error = %e, "sending rate limit shares failed");
+                        }
                     }
-                    if let Err(e) = send_shares(store.as_ref(), &keys, &streams).await {
-                        tracing::warn!(error = %e, "sending rate limit shares failed");
-                    }
+                    tokio::time::sleep(EVERY).await;
                 }
-                tokio::time::sleep(EVERY).await;
-            }
-        }))
-    }
-}
-
-impl Drop for QuotaAllocator {
-    fn drop(&mut self) {
-        self.0.abort();
+            })),
+        }
     }
 }
 

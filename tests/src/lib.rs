@@ -20,6 +20,7 @@ pub mod agent;
 pub mod agents;
 pub mod bench;
 pub mod fixtures;
+pub mod load;
 pub mod sample;
 
 /// Environment variable naming a shared etcd for tests.

@@ -5,114 +5,24 @@
 //! recovers; with all three failing, no more than the ejection cap leave
 //! the rotation and the service fails fast with 503 `circuit-open`.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Bytes, Request};
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client as HttpClient},
-    rt::TokioExecutor,
-};
 use weir_client::policy::{CircuitBreaker, TrafficPolicy};
 use weir_tests::{
     agent::AgentProcess,
     agents::put_policy_applied,
     fixtures::{instance, HttpInstance},
+    load::Load,
     poll_until, start_one,
 };
 
 const SETTLE: Duration = Duration::from_secs(10);
 const PATH: &str = "/in";
 
-type Http = HttpClient<HttpConnector, Full<Bytes>>;
-
-/// One answer the load got.
-#[derive(Debug, Clone)]
-struct Answer {
-    status: u16,
-    reason: String,
-    retry_after: String,
-}
-
-/// Sends 50 events/s to `orders` through the agent until dropped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    answers: Arc<Mutex<Vec<Answer>>>,
-}
-
-impl Load {
-    fn start(agent: &AgentProcess) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answers = Arc::new(Mutex::new(Vec::new()));
-        let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
-        let addr = agent.ingress_addr();
-        let (run, out) = (stop.clone(), answers.clone());
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(Duration::from_millis(20));
-            while !run.load(Ordering::Relaxed) {
-                ticks.tick().await;
-                let (http, out) = (http.clone(), out.clone());
-                tokio::spawn(async move {
-                    let Ok(request) =
-                        Request::post(format!("http://{addr}/v1/services/orders{PATH}"))
-                            .header("ce-specversion", "1.0")
-                            .header("ce-id", "1")
-                            .header("ce-source", "/tests/breaker")
-                            .header("ce-type", "com.example.order")
-                            .body(Full::new(Bytes::from_static(b"{}")))
-                    else {
-                        return;
-                    };
-                    if let Ok(response) = http.request(request).await {
-                        let h = |name: &str| {
-                            response
-                                .headers()
-                                .get(name)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_owned()
-                        };
-                        let answer = Answer {
-                            status: response.status().as_u16(),
-                            reason: h("weir-reason"),
-                            retry_after: h("retry-after"),
-                        };
-                        let _ = response.into_body().collect().await;
-                        out.lock().unwrap_or_else(|p| p.into_inner()).push(answer);
-                    }
-                });
-            }
-        });
-        Self { stop, answers }
-    }
-
-    /// The answers from now on: forgets those so far.
-    fn reset(&self) {
-        self.answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
-
-    fn answers(&self) -> Vec<Answer> {
-        self.answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
+/// 50 events/s to `orders` through `agent` until dropped.
+fn load(agent: &AgentProcess) -> Load {
+    Load::start(agent.ingress_addr(), "orders", PATH, "/tests/breaker", 50)
 }
 
 /// `orders` with three instances (o0, o1, o2) under `breaker`, and an
@@ -221,7 +131,7 @@ async fn a_failing_instance_is_broken_off_within_a_second_and_probed_back() -> R
         },
     )
     .await?;
-    let load = Load::start(&agent);
+    let load = load(&agent);
     tokio::time::sleep(Duration::from_millis(500)).await;
     instances[1].set_status(PATH, 500);
     let took = until_state(&agent, "o1", "open", Duration::from_secs(3)).await?;
@@ -279,7 +189,7 @@ async fn a_slow_instance_is_broken_off_by_the_slow_call_ratio() -> Result<()> {
         },
     )
     .await?;
-    let _load = Load::start(&agent);
+    let _load = load(&agent);
     tokio::time::sleep(Duration::from_millis(500)).await;
     instances[2].delay_when("ce-source", "/tests/breaker", Duration::from_millis(300));
     let took = until_state(&agent, "o2", "open", Duration::from_secs(3)).await?;
@@ -310,7 +220,7 @@ async fn all_failing_no_more_than_the_cap_leaves_and_the_service_fails_fast() ->
         },
     )
     .await?;
-    let load = Load::start(&agent);
+    let load = load(&agent);
     for i in &instances {
         i.set_status(PATH, 500);
     }

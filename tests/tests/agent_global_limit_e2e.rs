@@ -6,21 +6,9 @@
 //! of the limit, the 50/s agent is never limited, and once one agent is
 //! killed the others take its share within 5 s.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Bytes, Request};
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client as HttpClient},
-    rt::TokioExecutor,
-};
 use weir_client::policy::{
     rate_limit::{OnExcess, Scope},
     RateLimit, TrafficPolicy,
@@ -29,61 +17,13 @@ use weir_tests::{
     agent::AgentProcess,
     agents::policy_status_until,
     fixtures::{instance, HttpInstance},
+    load::Load,
     poll_until, start_one,
 };
 
 const SETTLE: Duration = Duration::from_secs(10);
 const LIMIT: f64 = 300.0;
 const RATES: [u64; 4] = [50, 100, 200, 400];
-
-/// Answers one sender got.
-#[derive(Default)]
-struct Counts {
-    ok: AtomicU64,
-    limited: AtomicU64,
-    other: AtomicU64,
-}
-
-/// Sends `rate` events/s to `orders` through `agent` until `stop`.
-fn send(agent: &AgentProcess, rate: u64, stop: Arc<AtomicBool>) -> Arc<Counts> {
-    let counts = Arc::new(Counts::default());
-    let http: HttpClient<HttpConnector, Full<Bytes>> =
-        HttpClient::builder(TokioExecutor::new()).build_http();
-    let addr = agent.ingress_addr();
-    let out = counts.clone();
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-        while !stop.load(Ordering::Relaxed) {
-            ticks.tick().await;
-            let (http, out) = (http.clone(), out.clone());
-            tokio::spawn(async move {
-                let Ok(request) = Request::post(format!("http://{addr}/v1/services/orders/in"))
-                    .header("ce-specversion", "1.0")
-                    .header("ce-id", "1")
-                    .header("ce-source", "/tests/global")
-                    .header("ce-type", "com.example.order")
-                    .body(Full::new(Bytes::from_static(b"{}")))
-                else {
-                    return;
-                };
-                let counter = match http.request(request).await {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let _ = r.into_body().collect().await;
-                        match status {
-                            200 => &out.ok,
-                            429 => &out.limited,
-                            _ => &out.other,
-                        }
-                    }
-                    Err(_) => &out.other,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            });
-        }
-    });
-    counts
-}
 
 /// The agent's share of the limit now (`None`: none allocated yet).
 async fn share(agent: &AgentProcess) -> Result<Option<f64>> {
@@ -152,12 +92,14 @@ async fn four_agents_share_a_global_limit_max_min_fair() -> Result<()> {
     )
     .await?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let counts: Vec<Arc<Counts>> = agents
+    let loads: Vec<Load> = agents
         .iter()
         .zip(RATES)
-        .map(|(a, rate)| send(a, rate, stop.clone()))
+        .map(|(a, rate)| Load::start(a.ingress_addr(), "orders", "/in", "/tests/global", rate))
         .collect();
+    let counts = |loads: &[Load]| -> Vec<(usize, usize)> {
+        loads.iter().map(|l| (l.count(200), l.count(429))).collect()
+    };
     // Converged: every agent has an allocated share, and the 400/s one no
     // more than an even split of what the 50/s one leaves.
     poll_until(
@@ -170,15 +112,7 @@ async fn four_agents_share_a_global_limit_max_min_fair() -> Result<()> {
 
     // 10 s of traffic: count what was accepted, and look at the shares
     // every half second.
-    let before: Vec<(u64, u64)> = counts
-        .iter()
-        .map(|c| {
-            (
-                c.ok.load(Ordering::Relaxed),
-                c.limited.load(Ordering::Relaxed),
-            )
-        })
-        .collect();
+    let before = counts(&loads);
     let start = Instant::now();
     let mut max_sum: f64 = 0.0;
     while start.elapsed() < Duration::from_secs(10) {
@@ -188,18 +122,10 @@ async fn four_agents_share_a_global_limit_max_min_fair() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let span = start.elapsed().as_secs_f64();
-    let after: Vec<(u64, u64)> = counts
-        .iter()
-        .map(|c| {
-            (
-                c.ok.load(Ordering::Relaxed),
-                c.limited.load(Ordering::Relaxed),
-            )
-        })
-        .collect();
-    let accepted: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a.0 - b.0).collect();
-    let limited: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).collect();
-    let rate = accepted.iter().sum::<u64>() as f64 / span;
+    let after = counts(&loads);
+    let accepted: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a.0 - b.0).collect();
+    let limited: Vec<usize> = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).collect();
+    let rate = accepted.iter().sum::<usize>() as f64 / span;
     eprintln!(
         "accepted {accepted:?} limited {limited:?} over {span:.2} s: {rate:.1}/s; most shares summed to {max_sum:.2}"
     );
@@ -209,12 +135,14 @@ async fn four_agents_share_a_global_limit_max_min_fair() -> Result<()> {
         "{rate:.1}/s accepted against {LIMIT}/s"
     );
     ensure!(
-        counts[0].limited.load(Ordering::Relaxed) == 0,
+        loads[0].count(429) == 0,
         "the 50/s agent was limited {} times",
-        counts[0].limited.load(Ordering::Relaxed)
+        loads[0].count(429)
     );
     ensure!(
-        counts.iter().all(|c| c.other.load(Ordering::Relaxed) == 0),
+        loads
+            .iter()
+            .all(|l| l.answers().iter().all(|a| matches!(a.status, 200 | 429))),
         "answers other than 200 and 429"
     );
 
@@ -230,6 +158,5 @@ async fn four_agents_share_a_global_limit_max_min_fair() -> Result<()> {
     )
     .await?;
     eprintln!("shares moved {:?} after the kill", killed.elapsed());
-    stop.store(true, Ordering::Relaxed);
     Ok(())
 }

@@ -4,56 +4,20 @@
 //! control plane marks it WARNING with the reason, as `weirctl get`
 //! shows; once it recovers, the mark goes.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Bytes, Request};
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client as HttpClient},
-    rt::TokioExecutor,
-};
 use weir_client::policy::{CircuitBreaker, TrafficPolicy};
 use weir_tests::{
     agent::AgentProcess,
     agents::policy_status_until,
     fixtures::{instance, HttpInstance},
+    load::Load,
     poll_until, start_one,
 };
 
 const SETTLE: Duration = Duration::from_secs(10);
 const PATH: &str = "/in";
-
-/// Sends 20 events/s to `orders` through `agent` until `stop`.
-fn load(agent: &AgentProcess, stop: Arc<AtomicBool>) {
-    let http: HttpClient<HttpConnector, Full<Bytes>> =
-        HttpClient::builder(TokioExecutor::new()).build_http();
-    let addr = agent.ingress_addr();
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(Duration::from_millis(50));
-        while !stop.load(Ordering::Relaxed) {
-            ticks.tick().await;
-            let Ok(request) = Request::post(format!("http://{addr}/v1/services/orders{PATH}"))
-                .header("ce-specversion", "1.0")
-                .header("ce-id", "1")
-                .header("ce-source", "/tests/outliers")
-                .header("ce-type", "com.example.order")
-                .body(Full::new(Bytes::from_static(b"{}")))
-            else {
-                return;
-            };
-            if let Ok(response) = http.request(request).await {
-                let _ = response.into_body().collect().await;
-            }
-        }
-    });
-}
 
 /// `o1`'s status and reason in `weirctl get orders -o json`.
 async fn o1(endpoint: &str) -> Result<(String, String)> {
@@ -116,9 +80,8 @@ async fn an_instance_failing_for_two_agents_is_marked_warning_with_the_reason() 
         s.applied == 2
     })
     .await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    load(&a, stop.clone());
-    load(&b, stop.clone());
+    let _loads = [&a, &b]
+        .map(|agent| Load::start(agent.ingress_addr(), "orders", PATH, "/tests/outliers", 20));
     let endpoint = plane.endpoint();
     let before = o1(&endpoint).await?;
     ensure!(before.0 != "warning", "{before:?}");
@@ -159,6 +122,5 @@ async fn an_instance_failing_for_two_agents_is_marked_warning_with_the_reason() 
         status == "unknown" && reason.contains("no longer out of rotation"),
         "{status} {reason}"
     );
-    stop.store(true, Ordering::Relaxed);
     Ok(())
 }
