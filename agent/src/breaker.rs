@@ -461,6 +461,84 @@ impl Cell {
     }
 }
 
+/// The breakers of a rule that sets its own `circuit_breaker`: one per
+/// endpoint, by instance id, apart from the service's (an endpoint's
+/// [`Endpoint::breaker`](crate::balance::Endpoint)), for the events the
+/// rule matches only.
+#[derive(Debug)]
+pub struct RuleBreakers {
+    pub rule: Box<str>,
+    pub spec: Spec,
+    cells: std::collections::HashMap<Box<str>, std::sync::Arc<Cell>>,
+}
+
+impl RuleBreakers {
+    /// Breakers for `endpoints` under `spec`, keeping those of `previous`
+    /// (the same rule's in the route before) when its spec is the same.
+    pub fn new<'a>(
+        rule: &str,
+        spec: &Spec,
+        endpoints: impl IntoIterator<Item = &'a str>,
+        previous: Option<&RuleBreakers>,
+    ) -> Self {
+        let previous = previous.filter(|p| p.spec == *spec);
+        let cells = endpoints
+            .into_iter()
+            .map(|id| {
+                let cell = previous
+                    .and_then(|p| p.cells.get(id).cloned())
+                    .unwrap_or_default();
+                (Box::from(id), cell)
+            })
+            .collect();
+        Self {
+            rule: rule.into(),
+            spec: spec.clone(),
+            cells,
+        }
+    }
+
+    /// Each endpoint's breaker, by instance id.
+    pub fn cells(&self) -> impl Iterator<Item = (&str, &Cell)> {
+        self.cells.iter().map(|(id, c)| (&**id, &**c))
+    }
+}
+
+/// Which breakers a request runs under: the service's (each endpoint's
+/// own), or a rule's.
+#[derive(Clone, Copy, Debug)]
+pub enum Breakers<'r> {
+    Service(&'r Spec),
+    Rule(&'r RuleBreakers),
+}
+
+/// A breaker no endpoint uses: what an endpoint unknown to a rule's set
+/// reads (closed, never recording).
+fn closed() -> &'static Cell {
+    static CLOSED: OnceLock<Cell> = OnceLock::new();
+    CLOSED.get_or_init(Cell::default)
+}
+
+impl<'r> Breakers<'r> {
+    pub fn spec(self) -> &'r Spec {
+        match self {
+            Breakers::Service(spec) => spec,
+            Breakers::Rule(r) => &r.spec,
+        }
+    }
+
+    /// `endpoint`'s breaker in this set.
+    pub fn cell<'e>(self, endpoint: &'e crate::balance::Endpoint) -> &'e Cell
+    where
+        'r: 'e,
+    {
+        match self {
+            Breakers::Service(_) => &endpoint.breaker,
+            Breakers::Rule(r) => r.cells.get(&*endpoint.id).map_or(closed(), |c| &**c),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use weir_core::policy::resolve::SlowCall;

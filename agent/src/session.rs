@@ -521,14 +521,12 @@ fn outliers_of(routes: &crate::view::Routes) -> Outliers {
             let ago = |d: std::time::Duration| now - i64::try_from(d.as_millis()).unwrap_or(0);
             let (kind, reason, since) = if let Some(d) = e.ejection.ejected_for() {
                 ("ejected", "refused or reset connections".to_owned(), ago(d))
-            } else if breakers && e.breaker.gate.tripped() {
-                let Some(b) = e.breaker.state() else {
-                    continue;
-                };
+            } else if let Some((rule, b)) = tripped(route, e, breakers) {
+                let of = rule.map_or(String::new(), |r| format!(" (rule {r})"));
                 let why = if b.why.is_empty() {
-                    "circuit breaker open".to_owned()
+                    format!("circuit breaker open{of}")
                 } else {
-                    format!("circuit breaker open: {}", b.why)
+                    format!("circuit breaker open{of}: {}", b.why)
                 };
                 (
                     "breaker",
@@ -552,6 +550,29 @@ fn outliers_of(routes: &crate::view::Routes) -> Outliers {
         }
     }
     Outliers { outliers }
+}
+
+/// The first breaker of `e` open or half open, not in shadow mode: the
+/// service's (when `service` says it counts), else a rule's (named).
+fn tripped<'r>(
+    route: &'r crate::view::ServiceRoute,
+    e: &crate::balance::Endpoint,
+    service: bool,
+) -> Option<(Option<&'r str>, crate::breaker::BreakerState)> {
+    if service && e.breaker.gate.tripped() {
+        return e.breaker.state().map(|b| (None, b));
+    }
+    route
+        .rule_breakers()
+        .filter(|r| !r.spec.shadow)
+        .find_map(|r| {
+            let cell = crate::breaker::Breakers::Rule(r).cell(e);
+            cell.gate
+                .tripped()
+                .then(|| cell.state())
+                .flatten()
+                .map(|b| (Some(&*r.rule), b))
+        })
 }
 
 /// Whether two reports name the same instances, kinds and reasons (the
@@ -642,25 +663,40 @@ fn governance(
                 share_source: s.share.map_or("", |x| x.source).to_owned(),
             });
         }
-        let Some(spec) = &route.breaker else {
-            continue;
-        };
-        for e in route.balancer.endpoints() {
-            let Some(b) = e.breaker.state() else {
-                continue;
-            };
-            reply.breakers.push(BreakerInfo {
-                namespace: route.namespace.to_string(),
-                service: route.service.to_string(),
-                instance_id: e.id.to_string(),
-                address: e.authority.to_string(),
-                state: b.state.as_str().to_owned(),
-                since_ms: b.since_ms,
-                why: b.why,
-                capped: b.capped,
-                opens: b.opens,
-                shadow: spec.shadow,
-            });
+        let sets = route
+            .breaker
+            .as_ref()
+            .map(|spec| {
+                (
+                    crate::limit::SERVICE_RULE,
+                    crate::breaker::Breakers::Service(spec),
+                )
+            })
+            .into_iter()
+            .chain(
+                route
+                    .rule_breakers()
+                    .map(|r| (&*r.rule, crate::breaker::Breakers::Rule(r))),
+            );
+        for (rule, set) in sets {
+            for e in route.balancer.endpoints() {
+                let Some(b) = set.cell(e).state() else {
+                    continue;
+                };
+                reply.breakers.push(BreakerInfo {
+                    namespace: route.namespace.to_string(),
+                    service: route.service.to_string(),
+                    instance_id: e.id.to_string(),
+                    address: e.authority.to_string(),
+                    state: b.state.as_str().to_owned(),
+                    since_ms: b.since_ms,
+                    why: b.why,
+                    capped: b.capped,
+                    opens: b.opens,
+                    shadow: set.spec().shadow,
+                    rule: rule.to_owned(),
+                });
+            }
         }
     }
     reply

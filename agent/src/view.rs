@@ -23,6 +23,7 @@ use weir_client::{
 
 use crate::{
     balance::{policy::Lb, Balancing, Endpoint, Picker, Protocol},
+    breaker::{Breakers, RuleBreakers},
     limit::{LimitState, Limiter, SERVICE_RULE},
     outbox::subscriptions::{Restored, SavedSubscription, Subscriptions, DEFAULT_RETENTION},
     retry::{Budget, Failure, FailureMetrics, FailureState},
@@ -59,6 +60,9 @@ pub struct ServiceRoute {
     rule_limits: Box<[Option<Arc<Limiter>>]>,
     /// The breaker each endpoint runs, if the policy has one.
     pub breaker: Option<weir_core::policy::resolve::CircuitBreaker>,
+    /// One per rule of `balancing`, by index: the rule's own breakers, or
+    /// `None` (its events run under the service's).
+    rule_breakers: Box<[Option<RuleBreakers>]>,
     pub(crate) requests: metrics::Counter,
     pub(crate) upstream_errors: metrics::Counter,
     pub(crate) failures: FailureMetrics,
@@ -71,6 +75,8 @@ pub struct Handling<'r> {
     pub failure: &'r Failure,
     /// The bucket the request takes a token from, if any.
     pub limit: Option<&'r Limiter>,
+    /// The circuit breakers the request runs under, if any.
+    pub breakers: Option<Breakers<'r>>,
 }
 
 impl ServiceRoute {
@@ -95,6 +101,7 @@ impl ServiceRoute {
             picker: &self.balancer,
             failure: &self.failure,
             limit: self.limit.as_deref(),
+            breakers: self.breaker.as_ref().map(Breakers::Service),
         }
     }
 
@@ -124,6 +131,10 @@ impl ServiceRoute {
                 .get(i)
                 .and_then(Option::as_deref)
                 .or(self.limit.as_deref()),
+            breakers: match self.rule_breakers.get(i).and_then(Option::as_ref) {
+                Some(own) => Some(Breakers::Rule(own)),
+                None => self.breaker.as_ref().map(Breakers::Service),
+            },
         }
     }
 
@@ -142,28 +153,41 @@ impl ServiceRoute {
     /// breaker's `max_ejection_percent`: those out now (ejected, or
     /// excluded by their breaker) are fewer than that share of the
     /// endpoints (at least one may always go).
-    pub fn may_exclude(&self) -> bool {
-        let Some(spec) = &self.breaker else {
+    pub fn may_exclude(&self, breakers: Option<Breakers<'_>>) -> bool {
+        let Some(breakers) = breakers else {
             return true;
         };
         let endpoints = self.balancer.endpoints();
-        let cap = (endpoints.len() * spec.max_ejection_percent as usize / 100).max(1);
+        let cap = (endpoints.len() * breakers.spec().max_ejection_percent as usize / 100).max(1);
         let out = endpoints
             .iter()
-            .filter(|e| e.ejection.is_ejected() || e.breaker.gate.excludes())
+            .filter(|e| e.ejection.is_ejected() || breakers.cell(e).gate.excludes())
             .count();
         out < cap
     }
 
-    /// Whether every endpoint's breaker is open or half open (capped or
-    /// not): then the service fails fast, but for half-open probes.
-    pub fn all_tripped(&self) -> bool {
-        self.breaker.as_ref().is_some_and(|b| !b.shadow)
-            && self
-                .balancer
-                .endpoints()
-                .iter()
-                .all(|e| e.breaker.gate.tripped())
+    /// Whether every endpoint's breaker in `breakers` is open or half open
+    /// (capped or not): then the service fails fast for the requests
+    /// under them, but for half-open probes.
+    pub fn all_tripped(&self, breakers: Option<Breakers<'_>>) -> bool {
+        breakers.is_some_and(|b| {
+            !b.spec().shadow
+                && self
+                    .balancer
+                    .endpoints()
+                    .iter()
+                    .all(|e| b.cell(e).gate.tripped())
+        })
+    }
+
+    /// The breakers of the rules that set their own.
+    pub fn rule_breakers(&self) -> impl Iterator<Item = &RuleBreakers> {
+        self.rule_breakers.iter().flatten()
+    }
+
+    /// The breakers of rule `name` in this route, to carry over.
+    fn rule_breaker(&self, name: &str) -> Option<&RuleBreakers> {
+        self.rule_breakers().find(|r| &*r.rule == name)
     }
 
     /// Every bucket of the route, the service's own first.
@@ -742,6 +766,23 @@ impl View {
             balancing.as_ref().and_then(|b| b.limit.as_ref()),
         );
         let breaker = balancing.as_ref().and_then(|b| b.breaker.clone());
+        let rule_breakers: Box<[Option<RuleBreakers>]> = match &balancing {
+            Some(b) if !b.rules.is_empty() => b
+                .rules
+                .iter()
+                .map(|rule| {
+                    rule.breaker.as_ref().map(|spec| {
+                        RuleBreakers::new(
+                            &rule.name,
+                            spec,
+                            endpoints.iter().map(|e| &*e.id),
+                            previous.as_ref().and_then(|r| r.rule_breaker(&rule.name)),
+                        )
+                    })
+                })
+                .collect(),
+            _ => Box::default(),
+        };
         if previous.as_ref().is_some_and(|r| r.breaker != breaker) {
             // The section changed (or went): every breaker starts afresh.
             for e in &endpoints {
@@ -769,6 +810,7 @@ impl View {
             limit,
             rule_limits,
             breaker,
+            rule_breakers,
             requests: metrics::counter!("weir_agent_requests_total", &labels),
             upstream_errors: metrics::counter!("weir_agent_upstream_errors_total", &labels),
             failures: FailureMetrics::new(&labels),
@@ -819,6 +861,9 @@ pub struct RuleState {
     /// Its own retry and timeout, when they differ from the defaults.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureState>,
+    /// Its own circuit breakers, by instance id (those that saw a call).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub breakers: BTreeMap<String, crate::breaker::BreakerState>,
 }
 
 #[derive(Debug, Serialize)]
@@ -883,11 +928,17 @@ impl From<&ServiceRoute> for RouteState {
                     b.rules
                         .iter()
                         .zip(r.rule_balancers.iter())
-                        .map(|(rule, own)| RuleState {
+                        .zip(r.rule_breakers.iter())
+                        .map(|((rule, own), breakers)| RuleState {
                             name: rule.name.clone(),
                             balancer: own.as_ref().map_or("default", Picker::algorithm),
                             shadow_balancer: own.as_ref().and_then(Picker::shadow_algorithm),
                             failure: rule.failure.as_ref().and_then(FailureState::of),
+                            breakers: breakers
+                                .iter()
+                                .flat_map(|b| b.cells())
+                                .filter_map(|(id, cell)| Some((id.to_owned(), cell.state()?)))
+                                .collect(),
                         })
                         .collect()
                 })

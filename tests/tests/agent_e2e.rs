@@ -918,10 +918,11 @@ async fn a_rule_balances_the_events_it_matches_by_weight() -> Result<()> {
     // A rule with a section the agent does not enforce yet: "partly",
     // naming `rules`.
     let mut partial = policy;
-    // (A rule's own circuit breaker: breakers follow the service's.)
-    partial.rules[0].circuit_breaker = Some(weir_client::policy::CircuitBreaker {
-        consecutive_failures: 5,
-        ..weir_client::policy::CircuitBreaker::default()
+    // (A rule's own delivery section: topic delivery follows the
+    // service's.)
+    partial.rules[0].delivery = Some(weir_client::policy::Delivery {
+        max_attempts: 3,
+        ..weir_client::policy::Delivery::default()
     });
     client.put_policy(partial, Some(first.version)).await?;
     let status = poll_until(

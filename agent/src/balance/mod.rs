@@ -116,12 +116,6 @@ impl Endpoint {
         self
     }
 
-    /// Whether picks skip it now: ejected, or its breaker is open.
-    #[inline]
-    pub fn out_of_rotation(&self) -> bool {
-        self.ejection.is_ejected() || self.breaker.gate.blocks()
-    }
-
     /// Whether the instance lists `topic`.
     pub fn subscribes(&self, topic: &str) -> bool {
         self.topics.binary_search_by(|t| (**t).cmp(topic)).is_ok()

@@ -114,6 +114,9 @@ pub struct RuleBalancing {
     /// (the rule sets a `rate_limit` section). `None`: its events share
     /// the service's bucket, if it has one.
     pub limit: Option<resolve::RateLimit>,
+    /// Circuit breakers of its own (the rule sets a `circuit_breaker`
+    /// section): one per endpoint, for its events. `None`: the service's.
+    pub breaker: Option<resolve::CircuitBreaker>,
 }
 
 /// Whether this agent enforces `lb`: any algorithm it knows (one from a
@@ -169,10 +172,22 @@ impl Balancing {
                     .and(resolved.sections.rate_limit.clone())
             })
             .collect();
-        let Some(last) = (0..own.len())
-            .rev()
-            .find(|&i| own[i].is_some() || own_failure[i].is_some() || own_limit[i].is_some())
-        else {
+        let own_breaker: Vec<Option<resolve::CircuitBreaker>> = policy
+            .rules
+            .iter()
+            .zip(&resolved.rules)
+            .map(|(r, resolved)| {
+                r.circuit_breaker
+                    .as_ref()
+                    .and(resolved.sections.circuit_breaker.clone())
+            })
+            .collect();
+        let Some(last) = (0..own.len()).rev().find(|&i| {
+            own[i].is_some()
+                || own_failure[i].is_some()
+                || own_limit[i].is_some()
+                || own_breaker[i].is_some()
+        }) else {
             return Self {
                 default,
                 failure,
@@ -186,14 +201,20 @@ impl Balancing {
         let rules = resolved
             .rules
             .into_iter()
-            .zip(own.into_iter().zip(own_failure).zip(own_limit))
+            .zip(
+                own.into_iter()
+                    .zip(own_failure)
+                    .zip(own_limit)
+                    .zip(own_breaker),
+            )
             .take(last + 1)
-            .map(|(r, ((own, failure), limit))| RuleBalancing {
+            .map(|(r, (((own, failure), limit), breaker))| RuleBalancing {
                 name: r.name,
                 matcher: r.matcher,
                 own,
                 failure,
                 limit,
+                breaker,
             })
             .collect();
         Self {
@@ -215,12 +236,10 @@ impl Balancing {
 }
 
 /// Whether this agent enforces every section `rule` sets: a
-/// `load_balancer` it enforces, `retry`, `timeout` and a per-agent
-/// `rate_limit` (and the match itself). Breakers are per endpoint and
-/// follow the service's section: a rule's own is not enforced.
+/// `load_balancer` it enforces, `retry`, `timeout`, `rate_limit` and
+/// `circuit_breaker` (and the match itself).
 fn rule_enforced(rule: &Rule) -> bool {
     rule.rate_limit.as_ref().is_none_or(limit_enforced)
-        && rule.circuit_breaker.is_none()
         && rule.delivery.is_none()
         && rule.load_balancer.as_ref().is_none_or(enforced)
 }
@@ -383,11 +402,11 @@ pub(crate) mod tests {
             lb(Algorithm::WeightedRoundRobin),
             vec![Rule {
                 // Nothing the balancing runs.
-                circuit_breaker: Some(CircuitBreaker {
-                    consecutive_failures: 5,
-                    ..CircuitBreaker::default()
+                delivery: Some(weir_client::policy::Delivery {
+                    max_attempts: 3,
+                    ..weir_client::policy::Delivery::default()
                 }),
-                ..rule("broken", prefix("a."), None)
+                ..rule("delivered", prefix("a."), None)
             }],
         ));
         assert_eq!(
@@ -425,6 +444,24 @@ pub(crate) mod tests {
                 .as_ref()
                 .map(|l| (l.requests_per_second, l.burst)),
             Some((5.0, 5))
+        );
+        // So is a rule's own breaker.
+        let b = Balancing::of(&policy(
+            None,
+            vec![Rule {
+                circuit_breaker: Some(CircuitBreaker {
+                    consecutive_failures: 5,
+                    ..CircuitBreaker::default()
+                }),
+                ..rule("broken", prefix("a."), None)
+            }],
+        ));
+        assert_eq!(
+            b.rules[0]
+                .breaker
+                .as_ref()
+                .and_then(|c| c.consecutive_failures),
+            Some(5)
         );
         // An unknown algorithm in a rule is no balancer.
         let b = Balancing::of(&policy(

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::{forward::Failed, InFlight};
 use crate::{
     balance::{any, Endpoint, Picker},
-    breaker::Transition,
+    breaker::{Breakers, Transition},
     eject::eject,
     limit::Decision,
     reject::{Reason, Rejection},
@@ -87,21 +87,24 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 fn pick<'p>(
     route: &ServiceRoute,
     picker: &'p Picker,
+    breakers: Option<Breakers<'_>>,
     key: Option<u64>,
     tried: &[usize],
     topic: Option<&str>,
 ) -> Result<&'p Arc<Endpoint>, Rejection> {
     let elsewhere = |e: &Endpoint| topic.is_some_and(|t| !e.subscribes(t));
     let was_tried = |e: &Endpoint| elsewhere(e) || tried.contains(&(e as *const Endpoint as usize));
-    if route.all_tripped() {
+    if let Some(b) = breakers.filter(|_| route.all_tripped(breakers)) {
         // The service fails fast: only half-open probes go.
         return picker
-            .pick(key, &|e| !e.breaker.gate.may_probe() || was_tried(e))
-            .ok_or_else(|| circuit_open(route));
+            .pick(key, &|e| !b.cell(e).gate.may_probe() || was_tried(e))
+            .ok_or_else(|| circuit_open(route, b));
     }
     let again: &dyn Fn(&Endpoint) -> bool = if topic.is_some() { &elsewhere } else { &any };
+    let out =
+        |e: &Endpoint| e.ejection.is_ejected() || breakers.is_some_and(|b| b.cell(e).gate.blocks());
     picker
-        .pick(key, &|e| e.out_of_rotation() || was_tried(e))
+        .pick(key, &|e| out(e) || was_tried(e))
         .or_else(|| picker.pick(key, &was_tried))
         .or_else(|| {
             (!tried.is_empty())
@@ -119,14 +122,14 @@ fn pick<'p>(
         })
 }
 
-/// The answer when every breaker of `route` is open: when the first
-/// half-open probe may go.
-fn circuit_open(route: &ServiceRoute) -> Rejection {
+/// The answer when every breaker of `route` in `breakers` is open: when
+/// the first half-open probe may go.
+fn circuit_open(route: &ServiceRoute, breakers: Breakers<'_>) -> Rejection {
     let next = route
         .balancer
         .endpoints()
         .iter()
-        .filter_map(|e| e.breaker.gate.reopens_in())
+        .filter_map(|e| breakers.cell(e).gate.reopens_in())
         .min()
         .unwrap_or_default();
     let mut r = Rejection::new(
@@ -145,17 +148,24 @@ fn circuit_open(route: &ServiceRoute) -> Rejection {
 /// Feeds an attempt's outcome to its endpoint's breaker: `class` is how it
 /// failed (`None`: it got an answer to pass on), `counted` whether the
 /// instance is to blame at all.
-fn record(route: &ServiceRoute, endpoint: &Endpoint, class: Option<Class>, latency: Duration) {
-    let Some(spec) = &route.breaker else {
-        return;
-    };
+fn record(
+    route: &ServiceRoute,
+    breakers: Breakers<'_>,
+    endpoint: &Endpoint,
+    class: Option<Class>,
+    latency: Duration,
+) {
+    let spec = breakers.spec();
+    let cell = breakers.cell(endpoint);
     // A 429 is the instance pacing its callers, not failing.
     let failed = class.is_some_and(|c| c != Class::Http429);
-    let Some(transition) = endpoint
-        .breaker
-        .record(spec, failed, latency, || route.may_exclude())
+    let Some(transition) = cell.record(spec, failed, latency, || route.may_exclude(Some(breakers)))
     else {
         return;
+    };
+    let rule = match breakers {
+        Breakers::Service(_) => crate::limit::SERVICE_RULE,
+        Breakers::Rule(r) => &r.rule,
     };
     let labels = [
         ("namespace", route.namespace.to_string()),
@@ -166,18 +176,17 @@ fn record(route: &ServiceRoute, endpoint: &Endpoint, class: Option<Class>, laten
     metrics::counter!("weir_agent_breaker_transitions_total", &labels).increment(1);
     match transition {
         Transition::Opened { why, period } => {
-            let left_in_rotation =
-                endpoint.breaker.gate.tripped() && !endpoint.breaker.gate.excludes();
-            tracing::warn!(service = %route.service, instance = %endpoint.id, %why,
+            let left_in_rotation = cell.gate.tripped() && !cell.gate.excludes();
+            tracing::warn!(service = %route.service, rule, instance = %endpoint.id, %why,
                 open_ms = period.as_millis() as u64, shadow = spec.shadow,
                 capped = left_in_rotation && !spec.shadow,
                 "circuit breaker opened");
         }
         Transition::HalfOpened => {
-            tracing::info!(service = %route.service, instance = %endpoint.id, "circuit breaker half open: probing");
+            tracing::info!(service = %route.service, rule, instance = %endpoint.id, "circuit breaker half open: probing");
         }
         Transition::Closed => {
-            tracing::info!(service = %route.service, instance = %endpoint.id, "circuit breaker closed: back in rotation");
+            tracing::info!(service = %route.service, rule, instance = %endpoint.id, "circuit breaker closed: back in rotation");
         }
     }
 }
@@ -214,11 +223,13 @@ pub(crate) async fn run<E: Exchange>(
 ) -> Result<E::Answer, Rejection> {
     let Plan {
         route,
-        handling: Handling {
-            picker,
-            failure,
-            limit,
-        },
+        handling:
+            Handling {
+                picker,
+                failure,
+                limit,
+                breakers,
+            },
         key,
         safe,
         topic,
@@ -232,7 +243,7 @@ pub(crate) async fn run<E: Exchange>(
             Decision::Reject(after) => return Err(limit.rejection(after)),
         }
     }
-    let breaker = route.breaker.as_ref();
+    let breaker = breakers;
     // Answers are classed for retries, and for breakers.
     let judged = failure.retry.is_some() || breaker.is_some();
     let start = (!failure.is_none()).then(Instant::now);
@@ -248,11 +259,11 @@ pub(crate) async fn run<E: Exchange>(
     let mut attempt = 0u32;
     let result = loop {
         attempt += 1;
-        let endpoint = pick(route, picker, key, &tried, topic)?;
+        let endpoint = pick(route, picker, breakers, key, &tried, topic)?;
         if attempt == 1 {
             route.requests.increment(1);
         }
-        let probe = breaker.and_then(|_| endpoint.breaker.gate.picked());
+        let probe = breaker.and_then(|b| b.cell(endpoint).gate.picked());
         let (result, sent_at) = {
             let _in_flight = InFlight::new(endpoint);
             // Only peak EWMA routes, routes with a deadline and routes
@@ -283,11 +294,11 @@ pub(crate) async fn run<E: Exchange>(
                 f.class
             }
         };
-        if let Some(sent) = breaker.and(sent_at) {
+        if let (Some(b), Some(sent)) = (breaker, sent_at) {
             // Not the instance's doing (the caller's body broke off, say):
             // nothing to hold against it.
             if !matches!(&result, Err(f) if f.class.is_none()) {
-                record(route, endpoint, class, sent.elapsed());
+                record(route, b, endpoint, class, sent.elapsed());
                 if let Some(p) = probe {
                     p.done();
                 }
@@ -297,7 +308,7 @@ pub(crate) async fn run<E: Exchange>(
             break result;
         };
         // Under a breaker, ejection also keeps to max_ejection_percent.
-        if class.ejects() && route.may_exclude() {
+        if class.ejects() && route.may_exclude(breakers) {
             eject(endpoint, class, &route.failures.ejection);
         }
         if !failure.retries(class) || !(class.never_sent() || safe) {
@@ -677,6 +688,59 @@ mod tests {
             (state.state, state.opens),
             (crate::breaker::State::Closed, 1)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rules_own_breakers_act_on_its_events_only() {
+        use weir_client::policy::{CircuitBreaker, EventMatch, Rule};
+        let route = route(TrafficPolicy {
+            rules: vec![Rule {
+                name: "payments".into(),
+                r#match: Some(EventMatch {
+                    type_prefix: "com.shop.payment.".into(),
+                    ..EventMatch::default()
+                }),
+                circuit_breaker: Some(CircuitBreaker {
+                    consecutive_failures: 2,
+                    ..Default::default()
+                }),
+                ..Rule::default()
+            }],
+            ..TrafficPolicy::default()
+        });
+        let payments = route.handling_for("com.shop.payment.charge", "/s");
+        assert!(matches!(payments.breakers, Some(Breakers::Rule(_))));
+        assert!(route.default_handling().breakers.is_none());
+        let plan_for = |handling| Plan {
+            route: &route,
+            handling,
+            key: None,
+            safe: true,
+            topic: None,
+        };
+        let mut fleet = Fleet {
+            failing: vec!["b"],
+            ..Fleet::default()
+        };
+        for _ in 0..9 {
+            let _ = run(plan_for(payments), &mut fleet).await;
+        }
+        // b's breaker for payments opened; its own (the service's) did not.
+        let b = &route.balancer.endpoints()[1];
+        assert!(payments.breakers.expect("rule").cell(b).gate.tripped());
+        assert!(!b.breaker.gate.tripped());
+        fleet.tried.clear();
+        for _ in 0..9 {
+            let _ = run(plan_for(payments), &mut fleet).await;
+        }
+        assert!(!fleet.tried.iter().any(|id| id == "b"), "{:?}", fleet.tried);
+        // Other events still go to b.
+        fleet.tried.clear();
+        fleet.failing.clear();
+        for _ in 0..9 {
+            let _ = run(plan_for(route.default_handling()), &mut fleet).await;
+        }
+        assert_eq!(fleet.tried.iter().filter(|id| *id == "b").count(), 3);
     }
 
     #[tokio::test(start_paused = true)]

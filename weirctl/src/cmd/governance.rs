@@ -126,9 +126,13 @@ fn breaker_row(node: &str, b: &BreakerInfo) -> Vec<String> {
     } else if b.capped {
         state.push_str(" (capped, in rotation)");
     }
+    let service = match b.rule.as_str() {
+        "" | "default" => format!("{}/{}", b.namespace, b.service),
+        rule => format!("{}/{} (rule {rule})", b.namespace, b.service),
+    };
     vec![
         node.to_owned(),
-        format!("{}/{}", b.namespace, b.service),
+        service,
         b.instance_id.clone(),
         b.address.clone(),
         state,
@@ -180,6 +184,7 @@ fn breaker_json(node: &str, b: &BreakerInfo) -> Value {
         "capped": b.capped,
         "opens": b.opens,
         "shadow": b.shadow,
+        "rule": b.rule,
     })
 }
 
