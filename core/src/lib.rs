@@ -13,6 +13,8 @@
 //! - [`time`] (wall clock as records store it) and [`backoff`] (capped
 //!   exponential backoff with optional jitter).
 //! - [`signal::shutdown_signal`]: Ctrl-C or SIGTERM, for every binary.
+//! - [`sketch::Sketch`]: a mergeable latency histogram with a bounded
+//!   relative error (DDSketch), for telemetry's percentiles.
 //! - `logging` and `config` (feature `cli`): the log format switch and
 //!   set-up, and the config-file reading, that the binaries share.
 //!
@@ -29,6 +31,7 @@ pub mod keys;
 pub mod logging;
 pub mod policy;
 pub mod signal;
+pub mod sketch;
 pub mod time;
 pub mod validate;
 
