@@ -139,6 +139,14 @@ fn ms(at: Instant) -> u64 {
     at.saturating_duration_since(epoch()).as_millis() as u64 + 1
 }
 
+/// Nanoseconds since [`epoch`], plus one (so 0 can mean "none"): what a
+/// gate stores, exact to the machine's own clock, so a gate never lets a
+/// probe go before the machine's open period ended (the probe's outcome
+/// would land on an open breaker).
+fn stamp(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX - 1) + 1
+}
+
 /// One endpoint's breaker: the pure state machine.
 #[derive(Clone, Debug)]
 pub struct Breaker {
@@ -288,7 +296,7 @@ impl Breaker {
 #[derive(Debug, Default)]
 pub struct Gate {
     /// 0: closed. Otherwise the breaker is open or half open ("tripped")
-    /// and this is when its open period ends, in ms since [`epoch`] + 1.
+    /// and this is when its open period ends ([`stamp`]).
     until: AtomicU64,
     /// Tripped but left in rotation: the service's ejection cap was
     /// reached (or the breaker is in shadow mode).
@@ -320,7 +328,7 @@ impl Gate {
 
     /// Half open with a probe left.
     fn probing(&self, until: u64) -> bool {
-        ms(Instant::now()) >= until && self.probes.load(Relaxed) > 0
+        stamp(Instant::now()) >= until && self.probes.load(Relaxed) > 0
     }
 
     /// Whether a probe may go now (the open period passed and a probe is
@@ -334,8 +342,8 @@ impl Gate {
     pub fn reopens_in(&self) -> Option<Duration> {
         match self.until.load(Relaxed) {
             0 => None,
-            until => Some(Duration::from_millis(
-                until.saturating_sub(ms(Instant::now())),
+            until => Some(Duration::from_nanos(
+                until.saturating_sub(stamp(Instant::now())),
             )),
         }
     }
@@ -345,7 +353,7 @@ impl Gate {
     /// outcome, see [`Probe`]).
     pub fn picked(&self) -> Option<Probe<'_>> {
         let until = self.until.load(Relaxed);
-        if until == 0 || ms(Instant::now()) < until {
+        if until == 0 || stamp(Instant::now()) < until {
             return None;
         }
         self.probes
@@ -357,7 +365,7 @@ impl Gate {
     fn trip(&self, until: Instant, probes: u32, capped: bool) {
         self.capped.store(capped, Relaxed);
         self.probes.store(probes, Relaxed);
-        self.until.store(ms(until), Relaxed);
+        self.until.store(stamp(until), Relaxed);
     }
 
     fn close(&self) {
@@ -416,17 +424,27 @@ impl Cell {
     /// Records one call's outcome under `spec`. When the breaker opens,
     /// `may_exclude` says whether the service's ejection cap lets it
     /// leave the rotation; in shadow mode it never does.
+    /// `probe` is the half-open place the call took, if any: it is used
+    /// up when the outcome counted, and given back when the breaker
+    /// ignored it (it ended on an open breaker).
     pub fn record(
         &self,
         spec: &Spec,
         failed: bool,
         latency: Duration,
+        probe: Option<Probe<'_>>,
         may_exclude: impl FnOnce() -> bool,
     ) -> Option<Transition> {
         let now = Instant::now();
         let mut machine = self.machine();
         let breaker = machine.get_or_insert_with(|| Breaker::new(spec, now));
-        let transition = breaker.record(spec, now, failed, latency)?;
+        let transition = breaker.record(spec, now, failed, latency);
+        if let Some(p) = probe {
+            if breaker.state() != State::Open || transition.is_some() {
+                p.done();
+            }
+        }
+        let transition = transition?;
         match &transition {
             Transition::Opened { .. } => {
                 let capped = spec.shadow || !may_exclude();
@@ -694,7 +712,7 @@ mod tests {
         };
         let cell = Cell::default();
         assert!(!cell.gate.blocks() && !cell.gate.tripped());
-        opened(cell.record(&s, true, MS, || true));
+        opened(cell.record(&s, true, MS, None, || true));
         assert!(cell.gate.blocks() && cell.gate.tripped());
         assert!(cell.gate.picked().is_none(), "no probe while open");
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -706,18 +724,39 @@ mod tests {
         assert!(cell.gate.blocks(), "both probes under way");
         assert!(cell.gate.picked().is_none());
         assert_eq!(
-            cell.record(&s, false, MS, || true),
+            cell.record(&s, false, MS, Some(first), || true),
             Some(Transition::HalfOpened)
         );
-        first.done();
         assert_eq!(
-            cell.record(&s, false, MS, || true),
+            cell.record(&s, false, MS, Some(second), || true),
             Some(Transition::Closed)
         );
-        second.done();
         assert!(!cell.gate.blocks() && !cell.gate.tripped());
         let state = cell.state().expect("a breaker");
         assert_eq!((state.state, state.opens), (State::Closed, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_probe_goes_before_the_open_period_ends_to_the_microsecond() {
+        let s = Spec {
+            consecutive_failures: Some(1),
+            open: Duration::from_micros(1_000_400),
+            ..spec()
+        };
+        let cell = Cell::default();
+        opened(cell.record(&s, true, MS, None, || true));
+        // Within the last millisecond of the period: the machine is still
+        // open, so the gate lets no probe go (its outcome would be
+        // ignored and its place lost).
+        tokio::time::advance(Duration::from_micros(1_000_100)).await;
+        assert!(!cell.gate.may_probe() && cell.gate.picked().is_none());
+        tokio::time::advance(Duration::from_micros(300)).await;
+        let probe = cell.gate.picked().expect("the period ended");
+        assert_eq!(
+            cell.record(&s, false, MS, Some(probe), || true),
+            Some(Transition::HalfOpened),
+            "counted: half open, one probe of two done"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -727,12 +766,12 @@ mod tests {
             ..spec()
         };
         let capped = Cell::default();
-        opened(capped.record(&s, true, MS, || false));
+        opened(capped.record(&s, true, MS, None, || false));
         assert!(capped.gate.tripped() && !capped.gate.blocks() && !capped.gate.excludes());
         assert!(capped.state().expect("state").capped);
         let shadow = Spec { shadow: true, ..s };
         let cell = Cell::default();
-        opened(cell.record(&shadow, true, MS, || {
+        opened(cell.record(&shadow, true, MS, None, || {
             panic!("shadow mode never asks the cap")
         }));
         assert!(cell.gate.tripped() && !cell.gate.blocks());

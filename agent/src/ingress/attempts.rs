@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::{forward::Failed, InFlight};
 use crate::{
     balance::{any, Endpoint, Picker},
-    breaker::{Breakers, Transition},
+    breaker::{Breakers, Probe, Transition},
     eject::eject,
     limit::Decision,
     reject::{Reason, Rejection},
@@ -146,21 +146,23 @@ fn circuit_open(route: &ServiceRoute, breakers: Breakers<'_>) -> Rejection {
 }
 
 /// Feeds an attempt's outcome to its endpoint's breaker: `class` is how it
-/// failed (`None`: it got an answer to pass on), `counted` whether the
-/// instance is to blame at all.
+/// failed (`None`: it got an answer to pass on); `probe`, the half-open
+/// place the attempt took, if any.
 fn record(
     route: &ServiceRoute,
     breakers: Breakers<'_>,
     endpoint: &Endpoint,
     class: Option<Class>,
     latency: Duration,
+    probe: Option<Probe<'_>>,
 ) {
     let spec = breakers.spec();
     let cell = breakers.cell(endpoint);
     // A 429 is the instance pacing its callers, not failing.
     let failed = class.is_some_and(|c| c != Class::Http429);
-    let Some(transition) = cell.record(spec, failed, latency, || route.may_exclude(Some(breakers)))
-    else {
+    let Some(transition) = cell.record(spec, failed, latency, probe, || {
+        route.may_exclude(Some(breakers))
+    }) else {
         return;
     };
     let rule = match breakers {
@@ -298,10 +300,7 @@ pub(crate) async fn run<E: Exchange>(
             // Not the instance's doing (the caller's body broke off, say):
             // nothing to hold against it.
             if !matches!(&result, Err(f) if f.class.is_none()) {
-                record(route, b, endpoint, class, sent.elapsed());
-                if let Some(p) = probe {
-                    p.done();
-                }
+                record(route, b, endpoint, class, sent.elapsed(), probe);
             }
         }
         let Some(class) = class else {
