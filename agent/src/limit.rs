@@ -177,6 +177,16 @@ impl Limiter {
         self.spec.scope == Scope::Global
     }
 
+    /// Counts a request reaching a `GLOBAL` bucket (its demand); a
+    /// per-agent bucket keeps no count, so its requests touch only the
+    /// bucket's own cache line.
+    #[inline]
+    fn arrive(&self) {
+        if self.is_global() {
+            self.arrivals.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Requests that reached the bucket since the last call.
     pub fn take_arrivals(&self) -> u64 {
         self.arrivals.swap(0, Relaxed)
@@ -264,7 +274,7 @@ impl Limiter {
             OnExcess::Reject => None,
             OnExcess::Queue { max_wait } => Some(max_wait),
         };
-        self.arrivals.fetch_add(1, Relaxed);
+        self.arrive();
         let decision = self.take(nanos(Instant::now()), max_wait);
         match decision {
             Decision::Go => {
@@ -300,7 +310,7 @@ impl Limiter {
     /// outbox competes with addressed traffic for the rate rather than
     /// booking all of it in advance. In shadow mode nothing waits.
     pub async fn paced(&self) {
-        self.arrivals.fetch_add(1, Relaxed);
+        self.arrive();
         loop {
             match self.take(nanos(Instant::now()), None) {
                 Decision::Go => break,

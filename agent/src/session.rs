@@ -130,7 +130,7 @@ pub async fn run(
     let quota = std::sync::Arc::new(std::sync::Mutex::new(Quota::default()));
     let _quota_task = {
         let (quota, routes) = (quota.clone(), view.routes().clone());
-        AbortOnDrop(tokio::spawn(async move {
+        weir_core::task::AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(OUTLIER_EVERY);
             loop {
                 tick.tick().await;
@@ -390,15 +390,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A task that ends with its owner.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// How long an allocated share of a GLOBAL rate limit holds without a

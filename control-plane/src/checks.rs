@@ -6,7 +6,6 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use prost::Message;
-use tokio::task::JoinHandle;
 use weir_core::{
     health::checker::{Checker, SinkError, StatusSink, Transition},
     InstanceKey,
@@ -220,15 +219,7 @@ pub struct Checks {
     assigner: AbortOnDrop,
 }
 
-/// A task that ends with its owner.
-#[derive(Debug)]
-pub(crate) struct AbortOnDrop(pub(crate) JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+pub(crate) use weir_core::task::AbortOnDrop;
 
 impl Checks {
     /// Joins the replicas and starts checking this replica's share.

@@ -13,6 +13,7 @@
 //! - [`time`] (wall clock as records store it) and [`backoff`] (capped
 //!   exponential backoff with optional jitter).
 //! - [`signal::shutdown_signal`]: Ctrl-C or SIGTERM, for every binary.
+//! - [`task::AbortOnDrop`]: a background task that ends with its owner.
 //! - [`sketch::Sketch`]: a mergeable latency histogram with a bounded
 //!   relative error (DDSketch), for telemetry's percentiles.
 //! - `logging` and `config` (feature `cli`): the log format switch and
@@ -32,6 +33,7 @@ pub mod logging;
 pub mod policy;
 pub mod signal;
 pub mod sketch;
+pub mod task;
 pub mod time;
 pub mod validate;
 
