@@ -35,6 +35,26 @@ pub async fn subscribe(
     Ok(())
 }
 
+/// `n` HTTP instances of `default/service`, registered as persistent
+/// instances `{prefix}0`, `{prefix}1`, ...
+pub async fn http_instances(
+    client: &weir_client::Client,
+    service: &str,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<Vec<HttpInstance>> {
+    let mut instances = Vec::with_capacity(n);
+    for k in 0..n {
+        let server = HttpInstance::start().await?;
+        let id = format!("{prefix}{k}");
+        client
+            .register(instance("default", service, &id, u32::from(server.port())))
+            .await?;
+        instances.push(server);
+    }
+    Ok(instances)
+}
+
 /// A persistent instance at `127.0.0.1:port`.
 pub fn instance(namespace: &str, service: &str, id: &str, port: u32) -> Instance {
     Instance {

@@ -12,7 +12,7 @@ use weir_client::policy::{CircuitBreaker, TrafficPolicy};
 use weir_tests::{
     agent::AgentProcess,
     agents::put_policy_applied,
-    fixtures::{instance, HttpInstance},
+    fixtures::{http_instances, HttpInstance},
     load::Load,
     poll_until, start_one,
 };
@@ -37,19 +37,7 @@ async fn setup(
     AgentProcess,
 )> {
     let (etcd, plane, client) = start_one(tag).await?;
-    let mut instances = Vec::new();
-    for n in 0..3 {
-        let server = HttpInstance::start().await?;
-        client
-            .register(instance(
-                "default",
-                "orders",
-                &format!("o{n}"),
-                u32::from(server.port()),
-            ))
-            .await?;
-        instances.push(server);
-    }
+    let instances = http_instances(&client, "orders", "o", 3).await?;
     let agent = AgentProcess::start(&[plane.endpoint()], "node-1", &[])?;
     agent
         .wait_for_endpoints("default", "orders", 3, SETTLE)
@@ -132,7 +120,7 @@ async fn a_failing_instance_is_broken_off_within_a_second_and_probed_back() -> R
     )
     .await?;
     let load = load(&agent);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.wait_for(10, SETTLE).await?;
     instances[1].set_status(PATH, 500);
     let took = until_state(&agent, "o1", "open", Duration::from_secs(3)).await?;
     ensure!(
@@ -143,7 +131,7 @@ async fn a_failing_instance_is_broken_off_within_a_second_and_probed_back() -> R
     // the callers get the other two's 200s.
     let opened = Instant::now();
     load.reset();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let answers = load.wait_for(25, SETTLE).await?;
     ensure!(
         instances[1]
             .hits_since(PATH, opened + Duration::from_millis(50))
@@ -151,7 +139,6 @@ async fn a_failing_instance_is_broken_off_within_a_second_and_probed_back() -> R
             || state_of(&breakers(&agent).await?, "o1") != "open",
         "o1 got requests while its breaker was open"
     );
-    let answers = load.answers();
     ensure!(
         answers.len() >= 25 && answers.iter().all(|a| a.status == 200),
         "{} answers while o1 is out: {:?}",
@@ -166,11 +153,13 @@ async fn a_failing_instance_is_broken_off_within_a_second_and_probed_back() -> R
     instances[1].set_status(PATH, 200);
     until_state(&agent, "o1", "closed", Duration::from_secs(5)).await?;
     let back = Instant::now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    ensure!(
-        instances[1].hits_since(PATH, back).len() >= 3,
-        "o1 back in rotation"
-    );
+    poll_until(
+        Duration::from_secs(2),
+        "o1 back in rotation",
+        || async { Ok(instances[1].hits_since(PATH, back).len()) },
+        |n| *n >= 3,
+    )
+    .await?;
     Ok(())
 }
 
@@ -189,8 +178,8 @@ async fn a_slow_instance_is_broken_off_by_the_slow_call_ratio() -> Result<()> {
         },
     )
     .await?;
-    let _load = load(&agent);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let load = load(&agent);
+    load.wait_for(10, SETTLE).await?;
     instances[2].delay_when("ce-source", "/tests/breaker", Duration::from_millis(300));
     let took = until_state(&agent, "o2", "open", Duration::from_secs(3)).await?;
     ensure!(
@@ -243,8 +232,7 @@ async fn all_failing_no_more_than_the_cap_leaves_and_the_service_fails_fast() ->
         "{out}"
     );
     load.reset();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let answers = load.answers();
+    let answers = load.wait_for(15, SETTLE).await?;
     let fast = answers
         .iter()
         .filter(|a| a.status == 503 && a.reason == "circuit-open" && !a.retry_after.is_empty())
@@ -268,8 +256,7 @@ async fn all_failing_no_more_than_the_cap_leaves_and_the_service_fails_fast() ->
     )
     .await?;
     load.reset();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let answers = load.answers();
+    let answers = load.wait_for(10, SETTLE).await?;
     ensure!(
         !answers.is_empty() && answers.iter().all(|a| a.status == 200),
         "{answers:?}"

@@ -74,7 +74,11 @@ async fn four_agents_share_a_global_limit_max_min_fair() -> Result<()> {
                 service: "orders".into(),
                 rate_limit: Some(RateLimit {
                     requests_per_second: LIMIT,
-                    burst: 30,
+                    // Half a second of the limit: each agent's share of
+                    // the burst (in proportion to its rate) then absorbs
+                    // half a second of a stalled sender's catch-up, on a
+                    // machine this test shares with four agents.
+                    burst: 150,
                     scope: Scope::Global as i32,
                     on_excess: OnExcess::Reject as i32,
                     ..RateLimit::default()

@@ -9,10 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use weir_client::policy::{CircuitBreaker, TrafficPolicy};
 use weir_tests::{
-    agent::AgentProcess,
-    agents::policy_status_until,
-    fixtures::{instance, HttpInstance},
-    load::Load,
+    agent::AgentProcess, agents::policy_status_until, fixtures::http_instances, load::Load,
     poll_until, start_one,
 };
 
@@ -41,19 +38,7 @@ async fn o1(endpoint: &str) -> Result<(String, String)> {
 #[tokio::test]
 async fn an_instance_failing_for_two_agents_is_marked_warning_with_the_reason() -> Result<()> {
     let (_etcd, plane, client) = start_one("outliers").await?;
-    let mut instances = Vec::new();
-    for n in 0..3 {
-        let server = HttpInstance::start().await?;
-        client
-            .register(instance(
-                "default",
-                "orders",
-                &format!("o{n}"),
-                u32::from(server.port()),
-            ))
-            .await?;
-        instances.push(server);
-    }
+    let instances = http_instances(&client, "orders", "o", 3).await?;
     let a = AgentProcess::start(&[plane.endpoint()], "node-a", &[])?;
     let b = AgentProcess::start(&[plane.endpoint()], "node-b", &[])?;
     for agent in [&a, &b] {
