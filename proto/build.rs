@@ -60,6 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "weir/registry/v1/registry.proto",
         "weir/policy/v1/policy.proto",
         "weir/agent/v1/agent.proto",
+        "weir/telemetry/v1/telemetry.proto",
         // No services: what an agent keeps on disk (`--data-dir`).
         "weir/agent/v1/state.proto",
     ];

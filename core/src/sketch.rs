@@ -37,6 +37,12 @@ pub enum SketchError {
     Buckets(usize),
     #[error("sketches of different relative errors do not merge ({0} and {1})")]
     Mismatch(f64, f64),
+    #[error("a sketch of {0} buckets is more than the {DEFAULT_MAX_BUCKETS} allowed")]
+    TooLarge(usize),
+    #[error("a sketch's offset {0} is out of range")]
+    Offset(i32),
+    #[error("a sketch's sum, min or max is not a finite number")]
+    NotFinite,
 }
 
 /// A DDSketch: see the module docs.
@@ -241,6 +247,53 @@ impl Sketch {
     }
 }
 
+/// The wire form (`weir.telemetry.v1.Sketch`).
+impl Sketch {
+    pub fn to_proto(&self) -> weir_proto::telemetry::v1::Sketch {
+        let empty = self.count == 0;
+        weir_proto::telemetry::v1::Sketch {
+            alpha: self.alpha,
+            offset: self.offset,
+            counts: self.counts.clone(),
+            zeros: self.zeros,
+            sum: self.sum,
+            min: if empty { 0.0 } else { self.min },
+            max: if empty { 0.0 } else { self.max },
+        }
+    }
+
+    /// A sketch from the wire, checked: a valid `alpha`, at most
+    /// [`DEFAULT_MAX_BUCKETS`] buckets at an index a latency can have,
+    /// finite figures. The count is recomputed from the buckets.
+    pub fn from_proto(p: &weir_proto::telemetry::v1::Sketch) -> Result<Self, SketchError> {
+        let mut s = Self::new(p.alpha, DEFAULT_MAX_BUCKETS)?;
+        if p.counts.len() > DEFAULT_MAX_BUCKETS {
+            return Err(SketchError::TooLarge(p.counts.len()));
+        }
+        // Indexes of values between 1e-9 and 1e12 at any valid alpha.
+        if p.offset.unsigned_abs() > 1 << 20 {
+            return Err(SketchError::Offset(p.offset));
+        }
+        if !(p.sum.is_finite() && p.min.is_finite() && p.max.is_finite()) {
+            return Err(SketchError::NotFinite);
+        }
+        let count = p
+            .counts
+            .iter()
+            .fold(p.zeros, |total, n| total.saturating_add(*n));
+        s.counts = p.counts.clone();
+        s.offset = p.offset;
+        s.zeros = p.zeros;
+        s.count = count;
+        s.sum = p.sum;
+        if count > 0 {
+            s.min = p.min.min(p.max);
+            s.max = p.max.max(p.min);
+        }
+        Ok(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +392,39 @@ mod tests {
             merged.merge(&coarse),
             Err(SketchError::Mismatch(0.01, 0.02))
         );
+    }
+
+    #[test]
+    fn the_wire_form_round_trips_and_bad_ones_are_refused() {
+        let mut rng = Rng(11);
+        let mut s = Sketch::default();
+        for _ in 0..1_000 {
+            s.insert(rng.next() * 0.5);
+        }
+        s.insert(0.0);
+        let back = Sketch::from_proto(&s.to_proto()).expect("valid");
+        assert_eq!(back, s);
+        let empty = Sketch::from_proto(&Sketch::default().to_proto()).expect("valid");
+        assert_eq!(empty.count(), 0);
+        assert_eq!(empty.quantile(0.5), None);
+        let mut bad = s.to_proto();
+        bad.counts = vec![1; DEFAULT_MAX_BUCKETS + 1];
+        assert!(matches!(
+            Sketch::from_proto(&bad),
+            Err(SketchError::TooLarge(_))
+        ));
+        let mut bad = s.to_proto();
+        bad.sum = f64::NAN;
+        assert_eq!(Sketch::from_proto(&bad), Err(SketchError::NotFinite));
+        let mut bad = s.to_proto();
+        bad.alpha = 0.9;
+        assert_eq!(Sketch::from_proto(&bad), Err(SketchError::Alpha(0.9)));
+        let mut bad = s.to_proto();
+        bad.offset = i32::MIN;
+        assert!(matches!(
+            Sketch::from_proto(&bad),
+            Err(SketchError::Offset(_))
+        ));
     }
 
     #[test]

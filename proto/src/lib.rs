@@ -39,6 +39,12 @@ pub mod agent {
     }
 }
 
+pub mod telemetry {
+    pub mod v1 {
+        tonic::include_proto!("weir.telemetry.v1");
+    }
+}
+
 pub mod events {
     pub mod v1 {
         tonic::include_proto!("weir.events.v1");
