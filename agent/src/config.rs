@@ -76,6 +76,23 @@ pub struct Args {
     /// say) instead of running with publishing answering 503.
     #[arg(long, env = "WEIR_AGENT_OUTBOX_REQUIRED")]
     pub outbox_required: Option<bool>,
+    /// Telemetry (spans, edge counts, trace context sent on to
+    /// instances, reports to the control plane): on (default) or off.
+    #[arg(long, env = "WEIR_AGENT_TELEMETRY")]
+    pub telemetry: Option<bool>,
+    /// Share of the traces this agent starts that it keeps, 0-1
+    /// (default 0.01), unless the target's policy sets `tracing`.
+    /// Failed and slow requests are kept whatever the rate.
+    #[arg(long, env = "WEIR_AGENT_TRACE_SAMPLE_RATE")]
+    pub trace_sample_rate: Option<f64>,
+    /// Requests at least this slow are kept whatever the rate
+    /// (milliseconds, 1-3600000, default 1000).
+    #[arg(long, env = "WEIR_AGENT_TRACE_SLOW_MS")]
+    pub trace_slow_ms: Option<u64>,
+    /// Spans kept per second at most (default 1000; 1-1000000); the rest
+    /// are dropped and counted in weir_agent_spans_dropped_total.
+    #[arg(long, env = "WEIR_AGENT_SPANS_PER_SECOND")]
+    pub spans_per_second: Option<u32>,
     /// Log format: text or json.
     #[arg(long, env = "WEIR_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -100,6 +117,10 @@ pub struct FileConfig {
     pub durable_by_default: Option<bool>,
     pub unsubscribed: Option<Unsubscribed>,
     pub outbox_required: Option<bool>,
+    pub telemetry: Option<bool>,
+    pub trace_sample_rate: Option<f64>,
+    pub trace_slow_ms: Option<u64>,
+    pub spans_per_second: Option<u32>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -133,6 +154,8 @@ pub struct Config {
     pub durable_by_default: bool,
     pub unsubscribed: Unsubscribed,
     pub outbox_required: bool,
+    /// Spans and edge counts (node id and namespace filled at start).
+    pub telemetry: crate::telemetry::Settings,
     pub log_format: LogFormat,
 }
 
@@ -159,6 +182,7 @@ impl Default for Config {
             durable_by_default: false,
             unsubscribed: Unsubscribed::Drop,
             outbox_required: false,
+            telemetry: crate::telemetry::Settings::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -234,7 +258,39 @@ impl Config {
                 "workers must be 1-64 (got {workers})"
             )));
         }
+        let mut telemetry = d.telemetry.clone();
+        telemetry.enabled = args
+            .telemetry
+            .or(file.telemetry)
+            .unwrap_or(telemetry.enabled);
+        if let Some(rate) = args.trace_sample_rate.or(file.trace_sample_rate) {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ConfigError::Invalid(format!(
+                    "trace_sample_rate must be 0-1 (got {rate})"
+                )));
+            }
+            telemetry.sample_rate = rate;
+        }
+        if let Some(ms) = args.trace_slow_ms.or(file.trace_slow_ms) {
+            if !(1..=3_600_000).contains(&ms) {
+                return Err(ConfigError::Invalid(format!(
+                    "trace_slow_ms must be 1-3600000 (got {ms})"
+                )));
+            }
+            telemetry.slow = std::time::Duration::from_millis(ms);
+        }
+        if let Some(n) = args.spans_per_second.or(file.spans_per_second) {
+            if !(1..=1_000_000).contains(&n) {
+                return Err(ConfigError::Invalid(format!(
+                    "spans_per_second must be 1-1000000 (got {n})"
+                )));
+            }
+            telemetry.spans_per_second = n;
+        }
+        telemetry.node_id = node_id.clone();
+        telemetry.namespace = namespace.clone();
         Ok(Self {
+            telemetry,
             node_id,
             stale_grace,
             workers,
@@ -326,6 +382,11 @@ mod tests {
             ..Args::default()
         })
         .contains("control_plane"));
+        assert!(bad(Args {
+            trace_sample_rate: Some(1.5),
+            ..Args::default()
+        })
+        .contains("trace_sample_rate"));
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub mod persist;
 pub mod reject;
 pub mod retry;
 pub mod session;
+pub mod telemetry;
 pub mod view;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -86,6 +87,7 @@ pub struct Agent {
     scheduler: Option<JoinHandle<()>>,
     local: Arc<local::Local>,
     persister: Option<(persist::Persister, JoinHandle<()>)>,
+    reporter: JoinHandle<()>,
 }
 
 fn local_addr(
@@ -130,6 +132,7 @@ impl Agent {
             let _ = rx.wait_for(|s| *s).await;
         };
         let in_flight = ingress::InFlightTotal::default();
+        let telemetry = telemetry::Telemetry::new(config.telemetry.clone());
         let mut broken = false;
         let outbox = match &config.data_dir {
             None => Err("topic publishing needs --data-dir: the outbox lives there".to_owned()),
@@ -172,6 +175,7 @@ impl Agent {
         let ingress = {
             let (routes, in_flight) = (routes.clone(), in_flight.clone());
             let topics = topics.clone();
+            let telemetry = telemetry.clone();
             let (namespace, max) = (config.namespace.clone(), config.max_event_bytes);
             ingress::Workers::start(
                 config.ingress_addr,
@@ -184,6 +188,7 @@ impl Agent {
                         in_flight.worker(),
                     )
                     .with_topics(topics.clone())
+                    .with_telemetry(telemetry.clone())
                 },
                 stopped.clone(),
                 DRAIN,
@@ -227,6 +232,15 @@ impl Agent {
             state_rx.clone(),
         ));
         let registry_service = local::LocalRegistry::new(local.clone(), view.mirror());
+        let reporter = {
+            let (telemetry, local) = (telemetry.clone(), local.clone());
+            tokio::spawn(telemetry::report::run(
+                telemetry,
+                client.clone(),
+                move || local.services(),
+                stopped.clone(),
+            ))
+        };
         let session = tokio::spawn(session::run(
             client,
             hello,
@@ -304,6 +318,7 @@ impl Agent {
             scheduler,
             local,
             persister,
+            reporter,
         })
     }
 
@@ -340,6 +355,7 @@ impl Agent {
             scheduler.abort();
         }
         self.local.deregister_all().await;
+        self.reporter.abort();
         self.session.abort();
         if let Some((persister, writer)) = &self.persister {
             writer.abort();

@@ -63,6 +63,8 @@ pub struct ServiceRoute {
     /// One per rule of `balancing`, by index: the rule's own breakers, or
     /// `None` (its events run under the service's).
     rule_breakers: Box<[Option<RuleBreakers>]>,
+    /// The policy's `tracing` section.
+    pub tracing: crate::balance::policy::Tracing,
     pub(crate) requests: metrics::Counter,
     pub(crate) upstream_errors: metrics::Counter,
     pub(crate) failures: FailureMetrics,
@@ -797,6 +799,7 @@ impl View {
                 .collect(),
             _ => Box::default(),
         };
+        let tracing = balancing.as_ref().map(|b| b.tracing).unwrap_or_default();
         let route = ServiceRoute {
             namespace: namespace.into(),
             service: service.into(),
@@ -811,6 +814,7 @@ impl View {
             rule_limits,
             breaker,
             rule_breakers,
+            tracing,
             requests: metrics::counter!("weir_agent_requests_total", &labels),
             upstream_errors: metrics::counter!("weir_agent_upstream_errors_total", &labels),
             failures: FailureMetrics::new(&labels),

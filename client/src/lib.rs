@@ -49,6 +49,7 @@ mod publisher;
 mod registration;
 mod renewer;
 mod session;
+mod telemetry_calls;
 mod watch;
 
 use std::{
@@ -71,6 +72,7 @@ pub use node_calls::NodeStatusSink;
 pub use publisher::{CloudEvent, PublishError, PublishRefusal, PublishResponse, TopicPublisher};
 pub use registration::{retry_delay, Registration, RegistrationState};
 pub use session::{AckOutcome, AgentSession, SessionEvent};
+pub use telemetry_calls::{ReportStream, REPORT_WINDOW};
 pub use watch::{RegistryMirror, WatchUpdate, WatchView};
 pub use weir_proto::registry::v1::{
     health_check, watch_response::Kind as WatchKind, DeregisterRequest, DeregisterResponse, Event,
@@ -82,7 +84,10 @@ pub use weir_proto::registry::v1::{
     ServiceSummary, SetServiceConfigRequest, SetServiceConfigResponse, TcpCheck, TtlCheck,
     WatchRequest, WatchResponse,
 };
-pub use weir_proto::{agent::v1 as agent, cloudevents::v1 as cloudevents, policy::v1 as policy};
+pub use weir_proto::{
+    agent::v1 as agent, cloudevents::v1 as cloudevents, policy::v1 as policy,
+    telemetry::v1 as telemetry,
+};
 
 /// The control plane's default gRPC address.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";

@@ -95,6 +95,28 @@ pub struct Balancing {
     /// Earlier rules without one are kept: the first match wins, and such
     /// a rule sends its events to the default balancer.
     pub rules: Vec<RuleBalancing>,
+    /// The policy's `tracing` section.
+    pub tracing: Tracing,
+}
+
+/// How requests to a service are traced (its policy's `tracing`
+/// section); `None`s leave the agent's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Tracing {
+    pub sample_rate: Option<f64>,
+    pub slow: Option<std::time::Duration>,
+}
+
+impl Tracing {
+    fn of(policy: &TrafficPolicy) -> Self {
+        let Some(t) = &policy.tracing else {
+            return Self::default();
+        };
+        Self {
+            sample_rate: t.sample_rate.filter(|r| (0.0..=1.0).contains(r)),
+            slow: (t.slow_ms > 0).then(|| std::time::Duration::from_millis(u64::from(t.slow_ms))),
+        }
+    }
 }
 
 /// One rule, as the balancers see it.
@@ -194,6 +216,7 @@ impl Balancing {
                 limit,
                 breaker,
                 rules: Vec::new(),
+                tracing: Tracing::of(policy),
             };
         };
         // The matchers as `resolve` builds them, so the agent matches
@@ -223,6 +246,7 @@ impl Balancing {
             limit,
             breaker,
             rules,
+            tracing: Tracing::of(policy),
         }
     }
 
@@ -265,7 +289,7 @@ pub fn unenforced(policy: &TrafficPolicy) -> Vec<&'static str> {
             "load_balancer" => !policy.load_balancer.as_ref().is_some_and(enforced),
             "retry" | "timeout" => false,
             "rate_limit" => !policy.rate_limit.as_ref().is_none_or(limit_enforced),
-            "circuit_breaker" => false,
+            "circuit_breaker" | "tracing" => false,
             // Topic delivery follows the defaults' section; shadow mode
             // is not built for it.
             "delivery" => policy.delivery.as_ref().is_some_and(|d| d.shadow),

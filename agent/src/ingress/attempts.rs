@@ -33,9 +33,10 @@ use crate::{
     balance::{any, Endpoint, Picker},
     breaker::{Breakers, Probe, Transition},
     eject::eject,
-    limit::Decision,
+    limit::Decision as Admit,
     reject::{Reason, Rejection},
     retry::Class,
+    telemetry::{self, Decision, Trace},
     view::{Handling, ServiceRoute},
 };
 
@@ -51,10 +52,15 @@ pub(crate) trait Exchange {
     /// Whether the request can be sent once more (its body is in hand).
     fn replayable(&self) -> bool;
 
-    /// Sends the request (again) to `endpoint`.
+    /// What an answer was, for the attempt's span.
+    fn answered(&self, answer: &Self::Answer) -> telemetry::Answer;
+
+    /// Sends the request (again) to `endpoint`, carrying `traceparent`
+    /// (the attempt's span) when telemetry is on.
     fn attempt(
         &mut self,
         endpoint: &Endpoint,
+        traceparent: Option<http::HeaderValue>,
     ) -> impl Future<Output = Result<Self::Answer, Failed>> + Send;
 }
 
@@ -147,7 +153,7 @@ fn circuit_open(route: &ServiceRoute, breakers: Breakers<'_>) -> Rejection {
 
 /// Feeds an attempt's outcome to its endpoint's breaker: `class` is how it
 /// failed (`None`: it got an answer to pass on); `probe`, the half-open
-/// place the attempt took, if any.
+/// place the attempt took, if any. True when the breaker opened.
 fn record(
     route: &ServiceRoute,
     breakers: Breakers<'_>,
@@ -155,7 +161,7 @@ fn record(
     class: Option<Class>,
     latency: Duration,
     probe: Option<Probe<'_>>,
-) {
+) -> bool {
     let spec = breakers.spec();
     let cell = breakers.cell(endpoint);
     // A 429 is the instance pacing its callers, not failing.
@@ -163,8 +169,9 @@ fn record(
     let Some(transition) = cell.record(spec, failed, latency, probe, || {
         route.may_exclude(Some(breakers))
     }) else {
-        return;
+        return false;
     };
+    let opened = matches!(transition, Transition::Opened { .. });
     let rule = match breakers {
         Breakers::Service(_) => crate::limit::SERVICE_RULE,
         Breakers::Rule(r) => &r.rule,
@@ -191,6 +198,7 @@ fn record(
             tracing::info!(service = %route.service, rule, instance = %endpoint.id, "circuit breaker closed: back in rotation");
         }
     }
+    opened
 }
 
 fn transition_name(t: &Transition) -> &'static str {
@@ -218,10 +226,12 @@ fn timed_out(endpoint: &Endpoint, waited: Duration, total: bool) -> Failed {
     }
 }
 
-/// Runs `exchange` for one request; see the module docs.
+/// Runs `exchange` for one request; see the module docs. Each attempt and
+/// the governance decisions taken are noted in `trace`.
 pub(crate) async fn run<E: Exchange>(
     plan: Plan<'_>,
     exchange: &mut E,
+    trace: &mut Trace,
 ) -> Result<E::Answer, Rejection> {
     let Plan {
         route,
@@ -240,9 +250,15 @@ pub(crate) async fn run<E: Exchange>(
     // before they come here.
     if let (Some(limit), None) = (limit, topic) {
         match limit.admit() {
-            Decision::Go => {}
-            Decision::Wait(wait) => tokio::time::sleep(wait).await,
-            Decision::Reject(after) => return Err(limit.rejection(after)),
+            Admit::Go => {}
+            Admit::Wait(wait) => {
+                trace.decided(Decision::Queued);
+                tokio::time::sleep(wait).await
+            }
+            Admit::Reject(after) => {
+                trace.decided(Decision::RateLimited);
+                return Err(limit.rejection(after));
+            }
         }
     }
     let breaker = breakers;
@@ -261,7 +277,12 @@ pub(crate) async fn run<E: Exchange>(
     let mut attempt = 0u32;
     let result = loop {
         attempt += 1;
-        let endpoint = pick(route, picker, breakers, key, &tried, topic)?;
+        let endpoint = pick(route, picker, breakers, key, &tried, topic).inspect_err(|r| {
+            if r.reason == Reason::CircuitOpen {
+                trace.decided(Decision::CircuitOpen);
+            }
+        })?;
+        let traceparent = trace.attempt(&endpoint.id, endpoint.authority.as_str());
         if attempt == 1 {
             route.requests.increment(1);
         }
@@ -275,12 +296,14 @@ pub(crate) async fn run<E: Exchange>(
             let per_try = sent.zip(failure.per_try()).map(|(s, p)| s + p);
             let result = match (sent, earliest(deadline, per_try)) {
                 (Some(sent), Some(until)) => {
-                    match tokio::time::timeout_at(until, exchange.attempt(endpoint)).await {
+                    match tokio::time::timeout_at(until, exchange.attempt(endpoint, traceparent))
+                        .await
+                    {
                         Ok(r) => r,
                         Err(_) => Err(timed_out(endpoint, until - sent, Some(until) == deadline)),
                     }
                 }
-                _ => exchange.attempt(endpoint).await,
+                _ => exchange.attempt(endpoint, traceparent).await,
             };
             if let (Ok(_), Some(sent)) = (&result, sent) {
                 // The answer came: the latency peak EWMA weighs.
@@ -296,11 +319,19 @@ pub(crate) async fn run<E: Exchange>(
                 f.class
             }
         };
+        if trace.is_on() {
+            trace.attempted(match &result {
+                Ok(answer) => exchange.answered(answer),
+                Err(f) => telemetry::Answer::Failed(f.class.map_or("cancelled", Class::as_str)),
+            });
+        }
         if let (Some(b), Some(sent)) = (breaker, sent_at) {
             // Not the instance's doing (the caller's body broke off, say):
             // nothing to hold against it.
-            if !matches!(&result, Err(f) if f.class.is_none()) {
-                record(route, b, endpoint, class, sent.elapsed(), probe);
+            if !matches!(&result, Err(f) if f.class.is_none())
+                && record(route, b, endpoint, class, sent.elapsed(), probe)
+            {
+                trace.decided(Decision::BreakerOpened);
             }
         }
         let Some(class) = class else {
@@ -309,6 +340,7 @@ pub(crate) async fn run<E: Exchange>(
         // Under a breaker, ejection also keeps to max_ejection_percent.
         if class.ejects() && route.may_exclude(breakers) {
             eject(endpoint, class, &route.failures.ejection);
+            trace.decided(Decision::Ejected);
         }
         if !failure.retries(class) || !(class.never_sent() || safe) {
             break result;
@@ -333,6 +365,7 @@ pub(crate) async fn run<E: Exchange>(
             break result;
         }
         route.failures.retried(class);
+        trace.decided(Decision::Retried);
         tracing::debug!(service = %route.service, instance = %endpoint.id, on = class.as_str(),
             attempt, ?delay, "retrying on another instance");
         tried.push(Arc::as_ptr(endpoint) as usize);
@@ -362,6 +395,11 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    /// The loop, untraced.
+    async fn run<E: Exchange>(plan: Plan<'_>, exchange: &mut E) -> Result<E::Answer, Rejection> {
+        super::run(plan, exchange, &mut Trace::off()).await
+    }
 
     /// `orders` with instances a, b and c, under `policy`.
     fn route(policy: TrafficPolicy) -> Arc<ServiceRoute> {
@@ -416,9 +454,14 @@ mod tests {
             true
         }
 
+        fn answered(&self, status: &u16) -> telemetry::Answer {
+            telemetry::Answer::Http(*status)
+        }
+
         fn attempt(
             &mut self,
             endpoint: &Endpoint,
+            _traceparent: Option<http::HeaderValue>,
         ) -> impl Future<Output = Result<u16, Failed>> + Send {
             self.tried.push((endpoint.id.to_string(), Instant::now()));
             let step = self.steps.pop_front().unwrap_or(Step::Answer(200));
@@ -607,9 +650,14 @@ mod tests {
             true
         }
 
+        fn answered(&self, status: &u16) -> telemetry::Answer {
+            telemetry::Answer::Http(*status)
+        }
+
         fn attempt(
             &mut self,
             endpoint: &Endpoint,
+            _traceparent: Option<http::HeaderValue>,
         ) -> impl Future<Output = Result<u16, Failed>> + Send {
             self.tried.push(endpoint.id.to_string());
             let fails = self.failing.contains(&&*endpoint.id);

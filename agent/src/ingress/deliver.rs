@@ -125,10 +125,14 @@ pub async fn deliver(
     endpoint: &Endpoint,
     message: &DeliverRequest,
     max: usize,
+    traceparent: Option<HeaderValue>,
 ) -> Result<Bytes, DeliverError> {
     let mut request = Request::new(Body::full(frame(message)?));
     *request.method_mut() = Method::POST;
     let headers = request.headers_mut();
+    if let Some(tp) = traceparent {
+        headers.insert(super::TRACEPARENT, tp);
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),

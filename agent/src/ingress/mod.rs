@@ -49,8 +49,28 @@ use crate::{
     body::Body,
     reject::{Reason, Rejection},
     retry::{answer_class, Class},
+    telemetry::{self, Ending, EventInfo, Kind, Telemetry, Trace},
     view::{Handling, Routes, ServiceRoute},
 };
+
+/// The W3C trace context header.
+pub(crate) const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
+/// The trace context a publish stores for its deliveries: its own span's
+/// when telemetry is on, else the caller's `traceparent` as it came.
+pub(crate) fn published_context(trace: &Trace, headers: &HeaderMap) -> String {
+    trace
+        .traceparent()
+        .or_else(|| headers.get(TRACEPARENT).cloned())
+        .and_then(|v| v.to_str().ok().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The span attributes of a parsed event.
+fn event_info(event: &serde_json::Map<String, serde_json::Value>) -> EventInfo {
+    let text = |k: &str| event.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    EventInfo::of(text("id"), text("type"), text("source"))
+}
 
 use attempts::{Exchange, Plan};
 use cloudevents::Mode;
@@ -72,6 +92,8 @@ pub struct Ingress {
     pub in_flight: Arc<WorkerInFlight>,
     /// Publishing to topics (`/v1/topics/{topic}`), when set.
     pub topics: Option<Arc<crate::outbox::topics::Topics>>,
+    /// Spans and edge counts (off unless set).
+    pub telemetry: Arc<Telemetry>,
     rejections: [metrics::Counter; Reason::ALL.len()],
 }
 
@@ -180,9 +202,16 @@ impl Ingress {
             max_event_bytes,
             in_flight,
             topics: None,
+            telemetry: Telemetry::off(),
             rejections: Reason::ALL
                 .map(|r| metrics::counter!("weir_agent_rejections_total", "reason" => r.as_str())),
         }
+    }
+
+    /// The same ingress, with `telemetry`.
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     /// The same ingress, publishing to `topics`.
@@ -207,11 +236,25 @@ impl Ingress {
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let grpc = is_grpc(request.headers());
         let _entered = self.in_flight.enter();
-        let response = match self.route_and_send(request, grpc).await {
+        let publish = request.uri().path().starts_with(TOPICS_PREFIX);
+        let kind = if publish { Kind::Publish } else { Kind::Send };
+        let mut trace = self.telemetry.begin(kind, request.headers());
+        let result = if publish {
+            self.publish(request, &mut trace).await
+        } else {
+            self.route_and_send(request, grpc, &mut trace).await
+        };
+        if trace.is_on() {
+            let ending = match &result {
+                Ok(r) => Ending::status(r.status().as_u16()),
+                Err(r) => Ending::rejected(r),
+            };
+            self.telemetry.finish(trace, &ending);
+        }
+        match result {
             Ok(r) => r,
             Err(r) => self.rejected(r, grpc),
-        };
-        response
+        }
     }
 
     fn route(&self, target: &Target<'_>) -> Result<Arc<ServiceRoute>, Rejection> {
@@ -232,16 +275,18 @@ impl Ingress {
         &self,
         request: Request<Incoming>,
         grpc: bool,
+        trace: &mut Trace,
     ) -> Result<Response<Body>, Rejection> {
-        if request.uri().path().starts_with(TOPICS_PREFIX) {
-            return self.publish(request).await;
-        }
         let (route, rewrite) = {
             let target =
                 target::resolve(request.uri(), request.headers(), &self.default_namespace)?;
             (self.route(&target)?, target.rewrite)
         };
+        trace.target(&route);
         let mode = cloudevents::mode(request.headers());
+        if trace.is_on() && mode == Mode::Binary {
+            trace.event(EventInfo::of_headers(request.headers()));
+        }
         match mode {
             Mode::Plain => {}
             Mode::Binary => cloudevents::check_binary(request.headers())?,
@@ -249,6 +294,9 @@ impl Ingress {
                 let (parts, body) = request.into_parts();
                 let body = self.read_whole(body).await?;
                 let event = cloudevents::parse_structured(&body)?;
+                if trace.is_on() {
+                    trace.event(event_info(&event));
+                }
                 let handling = event_handling(&route, &event);
                 let key = key_of(handling.picker, &parts.headers, Some(&event));
                 let request = Request::from_parts(parts, Body::full(body));
@@ -259,13 +307,13 @@ impl Ingress {
                     safe: true,
                     topic: None,
                 };
-                return self.send(plan, request, rewrite, grpc).await;
+                return self.send(plan, request, rewrite, grpc, trace).await;
             }
             Mode::Batch => {
                 let (parts, body) = request.into_parts();
                 let body = self.read_whole(body).await?;
                 let events = cloudevents::parse_batch(&body)?;
-                return Ok(self.send_batch(&route, parts, rewrite, events).await);
+                return Ok(self.send_batch(&route, parts, rewrite, events, trace).await);
             }
         }
         let handling = header_handling(&route, mode, request.headers());
@@ -289,6 +337,7 @@ impl Ingress {
             Request::from_parts(parts, Body::Stream(body)),
             rewrite,
             grpc,
+            trace,
         )
         .await
     }
@@ -302,6 +351,7 @@ impl Ingress {
         request: Request<Body>,
         rewrite: Option<http::uri::PathAndQuery>,
         grpc: bool,
+        trace: &mut Trace,
     ) -> Result<Response<Body>, Rejection> {
         let (request, again) = if plan.handling.failure.attempts() > 1 {
             let bound = if cloudevents::mode(request.headers()) == Mode::Plain {
@@ -320,14 +370,18 @@ impl Ingress {
             rewrite,
             grpc,
         };
-        attempts::run(plan, &mut exchange).await
+        attempts::run(plan, &mut exchange, trace).await
     }
 
     /// `POST /v1/topics/{topic}`: the event (binary or structured mode) is
     /// accepted into the outbox for the topic's subscribers, answered 202
     /// with its id; a batch is answered 207, one `{id, status, reason}`
     /// per event.
-    async fn publish(&self, request: Request<Incoming>) -> Result<Response<Body>, Rejection> {
+    async fn publish(
+        &self,
+        request: Request<Incoming>,
+        trace: &mut Trace,
+    ) -> Result<Response<Body>, Rejection> {
         use crate::outbox::event;
         let topics = self.topics.as_ref().ok_or_else(|| {
             Rejection::new(
@@ -348,11 +402,9 @@ impl Ingress {
             .filter(|v| !v.is_empty())
             .unwrap_or(&self.default_namespace)
             .to_owned();
-        let traceparent = headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        trace.topic(&namespace, &topic);
+        let traceparent = published_context(trace, headers);
+        let publisher = trace.source().key();
         let mode = cloudevents::mode(headers);
         if mode == Mode::Plain {
             return Err(Rejection::new(
@@ -379,7 +431,12 @@ impl Ingress {
             _ => None,
         };
         if let Some(e) = one {
-            let published = topics.publish(&namespace, &topic, e, &traceparent).await?;
+            if trace.is_on() {
+                trace.event(EventInfo::of(&e.id, &e.r#type, &e.source));
+            }
+            let published = topics
+                .publish(&namespace, &topic, e, &traceparent, &publisher)
+                .await?;
             let json = serde_json::to_vec(&published).unwrap_or_default();
             return Ok(answer(StatusCode::ACCEPTED, json));
         }
@@ -388,10 +445,15 @@ impl Ingress {
         // together, one fsync for the batch rather than one per event.
         let entries = cloudevents::parse_batch(&body)?;
         let outcomes = futures_util::future::join_all(entries.into_iter().map(|(id, entry)| {
-            let (namespace, topic, traceparent) = (&namespace, &topic, &traceparent);
+            let (namespace, topic, traceparent, publisher) =
+                (&namespace, &topic, &traceparent, &publisher);
             async move {
                 let outcome = match entry.and_then(|map| event::from_structured(&map)) {
-                    Ok(e) => topics.publish(namespace, topic, e, traceparent).await,
+                    Ok(e) => {
+                        topics
+                            .publish(namespace, topic, e, traceparent, publisher)
+                            .await
+                    }
                     Err(r) => Err(r),
                 };
                 (id, outcome)
@@ -437,6 +499,7 @@ impl Ingress {
         parts: http::request::Parts,
         rewrite: Option<http::uri::PathAndQuery>,
         events: Vec<cloudevents::BatchEntry>,
+        trace: &mut Trace,
     ) -> Response<Body> {
         let mut results = Vec::with_capacity(events.len());
         for (id, event) in events {
@@ -462,7 +525,8 @@ impl Ingress {
                         safe: true,
                         topic: None,
                     };
-                    self.send(plan, request, rewrite.clone(), false).await
+                    self.send(plan, request, rewrite.clone(), false, trace)
+                        .await
                 }
             };
             let (status, reason) = match outcome {
@@ -695,14 +759,22 @@ impl Exchange for Forward<'_> {
         self.again.is_some()
     }
 
+    fn answered(&self, answer: &Response<Body>) -> telemetry::Answer {
+        telemetry::Answer::Http(answer.status().as_u16())
+    }
+
     fn attempt(
         &mut self,
         endpoint: &Endpoint,
+        traceparent: Option<HeaderValue>,
     ) -> impl std::future::Future<Output = Result<Response<Body>, Failed>> + Send {
-        let request = self
+        let mut request = self
             .first
             .take()
             .or_else(|| self.again.as_ref().map(Again::request));
+        if let (Some(r), Some(tp)) = (request.as_mut(), traceparent) {
+            r.headers_mut().insert(TRACEPARENT, tp);
+        }
         let upstreams = self.upstreams;
         let rewrite = self.rewrite.clone();
         let grpc = self.grpc;

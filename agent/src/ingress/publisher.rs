@@ -47,6 +47,7 @@ use crate::{
     body::Body,
     reject::{Reason, Rejection, INSTANCE_STATUS, WEIR_INSTANCE, WEIR_REASON},
     retry::{grpc_class, Class},
+    telemetry::{self, Ending, EventInfo, Kind, Trace},
 };
 
 /// Paths of the Publisher's methods start with this.
@@ -80,7 +81,20 @@ impl Publisher for EventsPublisher {
     ) -> Result<tonic::Response<SendResponse>, tonic::Status> {
         let _in_flight = self.ingress.in_flight.enter();
         let (metadata, _, message) = request.into_parts();
-        match self.send_event(&metadata, message).await {
+        let headers = metadata.into_headers();
+        let mut trace = self.ingress.telemetry.begin(Kind::Send, &headers);
+        let result = self.send_event(&headers, message, &mut trace).await;
+        if trace.is_on() {
+            let ending = match &result {
+                Ok(r) => Ending::status(u16::try_from(r.status).unwrap_or(500)),
+                Err(SendError::Rejected(r)) => Ending::rejected(r),
+                Err(SendError::Refused { status, .. }) => {
+                    Ending::grpc(status.code(), status.message())
+                }
+            };
+            self.ingress.telemetry.finish(trace, &ending);
+        }
+        match result {
             Ok(response) => Ok(tonic::Response::new(response)),
             Err(SendError::Rejected(r)) => {
                 tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher/Send refused");
@@ -100,7 +114,7 @@ impl Publisher for EventsPublisher {
     ) -> Result<tonic::Response<PublishResponse>, tonic::Status> {
         let _in_flight = self.ingress.in_flight.enter();
         let (metadata, _, message) = request.into_parts();
-        publish_event(&self.ingress, traceparent(&metadata), message)
+        publish_event(&self.ingress, &metadata.into_headers(), message)
             .await
             .map(tonic::Response::new)
             .map_err(|r| {
@@ -120,19 +134,11 @@ impl Publisher for EventsPublisher {
         self.ingress.in_flight.0.fetch_add(1, Relaxed);
         Ok(tonic::Response::new(Answers {
             ingress: self.ingress.clone(),
-            traceparent: traceparent(&metadata).into(),
+            headers: Arc::new(metadata.into_headers()),
             requests: Some(requests),
             pending: futures_util::stream::FuturesOrdered::new(),
         }))
     }
-}
-
-/// The `traceparent` of a call's metadata, or "".
-fn traceparent(metadata: &tonic::metadata::MetadataMap) -> &str {
-    metadata
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
 }
 
 /// The most events of one `PublishStream` the agent works on at once.
@@ -148,7 +154,8 @@ type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = PublishStreamRe
 /// it.
 pub struct Answers {
     ingress: Arc<Ingress>,
-    traceparent: Arc<str>,
+    /// The call's metadata: trace context and caller.
+    headers: Arc<http::HeaderMap>,
     /// None once the publisher closed its side (or broke it).
     requests: Option<tonic::Streaming<PublishRequest>>,
     pending: futures_util::stream::FuturesOrdered<Answer>,
@@ -157,9 +164,9 @@ pub struct Answers {
 impl Answers {
     fn answer(&self, request: PublishRequest) -> Answer {
         let ingress = self.ingress.clone();
-        let traceparent = self.traceparent.clone();
+        let headers = self.headers.clone();
         Box::pin(async move {
-            let result = match publish_event(&ingress, &traceparent, request).await {
+            let result = match publish_event(&ingress, &headers, request).await {
                 Ok(published) => publish_stream_response::Result::Published(published),
                 Err(r) => {
                     ingress.count(&r);
@@ -277,11 +284,30 @@ fn refused(instance: &str, status: &tonic::Status) -> tonic::Status {
     out
 }
 
-/// Publishes one event of `Publish` or `PublishStream`.
+/// Publishes one event of `Publish` or `PublishStream` (a call with
+/// `headers`), traced as a publish.
 async fn publish_event(
     ingress: &Ingress,
-    traceparent: &str,
+    headers: &http::HeaderMap,
     request: PublishRequest,
+) -> Result<PublishResponse, Rejection> {
+    let mut trace = ingress.telemetry.begin(Kind::Publish, headers);
+    let result = publish_traced(ingress, headers, request, &mut trace).await;
+    if trace.is_on() {
+        let ending = match &result {
+            Ok(_) => Ending::grpc(tonic::Code::Ok, ""),
+            Err(r) => Ending::rejected(r),
+        };
+        ingress.telemetry.finish(trace, &ending);
+    }
+    result
+}
+
+async fn publish_traced(
+    ingress: &Ingress,
+    headers: &http::HeaderMap,
+    request: PublishRequest,
+    trace: &mut Trace,
 ) -> Result<PublishResponse, Rejection> {
     let topics = ingress.topics.as_ref().ok_or_else(|| {
         Rejection::new(
@@ -301,8 +327,19 @@ async fn publish_event(
     } else {
         request.namespace.as_str()
     };
+    trace.topic(namespace, &request.topic);
+    if trace.is_on() {
+        trace.event(EventInfo::of(&event.id, &event.r#type, &event.source));
+    }
+    let traceparent = super::published_context(trace, headers);
     let published = topics
-        .publish(namespace, &request.topic, event, traceparent)
+        .publish(
+            namespace,
+            &request.topic,
+            event,
+            &traceparent,
+            &trace.source().key(),
+        )
         .await
         .inspect_err(|r| tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher: a publish refused"))?;
     Ok(PublishResponse {
@@ -315,8 +352,9 @@ async fn publish_event(
 impl EventsPublisher {
     async fn send_event(
         &self,
-        metadata: &tonic::metadata::MetadataMap,
+        metadata: &http::HeaderMap,
         request: SendRequest,
+        trace: &mut Trace,
     ) -> Result<SendResponse, SendError> {
         if request.service.is_empty() {
             return Err(Rejection::new(Reason::NoTarget, "service is required")
@@ -338,6 +376,10 @@ impl EventsPublisher {
             service: &request.service,
             rewrite: None,
         })?;
+        trace.target(&route);
+        if trace.is_on() {
+            trace.event(EventInfo::of(&event.id, &event.r#type, &event.source));
+        }
         // Rules match on the event's own `type` and `source`.
         let handling = route.handling_for(&event.r#type, &event.source);
         let key = key_of(handling.picker, metadata, &event);
@@ -356,7 +398,7 @@ impl EventsPublisher {
             safe: true,
             topic: None,
         };
-        match attempts::run(plan, &mut exchange).await? {
+        match attempts::run(plan, &mut exchange, trace).await? {
             Sent::Answered(response) => Ok(response),
             Sent::Refused { instance, status } => Err(SendError::Refused { instance, status }),
         }
@@ -437,9 +479,17 @@ impl Exchange for Publish<'_> {
         self.keep && self.event.is_some()
     }
 
+    fn answered(&self, answer: &Sent) -> telemetry::Answer {
+        match answer {
+            Sent::Answered(r) => telemetry::Answer::Http(u16::try_from(r.status).unwrap_or(500)),
+            Sent::Refused { status, .. } => telemetry::Answer::Grpc(status.code()),
+        }
+    }
+
     fn attempt(
         &mut self,
         endpoint: &Endpoint,
+        traceparent: Option<http::HeaderValue>,
     ) -> impl std::future::Future<Output = Result<Sent, Failed>> + Send {
         let event = if self.keep {
             self.event.clone()
@@ -458,8 +508,10 @@ impl Exchange for Publish<'_> {
                 Rejection::new(Reason::UpstreamUnavailable, "the event was not kept")
             })?;
             match endpoint.protocol {
-                Protocol::Http => send_http(ingress, endpoint, event, path).await,
-                Protocol::Grpc => send_grpc(ingress, endpoint, event, path, topic.as_ref()).await,
+                Protocol::Http => send_http(ingress, endpoint, event, path, traceparent).await,
+                Protocol::Grpc => {
+                    send_grpc(ingress, endpoint, event, path, topic.as_ref(), traceparent).await
+                }
             }
         }
     }
@@ -472,8 +524,12 @@ async fn send_http(
     endpoint: &Endpoint,
     event: CloudEvent,
     path: PathAndQuery,
+    traceparent: Option<http::HeaderValue>,
 ) -> Result<Sent, Failed> {
-    let (headers, body) = checked_binary_request(event)?;
+    let (mut headers, body) = checked_binary_request(event)?;
+    if let Some(tp) = traceparent {
+        headers.insert(super::TRACEPARENT, tp);
+    }
     let mut upstream = Request::new(Body::full(body));
     *upstream.method_mut() = Method::POST;
     *upstream.headers_mut() = headers;
@@ -529,6 +585,7 @@ async fn send_grpc(
     event: CloudEvent,
     path: PathAndQuery,
     delivery: Option<&TopicDelivery>,
+    traceparent: Option<http::HeaderValue>,
 ) -> Result<Sent, Failed> {
     let message = match delivery {
         None => DeliverRequest {
@@ -547,7 +604,7 @@ async fn send_grpc(
         },
     };
     let max = ingress.max_event_bytes;
-    match deliver::deliver(&ingress.upstreams, endpoint, &message, max).await {
+    match deliver::deliver(&ingress.upstreams, endpoint, &message, max, traceparent).await {
         Ok(body) => Ok(Sent::Answered(SendResponse {
             status: 200,
             body,
@@ -579,11 +636,7 @@ fn path_of(path: &str) -> Result<PathAndQuery, Rejection> {
 /// a gRPC metadata entry of the call, or the event's `subject` or
 /// `partitionkey` attribute (in the canonical string form the event would
 /// have as a header). `None`: no key needed, or the call lacks it.
-fn key_of(
-    balancer: &Picker,
-    metadata: &tonic::metadata::MetadataMap,
-    event: &CloudEvent,
-) -> Option<u64> {
+fn key_of(balancer: &Picker, metadata: &HeaderMap, event: &CloudEvent) -> Option<u64> {
     use weir_core::policy::resolve::HashKey;
     let attribute = |name: &str| {
         let value = event.attributes.get(name)?;

@@ -192,6 +192,19 @@ impl Local {
         self.len() == 0
     }
 
+    /// The services (namespace, name) of the instances held, each once.
+    pub fn services(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self.with(|h| {
+            h.held
+                .values()
+                .map(|i| (i.spec.namespace.clone(), i.spec.service.clone()))
+                .collect()
+        });
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Registers `instance` at the control plane for this node's session
     /// and holds it.
     pub async fn register(&self, mut instance: Instance) -> Result<RegisterResponse, LocalError> {

@@ -35,6 +35,10 @@ use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
 use weir_core::backoff::exponential;
 use weir_proto::outbox::v1::{Outcome, Update};
 
+use crate::telemetry::{
+    context::parse_traceparent, Decision, Ending, EventInfo, Kind, Source, Trace,
+};
+
 use super::{
     store::{Due, Outbox, Queue},
     topics::{compensation, Topics},
@@ -298,9 +302,30 @@ async fn work(topics: Arc<Topics>, outbox: Arc<Outbox>, ingress: Arc<Ingress>, q
 /// One delivery: the record of its outcome.
 async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) -> Update {
     let Due { event, delivery } = due;
-    let outcome = send(ingress, service, &event, delivery.attempts + 1).await;
+    let telemetry = &ingress.telemetry;
+    let mut trace = telemetry.begin_with(
+        Kind::Deliver,
+        parse_traceparent(event.traceparent.as_bytes()),
+        Source::parse(event.publisher.as_bytes(), &event.namespace),
+    );
+    trace.topic(&event.namespace, &event.topic);
+    if trace.is_on() {
+        let e = &event.event;
+        trace.event(EventInfo::of(&e.id, &e.r#type, &e.source));
+    }
+    let (outcome, ending) = send(ingress, service, &event, delivery.attempts + 1, &mut trace).await;
     let now = weir_core::time::now_unix_ms();
     let tried = !matches!(outcome, Tried::NoInstance(_));
+    // A delivery that tried nothing is not traced: it waits.
+    let mut trace = (tried && trace.is_on()).then_some(trace);
+    let mut finish = |dead: bool| {
+        if let (Some(mut t), Some(ending)) = (trace.take(), ending.as_ref()) {
+            if dead {
+                t.decided(Decision::DeadLettered);
+            }
+            telemetry.finish(t, ending);
+        }
+    };
     let attempts = delivery.attempts + u32::from(tried);
     let record = |outcome: Outcome, next_attempt_unix_ms: i64, error: String| Update {
         seq: event.seq,
@@ -312,7 +337,10 @@ async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) ->
         at_unix_ms: now,
     };
     let e = match outcome {
-        Tried::Delivered => return record(Outcome::Delivered, 0, String::new()),
+        Tried::Delivered => {
+            finish(false);
+            return record(Outcome::Delivered, 0, String::new());
+        }
         Tried::Failed(e) | Tried::NoInstance(e) => e,
     };
     let spent = attempts >= delivery.target.max_attempts;
@@ -326,8 +354,10 @@ async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) ->
             TICK
         };
         let next = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        finish(false);
         return record(Outcome::Attempted, next, e);
     }
+    finish(delivery.target.dead_letter);
     let why = if spent {
         format!("{attempts} attempts failed; the last: {e}")
     } else {
@@ -337,7 +367,7 @@ async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) ->
     if !comp.is_empty() {
         let failed = compensation(&event.event, &event.topic, service, attempts, &e);
         if let Err(r) = topics
-            .publish(&event.namespace, comp, failed, &event.traceparent)
+            .publish(&event.namespace, comp, failed, &event.traceparent, "")
             .await
         {
             tracing::error!(service, topic = %comp, error = %r, "cannot publish the compensation event");
@@ -372,13 +402,13 @@ async fn send(
     service: &str,
     event: &super::store::Stored,
     attempt: u32,
-) -> Tried {
+    trace: &mut Trace,
+) -> (Tried, Option<Ending>) {
     let Some(route) = ingress.routes.get(&event.namespace, service) else {
-        return Tried::NoInstance(format!(
-            "service {}/{service} has no instance",
-            event.namespace
-        ));
+        let why = format!("service {}/{service} has no instance", event.namespace);
+        return (Tried::NoInstance(why), None);
     };
+    trace.target(&route);
     let handling = route.handling_for(&event.event.r#type, &event.event.source);
     // The subscriber's rate limit sets the pace; it never refuses.
     if let Some(limit) = handling.limit {
@@ -403,21 +433,33 @@ async fn send(
         subscription: service.to_owned(),
         attempt,
     });
-    match attempts::run(plan, &mut exchange).await {
-        Ok(Sent::Answered(r)) if (200..300).contains(&r.status) => Tried::Delivered,
+    match attempts::run(plan, &mut exchange, trace).await {
         Ok(Sent::Answered(r)) => {
-            Tried::Failed(format!("instance {} answered {}", r.instance_id, r.status))
+            let ending = Ending::status(u16::try_from(r.status).unwrap_or(500));
+            if (200..300).contains(&r.status) {
+                (Tried::Delivered, Some(ending))
+            } else {
+                let why = format!("instance {} answered {}", r.instance_id, r.status);
+                (Tried::Failed(why), Some(ending))
+            }
         }
-        Ok(Sent::Refused { instance, status }) => Tried::Failed(format!(
-            "instance {instance} answered {}: {}",
-            status.code(),
-            status.message()
-        )),
+        Ok(Sent::Refused { instance, status }) => {
+            let why = format!(
+                "instance {instance} answered {}: {}",
+                status.code(),
+                status.message()
+            );
+            let ending = Ending::grpc(status.code(), status.message());
+            (Tried::Failed(why), Some(ending))
+        }
         // Every breaker open: like no instance, the delivery waits (no
         // attempt counted) until a probe finds the service back.
         Err(r) if matches!(r.reason, Reason::NoEndpoint | Reason::CircuitOpen) => {
-            Tried::NoInstance(r.detail.into_owned())
+            (Tried::NoInstance(r.detail.into_owned()), None)
         }
-        Err(r) => Tried::Failed(r.to_string()),
+        Err(r) => {
+            let ending = Ending::rejected(&r);
+            (Tried::Failed(r.to_string()), Some(ending))
+        }
     }
 }

@@ -47,6 +47,14 @@ pub enum OutboxError {
     Thread(std::io::Error),
 }
 
+/// Where a published event comes from: the publish's trace context and
+/// the publishing service (`namespace/name`), each "" when unknown.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Origin<'a> {
+    pub traceparent: &'a str,
+    pub publisher: &'a str,
+}
+
 /// An accepted event, shared by its deliveries.
 #[derive(Debug)]
 pub struct Stored {
@@ -55,6 +63,8 @@ pub struct Stored {
     pub topic: String,
     pub event: CloudEvent,
     pub traceparent: String,
+    /// The publishing service (`namespace/name`), or "".
+    pub publisher: String,
     pub accepted_unix_ms: i64,
     /// The size of its record in the log.
     record_bytes: u64,
@@ -149,6 +159,7 @@ impl State {
             traceparent,
             accepted_unix_ms,
             targets,
+            publisher,
         } = accepted;
         let refs = targets.len();
         for target in targets {
@@ -172,6 +183,7 @@ impl State {
             topic,
             event: owned(event.unwrap_or_default()),
             traceparent,
+            publisher,
             accepted_unix_ms,
             record_bytes,
             written: AtomicBool::new(written),
@@ -307,6 +319,7 @@ impl State {
                 traceparent: e.traceparent.clone(),
                 accepted_unix_ms: e.accepted_unix_ms,
                 targets,
+                publisher: e.publisher.clone(),
             })));
         }
         out.extend(updates.into_iter().map(|u| encode(Kind::Update(u))));
@@ -434,7 +447,7 @@ impl Outbox {
         namespace: &str,
         topic: &str,
         event: CloudEvent,
-        traceparent: &str,
+        origin: Origin<'_>,
         targets: Vec<Target>,
         durable: bool,
     ) -> Result<u64, OutboxError> {
@@ -444,9 +457,10 @@ impl Outbox {
             namespace: namespace.to_owned(),
             topic: topic.to_owned(),
             event: Some(event),
-            traceparent: traceparent.to_owned(),
+            traceparent: origin.traceparent.to_owned(),
             accepted_unix_ms: weir_core::time::now_unix_ms(),
             targets,
+            publisher: origin.publisher.to_owned(),
         };
         // `Record { accepted }` encoded from a borrow (field 1 of the
         // oneof), so the event is not copied before it moves into the
@@ -731,7 +745,10 @@ mod tests {
                     "default",
                     "orders",
                     event(&format!("e{n}"), ""),
-                    "00-abc-def-01",
+                    Origin {
+                        traceparent: "00-abc-def-01",
+                        publisher: "",
+                    },
                     vec![target("billing", ""), target("audit", "")],
                     true,
                 )
@@ -770,7 +787,7 @@ mod tests {
                 "default",
                 "orders",
                 event("e3", ""),
-                "",
+                Origin::default(),
                 vec![target("audit", "")],
                 true,
             )
@@ -788,7 +805,7 @@ mod tests {
                 "default",
                 "t",
                 event("e0", ""),
-                "",
+                Origin::default(),
                 vec![target("billing", "")],
                 true,
             )
@@ -844,7 +861,7 @@ mod tests {
             "default",
             "t",
             event("e1", ""),
-            "",
+            Origin::default(),
             vec![target("billing", "")],
             true,
         ));
@@ -891,7 +908,7 @@ mod tests {
                                     "default",
                                     "t",
                                     event(&id, ""),
-                                    "",
+                                    Origin::default(),
                                     vec![target("billing", "")],
                                     n % 2 == 0,
                                 )
@@ -955,7 +972,7 @@ mod tests {
                     "default",
                     "t",
                     event(&format!("e{n}"), ""),
-                    "",
+                    Origin::default(),
                     targets,
                     false,
                 )
@@ -1022,7 +1039,7 @@ mod tests {
                 "default",
                 "t",
                 event("e50", ""),
-                "",
+                Origin::default(),
                 vec![target("audit", "")],
                 true,
             )
@@ -1061,7 +1078,7 @@ mod tests {
                         "default",
                         "t",
                         event(&format!("e{n}"), ""),
-                        "",
+                        Origin::default(),
                         vec![target("s", "")],
                         true,
                     )
@@ -1115,7 +1132,7 @@ mod tests {
                         "default",
                         "t",
                         event(id, key),
-                        "",
+                        Origin::default(),
                         vec![target("s", key)],
                         false,
                     )
@@ -1165,7 +1182,7 @@ mod tests {
                         namespace,
                         "t",
                         event(id, "k"),
-                        "",
+                        Origin::default(),
                         vec![target("billing", "k")],
                         true,
                     )
@@ -1207,7 +1224,14 @@ mod tests {
         let mut e = event("e1", "");
         e.data = Some(Data::BinaryData(received.slice(1024..2048)));
         outbox
-            .accept("default", "t", e, "", vec![target("s", "")], false)
+            .accept(
+                "default",
+                "t",
+                e,
+                Origin::default(),
+                vec![target("s", "")],
+                false,
+            )
             .await
             .expect("accepted");
         let due = outbox.due(&q("s"), 0, 10, &HashSet::new());

@@ -162,6 +162,7 @@ impl Topics {
         topic: &str,
         event: CloudEvent,
         traceparent: &str,
+        publisher: &str,
     ) -> Result<Published, Rejection> {
         if !weir_core::validate::valid_topic(topic) {
             return Err(Rejection::new(
@@ -230,7 +231,17 @@ impl Topics {
             })
             .collect();
         match outbox
-            .accept(namespace, topic, event, traceparent, targets, durable)
+            .accept(
+                namespace,
+                topic,
+                event,
+                super::store::Origin {
+                    traceparent,
+                    publisher,
+                },
+                targets,
+                durable,
+            )
             .await
         {
             Ok(_) => {}

@@ -9,7 +9,7 @@ use weir_proto::policy::v1::TrafficPolicy;
 use crate::validate::{err, shown, ValidationError};
 
 /// Every top-level section of a `TrafficPolicy`, by its proto field name.
-pub const SECTIONS: [&str; 7] = [
+pub const SECTIONS: [&str; 8] = [
     "load_balancer",
     "rate_limit",
     "circuit_breaker",
@@ -17,6 +17,7 @@ pub const SECTIONS: [&str; 7] = [
     "timeout",
     "delivery",
     "rules",
+    "tracing",
 ];
 
 /// Most section names one acknowledgement may carry.
@@ -35,6 +36,7 @@ pub fn present(policy: &TrafficPolicy) -> Vec<&'static str> {
         policy.timeout.is_some(),
         policy.delivery.is_some(),
         !policy.rules.is_empty(),
+        policy.tracing.is_some(),
     ];
     SECTIONS
         .iter()

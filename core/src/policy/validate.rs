@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use prost::Message;
 use weir_proto::policy::v1::{
     consistent_hash, load_balancer, rate_limit, CircuitBreaker, ConsistentHash, Delivery,
-    EventMatch, LoadBalancer, RateLimit, Retry, RetryOn, Rule, Timeout, TrafficPolicy,
+    EventMatch, LoadBalancer, RateLimit, Retry, RetryOn, Rule, Timeout, Tracing, TrafficPolicy,
     ZonePreference,
 };
 
@@ -114,6 +114,9 @@ pub fn policy(p: Option<&TrafficPolicy>) -> Result<TrafficPolicy, ValidationErro
             delivery: p.delivery.as_ref(),
         },
     )?;
+    if let Some(t) = &p.tracing {
+        tracing_section("policy.tracing", t)?;
+    }
     if p.rules.len() > MAX_RULES {
         return Err(err(
             "policy.rules",
@@ -661,6 +664,30 @@ fn timeout(f: &str, t: &Timeout) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Longest `tracing.slow_ms`: an hour.
+pub const MAX_SLOW_MS: u32 = 3_600_000;
+
+fn tracing_section(f: &str, t: &Tracing) -> Result<(), ValidationError> {
+    if let Some(rate) = t.sample_rate {
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(err(
+                format!("{f}.sample_rate"),
+                format!("must be 0-1 (got {rate})"),
+            ));
+        }
+    }
+    if t.slow_ms > MAX_SLOW_MS {
+        return Err(err(
+            format!("{f}.slow_ms"),
+            format!(
+                "must be 0 (the agent's default) or 1-{MAX_SLOW_MS} (got {})",
+                t.slow_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn delivery(f: &str, d: &Delivery) -> Result<(), ValidationError> {
     if d.max_age_seconds > MAX_AGE_SECONDS {
         return Err(err(
@@ -766,6 +793,10 @@ mod tests {
                 compensation_topic: "orders.failed".into(),
                 shadow: false,
             }),
+            tracing: Some(Tracing {
+                sample_rate: Some(0.25),
+                slow_ms: 500,
+            }),
             rules: vec![
                 Rule {
                     name: "payments".into(),
@@ -839,6 +870,9 @@ mod tests {
     }
     fn dl(p: &mut TrafficPolicy) -> &mut Delivery {
         p.delivery.as_mut().expect("delivery")
+    }
+    fn tr(p: &mut TrafficPolicy) -> &mut Tracing {
+        p.tracing.as_mut().expect("tracing")
     }
     fn r0(p: &mut TrafficPolicy) -> &mut Rule {
         &mut p.rules[0]
@@ -1397,6 +1431,16 @@ mod tests {
                 "1-255",
                 |p| r0_dl(p).compensation_topic = "t".repeat(256),
             ),
+            // Tracing.
+            ("policy.tracing.sample_rate", "0-1", |p| {
+                tr(p).sample_rate = Some(1.5)
+            }),
+            ("policy.tracing.sample_rate", "0-1", |p| {
+                tr(p).sample_rate = Some(f64::NAN)
+            }),
+            ("policy.tracing.slow_ms", "1-3600000", |p| {
+                tr(p).slow_ms = 3_600_001
+            }),
         ]
     }
 

@@ -1,0 +1,191 @@
+//! The report task: about once a second, drains the agent's telemetry
+//! into a batch and streams it to a control-plane replica, which
+//! acknowledges each batch it holds.
+//!
+//! Batches wait in a bounded buffer until acknowledged: while no replica
+//! answers, the buffer keeps the newest [`MAX_PENDING`] batches (and at
+//! most [`MAX_PENDING_BYTES`]), dropping the oldest and counting them in
+//! `weir_agent_telemetry_batches_dropped_total` and in the next batch
+//! that gets through. Traffic never waits on any of this.
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use prost::Message as _;
+use tokio::sync::watch;
+use weir_client::{telemetry::Batch, Client, ReportStream, REPORT_WINDOW};
+
+use super::Telemetry;
+
+/// How often a batch is made.
+pub const EVERY: Duration = Duration::from_secs(1);
+/// Batches kept unacknowledged at most (two minutes of reports).
+pub const MAX_PENDING: usize = 120;
+/// Bytes of unacknowledged batches kept at most.
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
+
+/// Batches waiting for their acknowledgement.
+#[derive(Debug, Default)]
+struct Pending {
+    batches: VecDeque<Batch>,
+    bytes: usize,
+    /// Dropped since the last batch that got through.
+    dropped: u64,
+    /// How many of `batches` (from the front) went on the open stream.
+    sent: usize,
+}
+
+impl Pending {
+    fn push(&mut self, batch: Batch) {
+        self.bytes += batch.encoded_len();
+        self.batches.push_back(batch);
+        while self.batches.len() > MAX_PENDING || self.bytes > MAX_PENDING_BYTES {
+            let Some(old) = self.batches.pop_front() else {
+                break;
+            };
+            self.bytes -= old.encoded_len();
+            self.sent = self.sent.saturating_sub(1);
+            self.dropped += 1;
+            metrics::counter!("weir_agent_telemetry_batches_dropped_total").increment(1);
+            metrics::counter!("weir_agent_spans_dropped_total").increment(old.spans.len() as u64);
+        }
+    }
+
+    /// Forgets the batches up to `seq`, acknowledged.
+    fn acked(&mut self, seq: u64) {
+        while self.batches.front().is_some_and(|b| b.seq <= seq) {
+            if let Some(b) = self.batches.pop_front() {
+                self.bytes -= b.encoded_len();
+                self.sent = self.sent.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Runs until `stop` says so; `local` lists the node's local services
+/// (read each tick: one of them alone is the caller of requests that name
+/// none).
+pub async fn run(
+    telemetry: Arc<Telemetry>,
+    client: Client,
+    local: impl Fn() -> Vec<(String, String)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if !telemetry.settings().enabled {
+        return;
+    }
+    let mut every = tokio::time::interval(EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending = Pending::default();
+    let mut stream: Option<ReportStream> = None;
+    let mut seq = 0u64;
+    let mut retry_at = tokio::time::Instant::now();
+    let connected = metrics::gauge!("weir_agent_telemetry_connected");
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = every.tick() => {}
+            ack = async {
+                match stream.as_mut() {
+                    Some(s) => s.acks.message().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match ack {
+                    Ok(Some(ack)) => pending.acked(ack.seq),
+                    Ok(None) | Err(_) => {
+                        if let Err(e) = ack {
+                            tracing::debug!(error = %e, "telemetry report stream broke");
+                        }
+                        stream = None;
+                        pending.sent = 0;
+                        connected.set(0.0);
+                    }
+                }
+                continue;
+            }
+        }
+        telemetry.set_local_services(&local());
+        let drained = telemetry.drain();
+        if !drained.spans.is_empty() || !drained.edges.is_empty() || drained.spans_dropped > 0 {
+            seq += 1;
+            pending.push(Batch {
+                node_id: telemetry.settings().node_id.clone(),
+                spans: drained.spans,
+                edges: drained.edges,
+                spans_dropped: drained.spans_dropped,
+                batches_dropped: 0,
+                sent_unix_ms: weir_core::time::now_unix_ms().max(0) as u64,
+                sample_rate: telemetry.settings().sample_rate,
+                seq,
+            });
+        }
+        if stream.is_none() && !pending.batches.is_empty() {
+            let now = tokio::time::Instant::now();
+            if now < retry_at {
+                continue;
+            }
+            match client.open_report().await {
+                Ok(s) => {
+                    stream = Some(s);
+                    pending.sent = 0;
+                    connected.set(1.0);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, buffered = pending.batches.len(), "no replica takes telemetry; buffering");
+                    retry_at = now + Duration::from_secs(2);
+                    continue;
+                }
+            }
+        }
+        let Some(s) = stream.as_ref() else {
+            continue;
+        };
+        // Send what has not gone on this stream, within the window.
+        while pending.sent < pending.batches.len() && pending.sent < REPORT_WINDOW {
+            let mut batch = pending.batches[pending.sent].clone();
+            if pending.sent == 0 {
+                batch.batches_dropped = std::mem::take(&mut pending.dropped);
+            }
+            match s.batches.try_send(batch) {
+                Ok(()) => pending.sent += 1,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => break,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    stream = None;
+                    pending.sent = 0;
+                    connected.set(0.0);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(seq: u64) -> Batch {
+        Batch {
+            seq,
+            node_id: "n".into(),
+            ..Batch::default()
+        }
+    }
+
+    #[test]
+    fn pending_batches_are_bounded_and_forgotten_once_acknowledged() {
+        let mut p = Pending::default();
+        for seq in 1..=(MAX_PENDING as u64 + 5) {
+            p.push(batch(seq));
+        }
+        assert_eq!(p.batches.len(), MAX_PENDING);
+        assert_eq!(p.dropped, 5);
+        assert_eq!(p.batches.front().map(|b| b.seq), Some(6));
+        p.sent = 10;
+        p.acked(10);
+        assert_eq!(p.batches.front().map(|b| b.seq), Some(11));
+        assert_eq!(p.sent, 5);
+        let bytes: usize = p.batches.iter().map(|b| b.encoded_len()).sum();
+        assert_eq!(p.bytes, bytes);
+    }
+}
