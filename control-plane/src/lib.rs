@@ -19,6 +19,8 @@
 //! - `checks`: this replica's share of the active health checks (the
 //!   checker itself is `weir_core::health`), verdicts written to the store.
 //! - `replicas`: membership under a lease and rendezvous sharing of checks.
+//! - [`telemetry`]: what agents report; [`telemetry::export`] forwards
+//!   their spans to OTLP/gRPC and Zipkin backends.
 //!
 //! And what they stand on: `hub` (one store watch per replica, the cache,
 //! the fan-out to watchers and agents), [`store`] (the contract, etcd and
@@ -42,6 +44,7 @@ mod registry;
 mod replicas;
 mod server;
 pub mod store;
+pub mod telemetry;
 
 pub use config::Config;
 pub use server::{ControlPlane, ServeError, ServerTask, TaskEnd};

@@ -1,0 +1,3 @@
+//! What the control plane does with the telemetry agents report.
+
+pub mod export;
