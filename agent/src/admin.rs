@@ -8,10 +8,9 @@
 //!   requests in flight, as JSON.
 //! - `GET /metrics`: Prometheus text (see `docs/metrics.md`).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -20,43 +19,9 @@ use crate::{
     view::{RouteState, Routes},
 };
 
-/// Bucket bounds of latency histograms (seconds): 0.5 ms to 10 s.
-pub const DURATION_BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// The process-wide Prometheus recorder, installed by the first agent.
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                metrics_exporter_prometheus::Matcher::Suffix("_duration_seconds".into()),
-                &DURATION_BUCKETS,
-            )
-            .unwrap_or_else(|_| PrometheusBuilder::new());
-        let recorder = builder.build_recorder();
-        let handle = recorder.handle();
-        // Histogram samples wait in the recorder until drained: drained
-        // every few seconds whether or not anything scrapes.
-        let upkeep = handle.clone();
-        let spawned = std::thread::Builder::new()
-            .name("weir-metrics-upkeep".into())
-            .spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_secs(5));
-                upkeep.run_upkeep();
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the metrics upkeep thread");
-        }
-        if metrics::set_global_recorder(recorder).is_err() {
-            tracing::warn!(
-                "a metrics recorder was already installed; /metrics shows only what reaches it"
-            );
-        }
-        handle
-    })
-}
+/// The process-wide Prometheus recorder (shared with a control plane in
+/// the same process).
+pub use weir_core::prometheus::handle as prometheus;
 
 #[derive(Debug, Clone)]
 pub struct Admin {

@@ -26,7 +26,7 @@
 //! - `api`: `weir.agent.v1.Agents` (ListAgents, AskAgent with forwarding).
 //! - `sweep`: upkeep of the last-seen records.
 
-mod api;
+pub(crate) mod api;
 mod streams;
 mod sweep;
 

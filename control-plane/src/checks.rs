@@ -222,6 +222,11 @@ pub struct Checks {
 pub(crate) use weir_core::task::AbortOnDrop;
 
 impl Checks {
+    /// The checker, for its counts.
+    pub fn checker(&self) -> Arc<Checker> {
+        self.checker.clone()
+    }
+
     /// Joins the replicas and starts checking this replica's share.
     pub async fn start(
         store: Arc<dyn Store>,

@@ -63,6 +63,25 @@ pub struct Args {
     /// WARNING, 1-100 (default 2; fewer when fewer agents are connected).
     #[arg(long, env = "WEIR_OUTLIER_QUORUM")]
     pub outlier_quorum: Option<u32>,
+    /// Export the spans agents report to an OTLP/gRPC collector, e.g.
+    /// http://127.0.0.1:4317.
+    #[arg(long, env = "WEIR_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Export the spans agents report to a Zipkin v2 endpoint, e.g.
+    /// http://127.0.0.1:9411/api/v2/spans.
+    #[arg(long, env = "WEIR_ZIPKIN_ENDPOINT")]
+    pub zipkin_endpoint: Option<String>,
+    /// Recent traces kept in memory at most (default 20000; 100-10000000).
+    #[arg(long, env = "WEIR_TRACE_MAX_TRACES")]
+    pub trace_max_traces: Option<usize>,
+    /// Bytes of recent traces kept in memory at most (default 128 MiB;
+    /// at least 1 MiB).
+    #[arg(long, env = "WEIR_TRACE_MAX_BYTES")]
+    pub trace_max_bytes: Option<usize>,
+    /// A trace with a span at least this slow is kept longer, as one with
+    /// an error (milliseconds, default 1000).
+    #[arg(long, env = "WEIR_TRACE_SLOW_MS")]
+    pub trace_slow_ms: Option<u64>,
 }
 
 pub use weir_core::logging::LogFormat;
@@ -83,6 +102,11 @@ pub struct FileConfig {
     pub protection_threshold_percent: Option<u32>,
     pub agent_retention_seconds: Option<u64>,
     pub outlier_quorum: Option<u32>,
+    pub otlp_endpoint: Option<String>,
+    pub zipkin_endpoint: Option<String>,
+    pub trace_max_traces: Option<usize>,
+    pub trace_max_bytes: Option<usize>,
+    pub trace_slow_ms: Option<u64>,
 }
 
 /// Where the registry is kept.
@@ -110,6 +134,10 @@ pub struct Config {
     pub agent_retention: Duration,
     /// Agents that must report an instance for it to be marked WARNING.
     pub outlier_quorum: u32,
+    /// Where spans are exported (none by default).
+    pub export: crate::telemetry::export::ExportConfig,
+    /// Bounds of the recent-trace store.
+    pub traces: crate::telemetry::traces::Limits,
 }
 
 /// Shortest and longest agent retention accepted, seconds.
@@ -138,6 +166,8 @@ impl Default for Config {
             protection_threshold_percent: crate::hub::DEFAULT_PROTECTION_THRESHOLD_PERCENT,
             agent_retention: crate::agents::DEFAULT_RETENTION,
             outlier_quorum: crate::outliers::DEFAULT_QUORUM,
+            export: crate::telemetry::export::ExportConfig::default(),
+            traces: crate::telemetry::traces::Limits::default(),
         }
     }
 }
@@ -234,7 +264,50 @@ impl Config {
                 "outlier_quorum must be 1-100 (got {outlier_quorum})"
             )));
         }
+        let mut traces = defaults.traces;
+        if let Some(n) = args.trace_max_traces.or(file.trace_max_traces) {
+            if !(100..=10_000_000).contains(&n) {
+                return Err(ConfigError::Invalid(format!(
+                    "trace_max_traces must be 100-10000000 (got {n})"
+                )));
+            }
+            traces.max_traces = n;
+        }
+        if let Some(n) = args.trace_max_bytes.or(file.trace_max_bytes) {
+            if n < 1 << 20 {
+                return Err(ConfigError::Invalid(format!(
+                    "trace_max_bytes must be at least 1048576 (got {n})"
+                )));
+            }
+            traces.max_bytes = n;
+        }
+        if let Some(ms) = args.trace_slow_ms.or(file.trace_slow_ms) {
+            if ms == 0 || ms > 3_600_000 {
+                return Err(ConfigError::Invalid(format!(
+                    "trace_slow_ms must be 1-3600000 (got {ms})"
+                )));
+            }
+            traces.slow_nanos = ms * 1_000_000;
+        }
+        let endpoint = |name: &str, e: Option<String>| -> Result<Option<String>, ConfigError> {
+            match e.map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()) {
+                Some(e) if !e.starts_with("http://") => Err(ConfigError::Invalid(format!(
+                    "{name} must be an http:// URL (got {e:?})"
+                ))),
+                other => Ok(other),
+            }
+        };
+        let export = crate::telemetry::export::ExportConfig {
+            otlp_endpoint: endpoint("otlp_endpoint", args.otlp_endpoint.or(file.otlp_endpoint))?,
+            zipkin_endpoint: endpoint(
+                "zipkin_endpoint",
+                args.zipkin_endpoint.or(file.zipkin_endpoint),
+            )?,
+            ..defaults.export
+        };
         Ok(Self {
+            export,
+            traces,
             outlier_quorum,
             replica_id,
             replica_ttl_seconds,

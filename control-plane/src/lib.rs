@@ -36,6 +36,7 @@ pub mod config;
 mod error;
 mod hub;
 pub mod keys;
+mod metrics;
 mod outliers;
 mod policy;
 mod quota;

@@ -119,13 +119,19 @@ pub struct ControlPlane {
     _sweeper: Sweeper,
     _outliers: crate::outliers::OutlierJudge,
     _quota: crate::quota::QuotaAllocator,
+    _telemetry_upkeep: weir_core::task::AbortOnDrop,
 }
 
 #[derive(Clone, Debug)]
 struct HttpState {
     hub: Hub,
+    checker: Arc<weir_core::health::checker::Checker>,
     readiness: Readiness,
     store_kind: &'static str,
+}
+
+async fn metrics_text(State(state): State<HttpState>) -> String {
+    crate::metrics::render(&state.hub, &state.checker)
 }
 
 async fn healthz() -> &'static str {
@@ -232,8 +238,11 @@ impl ControlPlane {
         config: Config,
         store: Arc<dyn Store>,
     ) -> Result<Self, ServeError> {
+        weir_core::prometheus::handle();
         let keys = Keys::new(&config.etcd_prefix);
         let store_kind = store.kind();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::Layered::wrap(store, crate::metrics::Timed));
         let (hub, hub_task) = Hub::start(
             store.clone(),
             keys.clone(),
@@ -338,6 +347,27 @@ impl ControlPlane {
         );
         let registry = RegistryServer::new(RegistryService::new(store, hub.clone(), keys))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let telemetry_state = crate::telemetry::service::TelemetryState::new(
+            hub.clone(),
+            config.replica_id.clone(),
+            config.traces,
+            crate::telemetry::export::Exporters::start(config.export.clone()),
+        );
+        let telemetry = weir_proto::telemetry::v1::telemetry_server::TelemetryServer::new(
+            crate::telemetry::service::TelemetryService::new(telemetry_state.clone()),
+        )
+        .max_decoding_message_size(crate::telemetry::service::MAX_BATCH_BYTES);
+        let telemetry_upkeep = {
+            let (state, hub, checker) = (telemetry_state.clone(), hub.clone(), checks.checker());
+            weir_core::task::AbortOnDrop(tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    every.tick().await;
+                    state.expire();
+                    crate::metrics::refresh(&hub, &checker);
+                }
+            }))
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         {
             // SERVING exactly when /readyz passes (store reachable, cache
@@ -379,6 +409,7 @@ impl ControlPlane {
             .add_service(policies)
             .add_service(sessions)
             .add_service(agents)
+            .add_service(telemetry)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -394,11 +425,14 @@ impl ControlPlane {
         let app = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text))
             .with_state(HttpState {
                 hub: hub.clone(),
+                checker: checks.checker(),
                 readiness,
                 store_kind,
-            });
+            })
+            .merge(crate::telemetry::http::routes(telemetry_state));
         let mut stop = shutdown.subscribe();
         let http = tokio::spawn(async move {
             axum::serve(http_listener, app)
@@ -422,6 +456,7 @@ impl ControlPlane {
             _sweeper: sweeper,
             _outliers: outliers,
             _quota: quota,
+            _telemetry_upkeep: telemetry_upkeep,
         })
     }
 

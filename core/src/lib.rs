@@ -18,6 +18,8 @@
 //!   relative error (DDSketch), for telemetry's percentiles.
 //! - `logging` and `config` (feature `cli`): the log format switch and
 //!   set-up, and the config-file reading, that the binaries share.
+//! - `prometheus` (feature `prometheus`): the process's `/metrics`
+//!   recorder.
 //!
 //! The control plane adds the store, the gRPC services and replica
 //! coordination on top; the agent will add its node session and policy
@@ -31,6 +33,8 @@ pub mod keys;
 #[cfg(feature = "cli")]
 pub mod logging;
 pub mod policy;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 pub mod signal;
 pub mod sketch;
 pub mod task;

@@ -89,6 +89,9 @@ pub(super) struct State {
     pub(super) loaded: bool,
     /// Live control-plane replicas (ids), for check sharing.
     pub(super) replicas: BTreeSet<String>,
+    /// Where each live replica is reached (its announcement's `grpc=`),
+    /// for queries one replica asks the others.
+    pub(super) replica_addresses: BTreeMap<String, String>,
     /// Per-service settings.
     pub(super) configs: HashMap<ServiceName, ServiceConfig>,
     /// Services in protection now.
@@ -103,6 +106,11 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Services with at least one instance.
+    pub(super) fn services_count(&self) -> usize {
+        self.counts.values().filter(|(_, all)| *all > 0).count()
+    }
+
     /// An empty, not yet loaded cache.
     pub(super) fn new(default_threshold: u32, history_batches: usize) -> Self {
         Self {
@@ -114,6 +122,7 @@ impl State {
             history_floor: 0,
             loaded: false,
             replicas: BTreeSet::new(),
+            replica_addresses: BTreeMap::new(),
             configs: HashMap::new(),
             protected: BTreeMap::new(),
             policies: BTreeMap::new(),
@@ -122,9 +131,21 @@ impl State {
         }
     }
 
+    /// Keeps the address a replica's announcement names (`grpc=host:port`).
+    fn note_address(&mut self, id: &str, value: &[u8]) {
+        let address = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.split_whitespace().find_map(|p| p.strip_prefix("grpc=")));
+        match address {
+            Some(a) => self.replica_addresses.insert(id.to_owned(), a.to_owned()),
+            None => self.replica_addresses.remove(id),
+        };
+    }
+
     /// Adds one key of a snapshot being loaded (see [`State::finish_load`]).
     pub(super) fn load(&mut self, keys: &Keys, kv: KeyValue) {
         if let Some(id) = keys.parse_replica(&kv.key) {
+            self.note_address(&id, &kv.value);
             self.replicas.insert(id);
         } else if self.agents.apply(keys, EventKind::Put, &kv) {
             // An agent's session, last-seen or ack record: in the table.
@@ -173,8 +194,14 @@ impl State {
             revision = revision.max(change.kv.mod_revision);
             if let Some(id) = keys.parse_replica(&change.kv.key) {
                 replicas_changed |= match change.kind {
-                    EventKind::Put => self.replicas.insert(id),
-                    EventKind::Delete => self.replicas.remove(&id),
+                    EventKind::Put => {
+                        self.note_address(&id, &change.kv.value);
+                        self.replicas.insert(id)
+                    }
+                    EventKind::Delete => {
+                        self.replica_addresses.remove(&id);
+                        self.replicas.remove(&id)
+                    }
                 };
             } else if self.agents.apply(keys, change.kind, &change.kv) {
                 // Agents are nothing a watcher follows.

@@ -208,6 +208,27 @@ impl Hub {
         self.read().replicas.iter().cloned().collect()
     }
 
+    /// Sizes for `/metrics`: (instances, services, agent sessions, open
+    /// subscriptions to the change feed: watches and agent sessions).
+    pub fn sizes(&self) -> (usize, usize, usize, usize) {
+        let state = self.read();
+        (
+            state.instances.len(),
+            state.services_count(),
+            state.agents.sessions().len(),
+            self.inner.tx.receiver_count(),
+        )
+    }
+
+    /// Live replicas with the address each announced: (id, host:port).
+    pub fn replica_addresses(&self) -> Vec<(String, String)> {
+        self.read()
+            .replica_addresses
+            .iter()
+            .map(|(id, a)| (id.clone(), a.clone()))
+            .collect()
+    }
+
     /// Every instance in the cache.
     pub fn all_instances(&self) -> Vec<Arc<Instance>> {
         self.read().instances.values().cloned().collect()
