@@ -9,13 +9,18 @@
 //! weirctl agents
 //! weirctl agents describe node-1
 //! weirctl governance orders
+//! weirctl traces --service orders --outcome error --since 15m
+//! weirctl traces show 4bf92f3577b34da6a3ce929d0e0e4736
+//! weirctl topology --window 15m
+//! weirctl stats orders
 //! ```
 //!
 //! One module per command under `cmd/` (its clap `Args` and its `run`);
-//! tables and JSON in `output`; how a rejected request is shown in
-//! `rejection`.
+//! tables and JSON in `output`; duration flags and latencies in
+//! `duration`; how a rejected request is shown in `rejection`.
 
 mod cmd;
+mod duration;
 mod output;
 mod rejection;
 
@@ -27,7 +32,7 @@ use weir_client::{Client, DEFAULT_ENDPOINT};
 
 use cmd::{
     agents, deregister, events, get, governance, health, list, policy, register, service_config,
-    watch,
+    stats, topology, traces, watch,
 };
 use output::Format;
 
@@ -79,6 +84,15 @@ enum Command {
     Events(events::Command),
     /// What the agents' circuit breakers and rate limits are doing now.
     Governance(governance::Args),
+    /// Recent traces, newest first; `traces show TRACE_ID` draws one as a
+    /// tree of spans with their timings.
+    Traces(traces::Args),
+    /// Who talks to whom: edges between services and topics with rate,
+    /// errors and p99.
+    Topology(topology::Args),
+    /// Traffic per service and per edge: outcomes, error ratio, latency
+    /// percentiles.
+    Stats(stats::Args),
 }
 
 #[tokio::main]
@@ -115,5 +129,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agents(args) => agents::run(&client, format, args).await,
         Command::Events(command) => events::run(&client, format, command).await,
         Command::Governance(args) => governance::run(&client, format, args).await,
+        Command::Traces(args) => traces::run(&client, format, args).await,
+        Command::Topology(args) => topology::run(&client, format, args).await,
+        Command::Stats(args) => stats::run(&client, format, args).await,
     }
 }

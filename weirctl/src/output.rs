@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Map, Value};
 use weir_client::{
+    telemetry::{ServiceRef, TopicRef},
     Event, EventType, GetHealthResponse, HealthDetail, HealthStatus, Instance, Protocol,
     ServiceProtection, ServiceSummary,
 };
@@ -278,6 +279,57 @@ pub fn dash(s: &str) -> String {
         "-".into()
     } else {
         s.into()
+    }
+}
+
+/// A service in telemetry, `namespace/name`. An empty name is a caller
+/// the agent could not name, and a missing one the same to a reader.
+pub fn service_label(s: Option<&ServiceRef>) -> String {
+    match s {
+        Some(s) if !s.name.is_empty() => qualified(&s.namespace, &s.name),
+        _ => "unknown".into(),
+    }
+}
+
+/// A topic, `topic namespace/name`, so it never reads as a service; none
+/// when the edge or span has no topic.
+pub fn topic_label(t: Option<&TopicRef>) -> Option<String> {
+    t.filter(|t| !t.name.is_empty())
+        .map(|t| format!("topic {}", qualified(&t.namespace, &t.name)))
+}
+
+fn qualified(namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        name.into()
+    } else {
+        format!("{namespace}/{name}")
+    }
+}
+
+/// A `ServiceRef` for programs; `null` when absent.
+pub fn service_ref_json(s: Option<&ServiceRef>) -> Value {
+    s.map_or(
+        Value::Null,
+        |s| json!({ "namespace": s.namespace, "name": s.name }),
+    )
+}
+
+/// A ratio (0-1) as a percentage with one decimal, `2.5%`.
+pub fn percent(ratio: f64) -> String {
+    if ratio.is_finite() {
+        format!("{:.1}%", ratio * 100.0)
+    } else {
+        "-".into()
+    }
+}
+
+/// A per-second rate: two decimals, so a trickle (0.02/s, one request
+/// a minute) does not read as nothing.
+pub fn rate(per_second: f64) -> String {
+    if per_second.is_finite() {
+        format!("{per_second:.2}")
+    } else {
+        "-".into()
     }
 }
 

@@ -10,6 +10,9 @@ pub mod list;
 pub mod policy;
 pub mod register;
 pub mod service_config;
+pub mod stats;
+pub mod topology;
+pub mod traces;
 pub mod watch;
 
 // Every command that names one service takes it the same way: SERVICE, then
@@ -19,6 +22,26 @@ pub struct ServiceArg {
     pub service: String,
     #[arg(long, short = 'n', default_value = "default")]
     pub namespace: String,
+}
+
+/// The sliding window a telemetry query covers: the control plane keeps
+/// exactly these two, so anything else is refused here rather than there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Window {
+    #[default]
+    #[value(name = "1m")]
+    OneMinute,
+    #[value(name = "15m")]
+    FifteenMinutes,
+}
+
+impl Window {
+    pub fn seconds(self) -> u32 {
+        match self {
+            Window::OneMinute => 60,
+            Window::FifteenMinutes => 900,
+        }
+    }
 }
 
 /// The agents to ask: the one `node` names, else every connected one.
