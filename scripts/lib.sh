@@ -13,7 +13,8 @@ weir_sudo() {
 }
 
 # ensure_deps [need_etcd]: cargo must exist; protoc is needed to build,
-# curl by the quickstart; etcd (etcd-server) is needed when need_etcd=1.
+# curl by the quickstart; etcd (etcd-server) and prometheus (the metrics
+# scrape test) are needed when need_etcd=1.
 ensure_deps() {
   local need_etcd=${1:-1} pkgs=()
   if ! command -v cargo >/dev/null 2>&1; then
@@ -24,6 +25,7 @@ ensure_deps() {
   if [ "$need_etcd" = 1 ]; then
     command -v etcd >/dev/null 2>&1 || pkgs+=(etcd-server)
     command -v etcdctl >/dev/null 2>&1 || pkgs+=(etcd-client)
+    command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
   fi
   if [ ${#pkgs[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
