@@ -237,6 +237,7 @@ impl Agent {
             tokio::spawn(telemetry::report::run(
                 telemetry,
                 client.clone(),
+                routes.clone(),
                 move || local.services(),
                 stopped.clone(),
             ))

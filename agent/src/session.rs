@@ -621,7 +621,7 @@ async fn dead_letters(
 }
 
 /// The rate limit buckets and breakers of the services `request` names.
-fn governance(
+pub(crate) fn governance(
     routes: &crate::view::Routes,
     request: &weir_client::agent::GovernanceRequest,
 ) -> weir_client::agent::GovernanceReply {

@@ -83,6 +83,9 @@ pub struct TopicPublisher {
 struct Inner {
     client: PublisherClient<Channel>,
     namespace: String,
+    /// `weir-source` on each stream: the publishing service, for the
+    /// agent's telemetry.
+    source: Option<tonic::metadata::AsciiMetadataValue>,
     /// The open stream, if any.
     current: Mutex<Option<Session>>,
     /// Held while a stream is being opened, so that concurrent publishers
@@ -182,19 +185,43 @@ impl TopicPublisher {
 
     /// Publishes over `channel`, in the agent's default namespace.
     pub fn new(channel: Channel) -> Self {
-        Self::with(PublisherClient::new(channel), String::new())
+        Self::with(PublisherClient::new(channel), String::new(), None)
     }
 
     /// The same agent, publishing in `namespace` (a new stream).
     pub fn in_namespace(&self, namespace: impl Into<String>) -> Self {
-        Self::with(self.inner.client.clone(), namespace.into())
+        Self::with(
+            self.inner.client.clone(),
+            namespace.into(),
+            self.inner.source.clone(),
+        )
     }
 
-    fn with(client: PublisherClient<Channel>, namespace: String) -> Self {
+    /// The same agent, naming `service` (`name`, or `namespace/name`) as
+    /// the publisher (a new stream): the agent's spans and traffic
+    /// figures show it as the caller (the `weir-source` header). An
+    /// invalid name is [`PublishError::Unavailable`] at once.
+    pub fn as_service(&self, service: &str) -> Result<Self, PublishError> {
+        let value = service
+            .parse()
+            .map_err(|_| PublishError::Unavailable(format!("invalid service name {service:?}")))?;
+        Ok(Self::with(
+            self.inner.client.clone(),
+            self.inner.namespace.clone(),
+            Some(value),
+        ))
+    }
+
+    fn with(
+        client: PublisherClient<Channel>,
+        namespace: String,
+        source: Option<tonic::metadata::AsciiMetadataValue>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 client,
                 namespace,
+                source,
                 current: Mutex::new(None),
                 opening: tokio::sync::Mutex::new(()),
             }),
@@ -250,7 +277,11 @@ impl TopicPublisher {
             }),
         });
         let mut client = self.inner.client.clone();
-        let answers = match client.publish_stream(Requests(shared.clone())).await {
+        let mut call = tonic::Request::new(Requests(shared.clone()));
+        if let Some(source) = &self.inner.source {
+            call.metadata_mut().insert("weir-source", source.clone());
+        }
+        let answers = match client.publish_stream(call).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
                 return Err(PublishError::Unavailable(format!(

@@ -544,3 +544,149 @@ async fn percentiles_match_the_raw_latencies_within_one_percent() -> Result<()> 
     );
     Ok(())
 }
+
+/// Sends `n` events from `web` to `orders` through `agent`; their
+/// statuses.
+async fn send_orders(http: &Http, agent: SocketAddr, prefix: &str, n: usize) -> Result<Vec<u16>> {
+    let mut statuses = Vec::with_capacity(n);
+    for k in 0..n {
+        let id = format!("{prefix}-{k}");
+        statuses.push(
+            post(
+                http,
+                agent,
+                "/v1/services/orders/",
+                &[("weir-source", "web"), ("ce-id", &id), ("ce-type", "t")],
+            )
+            .await?,
+        );
+    }
+    Ok(statuses)
+}
+
+#[tokio::test]
+async fn any_replica_answers_for_the_whole_cluster() -> Result<()> {
+    use weir_client::policy::{rate_limit::OnExcess, RateLimit, TrafficPolicy};
+    let (_etcd, [r1, r2]) = weir_tests::start_replicas::<2>("telemetry-replicas").await?;
+    let client = weir_client::Client::connect([r1.endpoint()]).await?;
+    let orders = HttpInstance::start().await?;
+    client
+        .register(instance(
+            "default",
+            "orders",
+            "o0",
+            u32::from(orders.port()),
+        ))
+        .await?;
+    // Each agent reports to its own replica.
+    let rate = "--trace-sample-rate=1".to_owned();
+    let a = AgentProcess::start(&[r1.endpoint()], "node-a", std::slice::from_ref(&rate))?;
+    let b = AgentProcess::start(&[r2.endpoint()], "node-b", &[rate])?;
+    client
+        .put_policy(
+            TrafficPolicy {
+                namespace: "default".into(),
+                service: "orders".into(),
+                rate_limit: Some(RateLimit {
+                    requests_per_second: 1.0,
+                    burst: 5,
+                    on_excess: OnExcess::Reject as i32,
+                    ..RateLimit::default()
+                }),
+                ..TrafficPolicy::default()
+            },
+            None,
+        )
+        .await?;
+    weir_tests::agents::policy_status_until(
+        &client,
+        "orders",
+        "both agents applying the limit",
+        |s| s.applied == 2,
+    )
+    .await?;
+    for agent in [&a, &b] {
+        agent
+            .wait_for_endpoints("default", "orders", 1, SETTLE)
+            .await?;
+    }
+    let http = http();
+    let from_a = send_orders(&http, a.ingress_addr(), "a", 20).await?;
+    let from_b = send_orders(&http, b.ingress_addr(), "b", 20).await?;
+    let limited = from_a.iter().chain(&from_b).filter(|s| **s == 429).count() as u64;
+    ensure!(limited > 0, "the limit bit: {from_a:?} {from_b:?}");
+    // Asked of r2 alone, the figures of both agents.
+    let r2_client = weir_client::Client::connect([r2.endpoint()]).await?;
+    let stats = poll_until(
+        SETTLE,
+        "both agents' traffic through r2",
+        || async {
+            Ok(r2_client
+                .get_stats(GetStatsRequest {
+                    window_seconds: 60,
+                    service: "orders".into(),
+                    raw: false,
+                })
+                .await?)
+        },
+        |s| {
+            let o = s
+                .services
+                .first()
+                .and_then(|x| x.traffic.as_ref())
+                .and_then(|t| t.outcomes)
+                .unwrap_or_default();
+            o.ok + o.limited == 40
+                && s.limits
+                    .iter()
+                    .map(|l| l.admitted + l.rejected)
+                    .sum::<u64>()
+                    == 40
+        },
+    )
+    .await?;
+    let o = stats.services[0]
+        .traffic
+        .as_ref()
+        .and_then(|t| t.outcomes)
+        .context("outcomes")?;
+    ensure!(o.limited == limited, "{o:?} against {limited} 429s");
+    ensure!(
+        stats.limits.iter().map(|l| l.rejected).sum::<u64>() == limited,
+        "{:?}",
+        stats.limits
+    );
+    ensure!(stats.replicas.len() == 2, "{:?}", stats.replicas);
+    ensure!(stats.missing_replicas.is_empty());
+    // A trace node-a made, found through r2.
+    let hit = orders.hits().into_iter().find(|h| {
+        h.headers
+            .get("ce-id")
+            .is_some_and(|v| v.as_bytes().starts_with(b"a-"))
+    });
+    let tp = hit
+        .and_then(|h| h.headers.get("traceparent").cloned())
+        .context("a traceparent from node-a")?;
+    let (trace_id, _) = parent_of(tp.to_str()?)?;
+    let trace = poll_until(
+        SETTLE,
+        "node-a's trace through r2",
+        || async {
+            Ok(r2_client
+                .get_trace(&trace_id)
+                .await
+                .map(|t| t.spans)
+                .unwrap_or_default())
+        },
+        |s| s.len() >= 2,
+    )
+    .await?;
+    ensure!(trace.iter().all(|s| s.node_id == "node-a"), "{trace:?}");
+    let out = weirctl(&r2.endpoint(), &["stats", "orders"]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("LIMIT BITING"),
+        "{out:?}"
+    );
+    Ok(())
+}

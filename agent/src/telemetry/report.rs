@@ -8,13 +8,65 @@
 //! `weir_agent_telemetry_batches_dropped_total` and in the next batch
 //! that gets through. Traffic never waits on any of this.
 
-use std::{collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use prost::Message as _;
 use tokio::sync::watch;
-use weir_client::{telemetry::Batch, Client, ReportStream, REPORT_WINDOW};
+use weir_client::{
+    agent::{BreakerInfo, GovernanceRequest},
+    telemetry::{Batch, LimitDelta, ServiceRef},
+    Client, ReportStream, REPORT_WINDOW,
+};
 
 use super::Telemetry;
+use crate::view::Routes;
+
+/// Each bucket's decision counts at the last batch, for the deltas.
+type Counted = HashMap<(String, String, String), [u64; 4]>;
+
+/// The breakers not closed now, and each bucket's decisions since the
+/// last call.
+fn governance(routes: &Routes, counted: &mut Counted) -> (Vec<BreakerInfo>, Vec<LimitDelta>) {
+    let now = crate::session::governance(routes, &GovernanceRequest::default());
+    let breakers = now
+        .breakers
+        .into_iter()
+        .filter(|b| b.state != "closed")
+        .collect();
+    let mut limits = Vec::new();
+    let mut seen = Counted::new();
+    for l in now.limits {
+        let key = (l.namespace.clone(), l.service.clone(), l.rule.clone());
+        let total = [l.admitted, l.queued, l.rejected, l.shadow_rejected];
+        let before = counted.get(&key).copied().unwrap_or_default();
+        // A bucket made anew (a policy change) counts from zero again.
+        let delta: Vec<u64> = total
+            .iter()
+            .zip(before)
+            .map(|(t, b)| if *t >= b { t - b } else { *t })
+            .collect();
+        if delta.iter().any(|d| *d > 0) {
+            limits.push(LimitDelta {
+                service: Some(ServiceRef {
+                    namespace: l.namespace,
+                    name: l.service,
+                }),
+                rule: l.rule,
+                admitted: delta[0],
+                queued: delta[1],
+                rejected: delta[2],
+                shadow_rejected: delta[3],
+            });
+        }
+        seen.insert(key, total);
+    }
+    *counted = seen;
+    (breakers, limits)
+}
 
 /// How often a batch is made.
 pub const EVERY: Duration = Duration::from_secs(1);
@@ -67,9 +119,14 @@ impl Pending {
 pub async fn run(
     telemetry: Arc<Telemetry>,
     client: Client,
+    routes: Arc<Routes>,
     local: impl Fn() -> Vec<(String, String)>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut counted = Counted::new();
+    // A batch follows the last one with open breakers, so the control
+    // plane learns they closed.
+    let mut had_breakers = false;
     if !telemetry.settings().enabled {
         return;
     }
@@ -106,7 +163,15 @@ pub async fn run(
         }
         telemetry.set_local_services(&local());
         let drained = telemetry.drain();
-        if !drained.spans.is_empty() || !drained.edges.is_empty() || drained.spans_dropped > 0 {
+        let (breakers, limits) = governance(&routes, &mut counted);
+        if !drained.spans.is_empty()
+            || !drained.edges.is_empty()
+            || drained.spans_dropped > 0
+            || !breakers.is_empty()
+            || had_breakers
+            || !limits.is_empty()
+        {
+            had_breakers = !breakers.is_empty();
             seq += 1;
             pending.push(Batch {
                 node_id: telemetry.settings().node_id.clone(),
@@ -117,6 +182,8 @@ pub async fn run(
                 sent_unix_ms: weir_core::time::now_unix_ms().max(0) as u64,
                 sample_rate: telemetry.settings().sample_rate,
                 seq,
+                breakers,
+                limits,
             });
         }
         if stream.is_none() && !pending.batches.is_empty() {

@@ -141,6 +141,30 @@ async fn stats(State(state): State<Arc<TelemetryState>>, Query(p): Query<StatsPa
                     "traffic": traffic(e.traffic.as_ref()),
                 })
             }).collect::<Vec<_>>(),
+            "breakers": r.breakers.iter().filter_map(|n| {
+                let b = n.breaker.as_ref()?;
+                Some(json!({
+                    "node_id": n.node_id,
+                    "service": format!("{}/{}", b.namespace, b.service),
+                    "rule": b.rule,
+                    "instance_id": b.instance_id,
+                    "address": b.address,
+                    "state": b.state,
+                    "since_ms": b.since_ms,
+                    "why": b.why,
+                    "capped": b.capped,
+                    "shadow": b.shadow,
+                }))
+            }).collect::<Vec<_>>(),
+            "limits": r.limits.iter().map(|l| json!({
+                "service": service(l.service.as_ref()),
+                "rule": l.rule,
+                "admitted": l.admitted,
+                "queued": l.queued,
+                "rejected": l.rejected,
+                "shadow_rejected": l.shadow_rejected,
+                "rejected_per_second": l.rejected_per_second,
+            })).collect::<Vec<_>>(),
             "replicas": r.replicas,
             "missing_replicas": r.missing_replicas,
         }))

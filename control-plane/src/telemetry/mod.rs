@@ -5,6 +5,7 @@
 //! export to tracing backends ([`export`]).
 
 pub mod export;
+pub mod governance;
 pub mod http;
 pub mod service;
 pub mod traces;

@@ -32,6 +32,7 @@ use weir_proto::telemetry::v1::{
 
 use super::{
     export::Exporters,
+    governance::{self, Governance},
     traces::{self, Limits, Query, TraceStore},
     windows::{EdgeKey, Window, Windows},
 };
@@ -47,12 +48,15 @@ pub const MAX_LIST: u32 = 1_000;
 pub const DEFAULT_WINDOW: u32 = 60;
 /// The longest window kept.
 pub const MAX_WINDOW: u32 = 900;
+/// Breakers one report may list at most.
+pub const MAX_BREAKERS_PER_BATCH: usize = 10_000;
 
 /// What a replica holds of the cluster's telemetry.
 #[derive(Debug)]
 pub struct TelemetryState {
     traces: Mutex<TraceStore>,
     windows: Mutex<Windows>,
+    governance: Mutex<Governance>,
     exporters: Exporters,
     hub: Hub,
     replica_id: String,
@@ -110,6 +114,7 @@ impl TelemetryState {
         Arc::new(Self {
             traces: Mutex::new(TraceStore::new(limits)),
             windows: Mutex::new(Windows::default()),
+            governance: Mutex::new(Governance::default()),
             exporters,
             hub,
             replica_id,
@@ -155,13 +160,26 @@ impl TelemetryState {
             self.exporters.offer(&spans);
             lock(&self.traces).add(spans);
         }
-        let mut windows = lock(&self.windows);
-        windows.add(&edges, now);
+        lock(&self.windows).add(&edges, now);
+        let breakers = batch
+            .breakers
+            .into_iter()
+            .take(MAX_BREAKERS_PER_BATCH)
+            .collect();
+        let limits: Vec<_> = batch
+            .limits
+            .into_iter()
+            .filter(|l| {
+                l.rule.len() <= 253 && l.service.as_ref().is_none_or(|s| s.name.len() <= 253)
+            })
+            .collect();
+        lock(&self.governance).add(&batch.node_id, breakers, &limits, now);
     }
 
     /// Forgets what fell out of every window; run now and then.
     pub fn expire(&self) {
         lock(&self.windows).expire(now_secs());
+        lock(&self.governance).expire(now_secs());
         let traces = lock(&self.traces);
         metrics::gauge!("weir_control_plane_traces").set(traces.len() as f64);
         metrics::gauge!("weir_control_plane_trace_bytes").set(traces.bytes() as f64);
@@ -244,7 +262,12 @@ impl TelemetryState {
         seconds: u32,
         service: &str,
         forwarded: bool,
-    ) -> (BTreeMap<EdgeKey, Window>, Vec<String>, Vec<String>) {
+    ) -> (
+        BTreeMap<EdgeKey, Window>,
+        Vec<String>,
+        Vec<String>,
+        Vec<GetStatsResponse>,
+    ) {
         let filter = |k: &EdgeKey| {
             service.is_empty()
                 || matches_service(&k.source, service)
@@ -256,6 +279,7 @@ impl TelemetryState {
         }
         let mut replicas = vec![self.replica_id.clone()];
         let mut missing = Vec::new();
+        let mut parts = Vec::new();
         if !forwarded {
             let request = GetStatsRequest {
                 window_seconds: seconds,
@@ -270,9 +294,9 @@ impl TelemetryState {
                 })
                 .await;
             missing = gone;
-            for answer in answers {
-                replicas.extend(answer.replicas);
-                for e in answer.edges {
+            for mut answer in answers {
+                replicas.append(&mut answer.replicas);
+                for e in std::mem::take(&mut answer.edges) {
                     let (Some(edge), Some(t)) = (&e.edge, &e.traffic) else {
                         continue;
                     };
@@ -280,9 +304,10 @@ impl TelemetryState {
                         merged.entry(EdgeKey::of(edge)).or_default().merge(&w);
                     }
                 }
+                parts.push(answer);
             }
         }
-        (merged, replicas, missing)
+        (merged, replicas, missing, parts)
     }
 
     pub async fn stats(
@@ -291,8 +316,34 @@ impl TelemetryState {
         forwarded: bool,
     ) -> Result<GetStatsResponse, ApiError> {
         let seconds = window(request.window_seconds)?;
-        let (edges, replicas, missing) = self.edges(seconds, &request.service, forwarded).await;
+        let (edges, replicas, missing, parts) =
+            self.edges(seconds, &request.service, forwarded).await;
         let raw = request.raw;
+        let wanted = |ns: &str, name: &str| {
+            request.service.is_empty()
+                || matches_service(&(ns.to_owned(), name.to_owned()), &request.service)
+        };
+        let (mut breakers, mut limits) = {
+            let g = lock(&self.governance);
+            (
+                g.breakers(now_secs(), wanted),
+                g.limits(seconds, now_secs(), wanted),
+            )
+        };
+        for part in parts {
+            breakers.extend(part.breakers);
+            for l in part.limits {
+                let s = l.service.unwrap_or_default();
+                let counts = limits.entry((s.namespace, s.name, l.rule)).or_default();
+                for (c, d) in
+                    counts
+                        .iter_mut()
+                        .zip([l.admitted, l.queued, l.rejected, l.shadow_rejected])
+                {
+                    *c += d;
+                }
+            }
+        }
         let mut services: BTreeMap<(String, String), Window> = BTreeMap::new();
         for (k, w) in &edges {
             if !k.target.1.is_empty()
@@ -323,6 +374,11 @@ impl TelemetryState {
                 .collect(),
             replicas,
             missing_replicas: missing,
+            breakers,
+            limits: limits
+                .iter()
+                .map(|(k, c)| governance::limit_stats(k, *c, seconds))
+                .collect(),
         })
     }
 
@@ -331,7 +387,7 @@ impl TelemetryState {
         request: &GetTopologyRequest,
     ) -> Result<GetTopologyResponse, ApiError> {
         let seconds = window(request.window_seconds)?;
-        let (edges, _, _) = self.edges(seconds, "", false).await;
+        let (edges, _, _, _) = self.edges(seconds, "", false).await;
         Ok(topology(&edges, seconds))
     }
 

@@ -459,6 +459,8 @@ struct Emitter {
     /// Makes `ce-id` unique across runs of the same instance id.
     run: u32,
     instance: String,
+    /// This service, named to the agent (`weir-source`) for telemetry.
+    service: String,
 }
 
 impl Emitter {
@@ -475,6 +477,7 @@ impl Emitter {
             kind: format!("sample.{service}.tick"),
             run: rand::random(),
             instance: instance.to_owned(),
+            service: service.to_owned(),
         }
     }
 
@@ -485,6 +488,7 @@ impl Emitter {
             .header("ce-id", format!("{}-{:08x}-{seq}", self.instance, self.run))
             .header("ce-source", &self.source)
             .header("ce-type", &self.kind)
+            .header("weir-source", &self.service)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))?)
     }

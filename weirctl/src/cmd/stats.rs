@@ -132,6 +132,58 @@ fn stats_text(stats: GetStatsResponse) -> String {
         }
         out.push_str(&table(&header("EDGE"), &edges));
     }
+    let limits: Vec<Vec<String>> = stats
+        .limits
+        .iter()
+        .filter(|l| l.rejected + l.queued + l.shadow_rejected > 0)
+        .map(|l| {
+            vec![
+                service_label(l.service.as_ref()),
+                l.rule.clone(),
+                l.admitted.to_string(),
+                l.queued.to_string(),
+                l.rejected.to_string(),
+                l.shadow_rejected.to_string(),
+                rate(l.rejected_per_second),
+            ]
+        })
+        .collect();
+    if !limits.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "LIMIT BITING",
+                "RULE",
+                "ADMITTED",
+                "QUEUED",
+                "REJECTED",
+                "SHADOW",
+                "REJ/s",
+            ],
+            &limits,
+        ));
+    }
+    let breakers: Vec<Vec<String>> = stats
+        .breakers
+        .iter()
+        .filter_map(|n| {
+            let b = n.breaker.as_ref()?;
+            Some(vec![
+                format!("{}/{}", b.namespace, b.service),
+                b.instance_id.clone(),
+                n.node_id.clone(),
+                b.state.clone(),
+                b.why.clone(),
+            ])
+        })
+        .collect();
+    if !breakers.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &["BREAKER OPEN", "INSTANCE", "NODE", "STATE", "WHY"],
+            &breakers,
+        ));
+    }
     out
 }
 
@@ -193,6 +245,28 @@ fn stats_json(s: &GetStatsResponse) -> Value {
                 "traffic": traffic_json(e.traffic.as_ref()),
             })
         }).collect::<Vec<_>>(),
+        "breakers": s.breakers.iter().filter_map(|n| {
+            let b = n.breaker.as_ref()?;
+            Some(json!({
+                "node_id": n.node_id,
+                "namespace": b.namespace,
+                "service": b.service,
+                "rule": b.rule,
+                "instance_id": b.instance_id,
+                "state": b.state,
+                "since_ms": b.since_ms,
+                "why": b.why,
+            }))
+        }).collect::<Vec<_>>(),
+        "limits": s.limits.iter().map(|l| json!({
+            "service": service_ref_json(l.service.as_ref()),
+            "rule": l.rule,
+            "admitted": l.admitted,
+            "queued": l.queued,
+            "rejected": l.rejected,
+            "shadow_rejected": l.shadow_rejected,
+            "rejected_per_second": l.rejected_per_second,
+        })).collect::<Vec<_>>(),
         "replicas": s.replicas,
         "missing_replicas": s.missing_replicas,
     })
@@ -266,6 +340,7 @@ mod tests {
             ],
             replicas: vec!["cp-1".into()],
             missing_replicas: vec!["cp-2".into(), "cp-3".into()],
+            ..GetStatsResponse::default()
         };
         let text = stats_text(stats.clone());
         let lines: Vec<&str> = text.lines().collect();
