@@ -67,8 +67,10 @@ use weir_client::policy::{
 use weir_tests::{
     agent::AgentProcess,
     bench::{
-        self, clock_ticks, cpu_ticks, env_num,
-        peers::{alive, free_ports, need, nginx, wait_port, Guard},
+        self, env_num,
+        peers::{
+            alive, cpu_secs, free_ports, need, nginx, wait_port, write_post_script, wrk, Guard,
+        },
         rss_mib, Figure, Plan, Run,
     },
     fixtures::instance,
@@ -230,33 +232,6 @@ struct Setup {
 }
 
 /// `wrk` saturation: (requests/s, requests).
-fn wrk(dir: &Path, url: &str, secs: u64) -> Result<(f64, f64)> {
-    let out = Command::new("wrk")
-        .args(["-t1", "-c16", &format!("-d{secs}s"), "-s"])
-        .arg(dir.join("post1k.lua"))
-        .arg(url)
-        .output()
-        .context("cannot run wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rate = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
-    let requests = text
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .split_once(" requests in ")
-                .map(|(n, _)| n.to_owned())
-        })
-        .and_then(|n| n.trim().parse::<f64>().ok())
-        .with_context(|| format!("no request count in wrk output: {text}"))?;
-    let errors = text.contains("Non-2xx") || text.contains("Socket errors");
-    ensure!(!errors, "wrk saw errors on {url}: {text}");
-    Ok((rate, requests))
-}
-
 /// Latency percentiles at a fixed rate, or `None` when the rate was not
 /// reached.
 struct Latency {
@@ -319,21 +294,13 @@ fn h2load(dir: &Path, url: &str, rate: u64, secs: u64) -> Result<Option<Latency>
     }))
 }
 
-fn cpu_secs(pid: Option<u32>) -> f64 {
-    pid.and_then(cpu_ticks)
-        .map_or(f64::NAN, |t| t as f64 / clock_ticks())
-}
-
 async fn set_up(plan: &Plan) -> Result<Setup> {
     for tool in ["nginx", "haproxy", "wrk", "h2load"] {
         need(tool)?;
     }
     let dir = tempfile::tempdir()?.keep();
     std::fs::write(dir.join("body1k"), vec![b'x'; 1024])?;
-    std::fs::write(
-        dir.join("post1k.lua"),
-        "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", 1024)\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n",
-    )?;
+    write_post_script(&dir)?;
     let [n1, n2, haproxy_port] = free_ports::<3>()?;
     let ports = [n1, n2];
     let mut guards = vec![nginx(&dir, "n1", n1)?, nginx(&dir, "n2", n2)?];

@@ -109,3 +109,49 @@ pub fn nginx(dir: &Path, name: &str, port: u16) -> Result<Guard> {
         .context("cannot start nginx")?;
     Ok(Guard(child))
 }
+
+/// Writes `post1k.lua` into `dir`: the wrk script [`wrk`] sends (a 1 KiB
+/// POST).
+pub fn write_post_script(dir: &Path) -> Result<()> {
+    std::fs::write(
+        dir.join("post1k.lua"),
+        "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", 1024)\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n",
+    )?;
+    Ok(())
+}
+
+/// `wrk -t1 -c16` POSTing 1 KiB to `url` for `secs` (the script from
+/// [`write_post_script`] in `dir`): requests per second and requests
+/// made. Any answer but 2xx, or a socket error, fails it.
+pub fn wrk(dir: &Path, url: &str, secs: u64) -> Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c16", &format!("-d{secs}s"), "-s"])
+        .arg(dir.join("post1k.lua"))
+        .arg(url)
+        .output()
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
+    let requests = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.to_owned())
+        })
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .with_context(|| format!("no request count in wrk output: {text}"))?;
+    let errors = text.contains("Non-2xx") || text.contains("Socket errors");
+    ensure!(!errors, "wrk saw errors on {url}: {text}");
+    Ok((rate, requests))
+}
+
+/// CPU seconds `pid` used so far (NaN without one).
+pub fn cpu_secs(pid: Option<u32>) -> f64 {
+    pid.and_then(super::cpu_ticks)
+        .map_or(f64::NAN, |t| t as f64 / super::clock_ticks())
+}
