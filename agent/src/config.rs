@@ -93,6 +93,11 @@ pub struct Args {
     /// are dropped and counted in weir_agent_spans_dropped_total.
     #[arg(long, env = "WEIR_AGENT_SPANS_PER_SECOND")]
     pub spans_per_second: Option<u32>,
+    /// Telemetry batches (encoded bytes) kept while no control plane
+    /// takes them (default 16 MiB; 1 MiB-1 GiB); past it the oldest are
+    /// dropped and counted.
+    #[arg(long, env = "WEIR_AGENT_TELEMETRY_BUFFER_BYTES")]
+    pub telemetry_buffer_bytes: Option<usize>,
     /// Log format: text or json.
     #[arg(long, env = "WEIR_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -121,6 +126,7 @@ pub struct FileConfig {
     pub trace_sample_rate: Option<f64>,
     pub trace_slow_ms: Option<u64>,
     pub spans_per_second: Option<u32>,
+    pub telemetry_buffer_bytes: Option<usize>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -286,6 +292,14 @@ impl Config {
                 )));
             }
             telemetry.spans_per_second = n;
+        }
+        if let Some(n) = args.telemetry_buffer_bytes.or(file.telemetry_buffer_bytes) {
+            if !(1 << 20..=1 << 30).contains(&n) {
+                return Err(ConfigError::Invalid(format!(
+                    "telemetry_buffer_bytes must be 1048576-1073741824 (got {n})"
+                )));
+            }
+            telemetry.buffer_bytes = n;
         }
         telemetry.node_id = node_id.clone();
         telemetry.namespace = namespace.clone();

@@ -118,10 +118,32 @@ impl Cell {
     }
 }
 
+/// Keys already hashed (FNV-1a over the edge's names): the map uses
+/// them as they are.
+#[derive(Debug, Default, Clone, Copy)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; anything else folds in.
+        for b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// One shard's edges.
 #[derive(Debug, Default)]
 pub(super) struct Edges {
-    cells: HashMap<u64, Vec<Cell>>,
+    cells: HashMap<u64, Vec<Cell>, std::hash::BuildHasherDefault<Prehashed>>,
 }
 
 impl Edges {

@@ -58,6 +58,9 @@ pub struct Settings {
     pub spans_per_second: u32,
     /// Spans held for the next batch at most.
     pub max_buffered_spans: usize,
+    /// Bytes of batches (encoded) kept while no control plane
+    /// acknowledges them.
+    pub buffer_bytes: usize,
     pub node_id: String,
     /// The agent's namespace: a `weir-source` without one is in it.
     pub namespace: String,
@@ -71,6 +74,7 @@ impl Default for Settings {
             slow: Duration::from_secs(1),
             spans_per_second: 1_000,
             max_buffered_spans: 20_000,
+            buffer_bytes: report::DEFAULT_BUFFER_BYTES,
             node_id: String::new(),
             namespace: "default".into(),
         }

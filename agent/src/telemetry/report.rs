@@ -4,7 +4,7 @@
 //!
 //! Batches wait in a bounded buffer until acknowledged: while no replica
 //! answers, the buffer keeps the newest [`MAX_PENDING`] batches (and at
-//! most [`MAX_PENDING_BYTES`]), dropping the oldest and counting them in
+//! most `--telemetry-buffer-bytes` of them, encoded), dropping the oldest and counting them in
 //! `weir_agent_telemetry_batches_dropped_total` and in the next batch
 //! that gets through. Traffic never waits on any of this.
 
@@ -72,12 +72,13 @@ fn governance(routes: &Routes, counted: &mut Counted) -> (Vec<BreakerInfo>, Vec<
 pub const EVERY: Duration = Duration::from_secs(1);
 /// Batches kept unacknowledged at most (two minutes of reports).
 pub const MAX_PENDING: usize = 120;
-/// Bytes of unacknowledged batches kept at most.
-pub const MAX_PENDING_BYTES: usize = 16 << 20;
+/// Bytes of unacknowledged batches (encoded) kept at most, by default.
+pub const DEFAULT_BUFFER_BYTES: usize = 16 << 20;
 
 /// Batches waiting for their acknowledgement.
 #[derive(Debug, Default)]
 struct Pending {
+    max_bytes: usize,
     batches: VecDeque<Batch>,
     bytes: usize,
     /// Dropped since the last batch that got through.
@@ -90,7 +91,7 @@ impl Pending {
     fn push(&mut self, batch: Batch) {
         self.bytes += batch.encoded_len();
         self.batches.push_back(batch);
-        while self.batches.len() > MAX_PENDING || self.bytes > MAX_PENDING_BYTES {
+        while self.batches.len() > MAX_PENDING || self.bytes > self.max_bytes {
             let Some(old) = self.batches.pop_front() else {
                 break;
             };
@@ -132,7 +133,10 @@ pub async fn run(
     }
     let mut every = tokio::time::interval(EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending = Pending::default();
+    let mut pending = Pending {
+        max_bytes: telemetry.settings().buffer_bytes,
+        ..Pending::default()
+    };
     let mut stream: Option<ReportStream> = None;
     let mut seq = 0u64;
     let mut retry_at = tokio::time::Instant::now();
@@ -241,7 +245,10 @@ mod tests {
 
     #[test]
     fn pending_batches_are_bounded_and_forgotten_once_acknowledged() {
-        let mut p = Pending::default();
+        let mut p = Pending {
+            max_bytes: DEFAULT_BUFFER_BYTES,
+            ..Pending::default()
+        };
         for seq in 1..=(MAX_PENDING as u64 + 5) {
             p.push(batch(seq));
         }
