@@ -128,11 +128,13 @@ SAMPLE_PIDS+=($!)
 
 # Two agents, one per "node"; each prints its ingress and admin addresses.
 # Each keeps its outbox (what is published to topics) in its own data dir,
-# and fsyncs every publish before answering it.
+# and fsyncs every publish before answering it. They keep one trace in 10
+# (and every failed or slow one) to show; the default is 1%.
 for node in a b; do
   start_ready "agent-$node" AGENT_PIDS "$BIN/weir-agent" --node-id "node-$node" --zone "$node" \
     --control-plane "$WEIR_ENDPOINT" --ingress-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
-    --registry-addr 127.0.0.1:0 --data-dir "$LOG_DIR/agent-$node-data" --durable-by-default true || exit 1
+    --registry-addr 127.0.0.1:0 --data-dir "$LOG_DIR/agent-$node-data" --durable-by-default true \
+    --trace-sample-rate 0.1 || exit 1
   printf -v "INGRESS_$node" '%s' "$(ready_field ingress)"
   printf -v "ADMIN_$node" '%s' "$(ready_field admin)"
   printf -v "REGISTRY_$node" '%s' "$(ready_field registry)"
@@ -516,6 +518,21 @@ else
   echo "Circuit breaker: no agent opened a breaker for orders-a1 within 5 s of its outage (see weirctl governance orders)."
 fi
 echo
+echo "Telemetry: the agents report every request, publish and delivery to the control plane each"
+echo "second; any replica answers for the cluster (docs/telemetry.md)."
+echo "\$ weirctl stats orders"
+weirctl stats orders || true
+echo
+echo "\$ weirctl topology"
+weirctl topology || true
+trace_id=$(weirctl traces --service billing --limit 1 -o json 2>/dev/null \
+  | grep -o '"trace_id": *"[0-9a-f]*"' | head -1 | grep -o '[0-9a-f]\{32\}' || true)
+if [ -n "$trace_id" ]; then
+  echo
+  echo "\$ weirctl traces show $trace_id     # a publish and its deliveries: one trace"
+  weirctl traces show "$trace_id" || true
+fi
+echo
 echo "Agents (admin API: /v1/state /metrics /readyz /healthz):"
 for node in a b; do
   ingress_var=INGRESS_$node admin_var=ADMIN_$node
@@ -552,7 +569,12 @@ Try, in another terminal (WEIR_ENDPOINT=$WEIR_ENDPOINT; weirctl is $BIN/weirctl)
   weirctl governance orders          # which breakers are open where, which limits bite
   weirctl policy set -f docs/examples/orders-policy.yaml && weirctl policy status orders
                                      # a fuller policy: "partly", the agents name what they do not enforce yet
-Telemetry and the dashboard come with later stages. Ctrl-C here stops everything.
+  weirctl stats --window 15m         # traffic per service and edge: rate, errors, p50/p90/p99
+  weirctl topology                   # who sends to whom, through which topic
+  weirctl traces --outcome error     # recent failed traces; weirctl traces show ID draws one
+  curl -s http://$http/api/v1/topology   # the same as JSON; also /api/v1/stats, /api/v1/traces
+  curl -s http://$http/metrics | grep '^weir_cluster'   # the control plane's Prometheus text
+The dashboard comes with the next stage. Ctrl-C here stops everything.
 MSG
 if [ "$exit_after" = 1 ]; then exit "$topic_missing"; fi
 wait "${CP_PIDS[0]}"

@@ -19,7 +19,8 @@
 //! - `logging` and `config` (feature `cli`): the log format switch and
 //!   set-up, and the config-file reading, that the binaries share.
 //! - `prometheus` (feature `prometheus`): the process's `/metrics`
-//!   recorder.
+//!   recorder; `telemetry_json` (feature `json`): telemetry answers as
+//!   the JSON the control plane's API and `weirctl -o json` share.
 //!
 //! The control plane adds the store, the gRPC services and replica
 //! coordination on top; the agent will add its node session and policy
@@ -38,6 +39,8 @@ pub mod prometheus;
 pub mod signal;
 pub mod sketch;
 pub mod task;
+#[cfg(feature = "json")]
+pub mod telemetry_json;
 pub mod time;
 pub mod validate;
 

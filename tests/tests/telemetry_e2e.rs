@@ -32,7 +32,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use weir_client::telemetry::{GetStatsRequest, ListTracesRequest, Span};
 use weir_tests::{
     agent::AgentProcess,
-    fixtures::{instance, subscribe, HttpInstance},
+    fixtures::{http_instances, subscribe, HttpInstance},
     poll_until, unique_prefix, weirctl, ControlPlaneProcess, Etcd,
 };
 
@@ -170,15 +170,7 @@ async fn a_chain_through_a_topic_is_one_trace_everywhere() -> Result<()> {
         format!("--zipkin-endpoint=http://{zipkin_addr}/api/v2/spans"),
     ])?;
     let client = weir_client::Client::connect([plane.endpoint()]).await?;
-    let orders = HttpInstance::start().await?;
-    client
-        .register(instance(
-            "default",
-            "orders",
-            "o0",
-            u32::from(orders.port()),
-        ))
-        .await?;
+    let orders = http_instances(&client, "orders", "o", 1).await?.remove(0);
     let billing = HttpInstance::start().await?;
     subscribe(&client, "billing", "b0", &billing, &["placed"]).await?;
     let data = tempfile::tempdir()?;
@@ -424,15 +416,7 @@ fn exact(sorted: &[f64], q: f64) -> f64 {
 #[tokio::test]
 async fn percentiles_match_the_raw_latencies_within_one_percent() -> Result<()> {
     let (_etcd, plane, client) = weir_tests::start_one("telemetry-percentiles").await?;
-    let orders = HttpInstance::start().await?;
-    client
-        .register(instance(
-            "default",
-            "orders",
-            "o0",
-            u32::from(orders.port()),
-        ))
-        .await?;
+    let orders = http_instances(&client, "orders", "o", 1).await?.remove(0);
     // Three latency classes: at once, 20 ms and 60 ms.
     orders.delay_when("x-delay", "20", Duration::from_millis(20));
     orders.delay_when("x-delay", "60", Duration::from_millis(60));
@@ -569,15 +553,7 @@ async fn any_replica_answers_for_the_whole_cluster() -> Result<()> {
     use weir_client::policy::{rate_limit::OnExcess, RateLimit, TrafficPolicy};
     let (_etcd, [r1, r2]) = weir_tests::start_replicas::<2>("telemetry-replicas").await?;
     let client = weir_client::Client::connect([r1.endpoint()]).await?;
-    let orders = HttpInstance::start().await?;
-    client
-        .register(instance(
-            "default",
-            "orders",
-            "o0",
-            u32::from(orders.port()),
-        ))
-        .await?;
+    let orders = http_instances(&client, "orders", "o", 1).await?.remove(0);
     // Each agent reports to its own replica.
     let rate = "--trace-sample-rate=1".to_owned();
     let a = AgentProcess::start(&[r1.endpoint()], "node-a", std::slice::from_ref(&rate))?;

@@ -306,14 +306,6 @@ fn qualified(namespace: &str, name: &str) -> String {
     }
 }
 
-/// A `ServiceRef` for programs; `null` when absent.
-pub fn service_ref_json(s: Option<&ServiceRef>) -> Value {
-    s.map_or(
-        Value::Null,
-        |s| json!({ "namespace": s.namespace, "name": s.name }),
-    )
-}
-
 /// A ratio (0-1) as a percentage with one decimal, `2.5%`.
 pub fn percent(ratio: f64) -> String {
     if ratio.is_finite() {

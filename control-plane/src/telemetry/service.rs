@@ -208,14 +208,13 @@ impl TelemetryState {
         Some(channel)
     }
 
-    /// Asks every other replica `call`; their answers, and the ids of
-    /// those that gave none.
-    async fn ask_others<T, F, Fut>(&self, call: F) -> (Vec<T>, Vec<String>)
+    /// Asks every other replica `call` with `request`, marked as
+    /// forwarded (so they answer from their own data); their answers, and
+    /// the ids of those that gave none.
+    async fn ask_others<Q, T, F, Fut>(&self, request: &Q, call: F) -> (Vec<T>, Vec<String>)
     where
-        F: Fn(
-            TelemetryClient<Channel>,
-            tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-        ) -> Fut,
+        Q: Clone,
+        F: Fn(TelemetryClient<Channel>, Request<Q>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let me: tonic::metadata::MetadataValue<_> = match self.replica_id.parse() {
@@ -225,14 +224,15 @@ impl TelemetryState {
         let asks = self.others().into_iter().map(|(id, address)| {
             let channel = self.channel(&address);
             let call = &call;
-            let me = me.clone();
+            let mut forwarded = Request::new(request.clone());
+            forwarded.metadata_mut().insert(FORWARDED_BY, me.clone());
             async move {
                 let Some(channel) = channel else {
                     return Err(id);
                 };
                 let client = TelemetryClient::new(channel)
                     .max_decoding_message_size(64 << 20);
-                match tokio::time::timeout(PEER_TIMEOUT, call(client, me)).await {
+                match tokio::time::timeout(PEER_TIMEOUT, call(client, forwarded)).await {
                     Ok(Ok(r)) => Ok(r.into_inner()),
                     Ok(Err(status)) if status.code() == tonic::Code::NotFound => Err(String::new()),
                     Ok(Err(status)) => {
@@ -287,11 +287,7 @@ impl TelemetryState {
                 raw: true,
             };
             let (answers, gone) = self
-                .ask_others(|mut c, me| {
-                    let mut r = Request::new(request.clone());
-                    r.metadata_mut().insert(FORWARDED_BY, me);
-                    async move { c.get_stats(r).await }
-                })
+                .ask_others(&request, |mut c, r| async move { c.get_stats(r).await })
                 .await;
             missing = gone;
             for mut answer in answers {
@@ -431,13 +427,8 @@ impl TelemetryState {
         };
         let mut found = lock(&self.traces).list(&query);
         if !forwarded {
-            let request = request.clone();
             let (answers, _) = self
-                .ask_others(|mut c, me| {
-                    let mut r = Request::new(request.clone());
-                    r.metadata_mut().insert(FORWARDED_BY, me);
-                    async move { c.list_traces(r).await }
-                })
+                .ask_others(request, |mut c, r| async move { c.list_traces(r).await })
                 .await;
             for a in answers {
                 found.extend(a.traces);
@@ -462,13 +453,8 @@ impl TelemetryState {
         })?;
         let mut spans = lock(&self.traces).get(&id);
         if !forwarded {
-            let request = request.clone();
             let (answers, _) = self
-                .ask_others(|mut c, me| {
-                    let mut r = Request::new(request.clone());
-                    r.metadata_mut().insert(FORWARDED_BY, me);
-                    async move { c.get_trace(r).await }
-                })
+                .ask_others(request, |mut c, r| async move { c.get_trace(r).await })
                 .await;
             for a in answers {
                 spans.extend(a.spans);

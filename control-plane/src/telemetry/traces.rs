@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use prost::Message as _;
+use weir_core::telemetry_json::hex;
 use weir_proto::telemetry::v1::{Span, TraceSummary};
 
 /// Spans kept of one trace at most.
@@ -249,11 +250,6 @@ pub fn summary(id: &TraceId, spans: &[Span]) -> TraceSummary {
         spans: spans.len() as u32,
         error: spans.iter().any(|s| s.error),
     }
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A trace id from 32 hex digits.

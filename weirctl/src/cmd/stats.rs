@@ -9,18 +9,15 @@
 //! answer for the whole.
 
 use anyhow::Result;
-use serde_json::{json, Value};
 use weir_client::{
-    telemetry::{
-        Edge, EdgeStats, GetStatsRequest, GetStatsResponse, Outcomes, ServiceStats, Sketch, Traffic,
-    },
+    telemetry::{Edge, EdgeStats, GetStatsRequest, GetStatsResponse, ServiceStats, Traffic},
     Client,
 };
 
 use super::Window;
 use crate::{
     duration::{latency_ms, window_name},
-    output::{percent, rate, service_label, service_ref_json, table, topic_label, Format},
+    output::{percent, rate, service_label, table, topic_label, Format},
 };
 
 #[derive(clap::Args, Debug)]
@@ -45,7 +42,7 @@ pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
         eprintln!("{line}");
     }
     match format {
-        Format::Json => println!("{}", stats_json(&stats)),
+        Format::Json => println!("{}", weir_core::telemetry_json::stats(&stats)),
         Format::Table => print!("{}", stats_text(stats)),
     }
     Ok(())
@@ -187,94 +184,9 @@ fn stats_text(stats: GetStatsResponse) -> String {
     out
 }
 
-fn outcomes_json(o: Option<&Outcomes>) -> Value {
-    let o = o.cloned().unwrap_or_default();
-    json!({
-        "ok": o.ok,
-        "client_error": o.client_error,
-        "server_error": o.server_error,
-        "limited": o.limited,
-        "rejected": o.rejected,
-    })
-}
-
-fn sketch_json(s: &Sketch) -> Value {
-    json!({
-        "alpha": s.alpha,
-        "offset": s.offset,
-        "counts": s.counts,
-        "zeros": s.zeros,
-        "sum": s.sum,
-        "min": s.min,
-        "max": s.max,
-    })
-}
-
-fn traffic_json(t: Option<&Traffic>) -> Value {
-    t.map_or(Value::Null, |t| {
-        json!({
-            "outcomes": outcomes_json(t.outcomes.as_ref()),
-            "retries": t.retries,
-            "rate_per_second": t.rate_per_second,
-            "error_ratio": t.error_ratio,
-            "p50_seconds": t.p50_seconds,
-            "p90_seconds": t.p90_seconds,
-            "p99_seconds": t.p99_seconds,
-            "latency": t.latency.as_ref().map(sketch_json),
-            "series": t.series,
-        })
-    })
-}
-
-fn stats_json(s: &GetStatsResponse) -> Value {
-    json!({
-        "window_seconds": s.window_seconds,
-        "services": s.services.iter().map(|s| json!({
-            "service": service_ref_json(s.service.as_ref()),
-            "traffic": traffic_json(s.traffic.as_ref()),
-        })).collect::<Vec<_>>(),
-        "edges": s.edges.iter().map(|e| {
-            let edge = e.edge.clone().unwrap_or_default();
-            json!({
-                "source": service_ref_json(edge.source.as_ref()),
-                "target": service_ref_json(edge.target.as_ref()),
-                "topic": edge.topic.as_ref().map(|t| json!({
-                    "namespace": t.namespace,
-                    "name": t.name,
-                })),
-                "traffic": traffic_json(e.traffic.as_ref()),
-            })
-        }).collect::<Vec<_>>(),
-        "breakers": s.breakers.iter().filter_map(|n| {
-            let b = n.breaker.as_ref()?;
-            Some(json!({
-                "node_id": n.node_id,
-                "namespace": b.namespace,
-                "service": b.service,
-                "rule": b.rule,
-                "instance_id": b.instance_id,
-                "state": b.state,
-                "since_ms": b.since_ms,
-                "why": b.why,
-            }))
-        }).collect::<Vec<_>>(),
-        "limits": s.limits.iter().map(|l| json!({
-            "service": service_ref_json(l.service.as_ref()),
-            "rule": l.rule,
-            "admitted": l.admitted,
-            "queued": l.queued,
-            "rejected": l.rejected,
-            "shadow_rejected": l.shadow_rejected,
-            "rejected_per_second": l.rejected_per_second,
-        })).collect::<Vec<_>>(),
-        "replicas": s.replicas,
-        "missing_replicas": s.missing_replicas,
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use weir_client::telemetry::{ServiceRef, TopicRef};
+    use weir_client::telemetry::{Outcomes, ServiceRef, TopicRef};
 
     use super::*;
 
@@ -384,11 +296,11 @@ mod tests {
         );
         assert_eq!(missing_line(&[]), None);
 
-        let j = stats_json(&stats);
+        let j = weir_core::telemetry_json::stats(&stats);
         assert_eq!(j["services"][0]["service"]["name"], "orders");
         assert_eq!(j["services"][0]["traffic"]["outcomes"]["server_error"], 7);
         assert_eq!(j["edges"][1]["topic"]["name"], "orders-created");
-        assert_eq!(j["edges"][0]["topic"], Value::Null);
+        assert_eq!(j["edges"][0]["topic"], serde_json::Value::Null);
         assert_eq!(j["missing_replicas"][1], "cp-3");
     }
 

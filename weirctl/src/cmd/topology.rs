@@ -3,7 +3,6 @@
 //! p99 latency, as the control plane merges it from every replica.
 
 use anyhow::Result;
-use serde_json::{json, Value};
 use weir_client::{
     telemetry::{GetTopologyRequest, GetTopologyResponse, TopologyEdge, TopologyNode},
     Client,
@@ -28,7 +27,7 @@ pub async fn run(client: &Client, format: Format, args: Args) -> Result<()> {
         .get_topology(GetTopologyRequest { window_seconds })
         .await?;
     match format {
-        Format::Json => println!("{}", topology_json(&topology)),
+        Format::Json => println!("{}", weir_core::telemetry_json::topology(&topology)),
         Format::Table => print!("{}", topology_text(topology, window_seconds)),
     }
     Ok(())
@@ -99,25 +98,6 @@ fn topology_text(topology: GetTopologyResponse, window_seconds: u32) -> String {
     out.push_str(&count_line(&topology.nodes, edges.len(), window_seconds));
     out.push('\n');
     out
-}
-
-fn topology_json(t: &GetTopologyResponse) -> Value {
-    let edges = sorted_edges(t.edges.clone());
-    json!({
-        "nodes": t.nodes.iter().map(|n| json!({
-            "id": n.id,
-            "kind": n.kind,
-            "namespace": n.namespace,
-            "name": n.name,
-        })).collect::<Vec<_>>(),
-        "edges": edges.iter().map(|e| json!({
-            "from": e.from,
-            "to": e.to,
-            "rate_per_second": e.rate_per_second,
-            "error_ratio": e.error_ratio,
-            "p99_seconds": e.p99_seconds,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 #[cfg(test)]
@@ -194,7 +174,7 @@ mod tests {
             "4 nodes (3 services, 1 topic), 4 edges over the last 1m".into(),
         ];
         assert_eq!(text.lines().collect::<Vec<_>>(), expected);
-        let j = topology_json(&topology);
+        let j = weir_core::telemetry_json::topology(&topology);
         assert_eq!(j["edges"][0]["from"], "service:default/orders");
         assert_eq!(j["nodes"][3]["kind"], "topic");
         assert_eq!(short("agent:x"), "agent:x");

@@ -15,15 +15,15 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
-use serde_json::{json, Map, Value};
 use weir_client::{
-    telemetry::{attribute, ListTracesRequest, Span, SpanKind, TraceSummary},
+    telemetry::{attribute, ListTracesRequest, Span, TraceSummary},
     Client,
 };
+use weir_core::telemetry_json;
 
 use crate::{
     duration::{self, latency_ms, nanos_ms},
-    output::{service_label, service_ref_json, table, utc, Format},
+    output::{service_label, table, utc, Format},
 };
 
 #[derive(clap::Args, Debug)]
@@ -139,10 +139,7 @@ async fn list(client: &Client, format: Format, filter: Filter) -> Result<()> {
         .traces;
     newest_first(&mut traces);
     match format {
-        Format::Json => println!(
-            "{}",
-            json!({ "traces": traces.iter().map(summary_json).collect::<Vec<_>>() })
-        ),
+        Format::Json => println!("{}", telemetry_json::summaries(&traces)),
         Format::Table => {
             if traces.is_empty() {
                 eprintln!("no traces");
@@ -177,18 +174,6 @@ fn summary_row(t: &TraceSummary) -> Vec<String> {
     ]
 }
 
-fn summary_json(t: &TraceSummary) -> Value {
-    json!({
-        "trace_id": t.trace_id,
-        "root_name": t.root_name,
-        "services": t.services,
-        "start_unix_ms": t.start_unix_ms,
-        "duration_us": t.duration_us,
-        "spans": t.spans,
-        "error": t.error,
-    })
-}
-
 async fn show(client: &Client, format: Format, args: ShowArgs) -> Result<()> {
     let spans = client
         .get_trace(&args.trace_id)
@@ -196,72 +181,10 @@ async fn show(client: &Client, format: Format, args: ShowArgs) -> Result<()> {
         .with_context(|| format!("trace {}", args.trace_id))?
         .spans;
     match format {
-        Format::Json => println!(
-            "{}",
-            json!({
-                "trace_id": args.trace_id,
-                "spans": spans.iter().map(span_json).collect::<Vec<_>>(),
-            })
-        ),
+        Format::Json => println!("{}", telemetry_json::trace(&args.trace_id, &spans)),
         Format::Table => print!("{}", waterfall(&args.trace_id, &spans, !args.no_bar)),
     }
     Ok(())
-}
-
-/// Lowercase hex, as W3C Trace Context writes ids.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-fn kind_name(kind: i32) -> &'static str {
-    match SpanKind::try_from(kind) {
-        Ok(SpanKind::Internal) => "internal",
-        Ok(SpanKind::Server) => "server",
-        Ok(SpanKind::Client) => "client",
-        Ok(SpanKind::Producer) => "producer",
-        Ok(SpanKind::Consumer) => "consumer",
-        _ => "unspecified",
-    }
-}
-
-fn attribute_json(value: Option<&attribute::Value>) -> Value {
-    match value {
-        Some(attribute::Value::StringValue(s)) => json!(s),
-        Some(attribute::Value::IntValue(i)) => json!(i),
-        Some(attribute::Value::DoubleValue(d)) => json!(d),
-        Some(attribute::Value::BoolValue(b)) => json!(b),
-        Some(attribute::Value::Strings(list)) => json!(list.values),
-        None => Value::Null,
-    }
-}
-
-fn span_json(s: &Span) -> Value {
-    let attributes: Map<String, Value> = s
-        .attributes
-        .iter()
-        .map(|a| (a.key.clone(), attribute_json(a.value.as_ref())))
-        .collect();
-    json!({
-        "trace_id": hex(&s.trace_id),
-        "span_id": hex(&s.span_id),
-        "parent_span_id": (!s.parent_span_id.is_empty()).then(|| hex(&s.parent_span_id)),
-        "trace_state": s.trace_state,
-        "name": s.name,
-        "kind": kind_name(s.kind),
-        "start_unix_nanos": s.start_unix_nanos,
-        "end_unix_nanos": s.end_unix_nanos,
-        "duration_us": s.end_unix_nanos.saturating_sub(s.start_unix_nanos) / 1_000,
-        "error": s.error,
-        "status_message": s.status_message,
-        "attributes": attributes,
-        "source": service_ref_json(s.source.as_ref()),
-        "target": service_ref_json(s.target.as_ref()),
-        "topic": s.topic,
-        "node_id": s.node_id,
-    })
 }
 
 /// One span in the tree, in drawing order.
@@ -441,7 +364,10 @@ fn details(line: &Line<'_>) -> String {
     .filter_map(|(key, short)| attr(s, key).map(|v| format!("{short}={}", attr_text(v))))
     .collect();
     if line.orphan {
-        parts.push(format!("(parent {} not in trace)", hex(&s.parent_span_id)));
+        parts.push(format!(
+            "(parent {} not in trace)",
+            telemetry_json::hex(&s.parent_span_id)
+        ));
     }
     if s.error && !s.status_message.is_empty() {
         parts.push(format!("error={:?}", s.status_message));
@@ -518,7 +444,7 @@ fn waterfall(trace_id: &str, spans: &[Span], with_bar: bool) -> String {
             }
             row.extend([
                 format!("{}{}", l.prefix, s.name),
-                kind_name(s.kind).into(),
+                telemetry_json::kind_name(s.kind).into(),
                 route(s),
                 outcome(s),
                 details(l),
@@ -538,7 +464,7 @@ fn waterfall(trace_id: &str, spans: &[Span], with_bar: bool) -> String {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use weir_client::telemetry::{Attribute, ServiceRef, StringList};
+    use weir_client::telemetry::{Attribute, ServiceRef, SpanKind, StringList};
 
     use super::*;
 
@@ -720,7 +646,7 @@ mod tests {
     #[test]
     fn spans_print_as_json_with_hex_ids() {
         let s = span(2, Some(1), "first", 0, 1_500);
-        let j = span_json(&s);
+        let j = telemetry_json::span(&s);
         assert_eq!(j["trace_id"], "ab".repeat(16));
         assert_eq!(j["span_id"], "0000000000000002");
         assert_eq!(j["parent_span_id"], "0000000000000001");
@@ -728,8 +654,8 @@ mod tests {
         assert_eq!(j["duration_us"], 1_500);
         assert_eq!(j["source"]["name"], "web");
         assert_eq!(
-            span_json(&span(1, None, "root", 0, 1))["parent_span_id"],
-            Value::Null
+            telemetry_json::span(&span(1, None, "root", 0, 1))["parent_span_id"],
+            serde_json::Value::Null
         );
     }
 
@@ -757,7 +683,7 @@ mod tests {
         assert_eq!(row[3], "1970-01-01T00:00:03Z");
         assert_eq!(row[4], "12.3ms");
         assert_eq!(row[6], "error");
-        assert_eq!(summary_json(&traces[0])["duration_us"], 12_345);
+        assert_eq!(telemetry_json::summary(&traces[0])["duration_us"], 12_345);
     }
 
     #[derive(Parser, Debug)]
