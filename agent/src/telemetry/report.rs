@@ -75,11 +75,19 @@ pub const MAX_PENDING: usize = 120;
 /// Bytes of unacknowledged batches (encoded) kept at most, by default.
 pub const DEFAULT_BUFFER_BYTES: usize = 16 << 20;
 
+/// A batch kept encoded: the buffer holds exactly the bytes it counts.
+#[derive(Debug)]
+struct Held {
+    seq: u64,
+    spans: u64,
+    bytes: Vec<u8>,
+}
+
 /// Batches waiting for their acknowledgement.
 #[derive(Debug, Default)]
 struct Pending {
     max_bytes: usize,
-    batches: VecDeque<Batch>,
+    batches: VecDeque<Held>,
     bytes: usize,
     /// Dropped since the last batch that got through.
     dropped: u64,
@@ -88,18 +96,23 @@ struct Pending {
 }
 
 impl Pending {
-    fn push(&mut self, batch: Batch) {
-        self.bytes += batch.encoded_len();
-        self.batches.push_back(batch);
+    fn push(&mut self, batch: &Batch) {
+        let held = Held {
+            seq: batch.seq,
+            spans: batch.spans.len() as u64,
+            bytes: batch.encode_to_vec(),
+        };
+        self.bytes += held.bytes.len();
+        self.batches.push_back(held);
         while self.batches.len() > MAX_PENDING || self.bytes > self.max_bytes {
             let Some(old) = self.batches.pop_front() else {
                 break;
             };
-            self.bytes -= old.encoded_len();
+            self.bytes -= old.bytes.len();
             self.sent = self.sent.saturating_sub(1);
             self.dropped += 1;
             metrics::counter!("weir_agent_telemetry_batches_dropped_total").increment(1);
-            metrics::counter!("weir_agent_spans_dropped_total").increment(old.spans.len() as u64);
+            metrics::counter!("weir_agent_spans_dropped_total").increment(old.spans);
         }
     }
 
@@ -107,10 +120,15 @@ impl Pending {
     fn acked(&mut self, seq: u64) {
         while self.batches.front().is_some_and(|b| b.seq <= seq) {
             if let Some(b) = self.batches.pop_front() {
-                self.bytes -= b.encoded_len();
+                self.bytes -= b.bytes.len();
                 self.sent = self.sent.saturating_sub(1);
             }
         }
+    }
+
+    /// The `n`th batch held, as sent.
+    fn batch(&self, n: usize) -> Option<Batch> {
+        Batch::decode(self.batches.get(n)?.bytes.as_slice()).ok()
     }
 }
 
@@ -177,7 +195,7 @@ pub async fn run(
         {
             had_breakers = !breakers.is_empty();
             seq += 1;
-            pending.push(Batch {
+            pending.push(&Batch {
                 node_id: telemetry.settings().node_id.clone(),
                 spans: drained.spans,
                 edges: drained.edges,
@@ -213,7 +231,12 @@ pub async fn run(
         };
         // Send what has not gone on this stream, within the window.
         while pending.sent < pending.batches.len() && pending.sent < REPORT_WINDOW {
-            let mut batch = pending.batches[pending.sent].clone();
+            let Some(mut batch) = pending.batch(pending.sent) else {
+                // Our own encoding always decodes; were it not to, the
+                // batch is skipped (forgotten with the next ack).
+                pending.sent += 1;
+                continue;
+            };
             if pending.sent == 0 {
                 batch.batches_dropped = std::mem::take(&mut pending.dropped);
             }
@@ -250,16 +273,18 @@ mod tests {
             ..Pending::default()
         };
         for seq in 1..=(MAX_PENDING as u64 + 5) {
-            p.push(batch(seq));
+            p.push(&batch(seq));
         }
         assert_eq!(p.batches.len(), MAX_PENDING);
         assert_eq!(p.dropped, 5);
         assert_eq!(p.batches.front().map(|b| b.seq), Some(6));
+        assert_eq!(p.dropped, 5);
         p.sent = 10;
         p.acked(10);
         assert_eq!(p.batches.front().map(|b| b.seq), Some(11));
         assert_eq!(p.sent, 5);
-        let bytes: usize = p.batches.iter().map(|b| b.encoded_len()).sum();
+        let bytes: usize = p.batches.iter().map(|b| b.bytes.len()).sum();
         assert_eq!(p.bytes, bytes);
+        assert_eq!(p.batch(0).map(|b| b.seq), Some(11));
     }
 }
