@@ -229,6 +229,7 @@ async fn a_chain_through_a_topic_is_one_trace_everywhere() -> Result<()> {
         &[
             ("weir-source", "orders"),
             ("traceparent", &got),
+            ("tracestate", "shop=orders"),
             ("ce-id", "placed-1"),
             ("ce-type", "com.shop.order.placed"),
         ],
@@ -249,6 +250,14 @@ async fn a_chain_through_a_topic_is_one_trace_everywhere() -> Result<()> {
         .context("billing got a traceparent")?
         .to_owned();
     let (billing_trace, billing_parent) = parent_of(&billing_tp)?;
+    ensure!(
+        delivered[0]
+            .headers
+            .get("tracestate")
+            .is_some_and(|v| v == "shop=orders"),
+        "the publisher's tracestate reaches the subscriber: {:?}",
+        delivered[0].headers
+    );
     ensure!(
         billing_trace == trace_id,
         "{billing_tp} is not in {trace_id}"

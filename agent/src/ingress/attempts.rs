@@ -55,12 +55,12 @@ pub(crate) trait Exchange {
     /// What an answer was, for the attempt's span.
     fn answered(&self, answer: &Self::Answer) -> telemetry::Answer;
 
-    /// Sends the request (again) to `endpoint`, carrying `traceparent`
-    /// (the attempt's span) when telemetry is on.
+    /// Sends the request (again) to `endpoint`, carrying the attempt's
+    /// trace context when telemetry is on.
     fn attempt(
         &mut self,
         endpoint: &Endpoint,
-        traceparent: Option<http::HeaderValue>,
+        trace: Option<telemetry::Propagation>,
     ) -> impl Future<Output = Result<Self::Answer, Failed>> + Send;
 }
 
@@ -282,7 +282,7 @@ pub(crate) async fn run<E: Exchange>(
                 trace.decided(Decision::CircuitOpen);
             }
         })?;
-        let traceparent = trace.attempt(&endpoint.id, endpoint.authority.as_str());
+        let context = trace.attempt(&endpoint.id, endpoint.authority.as_str());
         if attempt == 1 {
             route.requests.increment(1);
         }
@@ -296,14 +296,13 @@ pub(crate) async fn run<E: Exchange>(
             let per_try = sent.zip(failure.per_try()).map(|(s, p)| s + p);
             let result = match (sent, earliest(deadline, per_try)) {
                 (Some(sent), Some(until)) => {
-                    match tokio::time::timeout_at(until, exchange.attempt(endpoint, traceparent))
-                        .await
+                    match tokio::time::timeout_at(until, exchange.attempt(endpoint, context)).await
                     {
                         Ok(r) => r,
                         Err(_) => Err(timed_out(endpoint, until - sent, Some(until) == deadline)),
                     }
                 }
-                _ => exchange.attempt(endpoint, traceparent).await,
+                _ => exchange.attempt(endpoint, context).await,
             };
             if let (Ok(_), Some(sent)) = (&result, sent) {
                 // The answer came: the latency peak EWMA weighs.
@@ -461,7 +460,7 @@ mod tests {
         fn attempt(
             &mut self,
             endpoint: &Endpoint,
-            _traceparent: Option<http::HeaderValue>,
+            _trace: Option<telemetry::Propagation>,
         ) -> impl Future<Output = Result<u16, Failed>> + Send {
             self.tried.push((endpoint.id.to_string(), Instant::now()));
             let step = self.steps.pop_front().unwrap_or(Step::Answer(200));
@@ -657,7 +656,7 @@ mod tests {
         fn attempt(
             &mut self,
             endpoint: &Endpoint,
-            _traceparent: Option<http::HeaderValue>,
+            _trace: Option<telemetry::Propagation>,
         ) -> impl Future<Output = Result<u16, Failed>> + Send {
             self.tried.push(endpoint.id.to_string());
             let fails = self.failing.contains(&&*endpoint.id);

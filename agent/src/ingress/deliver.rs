@@ -125,13 +125,13 @@ pub async fn deliver(
     endpoint: &Endpoint,
     message: &DeliverRequest,
     max: usize,
-    traceparent: Option<HeaderValue>,
+    trace: Option<crate::telemetry::Propagation>,
 ) -> Result<Bytes, DeliverError> {
     let mut request = Request::new(Body::full(frame(message)?));
     *request.method_mut() = Method::POST;
     let headers = request.headers_mut();
-    if let Some(tp) = traceparent {
-        headers.insert(super::TRACEPARENT, tp);
+    if let Some(t) = trace {
+        t.apply(headers);
     }
     headers.insert(
         header::CONTENT_TYPE,

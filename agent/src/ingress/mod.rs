@@ -47,23 +47,29 @@ use tonic::codegen::Service as _;
 use crate::{
     balance::{key_hash, Endpoint, Picker},
     body::Body,
+    outbox::store::Origin,
     reject::{Reason, Rejection},
     retry::{answer_class, Class},
     telemetry::{self, Ending, EventInfo, Kind, Telemetry, Trace},
     view::{Handling, Routes, ServiceRoute},
 };
 
-/// The W3C trace context header.
-pub(crate) const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
-
 /// The trace context a publish stores for its deliveries: its own span's
-/// when telemetry is on, else the caller's `traceparent` as it came.
-pub(crate) fn published_context(trace: &Trace, headers: &HeaderMap) -> String {
-    trace
+/// `traceparent` when telemetry is on, else the caller's as it came; and
+/// the caller's `tracestate`.
+pub(crate) fn published_context(trace: &Trace, headers: &HeaderMap) -> (String, String) {
+    let text = |v: Option<&HeaderValue>| {
+        v.and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let parent = trace
         .traceparent()
-        .or_else(|| headers.get(TRACEPARENT).cloned())
-        .and_then(|v| v.to_str().ok().map(str::to_owned))
-        .unwrap_or_default()
+        .or_else(|| headers.get(telemetry::TRACEPARENT).cloned());
+    let state = trace
+        .tracestate()
+        .or_else(|| headers.get(telemetry::TRACESTATE));
+    (text(parent.as_ref()), text(state))
 }
 
 /// The span attributes of a parsed event.
@@ -403,8 +409,13 @@ impl Ingress {
             .unwrap_or(&self.default_namespace)
             .to_owned();
         trace.topic(&namespace, &topic);
-        let traceparent = published_context(trace, headers);
+        let (traceparent, tracestate) = published_context(trace, headers);
         let publisher = trace.source().key();
+        let origin = Origin {
+            traceparent: &traceparent,
+            tracestate: &tracestate,
+            publisher: &publisher,
+        };
         let mode = cloudevents::mode(headers);
         if mode == Mode::Plain {
             return Err(Rejection::new(
@@ -434,9 +445,7 @@ impl Ingress {
             if trace.is_on() {
                 trace.event(EventInfo::of(&e.id, &e.r#type, &e.source));
             }
-            let published = topics
-                .publish(&namespace, &topic, e, &traceparent, &publisher)
-                .await?;
+            let published = topics.publish(&namespace, &topic, e, origin).await?;
             let json = serde_json::to_vec(&published).unwrap_or_default();
             return Ok(answer(StatusCode::ACCEPTED, json));
         }
@@ -445,15 +454,10 @@ impl Ingress {
         // together, one fsync for the batch rather than one per event.
         let entries = cloudevents::parse_batch(&body)?;
         let outcomes = futures_util::future::join_all(entries.into_iter().map(|(id, entry)| {
-            let (namespace, topic, traceparent, publisher) =
-                (&namespace, &topic, &traceparent, &publisher);
+            let (namespace, topic) = (&namespace, &topic);
             async move {
                 let outcome = match entry.and_then(|map| event::from_structured(&map)) {
-                    Ok(e) => {
-                        topics
-                            .publish(namespace, topic, e, traceparent, publisher)
-                            .await
-                    }
+                    Ok(e) => topics.publish(namespace, topic, e, origin).await,
                     Err(r) => Err(r),
                 };
                 (id, outcome)
@@ -766,14 +770,14 @@ impl Exchange for Forward<'_> {
     fn attempt(
         &mut self,
         endpoint: &Endpoint,
-        traceparent: Option<HeaderValue>,
+        trace: Option<telemetry::Propagation>,
     ) -> impl std::future::Future<Output = Result<Response<Body>, Failed>> + Send {
         let mut request = self
             .first
             .take()
             .or_else(|| self.again.as_ref().map(Again::request));
-        if let (Some(r), Some(tp)) = (request.as_mut(), traceparent) {
-            r.headers_mut().insert(TRACEPARENT, tp);
+        if let (Some(r), Some(t)) = (request.as_mut(), trace) {
+            t.apply(r.headers_mut());
         }
         let upstreams = self.upstreams;
         let rewrite = self.rewrite.clone();

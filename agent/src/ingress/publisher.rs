@@ -331,14 +331,17 @@ async fn publish_traced(
     if trace.is_on() {
         trace.event(EventInfo::of(&event.id, &event.r#type, &event.source));
     }
-    let traceparent = super::published_context(trace, headers);
+    let (traceparent, tracestate) = super::published_context(trace, headers);
     let published = topics
         .publish(
             namespace,
             &request.topic,
             event,
-            &traceparent,
-            &trace.source().key(),
+            crate::outbox::store::Origin {
+                traceparent: &traceparent,
+                tracestate: &tracestate,
+                publisher: &trace.source().key(),
+            },
         )
         .await
         .inspect_err(|r| tracing::debug!(reason = r.reason.as_str(), detail = %r.detail, "Publisher: a publish refused"))?;
@@ -489,7 +492,7 @@ impl Exchange for Publish<'_> {
     fn attempt(
         &mut self,
         endpoint: &Endpoint,
-        traceparent: Option<http::HeaderValue>,
+        trace: Option<telemetry::Propagation>,
     ) -> impl std::future::Future<Output = Result<Sent, Failed>> + Send {
         let event = if self.keep {
             self.event.clone()
@@ -508,9 +511,9 @@ impl Exchange for Publish<'_> {
                 Rejection::new(Reason::UpstreamUnavailable, "the event was not kept")
             })?;
             match endpoint.protocol {
-                Protocol::Http => send_http(ingress, endpoint, event, path, traceparent).await,
+                Protocol::Http => send_http(ingress, endpoint, event, path, trace).await,
                 Protocol::Grpc => {
-                    send_grpc(ingress, endpoint, event, path, topic.as_ref(), traceparent).await
+                    send_grpc(ingress, endpoint, event, path, topic.as_ref(), trace).await
                 }
             }
         }
@@ -524,11 +527,11 @@ async fn send_http(
     endpoint: &Endpoint,
     event: CloudEvent,
     path: PathAndQuery,
-    traceparent: Option<http::HeaderValue>,
+    trace: Option<telemetry::Propagation>,
 ) -> Result<Sent, Failed> {
     let (mut headers, body) = checked_binary_request(event)?;
-    if let Some(tp) = traceparent {
-        headers.insert(super::TRACEPARENT, tp);
+    if let Some(t) = trace {
+        t.apply(&mut headers);
     }
     let mut upstream = Request::new(Body::full(body));
     *upstream.method_mut() = Method::POST;
@@ -585,7 +588,7 @@ async fn send_grpc(
     event: CloudEvent,
     path: PathAndQuery,
     delivery: Option<&TopicDelivery>,
-    traceparent: Option<http::HeaderValue>,
+    trace: Option<telemetry::Propagation>,
 ) -> Result<Sent, Failed> {
     let message = match delivery {
         None => DeliverRequest {
@@ -604,7 +607,7 @@ async fn send_grpc(
         },
     };
     let max = ingress.max_event_bytes;
-    match deliver::deliver(&ingress.upstreams, endpoint, &message, max, traceparent).await {
+    match deliver::deliver(&ingress.upstreams, endpoint, &message, max, trace).await {
         Ok(body) => Ok(Sent::Answered(SendResponse {
             status: 200,
             body,

@@ -306,6 +306,9 @@ async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) ->
     let mut trace = telemetry.begin_with(
         Kind::Deliver,
         parse_traceparent(event.traceparent.as_bytes()),
+        http::HeaderValue::from_str(&event.tracestate)
+            .ok()
+            .filter(|v| !v.is_empty()),
         Source::parse(event.publisher.as_bytes(), &event.namespace),
     );
     trace.topic(&event.namespace, &event.topic);
@@ -367,7 +370,16 @@ async fn deliver(topics: &Topics, ingress: &Ingress, service: &str, due: Due) ->
     if !comp.is_empty() {
         let failed = compensation(&event.event, &event.topic, service, attempts, &e);
         if let Err(r) = topics
-            .publish(&event.namespace, comp, failed, &event.traceparent, "")
+            .publish(
+                &event.namespace,
+                comp,
+                failed,
+                super::store::Origin {
+                    traceparent: &event.traceparent,
+                    tracestate: &event.tracestate,
+                    publisher: "",
+                },
+            )
             .await
         {
             tracing::error!(service, topic = %comp, error = %r, "cannot publish the compensation event");

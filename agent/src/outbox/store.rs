@@ -52,6 +52,7 @@ pub enum OutboxError {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Origin<'a> {
     pub traceparent: &'a str,
+    pub tracestate: &'a str,
     pub publisher: &'a str,
 }
 
@@ -63,6 +64,8 @@ pub struct Stored {
     pub topic: String,
     pub event: CloudEvent,
     pub traceparent: String,
+    /// The publish's caller's W3C `tracestate`, or "".
+    pub tracestate: String,
     /// The publishing service (`namespace/name`), or "".
     pub publisher: String,
     pub accepted_unix_ms: i64,
@@ -160,6 +163,7 @@ impl State {
             accepted_unix_ms,
             targets,
             publisher,
+            tracestate,
         } = accepted;
         let refs = targets.len();
         for target in targets {
@@ -183,6 +187,7 @@ impl State {
             topic,
             event: owned(event.unwrap_or_default()),
             traceparent,
+            tracestate,
             publisher,
             accepted_unix_ms,
             record_bytes,
@@ -320,6 +325,7 @@ impl State {
                 accepted_unix_ms: e.accepted_unix_ms,
                 targets,
                 publisher: e.publisher.clone(),
+                tracestate: e.tracestate.clone(),
             })));
         }
         out.extend(updates.into_iter().map(|u| encode(Kind::Update(u))));
@@ -461,6 +467,7 @@ impl Outbox {
             accepted_unix_ms: weir_core::time::now_unix_ms(),
             targets,
             publisher: origin.publisher.to_owned(),
+            tracestate: origin.tracestate.to_owned(),
         };
         // `Record { accepted }` encoded from a borrow (field 1 of the
         // oneof), so the event is not copied before it moves into the
@@ -747,6 +754,7 @@ mod tests {
                     event(&format!("e{n}"), ""),
                     Origin {
                         traceparent: "00-abc-def-01",
+                        tracestate: "",
                         publisher: "",
                     },
                     vec![target("billing", ""), target("audit", "")],

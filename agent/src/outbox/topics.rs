@@ -161,8 +161,7 @@ impl Topics {
         namespace: &str,
         topic: &str,
         event: CloudEvent,
-        traceparent: &str,
-        publisher: &str,
+        origin: super::store::Origin<'_>,
     ) -> Result<Published, Rejection> {
         if !weir_core::validate::valid_topic(topic) {
             return Err(Rejection::new(
@@ -231,17 +230,7 @@ impl Topics {
             })
             .collect();
         match outbox
-            .accept(
-                namespace,
-                topic,
-                event,
-                super::store::Origin {
-                    traceparent,
-                    publisher,
-                },
-                targets,
-                durable,
-            )
+            .accept(namespace, topic, event, origin, targets, durable)
             .await
         {
             Ok(_) => {}

@@ -254,6 +254,28 @@ struct AttemptRec {
     answer: Option<Answer>,
 }
 
+/// The trace context an attempt carries to the instance: its span's
+/// `traceparent`, and the caller's `tracestate` unchanged.
+#[derive(Clone, Debug)]
+pub struct Propagation {
+    pub traceparent: HeaderValue,
+    pub tracestate: Option<HeaderValue>,
+}
+
+impl Propagation {
+    /// Sets both headers (replacing what the request had).
+    pub fn apply(self, headers: &mut HeaderMap) {
+        headers.insert(TRACEPARENT, self.traceparent);
+        if let Some(state) = self.tracestate {
+            headers.insert(TRACESTATE, state);
+        }
+    }
+}
+
+/// W3C Trace Context headers.
+pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+pub const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+
 /// The event a request carries, for span attributes.
 #[derive(Clone, Debug, Default)]
 pub struct EventInfo {
@@ -345,6 +367,8 @@ pub struct Trace {
     parent: Option<SpanId>,
     /// The caller's decision, if it made one.
     parent_sampled: Option<bool>,
+    /// The caller's `tracestate`, passed on as it came.
+    trace_state: Option<HeaderValue>,
     sampled: bool,
     start: Instant,
     start_nanos: u64,
@@ -378,6 +402,7 @@ impl Trace {
             span_id: [0; 8],
             parent: None,
             parent_sampled: None,
+            trace_state: None,
             sampled: false,
             start: Instant::now(),
             start_nanos: 0,
@@ -432,13 +457,18 @@ impl Trace {
             .then(|| context::traceparent(&self.trace_id, &self.span_id, self.sampled))
     }
 
+    /// The caller's `tracestate`, if any.
+    pub fn tracestate(&self) -> Option<&HeaderValue> {
+        self.trace_state.as_ref()
+    }
+
     /// The caller's service, if known.
     pub fn source(&self) -> &Source {
         &self.source
     }
 
-    /// Starts an attempt at `endpoint`: the `traceparent` it carries.
-    pub fn attempt(&mut self, id: &str, authority: &str) -> Option<HeaderValue> {
+    /// Starts an attempt at `endpoint`: the trace context it carries.
+    pub fn attempt(&mut self, id: &str, authority: &str) -> Option<Propagation> {
         if !self.on {
             return None;
         }
@@ -452,7 +482,10 @@ impl Trace {
             authority: authority.into(),
             answer: None,
         });
-        Some(context::traceparent(&self.trace_id, &span_id, self.sampled))
+        Some(Propagation {
+            traceparent: context::traceparent(&self.trace_id, &span_id, self.sampled),
+            tracestate: self.trace_state.clone(),
+        })
     }
 
     /// Ends the attempt started last.
@@ -559,14 +592,27 @@ impl Telemetry {
     /// Begins the trace of a request with `headers`.
     pub fn begin(&self, kind: Kind, headers: &HeaderMap) -> Trace {
         let parent = context::extract(headers);
+        // A tracestate goes with a valid traceparent only (W3C).
+        let state = parent
+            .as_ref()
+            .filter(|_| headers.contains_key(TRACEPARENT))
+            .and(headers.get(TRACESTATE))
+            .cloned();
         let source = headers
             .get(WEIR_SOURCE)
             .and_then(|v| Source::parse(v.as_bytes(), &self.settings.namespace));
-        self.begin_with(kind, parent, source)
+        self.begin_with(kind, parent, state, source)
     }
 
-    /// Begins a trace under `parent` (a delivery: the publish's span).
-    pub fn begin_with(&self, kind: Kind, parent: Option<Parent>, source: Option<Source>) -> Trace {
+    /// Begins a trace under `parent` (a delivery: the publish's span),
+    /// with the caller's `tracestate`.
+    pub fn begin_with(
+        &self,
+        kind: Kind,
+        parent: Option<Parent>,
+        trace_state: Option<HeaderValue>,
+        source: Option<Source>,
+    ) -> Trace {
         if !self.settings.enabled {
             return Trace::off();
         }
@@ -588,6 +634,7 @@ impl Telemetry {
             span_id: context::new_span_id(),
             parent: parent_id,
             parent_sampled,
+            trace_state,
             sampled: parent_sampled.unwrap_or_else(|| sample(self.settings.sample_rate)),
             start: Instant::now(),
             start_nanos: now_nanos(),
@@ -752,13 +799,19 @@ impl Telemetry {
         }
         let source = t.source.to_proto();
         let node_id = self.settings.node_id.clone();
+        let trace_state = t
+            .trace_state
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let end = t.start_nanos + u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let mut spans = Vec::with_capacity(1 + t.attempts.len());
         spans.push(pb::Span {
             trace_id: t.trace_id.to_vec(),
             span_id: t.span_id.to_vec(),
             parent_span_id: t.parent.map(|p| p.to_vec()).unwrap_or_default(),
-            trace_state: String::new(),
+            trace_state: trace_state.clone(),
             name: format!("{operation} {destination}"),
             kind: kind as i32,
             start_unix_nanos: t.start_nanos,
@@ -813,7 +866,7 @@ impl Telemetry {
                 trace_id: t.trace_id.to_vec(),
                 span_id: a.span_id.to_vec(),
                 parent_span_id: t.span_id.to_vec(),
-                trace_state: String::new(),
+                trace_state: trace_state.clone(),
                 name: format!("send {}", target_ref.name),
                 kind: pb::SpanKind::Client as i32,
                 start_unix_nanos: start,
@@ -978,5 +1031,33 @@ mod tests {
         assert!(!Telemetry::off()
             .begin(Kind::Send, &HeaderMap::new())
             .is_on());
+    }
+
+    #[test]
+    fn tracestate_travels_only_with_a_traceparent() {
+        let t = telemetry(1.0, 1_000);
+        let alone = t.begin(Kind::Send, &headers(&[("tracestate", "v=1")]));
+        assert!(alone.tracestate().is_none());
+        let mut with = t.begin(
+            Kind::Send,
+            &headers(&[
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                ("tracestate", "v=1"),
+            ]),
+        );
+        let p = with.attempt("a", "127.0.0.1:1").expect("on");
+        assert_eq!(
+            p.tracestate.as_ref().map(|v| v.as_bytes()),
+            Some(&b"v=1"[..])
+        );
+        let mut h = HeaderMap::new();
+        p.apply(&mut h);
+        assert!(h
+            .get("traceparent")
+            .is_some_and(|v| v.as_bytes().starts_with(b"00-4bf92f35")));
+        assert_eq!(h.get("tracestate").map(|v| v.as_bytes()), Some(&b"v=1"[..]));
     }
 }
