@@ -29,7 +29,9 @@
 //!
 //! Needs `nginx`, `wrk` and `h2load` (Debian: `apt-get install nginx wrk
 //! nghttp2-client`). Knobs: `WEIR_BENCH_ROUNDS` (default 5),
-//! `WEIR_BENCH_SECS`, `WEIR_BENCH_MEMORY_SECS`, `WEIR_BENCH_LOAD_RATE`.
+//! `WEIR_BENCH_SECS`, `WEIR_BENCH_MEMORY_SECS`, `WEIR_BENCH_LOAD_RATE`,
+//! `WEIR_BENCH_MEMORY_TELEMETRY=off` (the memory run with telemetry off,
+//! for comparison).
 
 use std::{
     path::{Path, PathBuf},
@@ -183,11 +185,15 @@ async fn memory_with_the_control_plane_down(setup: &mut Setup) -> Result<()> {
     let total = env_num("WEIR_BENCH_MEMORY_SECS", 600).max(30);
     let rate = env_num("WEIR_BENCH_LOAD_RATE", 2_000).max(100);
     let plane = setup.plane.as_ref().context("the control plane")?;
-    let agent = AgentProcess::start(
-        &[plane.endpoint()],
-        "bench-down",
-        &["--trace-sample-rate=1".to_owned()],
-    )?;
+    // WEIR_BENCH_MEMORY_TELEMETRY=off: the same with telemetry off, to
+    // tell its share from the rest of the agent's.
+    let off = std::env::var("WEIR_BENCH_MEMORY_TELEMETRY").is_ok_and(|v| v == "off");
+    let flags = if off {
+        "--telemetry=false"
+    } else {
+        "--trace-sample-rate=1"
+    };
+    let agent = AgentProcess::start(&[plane.endpoint()], "bench-down", &[flags.to_owned()])?;
     agent
         .wait_for_endpoints("default", "bench", 2, SETTLE)
         .await?;
@@ -197,7 +203,12 @@ async fn memory_with_the_control_plane_down(setup: &mut Setup) -> Result<()> {
     let start = rss_mib(pid).unwrap_or(f64::NAN);
     println!();
     println!(
-        "memory, control plane down: {rate} req/s for {total} s through an agent sampling every trace"
+        "memory, control plane down: {rate} req/s for {total} s through an agent {}",
+        if off {
+            "with telemetry off"
+        } else {
+            "sampling every trace"
+        }
     );
     println!("| after (s) | requests | weir-agent RSS (MiB) |");
     println!("|---:|---:|---:|");
